@@ -1,0 +1,41 @@
+"""`ola`: the command line of olavlm.
+
+Each command parses its options and makes one function call into schemas/,
+pipeline/ or trainer/; heavy modules (torch, ray, transformers) are imported
+inside the commands so that `ola --help` stays instant. Every module here owns
+its commands and adds them through `register(groups)`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import cache_cmds, corpus_cmds, model_cmds, precompute_cmd, train_cmds
+from .groups import Groups
+
+app = typer.Typer(
+    name="ola",
+    help="OLA-VLM: cache teacher embeddings offline, train a LLaVA-style MLLM against them, probe and export it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+groups = Groups(
+    root=app,
+    corpus=typer.Typer(help="Build WebDataset corpora (demo corpus, LLaVA JSON conversion).", no_args_is_help=True),
+    cache=typer.Typer(help="Inspect and verify target caches.", no_args_is_help=True),
+    bench=typer.Typer(help="Benchmarks whose figures go into docs/BENCHMARKS.md.", no_args_is_help=True),
+)
+app.add_typer(groups.corpus, name="corpus")
+app.add_typer(groups.cache, name="cache")
+app.add_typer(groups.bench, name="bench")
+for module in (corpus_cmds, cache_cmds, precompute_cmd, model_cmds, train_cmds):
+    module.register(groups)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""WebDataset corpus shards as both sides read them: listing, samples, image bytes.
+
+A corpus is a set of tar files; a sample is the group of consecutive members
+sharing a key (`dir/key.ext` -> key `dir/key`, extension `ext`), the WebDataset
+convention. This module reads tars with the standard library (no torch), so the
+pipeline, the trainer and outside tools agree on keys, shard names and image
+sha256s. Cost: no WebDataset-style URL pipes (`pipe:`); use fsspec URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import tarfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+
+from .storage import check_safe_name
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_IMAGE_PIXELS = 1 << 28
+"""Images above this many pixels (e.g. 16384 x 16384) are recorded as errors, not decoded."""
+
+
+class CorpusError(RuntimeError):
+    """A corpus that cannot be listed or read; the message names the path."""
+
+
+@dataclass(frozen=True)
+class CorpusShard:
+    name: str
+    """Shard name: the tar's file name without `.tar`; names the cache shard too."""
+    url: str
+
+
+@dataclass
+class RawSample:
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def image_bytes(self) -> bytes | None:
+        for ext in IMAGE_EXTENSIONS:
+            if ext in self.files:
+                return self.files[ext]
+        return None
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """A sample lost while reading the tar itself (truncation, corrupt header)."""
+
+    key: str
+    reason: str
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def list_shards(corpus: str | os.PathLike[str], storage_options: dict | None = None) -> list[CorpusShard]:
+    """A folder, a brace pattern (`shard-{000..009}.tar`), a glob, or fsspec URLs thereof."""
+    corpus = os.fspath(corpus)
+    urls: list[str] = []
+    for item in _expand_braces(corpus):
+        fs, path = fsspec.core.url_to_fs(item, **(storage_options or {}))
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        if any(c in path for c in "*?["):
+            found = fs.glob(path)
+        elif fs.isdir(path):
+            found = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise CorpusError(f"corpus path {item!r} does not exist")
+        urls.extend(prefix + p for p in sorted(found))
+    shards = []
+    for url in urls:
+        base = posixpath.basename(url)
+        if not base.endswith(".tar"):
+            raise CorpusError(f"{url}: corpus shards must be .tar files")
+        shards.append(CorpusShard(check_safe_name(base[: -len(".tar")], "corpus shard name"), url))
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise CorpusError(f"corpus {corpus!r}: shard names must be unique, repeated: {dup}")
+    if not shards:
+        raise CorpusError(f"corpus {corpus!r} holds no .tar shards")
+    return shards
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    directory, base = posixpath.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return posixpath.join(directory, stem) if directory else stem, ext.lower()
+
+
+def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[RawSample | ReadFailure]:
+    """Samples of one tar in order; a truncated or corrupt tar ends with a ReadFailure.
+
+    The sample being assembled when the tar breaks is reported as a ReadFailure (it
+    may be missing members); every sample before it is yielded whole.
+    """
+    current: RawSample | None = None
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if key.startswith("__") or not ext:
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key)
+                current.files[ext] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        lost = current.key if current is not None else f"{posixpath.basename(url)}#end"
+        yield ReadFailure(lost, f"truncated or corrupt tar {url}: {type(exc).__name__}: {exc}")
+        return
+    if current is not None:
+        yield current
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, draft_size: int | None = None):
+    """Bytes -> RGB PIL image. Converts CMYK, 16-bit, RGBA, palette and grayscale images.
+
+    `draft_size` lets JPEG decode at a reduced scale (>= that size), which is several
+    times faster for large photos. Raises ValueError with the reason on bad input.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if not data:
+        raise ValueError("empty image file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS})")
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()
+    except ValueError:
+        raise
+    except Exception as exc:  # PIL raises many types for undecodable bytes
+        raise ValueError(f"not a decodable image: {type(exc).__name__}: {exc}") from exc
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: rescale to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if min(image.size) < 1:
+        raise ValueError(f"image has zero size {image.size}")
+    return image
+
+
+class TarShardWriter:
+    """Write one WebDataset tar, atomically: `<name>.tar` appears only when complete."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self._file = open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        if "." in posixpath.basename(key) or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"sample key {key!r} must not contain '.' in its last part, a leading '/' or '..'")
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: byte-identical rebuilds
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._file.close()
+        os.remove(self._tmp)
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close() if exc_type is None else self.abort()

@@ -1,0 +1,90 @@
+"""Teacher specifications: what makes a cached target what it is.
+
+A target is defined by the teacher's weights *and* by how the image was
+prepared and which layers were read. All of it goes into `TeacherSpec`, and a
+fingerprint (sha256 over its canonical JSON) identifies it. The cache refuses to
+mix targets whose fingerprints differ. Cost: any change of a preprocessing
+constant, even a harmless one, forces a new cache (or an explicit overwrite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+STORAGE_DTYPES = ("float16", "bfloat16", "int8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodecSpec:
+    """Compression of the stored targets (Blosc inside Zarr's sharding codec)."""
+
+    cname: str = "zstd"
+    """Blosc compressor. zstd measured best on teacher features (design.md)."""
+    clevel: int = 3
+    """Compression level; above 3 costs write speed for ~1% of size."""
+    shuffle: str = "shuffle"
+    """Blosc filter: 'shuffle' (byte), 'bitshuffle' or 'noshuffle'. Byte shuffle beat bitshuffle on fp16."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSpec:
+    """Everything that determines one teacher's stored targets."""
+
+    name: str
+    """Task name and cache folder: 'depth', 'seg', 'gen' or any other identifier."""
+    kind: str
+    """Extraction recipe in the pipeline: 'depth_anything', 'oneformer_swin' or 'clip_image_embeds'."""
+    model: str
+    """Hub id or local folder the weights are loaded from (via `from_pretrained`)."""
+    subfolder: str = ""
+    """Subfolder of `model` holding the weights (e.g. 'image_encoder' for unCLIP)."""
+    revision: str = ""
+    """Hub revision, if loaded from a hub."""
+    weights_sha256: str = ""
+    """sha256 over the loaded weights (state dict bytes), filled in by the pipeline."""
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    """Resize / crop / normalisation constants, exactly as applied."""
+    layers: tuple[int, ...] = ()
+    """Which internal layers are read (meaning depends on `kind`)."""
+    shape: tuple[int, int] = (0, 0)
+    """Target shape per image: (tokens T, width D)."""
+    dtype: str = "float16"
+    """Storage dtype: float16, bfloat16 (exact), or int8 (lossy, per-token scale)."""
+    codec: CodecSpec = field(default_factory=CodecSpec)
+    """Compression of the stored arrays."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"teacher {self.name!r}: dtype {self.dtype!r} is not one of {STORAGE_DTYPES}")
+        if not self.name.isidentifier():
+            raise ValueError(f"teacher name {self.name!r} must be a plain identifier (it names a folder)")
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"teacher {self.name!r}: shape {self.shape!r} must be (tokens, width), both >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["layers"] = list(self.layers)
+        out["shape"] = list(self.shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TeacherSpec:
+        data = dict(data)
+        data["layers"] = tuple(data.get("layers", ()))
+        data["shape"] = tuple(data["shape"])
+        data["codec"] = CodecSpec(**data.get("codec", {}))
+        return cls(**data)
+
+    @property
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def diff(self, other: TeacherSpec) -> list[str]:
+        """Field names whose values differ, for error messages."""
+        a, b = self.to_dict(), other.to_dict()
+        return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
