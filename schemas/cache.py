@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import quant
+from . import quant, shardfile
 from .manifest import ERROR_SCHEMA, ERROR_STAGES, MANIFEST_SCHEMA
 from .spec import TeacherSpec
 from .storage import Root, check_safe_name, staging_name
@@ -233,19 +233,24 @@ class TargetCache:
                             "storage_dtype": spec.dtype, "format_version": FORMAT_VERSION})
         rows_per_object = max(1, min(ROWS_PER_OBJECT, n))
         t, d = spec.shape
-        arr = group.create_array(
-            "targets", shape=(n, t, d), chunks=(1, t, d), shards=(rows_per_object, t, d),
-            dtype=quant.zarr_dtype(spec.dtype), compressors=[_blosc(spec)], fill_value=0,
-        )
-        if n:
-            arr[:] = values
+        arrays = [("targets", values, (t, d), quant.zarr_dtype(spec.dtype))]
         if scale is not None:
-            sarr = group.create_array(
-                "scale", shape=(n, t), chunks=(1, t), shards=(rows_per_object, t), dtype="float32",
-                compressors=[_blosc(spec)], fill_value=0,
+            arrays.append(("scale", scale, (t,), "float32"))
+        codec = shardfile.blosc_codec(spec.codec.cname, spec.codec.clevel, spec.codec.shuffle)
+        for name, data, row_shape, dtype in arrays:
+            # zarr-python writes the metadata; the objects are encoded directly (shardfile.py: ~4x faster)
+            group.create_array(
+                name, shape=(n, *row_shape), chunks=(1, *row_shape), shards=(rows_per_object, *row_shape),
+                dtype=dtype, compressors=[_blosc(spec)], fill_value=0,
             )
-            if n:
-                sarr[:] = scale
+            layout = shardfile.ObjectLayout(self.root.join(*target, "data.zarr", name), n, rows_per_object,
+                                            row_shape, np.dtype(dtype))
+            for k, start in enumerate(range(0, n, rows_per_object)):
+                blob = shardfile.encode_object(data[start : start + rows_per_object], rows_per_object, codec)
+                path = layout.object_path(k)
+                self.root.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                with self.root.fs.open(path, "wb") as f:
+                    f.write(blob)
         manifest = pa.table(
             {"key": list(keys), "shard": [shard] * n, "row": np.arange(n, dtype=np.int32),
              "sha256": list(sha256s), "teacher": [spec.name] * n, "fingerprint": [spec.fingerprint] * n},
@@ -277,12 +282,14 @@ class TargetCache:
         return self._concat("errors.parquet", ERROR_SCHEMA, teacher)
 
     def _concat(self, name: str, schema: pa.Schema, teacher: str | None) -> pa.Table:
-        tables = []
-        for t in [teacher] if teacher else self.teachers():
-            for shard in self.committed_shards(t):
-                with self.root.fs.open(self.root.join(t, shard, name), "rb") as f:
-                    tables.append(pq.read_table(f))
+        tables = [self.read_table(t, shard, name) for t in ([teacher] if teacher else self.teachers())
+                  for shard in self.committed_shards(t)]
         return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def read_table(self, teacher: str, shard: str, name: str) -> pa.Table:
+        """One committed shard's manifest.parquet or errors.parquet."""
+        with self.root.fs.open(self.root.join(teacher, shard, name), "rb") as f:
+            return pq.read_table(f)
 
     def index(self, teacher: str) -> dict[str, tuple[str, int, str]]:
         """key -> (shard, row, sha256) for one teacher. Memory: ~150 B per key."""
@@ -299,7 +306,11 @@ class TargetCache:
 
 
 class ShardReader:
-    """Targets of one committed (teacher, shard); rows in manifest order."""
+    """Targets of one committed (teacher, shard); rows in manifest order.
+
+    Rows are read through the shard index directly (shardfile.py); zarr-python
+    only opens the group to check its metadata.
+    """
 
     def __init__(self, cache: TargetCache, spec: TeacherSpec, shard: str):
         import zarr
@@ -308,19 +319,27 @@ class ShardReader:
         self.location = cache.root.url_of(spec.name, shard)
         try:
             group = zarr.open_group(cache.root.zarr_store(spec.name, shard, "data.zarr", read_only=True), mode="r")
-            self.values = group["targets"]
-            self.scale = group["scale"] if spec.dtype == "int8" else None
+            arrays = {"targets": group["targets"]}
+            if spec.dtype == "int8":
+                arrays["scale"] = group["scale"]
         except Exception as exc:  # zarr raises several types; name the shard
             raise CacheError(f"{self.location}/data.zarr: unreadable ({type(exc).__name__}: {exc})") from exc
         if group.attrs.get("fingerprint") != spec.fingerprint:
             raise SpecMismatchError(
                 f"{self.location}: written with spec {group.attrs.get('fingerprint')}, cache.json says {spec.fingerprint}"
             )
+        self.shape = tuple(arrays["targets"].shape)
+        self._readers = {
+            name: shardfile.ObjectReader(cache.root.fs, shardfile.ObjectLayout(
+                cache.root.join(spec.name, shard, "data.zarr", name), array.shape[0], array.shards[0],
+                tuple(array.shape[1:]), np.dtype(array.dtype)))
+            for name, array in arrays.items()
+        }
         self._cache = cache
         self._keys: list[str] | None = None
 
     def __len__(self) -> int:
-        return self.values.shape[0]
+        return self.shape[0]
 
     @property
     def keys(self) -> list[str]:
@@ -331,9 +350,17 @@ class ShardReader:
         return self._keys
 
     def read_stored(self, rows: int | slice) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored values (and int8 scale) without decoding: one inner-chunk read per row."""
-        scale = self.scale[rows] if self.scale is not None else None
-        return self.values[rows], scale
+        """Stored values (and int8 scale) without decoding: one range read per storage object."""
+        single = not isinstance(rows, slice)
+        if single:
+            if not -len(self) <= rows < len(self):
+                raise IndexError(f"{self.location}: row {rows} out of range (0..{len(self) - 1})")
+            rows = slice(rows % len(self), rows % len(self) + 1)
+        start, stop, _ = rows.indices(len(self))
+        out = {name: reader.read_rows(start, max(start, stop)) for name, reader in self._readers.items()}
+        if single:
+            out = {name: value[0] for name, value in out.items()}
+        return out["targets"], out.get("scale")
 
     def read(self, rows: int | slice) -> np.ndarray:
         """Targets as float32: (T, D) for an int row, (n, T, D) for a slice."""

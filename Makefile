@@ -1,0 +1,45 @@
+# olavlm: every target sets itself up on a fresh clone (`make demo`, `make test`).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+OLA    := $(VENV)/bin/ola
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(VENV)/.installed
+
+# torch is pinned first: on these machines 2.13.0 is a local CPU build, while an
+# unpinned torch would download a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(OLA) demo --out demo-out
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	mkdir -p out
+	$(OLA) bench cache --json | tee out/bench-cache.json
+	$(OLA) bench precompute --json | tee out/bench-precompute.json
+	$(OLA) bench loader --json | tee out/bench-loader.json
+	$(OLA) bench train --json | tee out/bench-train.json
+	$(OLA) bench heads --json | tee out/bench-heads.json
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) out demo-out .pytest_cache

@@ -1,0 +1,115 @@
+"""`ola cache stats|verify` and `ola bench cache`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from .errors import user_errors
+from .groups import Groups
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.2f} MB"
+
+
+def _num(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def stats(
+    cache: str = typer.Argument(..., help="Cache root: folder or fsspec URL (s3://bucket/cache)."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+    per_shard: bool = typer.Option(False, "--shards", help="Also list every shard."),
+    sample_rows: int = typer.Option(16, help="Rows per shard read for the value statistics."),
+) -> None:
+    """Per teacher (and shard): samples, shape, dtype, bytes on disk, compression, value statistics,
+    error counts, and for int8 the fidelity recorded against the teachers' float32 outputs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from olavlm.schemas.cache import TargetCache
+    from olavlm.schemas.inspect import cache_stats
+
+    with user_errors():
+        report = cache_stats(TargetCache(cache), sample_rows=sample_rows)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"target cache {report['root']}")
+    for column in ("teacher", "shards", "samples", "errors", "shape", "dtype", "on disk", "per image",
+                   "compression", "mean", "std", "mean L2", "cosine (int8)", "fingerprint"):
+        table.add_column(column, justify="right" if column not in ("teacher", "dtype", "fingerprint") else "left")
+    for name, t in report["teachers"].items():
+        shards = t["shards"]
+        rows = max(t["rows"], 1)
+        mean = sum((s["mean"] or 0) * s["rows"] for s in shards) / rows
+        std = sum((s["std"] or 0) * s["rows"] for s in shards) / rows
+        l2 = sum((s["mean_l2"] or 0) * s["rows"] for s in shards) / rows
+        fid = t["fidelity"]
+        table.add_row(name, str(len(shards)), str(t["rows"]), str(t["errors"]), "x".join(map(str, t["shape"])),
+                      t["dtype"], _mb(t["bytes"]), _mb(t["bytes_per_row"]), _num(t["compression"], "{:.2f}x"),
+                      _num(mean), _num(std), _num(l2, "{:.2f}"),
+                      "-" if not fid else f"{fid['cosine_mean']:.5f} (min {fid['cosine_min']:.5f})", t["fingerprint"])
+        if per_shard:
+            for s in shards:
+                table.add_row(f"  {s['shard']}", "", str(s["rows"]), str(s["errors"]), "", "", _mb(s["bytes"]), "",
+                              _num(s["compression"], "{:.2f}x"), _num(s["mean"]), _num(s["std"]),
+                              _num(s["mean_l2"], "{:.2f}"), "", "")
+    # off a terminal (pipes, CI logs) rich would squeeze the table into 80 columns
+    Console(width=None if sys.stdout.isatty() else 220).print(table)
+
+
+def verify(
+    cache: str = typer.Argument(..., help="Cache root: folder or fsspec URL."),
+    corpus: str | None = typer.Option(None, help="Also check against this corpus: every key present or recorded "
+                                                "as an error, every image sha256 unchanged."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a cache: every shard readable, row counts match the manifest, no duplicate keys, metadata
+    consistent; with --corpus, the corpus against the cache. Exits 1 if any problem is found, naming each."""
+    from olavlm.schemas.cache import TargetCache
+    from olavlm.schemas.inspect import verify_cache
+
+    with user_errors():
+        report = verify_cache(TargetCache(cache), corpus=corpus)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for problem in report.problems:
+            typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
+        status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+        typer.echo(f"{status}: {report.checked_shards} shards, {report.checked_rows} rows read"
+                   + (f", {report.corpus_samples} corpus samples checked" if corpus else ""))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def bench(
+    images: int = typer.Option(64, help="Images per dtype (each: 576x1024 + 576x1536 + 1x1024 targets)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    tmp: Path | None = typer.Option(None, help="Folder for the temporary caches (default: system temp)."),
+) -> None:
+    """Write/read MB/s, random single-sample read latency and bytes per image at the paper's target
+    shapes, for float16, bfloat16 and int8 (with int8's cosine against float32)."""
+    from olavlm.schemas.bench_cache import bench_cache
+
+    result = bench_cache(images=images, root=str(tmp) if tmp else None)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{'dtype':<9} {'MB/image':>9} {'vs fp16':>8} {'write MB/s':>11} {'read MB/s':>10} "
+               f"{'rand p50 ms':>12} {'cos min':>9}")
+    for dtype, r in result["dtypes"].items():
+        typer.echo(f"{dtype:<9} {r['bytes_per_image'] / 1e6:>9.3f} {r['ratio_to_float16_stored']:>8.3f} "
+                   f"{r['write_MBps_16bit_equiv']:>11.1f} {r['read_MBps_16bit_equiv']:>10.1f} "
+                   f"{r['random_read_ms_p50']:>12.2f} {r['cosine_min']:>9.5f}")
+
+
+def register(groups: Groups) -> None:
+    groups.cache.command("stats")(stats)
+    groups.cache.command("verify")(verify)
+    groups.bench.command("cache")(bench)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny corpora and caches built on the fly, nothing downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """24 real-image samples in 3 shards of 8 (demo-000000.tar ...)."""
+    from olavlm.pipeline.demo_corpus import build_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo-corpus")
+    build_demo_corpus(out, samples=24, shard_size=8)
+    return str(out)
+
+
+def write_random_teacher(cache, name: str, shards: dict[str, list[str]], shape=(16, 8), dtype="float16",
+                         sha256s: dict[str, str] | None = None, seed: int = 0):
+    """Register a synthetic teacher and write one committed shard per entry of `shards`."""
+    from olavlm.schemas import quant
+    from olavlm.schemas.spec import TeacherSpec
+    from olavlm.schemas.synthetic import feature_like
+
+    spec = TeacherSpec(name=name, kind="synthetic", model="synthetic", shape=shape, dtype=dtype)
+    cache.register(spec)
+    data = {}
+    for i, (shard, keys) in enumerate(shards.items()):
+        x = feature_like(len(keys), *shape, seed=seed + i)
+        values, scale = quant.encode(x, dtype)
+        hashes = [(sha256s or {}).get(k, "0" * 64) for k in keys]
+        cache.write_shard(name, shard, keys, hashes, values, scale)
+        data[shard] = x
+    return spec, data
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
