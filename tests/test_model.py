@@ -1,0 +1,147 @@
+"""The student: embedding losses reach heads, task tokens and projector; masks; hooks; save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from olavlm.schemas.config import scaled_layers
+from tests._student import SAMPLES, SPECS, make_batch, sample_ids, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def test_layers_default_to_scaled_paper_layers(model):
+    assert model.layers == {t: scaled_layers(4)[t] for t in ("gen", "depth", "seg")}
+    assert set(model.heads) == {f"{t}_l{layer}" for t, ls in model.layers.items() for layer in ls}
+    # Task tokens sit right after the image tokens, in gen, depth, seg order.
+    ids, _ = sample_ids(model, "Hi", "Yes.")
+    start = ids.index(model.layout.image_token_id) + model.layout.num_image_tokens
+    expected = [i for t in ("gen", "depth", "seg") for i in model.layout.task_token_ids[t]]
+    assert ids[start : start + len(expected)] == expected
+
+
+def test_forward_returns_named_terms_that_sum(model):
+    out = model(make_batch(model, SAMPLES))
+    tasks = ("gen", "depth", "seg")
+    for task in tasks:
+        layer_terms = [out[f"{task}_l{layer}"] for layer in model.layers[task]]
+        assert torch.allclose(out[task], 0.5 * sum(layer_terms))
+    assert torch.allclose(out["loss"], out["ntp"] + sum(out[t] for t in tasks))
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in out.values())
+
+
+def test_each_embedding_loss_alone_reaches_head_task_tokens_and_projector(model):
+    """The authors' code zeroes these losses; here each one must train its parts."""
+    batch = make_batch(model, SAMPLES)
+    projector = model.llava.model.multi_modal_projector
+    k = model.config.tokens_per_task
+    for task_index, task in enumerate(model.layout.tasks):
+        for layer in model.layers[task]:
+            model.zero_grad(set_to_none=True)
+            model(batch)[f"{task}_l{layer}"].backward()
+            name = f"{task}_l{layer}"
+            for pname, p in model.heads[name].named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
+            for other in set(model.heads) - {name}:
+                assert all(p.grad is None for p in model.heads[other].parameters()), other
+            rows = model.task_embeddings.grad[task_index * k : (task_index + 1) * k]
+            assert (rows.abs().sum(1) > 0).all(), f"{name}: some {task} task tokens got no gradient"
+            assert projector.linear_1.weight.grad.abs().sum() > 0, f"{name}: projector got no gradient"
+            assert model.logit_scales[task].grad.abs() > 0
+
+
+def test_right_padding_does_not_change_predictions(model):
+    model.eval()
+    with torch.no_grad():
+        short = model.predictions(make_batch(model, SAMPLES[:1]))
+        padded = model.predictions(make_batch(model, SAMPLES[:1], pad_to=len(sample_ids(model, *SAMPLES[0][:2])[0]) + 9))
+    for name in short:
+        torch.testing.assert_close(short[name], padded[name], atol=1e-5, rtol=1e-5)
+    model.train()
+
+
+def test_hook_states_equal_output_hidden_states(model):
+    batch = make_batch(model, SAMPLES)
+    image_mask, _ = model.layout.locate(batch["input_ids"])
+    layers = list(range(model.llava.config.text_config.num_hidden_layers - 1))  # last block: pre-norm vs normed
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], image_mask)
+        _, states = model.run_llm(embeds, batch["attention_mask"], layers)
+        ref = model.llava.model.language_model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states
+    assert sorted(states) == layers
+    for layer in layers:
+        torch.testing.assert_close(states[layer], ref[layer + 1])
+
+
+def test_text_only_samples_contribute_no_embedding_loss(model):
+    mixed = SAMPLES[:2] + [("Say hello.", "Hello.", False)]
+    batch = make_batch(model, mixed)
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+    # Changing the text-only sample's targets changes nothing.
+    other = dict(batch, targets={t: v.clone() for t, v in batch["targets"].items()})
+    for v in other["targets"].values():
+        v[2] = torch.randn_like(v[2]) * 10
+    out2 = model(other)
+    for name in model.heads:
+        torch.testing.assert_close(out[name], out2[name])
+    # A batch of text only: NTP alone, every embedding term exactly 0, gradients still flow to NTP parts.
+    text = make_batch(model, [("Say hello.", "Hello.", False), ("Count.", "One two.", False)])
+    out3 = model(text)
+    assert all(out3[name].item() == 0.0 for name in model.heads)
+    assert out3["loss"].item() == pytest.approx(out3["ntp"].item())
+    out3["loss"].backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_image_flag_without_image_tokens_fails_loudly(model):
+    batch = make_batch(model, [("Say hello.", "Hello.", False)])
+    batch["has_image"] = torch.tensor([True])
+    with pytest.raises(ValueError, match="no image tokens"):
+        model(batch)
+
+
+def test_ntp_only_without_targets(model):
+    batch = make_batch(model, SAMPLES)
+    batch.pop("targets")
+    assert set(model(batch)) == {"ntp", "loss"}
+    assert set(model(make_batch(model, SAMPLES), distill=False)) == {"ntp", "loss"}
+
+
+def test_labels_on_image_and_task_tokens_are_ignored(model):
+    batch = make_batch(model, SAMPLES)
+    noisy = dict(batch, labels=batch["input_ids"].clone())  # labels everywhere, image/task tokens included
+    image_mask, task_masks = model.layout.locate(batch["input_ids"])
+    special = image_mask | torch.stack(list(task_masks.values())).any(0)
+    reference = dict(batch, labels=batch["input_ids"].masked_fill(special, -100))
+    with torch.no_grad():
+        torch.testing.assert_close(model(noisy, distill=False)["ntp"], model(reference, distill=False)["ntp"])
+
+
+def test_save_load_round_trip(model, tmp_path):
+    model.eval()
+    batch = make_batch(model, SAMPLES)
+    path = model.save_pretrained(tmp_path / "ckpt")
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))
+    from olavlm.trainer.model import OlaVlm
+
+    loaded = OlaVlm.from_pretrained(path).eval()
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    meta = json.loads((path / "olavlm.json").read_text())
+    assert meta["target_shapes"] == {t: list(s) for t, s in SPECS.items()}
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # safetensors + JSON only
+    # Overwriting an existing checkpoint is atomic too.
+    model.save_pretrained(path)
+    assert (path / "olavlm.safetensors").exists()
+    model.train()

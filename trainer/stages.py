@@ -1,0 +1,81 @@
+"""Freeze policies of the training stages (method.md's table), as one function.
+
+`apply_stage(model, stage)` sets `requires_grad` on every parameter and returns
+optimizer param groups, one per named part of the student. Parts:
+
+    vision        CLIP tower                       llava.model.vision_tower
+    projector     mlp2x_gelu                       llava.model.multi_modal_projector
+    llm           decoder, embeddings, lm_head     llava.model.language_model, llava.lm_head
+    task_tokens   task-token embeddings            task_embeddings
+    heads         embedding predictors             heads
+    logit_scales  InfoNCE temperatures             logit_scales
+
+PT trains projector + heads + task tokens + logit scales; VPT trains all but
+task tokens (heads and logit scales too are frozen: VPT has no embedding loss,
+so they would get no gradient anyway); IFT trains projector + LLM with the task
+tokens frozen but still in the sequence. Only PT uses the embedding losses
+(`uses_embedding_losses`). Note: with vision_feature_layer -2 the CLIP tower's
+last block and post-layernorm never get a gradient, even when trainable.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+STAGE_LR = {"pt": 1e-3, "vpt": 2e-5, "ift": 2e-5}
+"""Default peak learning rate per stage (paper)."""
+
+TRAINABLE = {
+    "pt": ("projector", "heads", "task_tokens", "logit_scales"),
+    "vpt": ("vision", "projector", "llm"),
+    "ift": ("projector", "llm"),
+}
+PARTS = ("vision", "projector", "llm", "task_tokens", "heads", "logit_scales")
+
+_PREFIXES = {
+    "vision": ("llava.model.vision_tower.",),
+    "projector": ("llava.model.multi_modal_projector.",),
+    "llm": ("llava.model.language_model.", "llava.lm_head."),
+    "task_tokens": ("task_embeddings",),
+    "heads": ("heads.",),
+    "logit_scales": ("logit_scales.",),
+}
+
+
+def uses_embedding_losses(stage: str) -> bool:
+    """Only PT distils (the paper's ablation: embedding losses during IFT hurt)."""
+    _check(stage)
+    return stage == "pt"
+
+
+def parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every parameter of an OlaVlm, by part; an unknown parameter is an error naming it."""
+    out: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in PARTS}
+    for name, param in model.named_parameters():  # tied weights appear once
+        part = next((p for p, prefixes in _PREFIXES.items() if name.startswith(prefixes)), None)
+        if part is None:
+            raise ValueError(f"parameter {name!r} belongs to no part of {PARTS}")
+        out[part].append((name, param))
+    return out
+
+
+def apply_stage(model: nn.Module, stage: str, *, lr: float = 0.0, weight_decay: float = 0.0) -> list[dict]:
+    """Freeze/unfreeze `model` for `stage`; return AdamW param groups of the trainable parts.
+
+    lr = 0 takes the stage default (STAGE_LR). Each group carries its part's name.
+    """
+    _check(stage)
+    lr = lr or STAGE_LR[stage]
+    groups = []
+    for part, params in parts(model).items():
+        trainable = part in TRAINABLE[stage]
+        for _, param in params:
+            param.requires_grad_(trainable)
+        if trainable and params:
+            groups.append({"name": part, "params": [p for _, p in params], "lr": lr, "weight_decay": weight_decay})
+    return groups
+
+
+def _check(stage: str) -> None:
+    if stage not in TRAINABLE:
+        raise ValueError(f"unknown stage {stage!r}: one of {tuple(TRAINABLE)}")
