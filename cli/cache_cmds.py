@@ -109,7 +109,25 @@ def bench(
                    f"{r['random_read_ms_p50']:>12.2f} {r['cosine_min']:>9.5f}")
 
 
+
+
+def show(
+    cache: str = typer.Argument(..., help="Cache root."),
+    key: str = typer.Argument(..., help="Sample key."),
+    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+    corpus: str | None = typer.Option(None, help="Corpus the cache was computed from, to draw the image too."),
+) -> None:
+    """Render a sample: its image beside each teacher's target (token grids as RGB from their first
+    three principal components, the gen embedding as a bar strip), with dtype and fidelity noted."""
+    from olavlm.pipeline.show import render_sample
+
+    with user_errors():
+        result = render_sample(cache, key, str(out), corpus=corpus)
+    typer.echo(f"wrote {result['out']} ({', '.join(f'{k}: {v}' for k, v in result['panels'].items())})")
+
+
 def register(groups: Groups) -> None:
     groups.cache.command("stats")(stats)
     groups.cache.command("verify")(verify)
+    groups.cache.command("show")(show)
     groups.bench.command("cache")(bench)

@@ -1,0 +1,94 @@
+"""`ola cache show`: one sample's image beside every teacher's cached target.
+
+Token grids (depth, seg: T = side x side) are mapped to RGB by their first
+three principal components, so regions the teacher considers alike share a
+colour; a single-token target (gen) is drawn as a bar strip of its values.
+Cost: PCA per image hides absolute scale; the panel title gives norm and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from olavlm.schemas.cache import TargetCache
+from olavlm.schemas.corpus import decode_image, iter_samples, list_shards
+
+
+def pca_rgb(tokens: np.ndarray) -> np.ndarray:
+    """(T, D) -> (side, side, 3) in [0, 1] from the first three principal components."""
+    t = tokens.shape[0]
+    side = int(round(np.sqrt(t)))
+    if side * side != t:
+        raise ValueError(f"{t} tokens do not form a square grid")
+    centered = tokens - tokens.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    components = centered @ vt[:3].T  # [T, 3]
+    if components.shape[1] < 3:
+        components = np.pad(components, ((0, 0), (0, 3 - components.shape[1])))
+    low, high = np.percentile(components, 1, axis=0), np.percentile(components, 99, axis=0)
+    rgb = np.clip((components - low) / np.maximum(high - low, 1e-8), 0, 1)
+    return rgb.reshape(side, side, 3)
+
+
+def find_image(corpus: str, key: str, shard: str | None = None) -> bytes:
+    for candidate in list_shards(corpus):
+        if shard is not None and candidate.name != shard:
+            continue
+        for sample in iter_samples(candidate.url):
+            if sample.key == key and getattr(sample, "image_bytes", None) is not None:
+                return sample.image_bytes
+    raise KeyError(f"key {key!r} not found in corpus {corpus}" + (f" shard {shard}" if shard else ""))
+
+
+def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None, dpi: int = 100) -> dict:
+    """Write a PNG of `key`'s image (if `corpus` is given) and targets; returns what was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cache = TargetCache(cache_root)
+    specs = cache.specs()
+    if not specs:
+        raise KeyError(f"{cache_root}: the cache has no teachers")
+    targets, shard = {}, None
+    for name in specs:
+        found = cache.index(name).get(key)
+        if found is None:
+            raise KeyError(f"{cache_root}: key {key!r} has no {name!r} target")
+        shard = found[0]
+        targets[name] = cache.open_shard(name, found[0]).read(found[1])
+    panels = (1 if corpus else 0) + len(targets)
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4), dpi=dpi, squeeze=False)
+    axes = list(axes[0])
+    if corpus:
+        image = decode_image(find_image(corpus, key, shard))
+        axes[0].imshow(np.asarray(image))
+        axes[0].set_title(f"{key}\n{image.width}x{image.height}", fontsize=8)
+        axes.pop(0)
+    drawn = {}
+    for ax, (name, target) in zip(axes, targets.items()):
+        spec = specs[name]
+        fidelity = cache.commit_info(name, shard).get("fidelity")
+        note = f"{name} {spec.shape[0]}x{spec.shape[1]} {spec.dtype}"
+        if fidelity:
+            note += f"\ncos {fidelity['cosine_mean']:.4f} vs fp32"
+        if target.shape[0] > 1:
+            ax.imshow(pca_rgb(target), interpolation="nearest")
+            drawn[name] = "pca-grid"
+        else:
+            values = target[0]
+            strip = values.reshape(-1, 1) if values.size < 16 else values[: (values.size // 16) * 16].reshape(16, -1)
+            ax.imshow(strip, aspect="auto", cmap="coolwarm")
+            drawn[name] = "strip"
+        ax.set_title(f"{note}\n|x|={np.linalg.norm(target):.1f}", fontsize=8)
+    for ax in fig.axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return {"out": out, "shard": shard, "panels": drawn}
