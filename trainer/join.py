@@ -1,0 +1,131 @@
+"""Stage 2 of the data path: the join. Each sample gets the cached target of every enabled teacher.
+
+Two read paths, chosen per (teacher, training shard):
+- aligned: the training shard has the same name as a committed cache shard
+  (the trainer reads the corpus the cache was computed over). The key -> row map
+  comes from that one shard's manifest; rows are read from the shard opened
+  once, in near-sequential order (the source shuffles inside blocks only).
+- keyed: any other layout. One global key -> (shard, row, sha256) index per
+  teacher, built from all manifests on first use (~150 B per key); then one
+  inner-chunk read per sample. A key absent from its aligned shard is also
+  looked up here before it counts as missing.
+
+Checks, each failing with the key and the shard in the message:
+- the cache's teacher fingerprints equal what the run expects
+  (`DataConfig.expect_fingerprints`; checked when the join is built);
+- the sha256 of the sample's image bytes equals the manifest's (the image
+  changed under its key otherwise);
+- a target exists for every enabled teacher.
+
+Targets stay in their storage dtype (float16, or bfloat16 bits viewed as
+bfloat16; int8 is dequantised here to float32): the float32 cast happens on the
+device. Cost of keeping 16 bits: none in precision, half the bytes through the
+loader's shared memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from olavlm.schemas import quant
+from olavlm.schemas.cache import CacheError, ShardReader, TargetCache
+from olavlm.schemas.corpus import CorpusError
+
+MAX_OPEN_READERS = 16
+"""Open shard readers kept per teacher (keyed reads jump between shards)."""
+
+
+class DataError(CorpusError):
+    """A training sample that cannot be used as it is; the message names key and shard."""
+
+    def __init__(self, reason: str, key: str, shard: str, detail: str):
+        super().__init__(f"{detail} (key {key!r}, shard {shard!r})")
+        self.reason, self.key, self.shard, self.detail = reason, key, shard, detail
+
+    def __reduce__(self):  # DataLoader workers send exceptions through pickle
+        return DataError, (self.reason, self.key, self.shard, self.detail)
+
+
+class TargetJoin:
+    """Looks up and reads the targets of `tasks` for (shard, key, image sha256)."""
+
+    def __init__(self, cache: str | TargetCache, tasks: Sequence[str], *,
+                 expect_fingerprints: dict[str, str] | None = None, storage_options: dict | None = None):
+        self.cache = cache if isinstance(cache, TargetCache) else TargetCache(cache, storage_options)
+        self.tasks = tuple(tasks)
+        specs = self.cache.specs()
+        if not specs:
+            raise CacheError(f"{self.cache.root.url}: not an olavlm cache or holds no teacher (run `ola precompute`)")
+        missing = [t for t in self.tasks if t not in specs]
+        if missing:
+            raise CacheError(f"{self.cache.root.url}: no targets for teacher(s) {missing} (cache has {sorted(specs)})")
+        self.cache.check_specs(dict(expect_fingerprints or {}))
+        self.specs = {t: specs[t] for t in self.tasks}
+        self.fingerprints = {t: spec.fingerprint for t, spec in self.specs.items()}
+        """What the run trained on; recorded in the checkpoint's config."""
+        self._committed = {t: set(self.cache.committed_shards(t)) for t in self.tasks}
+        self._aligned: dict[tuple[str, str], dict[str, tuple[int, str]]] = {}
+        self._keyed: dict[str, dict[str, tuple[str, int, str]]] = {}
+        self._readers: dict[tuple[str, str], ShardReader] = {}
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {t: tuple(spec.shape) for t, spec in self.specs.items()}
+
+    def _aligned_map(self, task: str, shard: str) -> dict[str, tuple[int, str]] | None:
+        if shard not in self._committed[task]:
+            return None
+        if (task, shard) not in self._aligned:
+            root = self.cache.root
+            with root.fs.open(root.join(task, shard, "manifest.parquet"), "rb") as f:
+                table = pq.read_table(f, columns=["key", "row", "sha256"])
+            cols = [table.column(c).to_pylist() for c in ("key", "row", "sha256")]
+            self._aligned[(task, shard)] = {k: (r, h) for k, r, h in zip(*cols)}
+        return self._aligned[(task, shard)]
+
+    def locate(self, task: str, shard: str, key: str) -> tuple[str, int, str] | None:
+        """(cache shard, row, sha256) of a key's target, or None."""
+        aligned = self._aligned_map(task, shard)
+        if aligned is not None and key in aligned:
+            row, sha = aligned[key]
+            return shard, row, sha
+        if task not in self._keyed:
+            self._keyed[task] = self.cache.index(task)
+        return self._keyed[task].get(key)
+
+    def _reader(self, task: str, shard: str) -> ShardReader:
+        if (task, shard) not in self._readers:
+            if len(self._readers) >= MAX_OPEN_READERS * max(1, len(self.tasks)):
+                self._readers.pop(next(iter(self._readers)))
+            self._readers[(task, shard)] = self.cache.open_shard(task, shard)
+        return self._readers[(task, shard)]
+
+    def __call__(self, shard: str, key: str, image_sha256: str) -> dict[str, torch.Tensor]:
+        """{task: (T, D) tensor in the storage dtype} or a DataError naming key and shard."""
+        out = {}
+        for task in self.tasks:
+            found = self.locate(task, shard, key)
+            if found is None:
+                raise DataError("missing_target", key, shard, f"no {task!r} target in cache {self.cache.root.url}")
+            cache_shard, row, sha = found
+            if sha != image_sha256:
+                raise DataError(
+                    "sha256_mismatch", key, shard,
+                    f"image sha256 {image_sha256[:12]}... differs from the {task!r} target's {sha[:12]}... "
+                    f"(cache shard {cache_shard!r}, row {row}): the image changed after precompute",
+                )
+            values, scale = self._reader(task, cache_shard).read_stored(row)
+            out[task] = to_tensor(values, scale, self.specs[task].dtype)
+        return out
+
+
+def to_tensor(values: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
+    """Stored row -> tensor: float16 as is, bfloat16 bits reinterpreted (exact, no copy), int8 dequantised."""
+    if dtype == "float16":
+        return torch.from_numpy(np.ascontiguousarray(values))
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(quant.decode(values, scale, dtype))

@@ -1,0 +1,213 @@
+"""Stage 5 of the data path: the loader. Puts stages 1-4 together and yields (batch, state).
+
+Per rank, the batch sequence is a pure function of (seed, epoch, world size,
+batch size): raw samples of the rank's stream (source.py) are cut into chunks
+of `batch_size`; chunk j becomes batch j. DataLoader worker w builds the chunks
+with index = w mod num_workers (counted from where this loader started), and the
+DataLoader collects from its workers round-robin, so the order does not depend
+on the number of workers. The loader runs over epochs without end; training is
+counted in steps.
+
+The state after a batch is {"epoch", "batch" (next chunk of that epoch),
+"skipped" (counts per reason, cumulative)}: two integers locate the next batch
+exactly, so a checkpoint stores it as JSON and `build_loader(..., state=...)`
+continues with the very next batch. Samples dropped under on_missing='skip'
+leave their batch smaller (a chunk whose samples were all dropped yields
+nothing); they are counted in the state, hence in the metrics.
+
+Cost: every worker reads (not decodes) all of its rank's tar bytes; resuming
+mid-epoch re-reads the tar bytes of the batches before the position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from olavlm.schemas.config import DataConfig
+from olavlm.schemas.corpus import IMAGE_EXTENSIONS, CorpusError, sha256_hex
+
+from .collate import Example, collate
+from .images import ImageTransform
+from .join import DataError, TargetJoin
+from .source import epoch_units, rank_stream, shards_of, split_by_node, split_by_worker
+from .text import ChatRenderer, TextError, tokenize
+from .tokens import TokenLayout
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
+SKIP_REASONS = ("read", "bad_json", "bad_image", "missing_target", "sha256_mismatch", "too_long", "no_labels",
+                "template")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderState:
+    """Where a rank's loader stands: the next batch is chunk `batch` of epoch `epoch`."""
+
+    epoch: int = 0
+    """Epoch of the next batch."""
+    batch: int = 0
+    """Index of the next chunk (of `batch_size` raw samples) within that epoch."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Samples dropped so far (on_missing='skip'), per reason."""
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoaderState:
+        return cls(epoch=int(data["epoch"]), batch=int(data["batch"]), skipped=dict(data.get("skipped", {})))
+
+
+class SampleStream(IterableDataset):
+    """Yields collated batches (plus their position) for one rank; see the module docstring."""
+
+    def __init__(self, config: DataConfig, *, tokenizer, layout: TokenLayout, transform: ImageTransform,
+                 join: TargetJoin | None, rank: int = 0, world: int = 1, start: LoaderState = LoaderState(),
+                 storage_options: dict | None = None):
+        if config.on_missing not in ("error", "skip"):
+            raise ValueError(f"on_missing must be 'error' or 'skip', not {config.on_missing!r}")
+        self.config, self.tokenizer, self.layout, self.transform, self.join = config, tokenizer, layout, transform, join
+        self.rank, self.world, self.start, self.storage_options = rank, world, start, storage_options
+        self.shards = shards_of(config.data, storage_options)
+        self.render = ChatRenderer(tokenizer)
+        shapes = join.shapes() if join is not None else {}
+        dtypes = {t: TORCH_DTYPES[s.dtype] for t, s in join.specs.items()} if join is not None else {}
+        self._collate_args = dict(pad_id=layout.pad_token_id, image_size=transform.crop, mean=transform.mean,
+                                  std=transform.std, target_shapes=shapes, target_dtypes=dtypes)
+
+    # -- one sample ----------------------------------------------------------------------------
+    def prepare(self, sample) -> Example:
+        """Raw sample -> Example (stages 2-3); a DataError names key and shard."""
+        key, shard = sample.key, sample.shard
+        if sample.failure:
+            raise DataError("read", key, shard, sample.failure)
+        if "json" not in sample.files:
+            raise DataError("bad_json", key, shard, f"no json member (has {sorted(sample.files)})")
+        try:
+            meta = json.loads(sample.files["json"])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError("bad_json", key, shard, f"json member does not parse: {exc}") from None
+        image_bytes = next((sample.files[e] for e in IMAGE_EXTENSIONS if e in sample.files), None)
+        conversations = meta.get("conversations") if isinstance(meta, dict) else None
+        try:
+            text = tokenize(conversations, self.tokenizer, self.layout, has_image=image_bytes is not None,
+                            max_length=self.config.max_length, render=self.render)
+        except TextError as exc:
+            raise DataError(exc.reason, key, shard, str(exc)) from None
+        image, targets = None, {}
+        if image_bytes is not None:
+            try:
+                image = self.transform(image_bytes)
+            except ValueError as exc:
+                raise DataError("bad_image", key, shard, str(exc)) from None
+            if self.join is not None:
+                targets = self.join(shard, key, sha256_hex(image_bytes))
+        return Example(key, text.input_ids, text.labels, image, targets)
+
+    def build_batch(self, chunk) -> tuple[dict | None, Counter]:
+        examples, skipped = [], Counter()
+        for sample in chunk:
+            try:
+                examples.append(self.prepare(sample))
+            except DataError as exc:
+                if self.config.on_missing != "skip":
+                    raise
+                skipped[exc.reason] += 1
+                log.warning("skipped sample: %s", exc)
+        return (collate(examples, **self._collate_args) if examples else None), skipped
+
+    # -- the stream ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cfg = self.config
+        epoch, first = self.start.epoch, self.start.batch
+        counter = 0  # chunks since this loader started: decides the worker
+        while True:
+            units = split_by_node(epoch_units(self.shards, seed=cfg.seed, epoch=epoch, world=self.world),
+                                  self.rank, self.world)
+            stream = rank_stream(units, seed=cfg.seed, epoch=epoch, block=cfg.shuffle_block,
+                                 storage_options=self.storage_options)
+            index, chunk, any_sample = 0, [], False
+            for sample in stream:
+                any_sample = True
+                chunk.append(sample)
+                if len(chunk) < cfg.batch_size:
+                    continue
+                if index >= first:
+                    if split_by_worker(counter, worker, workers):
+                        yield self._emit(chunk, epoch, index)
+                    counter += 1
+                index, chunk = index + 1, []
+            if chunk and index >= first:
+                if split_by_worker(counter, worker, workers):
+                    yield self._emit(chunk, epoch, index)
+                counter += 1
+            if not any_sample:
+                raise CorpusError(f"rank {self.rank} of {self.world} got no sample in epoch {epoch} of "
+                                  f"{cfg.data!r}: the corpus has fewer samples than ranks")
+            epoch, first = epoch + 1, 0
+
+    def _emit(self, chunk, epoch: int, index: int) -> dict:
+        batch, skipped = self.build_batch(chunk)
+        out = batch if batch is not None else {}
+        out["_position"] = (epoch, index + 1)
+        out["_skipped"] = dict(skipped)
+        return out
+
+
+class Loader:
+    """Iterate to get (batch, state): `state` is what to save to continue right after `batch`."""
+
+    def __init__(self, stream: SampleStream, *, num_workers: int, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        return dict(self.stream.join.fingerprints) if self.stream.join is not None else {}
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=2 if self.num_workers else None)
+        skipped = Counter(self.stream.start.skipped)
+        last_epoch_with_batch = self.stream.start.epoch
+        for item in loader:
+            epoch, batch_index = item.pop("_position")
+            skipped.update(item.pop("_skipped"))
+            state = LoaderState(epoch=epoch, batch=batch_index, skipped=dict(skipped)).to_dict()
+            if "input_ids" not in item:  # every sample of this chunk was skipped
+                if epoch > last_epoch_with_batch + 1:
+                    raise CorpusError(f"a whole epoch of {self.stream.config.data!r} yielded no usable sample "
+                                      f"(skipped: {dict(skipped)})")
+                continue
+            last_epoch_with_batch = epoch
+            yield item, state
+
+
+def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transform: ImageTransform,
+                 tasks=(), rank: int = 0, world: int = 1, state: dict | LoaderState | None = None,
+                 pin_memory: bool = False, storage_options: dict | None = None) -> Loader:
+    """The whole data path for one rank. `tasks` = teachers whose targets are joined (() = no cache needed).
+
+    Fails before any worker starts if the cache's teacher fingerprints differ from
+    `config.expect_fingerprints` or a task has no targets in the cache.
+    """
+    if isinstance(state, dict):
+        state = LoaderState.from_dict(state)
+    join = None
+    if tasks:
+        if not config.cache:
+            raise ValueError(f"teachers {list(tasks)} need a target cache (DataConfig.cache / --cache)")
+        join = TargetJoin(config.cache, tasks, expect_fingerprints=config.expect_fingerprints,
+                          storage_options=storage_options)
+    stream = SampleStream(config, tokenizer=tokenizer, layout=layout, transform=transform, join=join, rank=rank,
+                          world=world, start=state or LoaderState(), storage_options=storage_options)
+    return Loader(stream, num_workers=config.num_workers, pin_memory=pin_memory)
