@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +34,7 @@ from torch import nn
 from olavlm.schemas.config import ModelConfig, from_dict, scaled_layers, to_dict
 from olavlm.schemas.spec import TeacherSpec
 
+from .atomic import atomic_dir
 from .heads import ResamplerHead
 from .losses import embedding_loss, gather_targets, next_token_loss
 from .tokens import TokenLayout, add_task_tokens, layout_of, ordered_tasks
@@ -201,10 +199,7 @@ class OlaVlm(nn.Module):
         """
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.llava.save_pretrained(tmp / LLAVA_DIR)
             extras = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("llava.")}
             save_file(extras, tmp / EXTRAS_FILE)
@@ -221,11 +216,7 @@ class OlaVlm(nn.Module):
                 self.tokenizer.save_pretrained(tmp)
             if self.image_processor is not None:
                 self.image_processor.save_pretrained(tmp)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return Path(path)
 
     # ------------------------------------------------------------------ forward
 
@@ -440,13 +431,3 @@ def _layout_dict(layout: TokenLayout) -> dict:
         "pad_token_id": layout.pad_token_id,
     }
 
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing `path` is moved aside first and deleted after."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

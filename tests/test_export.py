@@ -1,0 +1,120 @@
+"""Export to plain LLaVA: loads with transformers alone, same logits, same prompt ids; generation runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from olavlm.trainer.export import export_llava
+from olavlm.trainer.generate import generate, load_for_generation
+from olavlm.trainer.model import OlaVlm
+from tests._student import tiny_model
+
+# Runs with olavlm made unimportable: the export must be a standard LLaVA checkpoint.
+STANDALONE = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "olavlm" or name.startswith("olavlm."):
+                raise ImportError("olavlm is blocked in this check")
+    sys.meta_path.insert(0, Block())
+    import numpy as np, torch
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    out, result = sys.argv[1], sys.argv[2]
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    image = Image.fromarray(np.arange(40 * 48 * 3, dtype=np.uint8).reshape(40, 48, 3))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    save_file({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits}, result)
+    """
+)
+
+
+def _image() -> Image.Image:
+    return Image.fromarray(np.arange(40 * 48 * 3, dtype=np.uint8).reshape(40, 48, 3))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model = tiny_model()
+    with torch.no_grad():  # trained task tokens differ from their initial vocabulary rows
+        model.task_embeddings.add_(torch.randn_like(model.task_embeddings))
+    ckpt = model.save_pretrained(root / "ckpt")
+    out = export_llava(ckpt, root / "llava")
+    return ckpt, out
+
+
+def test_export_matches_logits_and_prompt_ids(exported):
+    """In-process (fast): transformers' own classes on the export vs the olavlm model."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    ckpt, out = exported
+    llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=_image(), text=text, return_tensors="pt")
+    model = OlaVlm.from_pretrained(ckpt).eval()
+    _, prepare, _, _ = load_for_generation(ckpt)
+    assert inputs["input_ids"].tolist() == prepare(_image(), "What is in the image?")["input_ids"].tolist()
+    with torch.no_grad():
+        got = llava(**inputs).logits
+        expected = model.logits(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~10-20 s
+def test_export_loads_without_olavlm_and_matches_logits(exported, tmp_path):
+    ckpt, out = exported
+    result = tmp_path / "standalone.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(out), str(result)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got = load_file(result)
+    model = OlaVlm.from_pretrained(ckpt).eval()
+    # The processor's prompt equals the one olavlm builds (chat template + image block with task tokens).
+    _, prepare, _, _ = load_for_generation(ckpt)
+    ours = prepare(_image(), "What is in the image?")
+    assert got["input_ids"].tolist() == ours["input_ids"].tolist()
+    torch.testing.assert_close(got["pixel_values"], ours["pixel_values"])
+    n_task = len(model.task_token_ids)
+    assert torch.isin(got["input_ids"], model.task_token_ids).sum() == n_task
+    with torch.no_grad():
+        expected = model.logits(got["input_ids"], torch.ones_like(got["input_ids"]), got["pixel_values"])
+    torch.testing.assert_close(got["logits"], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_has_no_heads_and_only_safe_files(exported):
+    _, out = exported
+    from safetensors import safe_open
+
+    names = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, "pt") as s:
+            names |= set(s.keys())
+    assert names and not any("heads" in n or "logit_scales" in n or "task_embeddings" in n for n in names)
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
+
+
+def test_generation_runs_with_export_and_checkpoint(exported):
+    ckpt, out = exported
+    a = generate(out, _image(), "What is in the image?", max_new_tokens=6)
+    b = generate(ckpt, _image(), "What is in the image?", max_new_tokens=6)
+    assert isinstance(a, str) and a == b  # greedy, same weights, same prompt ids
