@@ -37,6 +37,8 @@ class ModelConfig:
     """Hub id or folder of the decoder-only causal LM (and its tokenizer)."""
     llava_checkpoint: str = ""
     """Start from an existing LLaVA / olavlm checkpoint instead of vision_model + llm."""
+    preset: str = ""
+    """'tiny': a seeded tiny student built offline (tests, demo); sets vision_model, llm and small heads."""
     vision_feature_layer: int = -2
     """CLIP layer whose patch features feed the projector (CLS dropped)."""
     tasks: tuple[str, ...] = TASK_ORDER
@@ -111,6 +113,8 @@ class TrainConfig:
     """bf16 autocast on CUDA (ignored on CPU)."""
     init_from: str = ""
     """Checkpoint to start from (IFT starts from a PT checkpoint)."""
+    resume: str = ""
+    """Checkpoint (or run folder: its latest) to continue exactly: weights, optimizer, loader, RNG."""
     out: str = "runs/ola"
     """Output folder: checkpoints and metrics.jsonl."""
     save_every: int = 500

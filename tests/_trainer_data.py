@@ -57,10 +57,11 @@ def make_corpus(folder, shards: int = 2, per_shard: int = 6, text_only_every: in
 
 
 def make_cache(root, samples: dict[str, dict], tasks=("gen", "depth", "seg"), dtype="float16", seed: int = 0,
-               shapes=TASK_SHAPES, shard_names: dict[str, str] | None = None):
+               shapes=TASK_SHAPES, shard_names: dict[str, str] | None = None, nan_shard: str = ""):
     """A committed cache over `samples` (image samples only) with random targets and the true sha256s.
 
-    `shard_names` renames the cache shards (to test the keyed path). Returns {task: {key: float32 target}}.
+    `shard_names` renames the cache shards (to test the keyed path); the depth targets of
+    `nan_shard` are NaN (to test the non-finite loss check). Returns {task: {key: float32 target}}.
     """
     from olavlm.schemas import quant
     from olavlm.schemas.cache import TargetCache
@@ -80,6 +81,8 @@ def make_cache(root, samples: dict[str, dict], tasks=("gen", "depth", "seg"), dt
         truth[task] = {}
         for shard, keys in by_shard.items():
             x = rng.standard_normal((len(keys), *shapes[task])).astype(np.float32)
+            if shard == nan_shard and task == "depth":
+                x[:] = np.nan
             values, scale = quant.encode(x, dtype)
             decoded = quant.decode(values, scale, dtype)
             cache.write_shard(task, (shard_names or {}).get(shard, shard), keys,

@@ -1,0 +1,139 @@
+"""Checkpoints: one folder per saved step, safe formats only, written atomically.
+
+    OUT/checkpoints/step-00000100/
+        model/                    OlaVlm.save_pretrained: LLaVA safetensors + extras + JSON + tokenizer
+        optimizer.safetensors     AdamW state tensors, keyed "<parameter name>/<state name>"
+        trainer.json              step, optimizer param groups, loader state per rank, RNG per rank,
+                                  teacher fingerprints, time
+        config.json               the effective RunConfig (what `--config` would need to reproduce it)
+    OUT/checkpoints/LATEST        name of the newest complete checkpoint
+
+The folder is written under a temporary name and renamed into place, and LATEST
+is replaced after it, so a crash at any moment leaves the previous checkpoint
+intact and findable. Optimizer state is taken as a full (unsharded, CPU) state
+dict keyed by parameter names (torch.distributed.checkpoint.state_dict), so the
+same files serve a plain, DDP or FSDP2 model. Cost: with FSDP2 rank 0 holds one
+full copy of the weights and optimizer state in CPU memory while saving.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+MODEL = "model"
+OPTIMIZER = "optimizer.safetensors"
+TRAINER = "trainer.json"
+CONFIG = "config.json"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def find(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder / its checkpoints folder -> its latest checkpoint."""
+    path = Path(path)
+    if (path / TRAINER).exists():
+        return path
+    for base in (path / CHECKPOINTS, path):
+        if (base / LATEST).exists():
+            found = base / (base / LATEST).read_text().strip()
+            if (found / TRAINER).exists():
+                return found
+    raise FileNotFoundError(f"{path}: no checkpoint here (expected {TRAINER}, or {CHECKPOINTS}/{LATEST})")
+
+
+# -- RNG ------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Torch CPU (and current CUDA device) generator states, base64 in JSON."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+# -- optimizer ------------------------------------------------------------------------------------
+def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A full optimizer state dict keyed by parameter names -> (flat tensors, JSON-able param groups)."""
+    tensors = {}
+    for name, entry in state["state"].items():
+        for key, value in entry.items():
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+    return tensors, json.loads(json.dumps(state["param_groups"]))
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[str, dict] = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+# -- save / load ----------------------------------------------------------------------------------
+def save(out: str | Path, step: int, *, save_model, optimizer_full: dict, loader_states: list[dict],
+         rng_states: list[dict], config: dict, fingerprints: dict[str, str]) -> Path:
+    """Write checkpoint `step` under OUT/checkpoints atomically (call on rank 0 only).
+
+    `save_model(path)` writes the model folder (OlaVlm.save_pretrained or an equivalent).
+    """
+    from safetensors.torch import save_file
+
+    base = Path(out) / CHECKPOINTS
+    base.mkdir(parents=True, exist_ok=True)
+    final = base / step_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=base))
+    try:
+        save_model(tmp / MODEL)
+        tensors, groups = optimizer_tensors(optimizer_full)
+        save_file(tensors, str(tmp / OPTIMIZER))
+        trainer = {"step": step, "param_groups": groups, "loader": loader_states, "rng": rng_states,
+                   "fingerprints": fingerprints, "time": time.time()}
+        (tmp / TRAINER).write_text(json.dumps(trainer, indent=1))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():  # a rerun of the same step: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = base / f".{LATEST}.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, base / LATEST)
+    return final
+
+
+def load(path: str | Path) -> dict:
+    """{"path", "step", "trainer" (trainer.json), "config" (dict), "optimizer" (full state dict)}."""
+    from safetensors.torch import load_file
+
+    path = find(path)
+    trainer = json.loads((path / TRAINER).read_text())
+    config = json.loads((path / CONFIG).read_text())
+    optimizer = optimizer_state(load_file(str(path / OPTIMIZER)), trainer["param_groups"])
+    return {"path": path, "step": trainer["step"], "trainer": trainer, "config": config, "optimizer": optimizer,
+            "model": path / MODEL}
