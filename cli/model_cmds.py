@@ -69,7 +69,9 @@ def bench_heads(
         typer.echo(
             f"{name}: student {c['student'] / 1e9:.3f}B, heads {c['heads'] / 1e6:.1f}M "
             f"({len(c['per_head'])} heads), task tokens {c['task_tokens'] / 1e3:.1f}K, "
-            f"added {100 * c['added_fraction']:.2f}%, PT-trainable {c['pt_trainable'] / 1e6:.1f}M"
+            f"added {100 * c['added_fraction']:.2f}%, PT-trainable {c['pt_trainable'] / 1e6:.1f}M; "
+            f"per {c['seq_len']}-token sample heads {c['heads_gmac_per_sample']:.0f} GMAC vs student "
+            f"{c['student_gmac_per_sample']:.0f} GMAC ({100 * c['heads_compute_fraction']:.1f}%)"
         )
     for o in report["overhead"]:
         typer.echo(

@@ -29,8 +29,9 @@ def tiny_config(**changes) -> ModelConfig:
 def tiny_model(seed: int = 0, specs=SPECS, **changes):
     from olavlm.trainer.model import OlaVlm
 
+    config = tiny_config(**changes)  # first: building the folders reseeds the RNG
     torch.manual_seed(seed)
-    return OlaVlm.from_config(tiny_config(**changes), specs)
+    return OlaVlm.from_config(config, specs)
 
 
 def sample_ids(model, prompt: str, answer: str, *, image: bool = True) -> tuple[list[int], list[int]]:

@@ -118,3 +118,20 @@ def test_generation_runs_with_export_and_checkpoint(exported):
     a = generate(out, _image(), "What is in the image?", max_new_tokens=6)
     b = generate(ckpt, _image(), "What is in the image?", max_new_tokens=6)
     assert isinstance(a, str) and a == b  # greedy, same weights, same prompt ids
+
+
+def test_student_from_plain_llava_checkpoint(exported):
+    """An exported (or any transformers) LLaVA starts a new student; its task tokens come from the vocabulary."""
+    from tests._student import SPECS, tiny_config
+
+    ckpt, out = exported
+    trained = OlaVlm.from_pretrained(ckpt).eval()
+    fresh = OlaVlm.from_config(tiny_config(llava_checkpoint=str(out)), SPECS).eval()
+    assert fresh.layout == trained.layout
+    torch.testing.assert_close(fresh.task_embeddings, trained.task_embeddings)
+    ids = torch.tensor([trained.layout.expand([5, trained.layout.image_token_id, 7, 9])])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh.logits(ids, torch.ones_like(ids), pixels), trained.logits(ids, torch.ones_like(ids), pixels)
+        )

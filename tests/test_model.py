@@ -145,3 +145,26 @@ def test_save_load_round_trip(model, tmp_path):
     model.save_pretrained(path)
     assert (path / "olavlm.safetensors").exists()
     model.train()
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_grads():
+    from tests._student import tiny_model as build
+
+    plain, ckpt = build(seed=1), build(seed=1, gradient_checkpointing=True)
+    batch = make_batch(plain, SAMPLES)
+    a, b = plain(batch), ckpt(batch)
+    a["loss"].backward()
+    b["loss"].backward()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    torch.testing.assert_close(plain.task_embeddings.grad, ckpt.task_embeddings.grad)
+    head = "depth_l1"
+    torch.testing.assert_close(plain.heads[head].out_proj.weight.grad, ckpt.heads[head].out_proj.weight.grad)
+
+
+def test_bf16_targets_are_accepted(model):
+    batch = make_batch(model, SAMPLES)
+    as_bf16 = dict(batch, targets={t: v.bfloat16() for t, v in batch["targets"].items()})
+    with torch.no_grad():
+        a, b = model(batch), model(as_bf16)
+    torch.testing.assert_close(a["loss"], b["loss"], atol=2e-2, rtol=1e-2)

@@ -1,6 +1,6 @@
 """`ola bench heads`: what the distillation heads and task tokens cost.
 
-1. Parameter counts for the paper's students (Llama-3-8B and Phi-3-mini shapes
+1. Parameter counts (and multiply-accumulates per sample) for the paper's students (Llama-3-8B and Phi-3-mini shapes
    with CLIP ViT-L/14-336, 576 image tokens, targets depth 576x1024,
    seg 576x1536, gen 1x1024, paper layers), built on the meta device: no
    memory, no download, exact counts.
@@ -41,6 +41,25 @@ def _paper_llms() -> dict:
     }
 
 
+PAPER_SEQ_LEN = 640
+"""A LLaVA-1.5 sample: 576 image + 24 task tokens + ~40 text tokens."""
+
+
+def head_macs_per_sample(config: ModelConfig, llm_width: int, target: tuple[int, int], seq_len: int) -> int:
+    """Multiply-accumulates of one ResamplerHead forward for one sample (backward ~2x more)."""
+    t, out = target
+    w, keys = config.head_width, seq_len + target[0]
+    return (
+        seq_len * llm_width * w  # kv_proj
+        + t * w * w  # to_q
+        + keys * w * 2 * w  # to_kv
+        + 2 * t * keys * w  # scores + weighted sum
+        + t * w * w  # to_out
+        + 2 * t * w * config.head_ffn_mult * w  # feed-forward
+        + t * w * out  # out_proj
+    )
+
+
 def paper_param_counts(config: ModelConfig | None = None) -> dict[str, dict[str, int | float]]:
     """Parameters per part of the paper's students, built on the meta device."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -65,6 +84,14 @@ def paper_param_counts(config: ModelConfig | None = None) -> dict[str, dict[str,
             llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=576))
             model = OlaVlm(llava, config=config, teacher_specs=PAPER_TARGETS, layout=layout)
         counts = {part: sum(p.numel() for _, p in params) for part, params in parts(model).items()}
+        head_macs = sum(
+            head_macs_per_sample(config, text.hidden_size, PAPER_TARGETS[key.split("_l")[0]], PAPER_SEQ_LEN)
+            for key in model.heads
+        )
+        # Dense student: every non-embedding weight is used once per token (attention scores ignored).
+        student_macs = (counts["llm"] - 2 * text.vocab_size * text.hidden_size) * PAPER_SEQ_LEN + (
+            counts["vision"] * 577 + counts["projector"] * 576
+        )
         student = counts["vision"] + counts["projector"] + counts["llm"]
         added = counts["heads"] + counts["task_tokens"] + counts["logit_scales"]
         out[name] = {
@@ -74,6 +101,10 @@ def paper_param_counts(config: ModelConfig | None = None) -> dict[str, dict[str,
             "heads_and_tokens": added,
             "added_fraction": added / student,
             "pt_trainable": added + counts["projector"],
+            "seq_len": PAPER_SEQ_LEN,
+            "heads_gmac_per_sample": head_macs / 1e9,
+            "student_gmac_per_sample": student_macs / 1e9,
+            "heads_compute_fraction": head_macs / student_macs,
         }
     return out
 

@@ -123,7 +123,8 @@ class OlaVlm(nn.Module):
             {task: nn.Parameter(torch.tensor(float(config.logit_scale_init))) for task in tasks}
         )
         if config.gradient_checkpointing:
-            llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.train()  # from_pretrained returns its parts in eval mode; a new module starts in train mode
 
     # ------------------------------------------------------------------ build / load
 
