@@ -1,0 +1,85 @@
+"""Stage 1 of the precompute path: image bytes -> uint8 arrays, one per teacher, on CPU.
+
+Each teacher's preprocessing is described by a plain dict (stored in its
+`TeacherSpec.preprocess`, so the cache records exactly what was done):
+
+    {"resize": [H, W]}             squash to H x W (depth, seg), or
+    {"resize_shortest": S, "center_crop": [H, W]}   CLIP style (gen)
+    plus "resample" ("bicubic" | "bilinear"), "mean"/"std" (RGB, on the [0, 1] scale),
+    "channel_order": "RGB", "jpeg_draft": int (the draft size handed to the decoder)
+
+Design choices and their cost:
+- Only geometry happens here (decode, resize, crop) and the result stays uint8:
+  a quarter of the bytes of float32 through Ray's object store, and the
+  normalisation runs on the teacher's device (`teachers.normalise`).
+- JPEGs are decoded with PIL's draft mode at the smallest scale that still
+  covers the teacher's input (`decode_image(draft_size=...)`), several times
+  faster for large photos. Cost: the pixels differ slightly from a full-size
+  decode; the draft size is part of the spec so that the targets stay a
+  function of the spec alone. Teachers with different draft sizes decode the
+  image separately (memoised by draft size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from olavlm.schemas.corpus import decode_image
+
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def input_shape(preprocess: Mapping[str, Any]) -> tuple[int, int]:
+    """(H, W) of the uint8 array `prepare` returns for this recipe."""
+    if "resize" in preprocess:
+        return tuple(preprocess["resize"])
+    return tuple(preprocess["center_crop"])
+
+
+def draft_size(preprocess: Mapping[str, Any]) -> int:
+    """Smallest side the decoder must keep so that resizing only ever shrinks from there."""
+    if "resize" in preprocess:
+        return int(max(preprocess["resize"]))
+    return int(preprocess["resize_shortest"])
+
+
+def shortest_side_size(width: int, height: int, shortest: int) -> tuple[int, int]:
+    """(W, H) with the shorter side = `shortest`, as transformers' CLIP processor computes it."""
+    if width <= height:
+        return shortest, int(shortest * height / width)
+    return int(shortest * width / height), shortest
+
+
+def prepare(image: Image.Image, preprocess: Mapping[str, Any]) -> np.ndarray:
+    """RGB PIL image -> uint8 (H, W, 3) ready for the device-side normalisation."""
+    resample = RESAMPLE[preprocess["resample"]]
+    if "resize" in preprocess:
+        height, width = preprocess["resize"]
+        return np.asarray(image.resize((width, height), resample=resample), dtype=np.uint8)
+    width, height = shortest_side_size(*image.size, preprocess["resize_shortest"])
+    image = image.resize((width, height), resample=resample)
+    crop_h, crop_w = preprocess["center_crop"]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2  # same rounding as transformers' center_crop
+    if top < 0 or left < 0:
+        raise ValueError(f"image {width}x{height} is smaller than the crop {crop_w}x{crop_h}")
+    return np.asarray(image.crop((left, top, left + crop_w, top + crop_h)), dtype=np.uint8)
+
+
+def prepare_all(data: bytes, recipes: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Image bytes -> {teacher: uint8 (H, W, 3)}. Raises ValueError (undecodable, too large, ...)."""
+    decoded: dict[int, Image.Image] = {}
+    out = {}
+    for name, preprocess in recipes.items():
+        size = int(preprocess.get("jpeg_draft", 0))
+        if size not in decoded:
+            decoded[size] = decode_image(data, draft_size=size or None)
+        out[name] = prepare(decoded[size], preprocess)
+    return out

@@ -1,0 +1,35 @@
+"""Where a teacher comes from: weights location + the recipe parameters not stored with them.
+
+Kept free of torch so that the driver and the CPU preprocessing tasks can name
+teachers without paying torch's import (seconds per Ray worker process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("depth_anything", "oneformer_swin", "clip_image_embeds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSource:
+    """Where a teacher's weights come from and the recipe parameters not stored with them."""
+
+    name: str
+    """Task name and cache folder ('depth', 'seg', 'gen', ...)."""
+    kind: str
+    """Extraction recipe: one of KINDS."""
+    model: str
+    """Hub id or local folder, handed to `from_pretrained`."""
+    subfolder: str = ""
+    """Subfolder holding the weights ('image_encoder' for the unCLIP checkpoint)."""
+    revision: str = ""
+    """Hub revision; empty = the hub's default branch."""
+    image_size: int = 0
+    """Input side in pixels for depth and seg (0 = the paper's 336 / 768). CLIP reads its crop from its processor."""
+    grid: int = 0
+    """Seg only: the stage-4 map is resized to grid x grid (0 = the paper's 24)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"teacher {self.name!r}: kind {self.kind!r} is not one of {KINDS}")

@@ -1,0 +1,225 @@
+"""Teachers: each target equals a hand computation from the model's raw outputs; paper-size shapes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from olavlm.pipeline import preprocess
+from olavlm.pipeline.presets import RANDOM_PRESETS, preset_sources, random_configs, with_overrides
+from olavlm.pipeline.sources import TeacherSource
+from olavlm.pipeline.teachers import depth_teacher, gen_teacher, load_teacher, seg_teacher
+from tests._precompute_data import jpeg, photo
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return preset_sources("tiny")
+
+
+def batch_for(teacher, count: int = 3) -> torch.Tensor:
+    """Real photos through the teacher's own CPU preprocessing: uint8 (B, H, W, 3)."""
+    arrays = [preprocess.prepare(photo(i), teacher.spec.preprocess) for i in range(count)]
+    return torch.from_numpy(np.stack(arrays))
+
+
+def normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """The normalisation written out by hand, float32 NCHW."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.timeout(120)
+def test_depth_target_is_mean_of_normed_hidden_states(tiny):
+    from transformers import DepthAnythingForDepthEstimation
+
+    teacher = load_teacher(tiny["depth"])
+    images = batch_for(teacher)
+    model = DepthAnythingForDepthEstimation.from_pretrained(tiny["depth"].model).eval()
+    with torch.no_grad():
+        pixels = normalised(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states  # embeddings + each block
+        norm = model.backbone.layernorm
+        out_indices = model.config.backbone_config.out_indices
+        reference = torch.stack([norm(hidden[i]) for i in out_indices]).mean(0)[:, 1:]  # CLS dropped
+    assert teacher.spec.layers == tuple(out_indices)
+    assert teacher.spec.shape == (64, 32) and reference.shape == (3, 64, 32)
+    torch.testing.assert_close(teacher(images), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_seg_target_is_stage4_of_the_full_model_for_any_task(tiny):
+    from transformers import OneFormerForUniversalSegmentation
+
+    teacher = load_teacher(tiny["seg"])
+    images = batch_for(teacher, 2)
+    model = OneFormerForUniversalSegmentation.from_pretrained(tiny["seg"].model).eval()
+    pixels = normalised(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    stage4 = []
+    for task_token in (3, 7):  # two different task inputs ("panoptic", "semantic", ...): same backbone features
+        task_inputs = torch.full((2, model.config.task_seq_len), task_token, dtype=torch.long)
+        with torch.no_grad():
+            out = model(pixel_values=pixels, task_inputs=task_inputs, output_hidden_states=True)
+        stage4.append(out.encoder_hidden_states[-1])
+    torch.testing.assert_close(stage4[0], stage4[1], rtol=0, atol=0)
+    with torch.no_grad():
+        level = model.model.pixel_level_module(pixels).encoder_features[-1]  # [B, C4, 5, 5] at 160 px
+    torch.testing.assert_close(level, stage4[0])
+    grid = teacher.spec.preprocess["grid"]
+    reference = F.interpolate(level, size=(grid, grid), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    assert level.shape[-2:] == (5, 5) and teacher.spec.shape == (16, 128) == tuple(reference.shape[1:])
+    torch.testing.assert_close(teacher(images), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_seg_processor_mean_on_255_scale_is_read_as_unit_scale(tiny):
+    spec = load_teacher(tiny["seg"]).spec  # the tiny folder ships detectron2-style 123.675 ...
+    np.testing.assert_allclose(spec.preprocess["mean"], (0.485, 0.456, 0.406), rtol=1e-9)
+    np.testing.assert_allclose(spec.preprocess["std"], (0.229, 0.224, 0.225), rtol=1e-9)
+
+
+@pytest.mark.timeout(120)
+def test_gen_target_is_image_embeds_through_the_clip_processor(tiny):
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+
+    teacher = load_teacher(tiny["gen"])
+    images = [photo(i) for i in range(3)]
+    processor = CLIPImageProcessorPil.from_pretrained(tiny["gen"].model, subfolder="feature_extractor")
+    model = CLIPVisionModelWithProjection.from_pretrained(tiny["gen"].model, subfolder="image_encoder").eval()
+    with torch.no_grad():
+        reference = model(pixel_values=processor(images, return_tensors="pt").pixel_values).image_embeds[:, None]
+    ours = teacher(torch.from_numpy(np.stack([preprocess.prepare(im, teacher.spec.preprocess) for im in images])))
+    assert teacher.spec.shape == (1, 32) and ours.shape == (3, 1, 32)
+    # the processor resizes in float, we in uint8: equal up to that rounding
+    cosine = F.cosine_similarity(ours.flatten(1), reference.flatten(1))
+    assert cosine.min() > 0.999, cosine
+
+
+def test_preprocess_geometry():
+    squash = {"resize": [336, 336], "resample": "bicubic"}
+    clip = {"resize_shortest": 224, "center_crop": [224, 224], "resample": "bicubic"}
+    wide = Image.new("RGB", (600, 400), (10, 20, 30))
+    assert preprocess.prepare(wide, squash).shape == (336, 336, 3)
+    assert preprocess.prepare(wide, clip).shape == (224, 224, 3)
+    assert preprocess.shortest_side_size(600, 400, 224) == (336, 224)
+    assert preprocess.draft_size(squash) == 336 and preprocess.draft_size(clip) == 224
+
+
+def test_prepare_all_decodes_once_per_draft_size(monkeypatch):
+    calls = []
+    original = preprocess.decode_image
+    monkeypatch.setattr(preprocess, "decode_image", lambda data, draft_size: calls.append(draft_size) or original(data, draft_size))
+    recipes = {
+        "a": {"resize": [64, 64], "resample": "bicubic", "jpeg_draft": 64},
+        "b": {"resize": [32, 32], "resample": "bilinear", "jpeg_draft": 64},
+        "c": {"resize_shortest": 48, "center_crop": [48, 48], "resample": "bicubic", "jpeg_draft": 48},
+    }
+    out = preprocess.prepare_all(jpeg(photo(0)), recipes)
+    assert sorted(calls) == [48, 64]
+    assert {k: v.shape for k, v in out.items()} == {"a": (64, 64, 3), "b": (32, 32, 3), "c": (48, 48, 3)}
+
+
+@pytest.mark.timeout(120)
+def test_spec_is_reproducible_and_names_the_weights(tiny):
+    first, second = load_teacher(tiny["depth"]).spec, load_teacher(tiny["depth"]).spec
+    assert first.fingerprint == second.fingerprint and len(first.weights_sha256) == 64
+    other = load_teacher(preset_sources("tiny", ("gen",))["gen"]).spec
+    assert other.weights_sha256 != first.weights_sha256
+
+
+def test_override_keeps_the_recipe(tiny, tmp_path):
+    sources = with_overrides(tiny, {"depth": str(tmp_path)})
+    assert sources["depth"].model == str(tmp_path) and sources["depth"].image_size == tiny["depth"].image_size
+    with pytest.raises(ValueError, match="not among"):
+        with_overrides(tiny, {"normals": "x"})
+
+
+def test_random_presets_are_deterministic(tmp_path):
+    from safetensors.numpy import load_file
+
+    from olavlm.pipeline.presets import save_random_teachers
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        save_random_teachers(RANDOM_PRESETS["tiny"], folder)
+    for part in ("depth/model.safetensors", "seg/model.safetensors", "gen/image_encoder/model.safetensors"):
+        left, right = load_file(a / part), load_file(b / part)
+        assert left.keys() == right.keys() and all(np.array_equal(left[k], right[k]) for k in left)
+
+
+def test_jpeg_helper_roundtrip():
+    assert Image.open(io.BytesIO(jpeg(photo(1)))).format == "JPEG"
+
+
+# -- the paper's architectures, random weights, no download -----------------------------------------
+def paper_configs():
+    """Configs matching the three paper checkpoints (as their config.json files state them)."""
+    from transformers import CLIPVisionConfig, DepthAnythingConfig, Dinov2Config, OneFormerConfig, SwinConfig
+
+    depth = DepthAnythingConfig(  # depth-anything/Depth-Anything-V2-Large-hf
+        backbone_config=Dinov2Config(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14,
+            image_size=518, out_indices=[5, 12, 18, 24], reshape_hidden_states=False, layerscale_value=1.0,
+        ),
+        reassemble_hidden_size=1024, patch_size=14, neck_hidden_sizes=[256, 512, 1024, 1024],
+        fusion_hidden_size=256, head_hidden_size=32,
+    )
+    seg = OneFormerConfig(  # shi-labs/oneformer_coco_swin_large
+        backbone_config=SwinConfig(
+            image_size=384, patch_size=4, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48],
+            window_size=12, drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"],
+        ),
+        num_labels=133,
+    )
+    gen = CLIPVisionConfig(  # stabilityai/stable-diffusion-2-1-unclip, image_encoder (OpenCLIP ViT-H/14)
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+        image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
+    )
+    return depth, seg, gen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_paper_architectures_give_the_paper_target_shapes():
+    from transformers import (
+        CLIPVisionModelWithProjection,
+        DepthAnythingForDepthEstimation,
+        OneFormerForUniversalSegmentation,
+    )
+    from transformers.initialization import no_init_weights
+
+    depth_config, seg_config, gen_config = paper_configs()
+    cases = [
+        (DepthAnythingForDepthEstimation, depth_config, depth_teacher, "depth_anything", (576, 1024)),
+        (OneFormerForUniversalSegmentation, seg_config, seg_teacher, "oneformer_swin", (576, 1536)),
+        (CLIPVisionModelWithProjection, gen_config, gen_teacher, "clip_image_embeds", (1, 1024)),
+    ]
+    for cls, config, build, kind, shape in cases:
+        with no_init_weights():  # shapes only: skipping the random init saves a minute
+            model = cls(config)
+        for p in model.parameters():
+            p.data.normal_(0, 0.02)  # uninitialised memory could hold NaN/inf
+        teacher = build(TeacherSource(name="t", kind=kind, model="paper"), model)
+        assert teacher.spec.shape == shape
+        height, width = preprocess.input_shape(teacher.spec.preprocess)
+        assert (height, width) == {"depth_anything": (336, 336), "oneformer_swin": (768, 768)}.get(kind, (224, 224))
+        images = torch.from_numpy(np.stack([preprocess.prepare(photo(0), teacher.spec.preprocess)]))
+        out = teacher(images)
+        assert out.shape == (1, *shape) and torch.isfinite(out).all()
+        del model, teacher
+
+
+def test_paper_depth_layers_are_blocks_4_11_17_23():
+    depth_config, _, _ = paper_configs()
+    assert [i - 1 for i in depth_config.backbone_config.out_indices] == [4, 11, 17, 23]  # hidden_states[0] = embeddings
+
+
+def test_random_preset_configs_match_their_table():
+    depth, seg, gen = random_configs(RANDOM_PRESETS["tiny"])
+    assert depth.backbone_config.hidden_size == 32 and gen.projection_dim == 32
+    assert seg.backbone_config.embed_dim * 8 == 128
