@@ -153,21 +153,21 @@ def load_config(path: Path | None, args: list[str]):
 
 TRAIN_HELP = """Train the student against cached targets (one call of olavlm.trainer.train.train).
 
-Every config field is an option: --<section>.<field> VALUE, or --<field> VALUE when the name
-is unique; booleans as --flag / --no-flag. See docs/CONFIG.md. Demo:
+Every config field is an option: --SECTION.FIELD VALUE, or --FIELD VALUE when the name is unique;
+booleans as --FLAG / --no-FLAG (docs/CONFIG.md lists them all).
 
-  ola train --data CORPUS --cache CACHE --stage pt --preset tiny --steps 20 --out runs/demo
+Demo: ola train --data CORPUS --cache CACHE --stage pt --preset tiny --steps 20 --out runs/demo
 
-Common: --stage pt|vpt|ift, --no-distill (NTP-only baseline), --init-from PT_RUN (IFT),
+Common: --stage pt|vpt|ift, --no-distill (the NTP-only baseline), --init-from PT_RUN (IFT),
 --resume RUN_OR_CHECKPOINT, --lr, --grad-accum, --batch-size, --num-workers, --max-length,
---on-missing skip, --fsdp, --tensorboard, --gradient-checkpointing. Multi-GPU / multi-process:
-torchrun --nproc-per-node N $(which ola) train ...
+--on-missing skip, --fsdp, --tensorboard, --gradient-checkpointing.
+Several processes or GPUs: torchrun --nproc-per-node N -m olavlm.cli.app train ...
 """
 
 
 def train_command(
     ctx: typer.Context,
-    config: Path = typer.Option(None, "--config", help="TOML or YAML file with [model] [data] [train] sections."),
+    config: Path = typer.Option(None, "--config", help="TOML or YAML file with model, data and train sections."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective config as JSON and exit."),
 ) -> None:
     from olavlm.schemas.config import to_dict
@@ -190,7 +190,49 @@ def train_command(
     typer.echo(f"checkpoint: {summary['checkpoint']}")
 
 
+def bench_loader_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    samples: int = typer.Option(256, help="Samples in the temporary corpus and cache."),
+    batch_size: int = typer.Option(16, help="Samples per batch."),
+    workers: int = typer.Option(2, help="DataLoader workers for the parallel figure."),
+    codec: str = typer.Option("zstd", help="Blosc compressor of the temporary cache (zstd = cache default, lz4)."),
+) -> None:
+    """Samples/s per CPU core through the whole data path (tar read, JPEG decode, tokenize, cache join,
+    collate) with full-size paper targets (576x1024 + 576x1536 + 1x1024, float16). Target: >= 200."""
+    from olavlm.trainer.bench_loader import bench_loader
+
+    with user_errors():
+        result = bench_loader(samples=samples, batch_size=batch_size, workers=workers, codec=codec)
+    _report(result, as_json)
+
+
+def bench_train_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    steps: int = typer.Option(8, help="Timed steps per variant."),
+    batch_size: int = typer.Option(4, help="Samples per step."),
+    workers: int = typer.Option(4, help="DataLoader workers (capped at cores - 1)."),
+    online_steps: int = typer.Option(1, help="Steps with online teachers (0 = skip; slow on CPU)."),
+) -> None:
+    """Step time with the cached-target loader / on the same batches pre-collated in memory (target <= 1.05),
+    and beside them the same student with paper-size teachers run online inside the step."""
+    from .bench_train import bench_train
+
+    with user_errors():
+        result = bench_train(steps=steps, batch_size=batch_size, workers=workers, online_steps=online_steps)
+    _report(result, as_json)
+
+
+def _report(result: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        typer.echo(f"{key:40s} {value}")
+
+
 def register(groups: Groups) -> None:
     groups.corpus.command("from-llava")(from_llava)
     groups.root.command("train", help=TRAIN_HELP, context_settings={
         "allow_extra_args": True, "ignore_unknown_options": True})(train_command)
+    groups.bench.command("loader")(bench_loader_command)
+    groups.bench.command("train")(bench_train_command)

@@ -349,15 +349,20 @@ class ShardReader:
                 self._keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
         return self._keys
 
-    def read_stored(self, rows: int | slice) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored values (and int8 scale) without decoding: one range read per storage object."""
+    def read_stored(self, rows: int | slice, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored values (and int8 scale) without decoding: one range read per storage object.
+
+        `out`: an array of the stored dtype and the result's shape to decompress the
+        values into (the loader passes a row of its batch buffer: no copy).
+        """
         single = not isinstance(rows, slice)
         if single:
             if not -len(self) <= rows < len(self):
                 raise IndexError(f"{self.location}: row {rows} out of range (0..{len(self) - 1})")
             rows = slice(rows % len(self), rows % len(self) + 1)
         start, stop, _ = rows.indices(len(self))
-        out = {name: reader.read_rows(start, max(start, stop)) for name, reader in self._readers.items()}
+        dest = {"targets": out[None] if single and out is not None else out}
+        out = {name: reader.read_rows(start, max(start, stop), dest.get(name)) for name, reader in self._readers.items()}
         if single:
             out = {name: value[0] for name, value in out.items()}
         return out["targets"], out.get("scale")

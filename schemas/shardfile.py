@@ -83,9 +83,17 @@ class ObjectReader:
             self._indexes[k] = decode_index(self.fs.tail(path, size), self.layout.rows_per_object, path)
         return self._indexes[k]
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as one array; adjacent chunks come from one range read per object."""
-        out = np.empty((stop - start, *self.layout.row_shape), dtype=self.layout.dtype)
+    def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) as one array; adjacent chunks come from one range read per object.
+
+        Each chunk is decompressed straight into `out` (allocated if None; else C-contiguous,
+        shape (stop - start, *row_shape), this dtype): no intermediate copy.
+        """
+        shape = (stop - start, *self.layout.row_shape)
+        if out is None:
+            out = np.empty(shape, dtype=self.layout.dtype)
+        elif out.shape != shape or out.dtype != self.layout.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous {shape} {self.layout.dtype}, got {out.shape} {out.dtype}")
         row = start
         while row < stop:
             k, first = divmod(row, self.layout.rows_per_object)
@@ -97,7 +105,11 @@ class ObjectReader:
             blob = self.fs.cat_file(self.layout.object_path(k), start=begin, end=end)
             for i, (offset, nbytes) in enumerate(index):
                 piece = blob[int(offset) - begin : int(offset + nbytes) - begin]
-                out[row - start + i] = np.frombuffer(self._codec.decode(piece), dtype=self.layout.dtype.newbyteorder("<")
-                                                     ).reshape(self.layout.row_shape)
+                dest = out[row - start + i]
+                if not np.little_endian:  # stored little-endian; a big-endian host needs the swap
+                    dest[...] = np.frombuffer(self._codec.decode(piece), dtype=self.layout.dtype.newbyteorder("<")
+                                              ).reshape(self.layout.row_shape)
+                else:
+                    numcodecs.blosc.decompress(piece, dest)  # into place: no intermediate bytes object
             row += last - first
         return out

@@ -319,3 +319,24 @@ def test_from_llava_cli(tmp_path):
                                       str(tmp_path / "out"), "--shard-size", "5"])
     assert result.exit_code == 0, result.output
     assert "wrote 1 samples" in result.output and "'2'" in result.output
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_other_storage_dtypes_reach_the_batch_exactly(setup, tmp_path, dtype):
+    samples = make_corpus(tmp_path / "corpus", shards=1, per_shard=3)
+    _, truth = make_cache(tmp_path / "cache", samples, dtype=dtype)
+    batch, _ = take(loader(setup, tmp_path), 1)[0]
+    want = {"bfloat16": torch.bfloat16, "int8": torch.float32}[dtype]
+    for task in TASKS:
+        assert batch["targets"][task].dtype == want
+        for i, key in enumerate(batch["keys"]):
+            np.testing.assert_array_equal(batch["targets"][task][i].float().numpy(), truth[task][key])
+
+
+def test_bench_loader_runs():
+    from olavlm.trainer.bench_loader import bench_loader
+
+    result = bench_loader(samples=16, batch_size=8, workers=0)
+    assert result["samples_per_s_one_core"] > 0 and result["tokens_per_sample"] > 576 + 24
+    assert set(result["stage_ms_per_sample"]) == {"tar_read", "jpeg_decode_resize", "tokenize",
+                                                  "join_sha256_and_cache_read", "collate"}

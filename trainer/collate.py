@@ -39,8 +39,12 @@ class Example:
 
 def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, int],
             mean: Sequence[float], std: Sequence[float], target_shapes: dict[str, tuple[int, int]],
-            target_dtypes: dict[str, torch.dtype]) -> dict:
-    """Right-pad and stack; see the module docstring for the fields."""
+            target_dtypes: dict[str, torch.dtype], targets: dict[str, torch.Tensor] | None = None) -> dict:
+    """Right-pad and stack; see the module docstring for the fields.
+
+    `targets`: already batched targets (the loader's join decompresses into batch buffers);
+    else they are stacked from the examples.
+    """
     b = len(examples)
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
@@ -60,6 +64,9 @@ def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, 
     inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
     pixel_values = (pixels.float() - mean_t) * inv_std
     pixel_values[~has_image] = 0.0
+    if targets is not None:
+        return {"keys": [e.key for e in examples], "input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": labels, "pixel_values": pixel_values, "has_image": has_image, "targets": targets}
     targets = {}
     for task, shape in target_shapes.items():
         out = torch.zeros((b, *shape), dtype=target_dtypes[task])

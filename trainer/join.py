@@ -35,6 +35,8 @@ from olavlm.schemas import quant
 from olavlm.schemas.cache import CacheError, ShardReader, TargetCache
 from olavlm.schemas.corpus import CorpusError
 
+BATCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
+"""Batch dtype per storage dtype: 16-bit stays 16-bit (exact), int8 is dequantised."""
 MAX_OPEN_READERS = 16
 """Open shard readers kept per teacher (keyed reads jump between shards)."""
 
@@ -103,20 +105,44 @@ class TargetJoin:
             self._readers[(task, shard)] = self.cache.open_shard(task, shard)
         return self._readers[(task, shard)]
 
+    def buffers(self, rows: int) -> dict[str, torch.Tensor]:
+        """Uninitialised batch buffers {task: (rows, T, D)} in the batch dtype (see `to_tensor`)."""
+        return {t: torch.empty((rows, *spec.shape), dtype=BATCH_DTYPES[spec.dtype]) for t, spec in self.specs.items()}
+
+    def read_into(self, buffers: dict[str, torch.Tensor], row: int, shard: str, key: str, image_sha256: str) -> None:
+        """Write the sample's targets into row `row` of `buffers`, decompressing in place (16-bit storage).
+
+        Every lookup and sha256 check runs before the first read, so a DataError leaves the row untouched.
+        """
+        found = {task: self._checked(task, shard, key, image_sha256) for task in self.tasks}
+        for task, (cache_shard, cache_row) in found.items():
+            reader, dtype = self._reader(task, cache_shard), self.specs[task].dtype
+            dest = buffers[task][row]
+            if dtype == "float16":
+                reader.read_stored(cache_row, out=dest.numpy())
+            elif dtype == "bfloat16":
+                reader.read_stored(cache_row, out=dest.view(torch.int16).numpy().view(np.uint16))
+            else:
+                dest.copy_(to_tensor(*reader.read_stored(cache_row), dtype))
+
+    def _checked(self, task: str, shard: str, key: str, image_sha256: str) -> tuple[str, int]:
+        found = self.locate(task, shard, key)
+        if found is None:
+            raise DataError("missing_target", key, shard, f"no {task!r} target in cache {self.cache.root.url}")
+        cache_shard, row, sha = found
+        if sha != image_sha256:
+            raise DataError(
+                "sha256_mismatch", key, shard,
+                f"image sha256 {image_sha256[:12]}... differs from the {task!r} target's {sha[:12]}... "
+                f"(cache shard {cache_shard!r}, row {row}): the image changed after precompute",
+            )
+        return cache_shard, row
+
     def __call__(self, shard: str, key: str, image_sha256: str) -> dict[str, torch.Tensor]:
         """{task: (T, D) tensor in the storage dtype} or a DataError naming key and shard."""
         out = {}
         for task in self.tasks:
-            found = self.locate(task, shard, key)
-            if found is None:
-                raise DataError("missing_target", key, shard, f"no {task!r} target in cache {self.cache.root.url}")
-            cache_shard, row, sha = found
-            if sha != image_sha256:
-                raise DataError(
-                    "sha256_mismatch", key, shard,
-                    f"image sha256 {image_sha256[:12]}... differs from the {task!r} target's {sha[:12]}... "
-                    f"(cache shard {cache_shard!r}, row {row}): the image changed after precompute",
-                )
+            cache_shard, row = self._checked(task, shard, key, image_sha256)
             values, scale = self._reader(task, cache_shard).read_stored(row)
             out[task] = to_tensor(values, scale, self.specs[task].dtype)
         return out

@@ -35,14 +35,13 @@ from olavlm.schemas.corpus import IMAGE_EXTENSIONS, CorpusError, sha256_hex
 
 from .collate import Example, collate
 from .images import ImageTransform
-from .join import DataError, TargetJoin
+from .join import BATCH_DTYPES, DataError, TargetJoin
 from .source import epoch_units, rank_stream, shards_of, split_by_node, split_by_worker
 from .text import ChatRenderer, TextError, tokenize
 from .tokens import TokenLayout
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
 SKIP_REASONS = ("read", "bad_json", "bad_image", "missing_target", "sha256_mismatch", "too_long", "no_labels",
                 "template")
 
@@ -79,13 +78,17 @@ class SampleStream(IterableDataset):
         self.shards = shards_of(config.data, storage_options)
         self.render = ChatRenderer(tokenizer)
         shapes = join.shapes() if join is not None else {}
-        dtypes = {t: TORCH_DTYPES[s.dtype] for t, s in join.specs.items()} if join is not None else {}
+        dtypes = {t: BATCH_DTYPES[s.dtype] for t, s in join.specs.items()} if join is not None else {}
         self._collate_args = dict(pad_id=layout.pad_token_id, image_size=transform.crop, mean=transform.mean,
                                   std=transform.std, target_shapes=shapes, target_dtypes=dtypes)
 
     # -- one sample ----------------------------------------------------------------------------
-    def prepare(self, sample) -> Example:
-        """Raw sample -> Example (stages 2-3); a DataError names key and shard."""
+    def prepare(self, sample, buffers: dict[str, torch.Tensor] | None = None, row: int = 0) -> Example:
+        """Raw sample -> Example (stages 2-3); a DataError names key and shard.
+
+        With `buffers`, the targets go into row `row` of them (zeros for a text-only
+        sample) instead of into `Example.targets`.
+        """
         key, shard = sample.key, sample.shard
         if sample.failure:
             raise DataError("read", key, shard, sample.failure)
@@ -108,26 +111,40 @@ class SampleStream(IterableDataset):
                 image = self.transform(image_bytes)
             except ValueError as exc:
                 raise DataError("bad_image", key, shard, str(exc)) from None
-            if self.join is not None:
+            if self.join is not None and buffers is not None:
+                self.join.read_into(buffers, row, shard, key, sha256_hex(image_bytes))
+            elif self.join is not None:
                 targets = self.join(shard, key, sha256_hex(image_bytes))
+        elif buffers is not None:
+            for buffer in buffers.values():
+                buffer[row].zero_()
         return Example(key, text.input_ids, text.labels, image, targets)
 
     def build_batch(self, chunk) -> tuple[dict | None, Counter]:
         examples, skipped = [], Counter()
+        # Targets are decompressed straight into the batch (no per-sample tensors, no stacking copy).
+        buffers = self.join.buffers(len(chunk)) if self.join is not None else {}
         for sample in chunk:
             try:
-                examples.append(self.prepare(sample))
+                examples.append(self.prepare(sample, buffers, len(examples)))
             except DataError as exc:
                 if self.config.on_missing != "skip":
                     raise
                 skipped[exc.reason] += 1
                 log.warning("skipped sample: %s", exc)
-        return (collate(examples, **self._collate_args) if examples else None), skipped
+        if not examples:
+            return None, skipped
+        targets = {t: b[: len(examples)] for t, b in buffers.items()}
+        return collate(examples, **self._collate_args, targets=targets), skipped
 
     # -- the stream ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:  # one worker = one core: Blosc's own threads would only oversubscribe
+            import numcodecs.blosc
+
+            numcodecs.blosc.use_threads = False
         cfg = self.config
         epoch, first = self.start.epoch, self.start.batch
         counter = 0  # chunks since this loader started: decides the worker
