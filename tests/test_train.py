@@ -167,3 +167,12 @@ def test_cli_options_map_onto_config_fields(tmp_path):
         load_config(None, ["--seed", "1"])
     with pytest.raises(ValueError, match="unknown option --bogus"):
         load_config(None, ["--bogus", "1"])
+
+
+def test_fsdp2_single_process_trains_saves_and_resumes(data):
+    d, _ = data
+    first = train(run_config(d, d / "fsdp", steps=3, save_every=2, fsdp=True))
+    resumed = train(RunConfig(train=TrainConfig(resume=str(d / "fsdp" / "checkpoints" / "step-00000002"),
+                                                out=str(d / "fsdp-resumed"), steps=3, fsdp=True)))
+    assert resumed["history"][0]["keys"] == first["history"][2]["keys"]
+    assert resumed["history"][0]["loss"] == pytest.approx(first["history"][2]["loss"], rel=1e-6)

@@ -19,7 +19,8 @@ Design choices and their cost:
   the check is all-reduced so that every rank stops (or skips) together.
 - DDP runs with find_unused_parameters=True: a micro-batch without images leaves
   the projector without gradient. Cost: one graph traversal per backward.
-- FSDP2 (`fully_shard` on every decoder block, the vision tower and the root)
+- FSDP2 (`fully_shard` on every decoder block and on the root, which holds the
+  vision tower: a separately sharded CLIP loses transformers' hidden-state capture)
   is for full fine-tuning of large LLMs; its checkpoints gather full weights to
   rank 0 (see checkpoint.py).
 """
@@ -123,10 +124,12 @@ def _wrap(model, cfg: RunConfig, d: Dist):
             store = tempfile.mktemp(prefix="ola-fsdp-")
             dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", init_method=f"file://{store}",
                                     rank=0, world_size=1)
+        # Scalars (the InfoNCE logit scales) cannot be sharded: kept whole on every rank, their
+        # gradients are all-reduced by hand (`_sync_ignored`).
+        ignored = {p for p in model.parameters() if p.ndim == 0}
         for block in model.llava.model.language_model.layers:
             fully_shard(block)
-        fully_shard(model.llava.model.vision_tower)
-        fully_shard(model)
+        fully_shard(model, ignored_params=ignored)
         return model
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -136,8 +139,28 @@ def _wrap(model, cfg: RunConfig, d: Dist):
     return model
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") and not hasattr(model, "llava") else model
+def _param_groups(model, tcfg: TrainConfig, distill: bool) -> list[dict]:
+    """The stage's trainable parameter groups; without distillation the heads and temperatures are
+    frozen (they would get no gradient, which DDP treats as an error)."""
+    groups = apply_stage(model, tcfg.stage, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    if not distill:
+        for group in [g for g in groups if g["name"] in ("heads", "logit_scales")]:
+            for p in group["params"]:
+                p.requires_grad_(False)
+            groups.remove(group)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return groups
+
+
+def _sync_ignored(model) -> None:
+    """FSDP2 leaves scalar parameters out of its gradient reduction: average their gradients here."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in model.parameters():
+        if p.ndim == 0 and p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def _full_states(model, optimizer) -> tuple[dict | None, dict]:
@@ -216,17 +239,11 @@ def train(config: RunConfig) -> dict:
         model_cfg = dataclasses.replace(model.config, llava_checkpoint=model_cfg.llava_checkpoint)
     if distill and set(model.layout.tasks) - set(specs):
         raise ValueError(f"tasks {sorted(set(model.layout.tasks) - set(specs))} have no targets in {dcfg.cache}")
-    groups = apply_stage(model, tcfg.stage, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    if not distill:  # heads and temperatures get no gradient: keep them out of the optimizer (and of DDP)
-        for part in ("heads", "logit_scales"):
-            for group in [g for g in groups if g["name"] == part]:
-                for p in group["params"]:
-                    p.requires_grad_(False)
-                groups.remove(group)
-    for group in groups:
-        group["base_lr"] = group["lr"]
+    groups = _param_groups(model, tcfg, distill)
     model.to(d.device)
     wrapped = _wrap(model, config, d)
+    if tcfg.fsdp:  # fully_shard replaced the parameters (same names): take the groups again
+        groups = _param_groups(model, tcfg, distill)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8,
                                   fused=d.device.type == "cuda")
 
@@ -336,6 +353,8 @@ def train(config: RunConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 continue
+            if tcfg.fsdp:
+                _sync_ignored(wrapped)
             grad_norm = None
             trainable = [p for g in optimizer.param_groups for p in g["params"]]
             if tcfg.grad_clip > 0:
