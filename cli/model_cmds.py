@@ -12,22 +12,23 @@ from .groups import Groups
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="olavlm checkpoint folder (written by training / save_pretrained)."),
+    checkpoint: Path = typer.Argument(..., help="olavlm model, checkpoint or run folder (a run: its latest checkpoint)."),
     out: Path = typer.Argument(..., help="Output folder of the plain LLaVA checkpoint (replaced atomically)."),
 ) -> None:
     """Write a plain transformers LLaVA checkpoint (task tokens as added vocabulary with their trained
     embeddings, heads dropped, tokenizer + LlavaProcessor) that loads without olavlm."""
+    from olavlm.trainer.checkpoint import model_dir
     from olavlm.trainer.export import export_llava
 
     with user_errors():
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
-        path = export_llava(checkpoint, out)
+        path = export_llava(model_dir(checkpoint), out)
     typer.echo(f"exported {checkpoint} -> {path}")
 
 
 def generate(
-    checkpoint: Path = typer.Argument(..., help="olavlm checkpoint or exported LLaVA folder."),
+    checkpoint: Path = typer.Argument(..., help="olavlm model / checkpoint / run folder, or an exported LLaVA folder."),
     image: Path = typer.Option(..., "--image", help="Image file (any format Pillow reads)."),
     prompt: str = typer.Option(..., "--prompt", help="The question or instruction about the image."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens to generate."),
@@ -35,6 +36,7 @@ def generate(
     """Answer PROMPT about IMAGE greedily, with the LLM's chat template."""
     from PIL import Image
 
+    from olavlm.trainer.checkpoint import model_dir
     from olavlm.trainer.generate import generate as run
 
     with user_errors():
@@ -44,7 +46,7 @@ def generate(
             raise FileNotFoundError(f"image {image} does not exist")
         with Image.open(image) as img:
             picture = img.convert("RGB")
-        answer = run(checkpoint, picture, prompt, max_new_tokens=max_new_tokens)
+        answer = run(model_dir(checkpoint), picture, prompt, max_new_tokens=max_new_tokens)
     typer.echo(answer)
 
 

@@ -53,6 +53,20 @@ def find(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint here (expected {TRAINER}, or {CHECKPOINTS}/{LATEST})")
 
 
+def model_dir(path: str | Path) -> Path:
+    """An OlaVlm model folder as given, or a checkpoint / run folder -> its (latest) model folder.
+
+    Anything else (e.g. an exported plain LLaVA folder) is returned unchanged.
+    """
+    path = Path(path)
+    if (path / "olavlm.json").exists():
+        return path
+    try:
+        return find(path) / MODEL
+    except FileNotFoundError:
+        return path
+
+
 # -- RNG ------------------------------------------------------------------------------------------
 def rng_state() -> dict:
     """Torch CPU (and current CUDA device) generator states, base64 in JSON."""

@@ -35,6 +35,7 @@ from torch import nn
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.config import DataConfig
 
+from .checkpoint import model_dir
 from .collate import to_device
 from .heads import ResamplerHead
 from .images import ImageTransform
@@ -181,16 +182,21 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
 
 
 def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config: ProbeConfig,
-              device: str | None = None, load=OlaVlm.from_pretrained, progress=None) -> list[dict]:
-    """Probe each checkpoint on the same split and budget; write probe.json, probe.csv and probe.png."""
+              names: list[str] | None = None, device: str | None = None, progress=None) -> list[dict]:
+    """Probe each checkpoint on the same split and budget; write probe.json, probe.csv and probe.png.
+
+    `checkpoints`: model, checkpoint or run folders; `names` label them (default: folder names).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(out, exist_ok=True)
     results_path = Path(out) / "probe.json"
     rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
-    names = _names(checkpoints)
+    names = list(names) if names else _names(checkpoints)
+    if len(set(names)) != len(names):
+        raise ValueError(f"checkpoint names must differ: {names}")
     distilled_layers = {}
     for path, name in zip(checkpoints, names):
-        model = load(path)
+        model = OlaVlm.from_pretrained(model_dir(path))
         distilled_layers[name] = {t: list(v) for t, v in model.layers.items()}
         done = {(r["teacher"], r["layer"]) for r in rows if r["checkpoint"] == name}
         start = time.perf_counter()
@@ -212,10 +218,8 @@ def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config
 
 
 def _names(checkpoints: list[str]) -> list[str]:
-    names = [Path(c).name or c for c in checkpoints]
-    if len(set(names)) != len(names):  # same folder name under different parents
-        names = [f"{Path(c).parent.name}/{Path(c).name}" for c in checkpoints]
-    return names
+    names = [Path(c).name or str(c) for c in checkpoints]
+    return names if len(set(names)) == len(names) else [str(c) for c in checkpoints]
 
 
 def _write_json(path: Path, data: dict) -> None:

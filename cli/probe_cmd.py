@@ -1,0 +1,86 @@
+"""`ola probe`: layer-wise probes of one or more checkpoints on the same split and budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .errors import user_errors
+from .groups import Groups
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """'0,4,8' or '0-31' or '' -> layer numbers."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        if "-" in part:
+            low, high = part.split("-")
+            out.extend(range(int(low), int(high) + 1))
+        else:
+            out.append(int(part))
+    return tuple(out)
+
+
+def probe(
+    checkpoint: str = typer.Argument(..., help="Model, checkpoint or run folder (a run: its latest checkpoint)."),
+    data: str = typer.Option(..., "--data", help="WebDataset image-text shards to probe on (folder, pattern, URL)."),
+    cache: str = typer.Option(..., "--cache", help="Target cache holding the teachers' targets for --data."),
+    out: Path = typer.Option(..., "--out", help="Folder for probe.json, probe.csv and probe.png."),
+    compare: list[str] = typer.Option([], "--compare", help="Another checkpoint to probe identically (repeatable), "
+                                                          "e.g. the NTP-only baseline."),
+    layers: str = typer.Option("", help="LLM layers, e.g. '0,8,16' or '0-31' (default: all)."),
+    teachers: str = typer.Option("", help="Comma-separated teachers (default: all in the cache)."),
+    steps: int = typer.Option(200, help="Probe training steps per checkpoint."),
+    batch_size: int = typer.Option(8, help="Samples per probe step."),
+    lr: float = typer.Option(1e-3, help="Probe learning rate."),
+    width: int = typer.Option(256, help="Probe head width."),
+    heldout_percent: int = typer.Option(20, help="Percent of keys held out for scoring (chosen by key hash)."),
+    num_workers: int = typer.Option(0, help="DataLoader workers."),
+    seed: int = typer.Option(0, help="Probe init and data order seed."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Freeze each checkpoint; for every LLM layer and teacher train a resampler probe to predict the
+    teacher's cached target from that layer's hidden states; score = mean per-image cosine on held-out
+    images. Writes a table (probe.csv / probe.json) and a plot (probe.png, distilled layers circled).
+    Rerunning resumes: layers already scored are kept."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from olavlm.trainer.probe import ProbeConfig, run_probe
+
+    config = ProbeConfig(layers=_ints(layers), teachers=tuple(filter(None, teachers.split(","))), steps=steps,
+                         batch_size=batch_size, lr=lr, width=width, heldout_percent=heldout_percent, seed=seed,
+                         num_workers=num_workers)
+    with user_errors(), Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, step: int, total: int, loss: float) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"probe {name}", total=total, loss=loss)
+            bar.update(tasks[name], completed=step, loss=loss)
+
+        rows = run_probe([checkpoint, *compare], data=data, cache=cache, out=str(out), config=config,
+                         device=device, progress=progress)
+    print_scores(rows)
+    typer.echo(f"wrote {out}/probe.csv, {out}/probe.json, {out}/probe.png")
+
+
+def print_scores(rows: list[dict]) -> None:
+    """Mean score per (checkpoint, teacher), over all layers and over the distilled layers."""
+    from collections import defaultdict
+
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["checkpoint"], r["teacher"])].append(r)
+    typer.echo(f"{'checkpoint':<28} {'teacher':<8} {'mean':>7} {'best (layer)':>14} {'at distilled':>13}")
+    for (checkpoint, teacher), mine in sorted(groups.items()):
+        best = max(mine, key=lambda r: r["score"])
+        distilled = [r["score"] for r in mine if r["distilled"]]
+        at = f"{sum(distilled) / len(distilled):.4f}" if distilled else "-"
+        typer.echo(f"{checkpoint:<28} {teacher:<8} {sum(r['score'] for r in mine) / len(mine):>7.4f} "
+                   f"{best['score']:>7.4f} ({best['layer']:>2}) {at:>13}")
+
+
+def register(groups: Groups) -> None:
+    groups.root.command("probe")(probe)
