@@ -67,16 +67,20 @@ def _last_losses(out: Path) -> dict:
 def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int = 8, probe_steps: int = 60,
              dtype: str = "float16") -> dict:
     """The whole chain; returns the summary (also written to OUT/summary.json)."""
+    import transformers
+
     from olavlm.pipeline.demo_corpus import build_demo_corpus
     from olavlm.pipeline.precompute import PrecomputeConfig, precompute
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.corpus import list_shards
     from olavlm.schemas.inspect import verify_cache
-    from olavlm.trainer.probe import ProbeConfig, run_probe
+    from olavlm.trainer.probe import ProbeConfig, plot_size, run_probe
 
     from .cache_cmds import stats
     from .probe_cmd import print_scores
 
+    transformers.utils.logging.set_verbosity_error()  # weight-loading bars of the tiny models are noise here
+    transformers.utils.logging.disable_progress_bar()
     out.mkdir(parents=True, exist_ok=True)
     corpus, cache = out / "corpus", out / "cache"
     started = time.perf_counter()
@@ -126,13 +130,16 @@ def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int 
                    f"{losses.get('first_ntp', float('nan')):>10.4f} {losses.get('last_ntp', float('nan')):>9.4f}")
     typer.echo("")
     print_scores(rows)
-    result = {"out": str(out), "corpus": str(corpus), "cache": str(cache), "runs": runs,
+    teachers = sorted({r["teacher"] for r in rows})
+    result = {"out": str(out), "corpus": str(corpus), "cache": str(cache),
+              "precompute": {"committed": summary.committed, "skipped": summary.skipped, "samples": summary.samples,
+                             "errors": summary.errors}, "runs": runs,
               "probe": {"table": str(out / "probe" / "probe.csv"), "plot": str(out / "probe" / "probe.png"),
-                        "rows": rows},
+                        "plot_size": list(plot_size(len(teachers))), "rows": rows},
               "seconds": time.perf_counter() - started}
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     typer.echo(f"\nfiles: corpus {corpus}, cache {cache}, runs {out / 'ola'} and {out / 'baseline'}, "
-               f"probe plot {out / 'probe' / 'probe.png'}, summary {out / 'summary.json'}")
+               f"probe plot {out / 'probe' / 'probe.png'} ({result['probe']['plot_size'][0]}x{result['probe']['plot_size'][1]} px), summary {out / 'summary.json'}")
     typer.echo(f"total {result['seconds']:.0f} s")
     return result
 

@@ -228,8 +228,20 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def plot_probe(rows: list[dict], out: str, dpi: int = 100) -> None:
-    """Score against layer, one panel per teacher, one line per checkpoint; distilled layers marked."""
+PANEL_INCHES = (4.2, 3.4)
+"""Size of one teacher's panel; the PNG is (teachers x 4.2 in) x 3.4 in at `dpi`."""
+
+
+def plot_size(teachers: int, dpi: int = 100) -> tuple[int, int]:
+    """Pixel size (width, height) of the probe plot for this many teachers."""
+    return round(PANEL_INCHES[0] * teachers * dpi), round(PANEL_INCHES[1] * dpi)
+
+
+def plot_probe(rows: list[dict], out: str, dpi: int = 100) -> tuple[int, int]:
+    """Score against layer, one panel per teacher, one line per checkpoint; distilled layers marked.
+
+    Returns the PNG's pixel size, `plot_size(len(teachers), dpi)`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +249,10 @@ def plot_probe(rows: list[dict], out: str, dpi: int = 100) -> None:
 
     teachers = sorted({r["teacher"] for r in rows})
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    fig, axes = plt.subplots(1, len(teachers), figsize=(4.2 * len(teachers), 3.4), dpi=dpi, squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(teachers), figsize=(PANEL_INCHES[0] * len(teachers), PANEL_INCHES[1]), dpi=dpi,
+                             squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
         for checkpoint in checkpoints:
             mine = sorted((r for r in rows if r["teacher"] == teacher and r["checkpoint"] == checkpoint),
@@ -250,9 +265,11 @@ def plot_probe(rows: list[dict], out: str, dpi: int = 100) -> None:
                        edgecolors=line.get_color(), linewidths=1.5)
         ax.set_title(f"{teacher} (o = distilled layer)", fontsize=9)
         ax.set_xlabel("LLM layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("probe cosine (held-out)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    fig.savefig(out)  # no bbox_inches="tight": the pixel size stays exactly plot_size()
     plt.close(fig)
+    return plot_size(len(teachers), dpi)

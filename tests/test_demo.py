@@ -1,0 +1,43 @@
+"""`ola demo` end to end at a reduced size, through the CLI, and its resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from olavlm.cli.app import app
+from olavlm.schemas.cache import TargetCache
+from olavlm.schemas.inspect import verify_cache
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--samples", "24", "--steps", "4", "--batch-size", "4", "--probe-steps", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((out / "summary.json").read_text())
+
+    report = verify_cache(TargetCache(summary["cache"]), corpus=summary["corpus"])
+    assert report.ok and report.corpus_samples == 24 and report.checked_rows == 3 * 24
+    layers = 4  # the tiny student's LLM depth
+    scored = {(r["checkpoint"], r["teacher"], r["layer"]) for r in summary["probe"]["rows"]}
+    assert scored == {(c, t, layer) for c in ("ola", "baseline") for t in ("depth", "gen", "seg") for layer in range(layers)}
+    assert all(-1 <= r["score"] <= 1 for r in summary["probe"]["rows"])
+    plot = Image.open(summary["probe"]["plot"])
+    assert plot.format == "PNG" and list(plot.size) == summary["probe"]["plot_size"] == [1260, 340]
+    assert summary["runs"]["ola"]["losses"]["step"] == 4 and summary["runs"]["baseline"]["losses"]["step"] == 4
+    assert "ola" in result.output and "baseline" in result.output
+
+    # A rerun resumes: nothing is recomputed, the same checkpoints and scores come back.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    second = json.loads((out / "summary.json").read_text())
+    assert second["runs"]["ola"]["resumed"] == "done" and second["runs"]["baseline"]["resumed"] == "done"
+    assert second["probe"]["rows"] == summary["probe"]["rows"]
+    assert summary["precompute"] == {"committed": 3, "skipped": 0, "samples": 3 * 24, "errors": 0}  # 1 shard x 3
+    assert second["precompute"] == {"committed": 0, "skipped": 3, "samples": 0, "errors": 0}
