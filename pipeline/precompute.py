@@ -295,11 +295,12 @@ class TeacherWorker:
         return {n: dataclasses.replace(t.spec, dtype=self.storage_dtype).to_dict() for n, t in self.teachers.items()}
 
     def compute(self, batch: dict[str, Any], names: list[str]) -> tuple:
-        """-> (one result dict per name, images in the batch)."""
+        """-> (one result dict per name, (images in the batch, seconds spent computing))."""
         import torch
 
         from .encode import encode_on_device
 
+        start = time.perf_counter()
         results = []
         for name in names:
             images = torch.from_numpy(np.require(batch["inputs"][name], requirements="W"))  # store arrays are read-only
@@ -308,7 +309,9 @@ class TeacherWorker:
             encoded = encode_on_device(self.teachers[name](images), self.storage_dtype)
             results.append({"keys": batch["keys"], "sha256s": batch["sha256s"], "errors": batch["errors"],
                             "values": encoded.values, "scale": encoded.scale, "fidelity": encoded.fidelity})
-        return (*results, len(batch["keys"]))
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # encode_on_device already waited; explicit for the timing
+        return (*results, (len(batch["keys"]), time.perf_counter() - start))
 
 
 # -- stage 3: writer ---------------------------------------------------------------------------
@@ -358,6 +361,15 @@ class Summary:
     """Wall time from the first batch to the last commit (excludes Ray start and model loading)."""
     fidelity: dict[str, float] | None = None
     """int8 only: worst shard's cosine_min and max_rel_error."""
+    teacher_seconds: float = 0.0
+    """Seconds the actors spent in teacher forward + encode, summed over actors."""
+    actors: int = 1
+    """Teacher actors of the run."""
+
+    @property
+    def teacher_busy(self) -> float:
+        """Share of the run's wall time the actors spent computing (1.0 = never waiting for input)."""
+        return self.teacher_seconds / (self.seconds * self.actors) if self.seconds > 0 else 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -366,7 +378,7 @@ class Summary:
     def describe(self) -> str:
         text = (f"{self.shards} shards: {self.committed} (teacher, shard) committed, {self.skipped} already done; "
                 f"{self.samples} targets, {self.errors} errors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} images/s)")
+                f"({self.images_per_second:.1f} images/s, teachers busy {self.teacher_busy:.0%})")
         if self.fidelity:
             text += f"; int8 cosine_min {self.fidelity['cosine_min']:.5f}, max_rel_error {self.fidelity['max_rel_error']:.4f}"
         return text
@@ -461,7 +473,7 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
     writer = ray.remote(write_shard_task).options(num_cpus=task_cpus)
     skipped = sum(len(plan.specs) - len(plan.todo.get(s.name, ())) for s in plan.shards)
     lock = threading.Lock()
-    totals = {"images": 0, "commits": []}
+    totals = {"images": 0, "teacher_seconds": 0.0, "commits": []}
 
     progress, task = _progress(config, sum(plan.samples.get(s, 0) for s in plan.todo))
 
@@ -474,10 +486,11 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
 
         def settle(entry) -> None:
             index, count_ref = entry
-            count = ray.get(count_ref)
+            count, busy = ray.get(count_ref)
             pool.release(index)
             with lock:
                 totals["images"] += count
+                totals["teacher_seconds"] += busy
             if progress is not None:
                 progress.advance(task, count)
 
@@ -519,6 +532,7 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
         shards=len(plan.shards), committed=len(commits), skipped=skipped,
         samples=sum(c["rows"] for c in commits), errors=sum(c["errors"] for c in commits),
         bytes=sum(c["bytes"] for c in commits), images=totals["images"], seconds=seconds, fidelity=fidelity,
+        teacher_seconds=totals["teacher_seconds"], actors=len(workers),
     )
 
 

@@ -102,6 +102,8 @@ class Teacher(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not len(images):  # a shard's last batch may carry only errors; attention cannot reshape 0 rows
+            return torch.zeros((0, *self.spec.shape), device=self.mean.device)
         targets = self.extract(self.normalise(images)).float()
         expected = (images.shape[0], *self.spec.shape)
         if tuple(targets.shape) != expected:

@@ -1,0 +1,96 @@
+"""`ola bench precompute`: how busy the pipeline keeps its teachers.
+
+busy fraction = pipeline images/s / bare loop images/s, both measured in one run:
+- pipeline: `precompute` over a demo corpus (Ray start and model loading
+  excluded; decode, preprocessing, transfers, encoding and writing included);
+- bare loop: the same teachers, loaded in this process with the same torch
+  thread count, forward over the same batches decoded beforehand into memory.
+
+The pipeline is timed on its second job in one Ray session (the first, over
+one batch, warms Ray's worker processes). The bare loop runs after the
+pipeline, with Ray stopped, so neither measurement competes with
+the other. On a CPU the random `small` preset is used: its teachers cost
+enough per image that the comparison is about the pipeline, not about Python
+overhead. Cost: preprocessing shares the CPU cores with the teachers here,
+which a GPU node does not, so a CPU figure is a lower bound.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .presets import TEACHER_NAMES
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    preset: str = "small"
+    """Teacher preset to time."""
+    images: int = 96
+    """Images in the demo corpus."""
+    shards: int = 3
+    """Corpus shards (images split evenly)."""
+    batch_size: int = 16
+    """Images per forward, in both measurements."""
+    teachers: tuple[str, ...] = TEACHER_NAMES
+    """Teachers to run."""
+
+
+def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) -> float:
+    """Forward the teachers over pre-decoded batches (the shards' own batches), timed after one warm-up."""
+    import torch
+
+    from olavlm.schemas.corpus import list_shards
+
+    from .precompute import preprocess_batches
+    from .presets import preset_sources
+    from .teachers import load_teacher
+
+    torch.set_num_threads(threads)
+    teachers = {n: load_teacher(s) for n, s in preset_sources(config.preset, config.teachers).items()}
+    recipes = {n: t.spec.preprocess for n, t in teachers.items()}
+    batches = [
+        {n: torch.from_numpy(b["inputs"][n]) for n in teachers}
+        for shard in list_shards(corpus)
+        for b in preprocess_batches(shard.url, recipes, config.batch_size)
+        if b["keys"]
+    ]
+    for name, teacher in teachers.items():  # warm-up: first-call allocations
+        teacher(batches[0][name][:1])
+    start = time.perf_counter()
+    for batch in batches:
+        for name, teacher in teachers.items():
+            teacher(batch[name])
+    seconds = time.perf_counter() - start
+    return sum(len(b[config.teachers[0]]) for b in batches) / seconds
+
+
+def run_precompute_bench(config: BenchConfig) -> dict:
+    from .demo_corpus import build_demo_corpus
+    from .precompute import PrecomputeConfig, precompute, ray_session
+
+    threads = os.cpu_count() or 1  # the one CPU actor gets all cores, as in `precompute`
+    with tempfile.TemporaryDirectory(prefix="olavlm-bench-") as tmp:
+        corpus = os.path.join(tmp, "corpus")
+        build_demo_corpus(corpus, samples=config.images, shard_size=-(-config.images // config.shards))
+        warmup = os.path.join(tmp, "warmup")
+        build_demo_corpus(warmup, samples=config.batch_size, shard_size=config.batch_size)
+        job = {"teachers": config.teachers, "preset": config.preset, "batch_size": config.batch_size,
+               "progress": False, "cpu_threads": threads}
+        with ray_session(None):
+            # warm-up: Ray starts and imports its task worker processes once per session (seconds each
+            # on 2 cores); a long job pays that once, so it is kept out of the steady-state figure
+            precompute(PrecomputeConfig(corpus=warmup, cache=os.path.join(tmp, "warmup-cache"), **job))
+            summary = precompute(PrecomputeConfig(corpus=corpus, cache=os.path.join(tmp, "cache"), **job))
+        bare = bare_loop_images_per_second(corpus, config, threads)
+    pipeline = summary.images_per_second
+    return {
+        "preset": config.preset, "teachers": ",".join(config.teachers), "images": summary.images,
+        "batch_size": config.batch_size, "device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": threads,
+        "pipeline_images_per_s": round(pipeline, 2), "bare_images_per_s": round(bare, 2),
+        "busy_fraction": round(pipeline / bare, 3) if bare else 0.0, "target": 0.90,
+        "actor_compute_share": round(summary.teacher_busy, 3), "pipeline_seconds": round(summary.seconds, 1),
+    }
