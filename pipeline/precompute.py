@@ -64,6 +64,8 @@ CPU_ACTOR_CPUS = 0.5
 """Logical CPUs of a CPU-only teacher actor: fractional, else 2 actors on 2 CPUs starve the tasks."""
 CPU_TASK_CPUS = 0.25
 """Logical CPUs of a preprocess or writer task when no GPU is used (they share the cores with torch)."""
+CPU_TASK_NICE = 10
+"""Niceness of preprocess and writer tasks in CPU-only runs (see `background_priority`)."""
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -270,8 +272,21 @@ def preprocess_batches(
     yield _batch(keys, sha256s, errors, inputs, recipes)
 
 
-def preprocess_shard(url, recipes, batch_size, storage_options):
+def background_priority(nice: int) -> None:
+    """CPU-only runs: tasks share the cores with the teachers' torch threads, so they yield to them.
+
+    Sets this worker process's niceness (absolute, so repeated calls do not stack).
+    Without it, a decode that lands on a core in the middle of a torch parallel
+    region stalls all of torch's threads at the region's barrier.
+    """
+    if nice:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
+def preprocess_shard(url, recipes, batch_size, storage_options, nice=0):
     """Ray streaming-generator task around `preprocess_batches`."""
+    background_priority(nice)
     yield from preprocess_batches(url, recipes, batch_size, storage_options)
 
 
@@ -335,8 +350,9 @@ def write_shard_results(cache: TargetCache, teacher: str, shard: str, results: l
             "written": commit.written, "bytes": cache.root.size(teacher, shard)}
 
 
-def write_shard_task(cache_url, storage_options, teacher, shard, *results):
+def write_shard_task(cache_url, storage_options, teacher, shard, nice, *results):
     """Ray task around `write_shard_results` (its arguments arrive resolved from the object store)."""
+    background_priority(nice)
     return write_shard_results(TargetCache(cache_url, storage_options), teacher, shard, list(results))
 
 
@@ -468,6 +484,7 @@ def _register_and_run(ray, config, cache, shards, workers, task_cpus) -> Summary
 
 def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: float) -> Summary:
     pool = ActorPool(workers)
+    nice = CPU_TASK_NICE if task_cpus < 1 else 0  # fractional CPUs = no GPU: the tasks share cores with torch
     recipes = {name: spec.preprocess for name, spec in plan.specs.items()}
     preprocess = ray.remote(preprocess_shard).options(num_cpus=task_cpus, num_returns="streaming")
     writer = ray.remote(write_shard_task).options(num_cpus=task_cpus)
@@ -480,7 +497,7 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
     def run_shard(shard: CorpusShard) -> list[dict]:
         names = list(plan.todo[shard.name])
         generator = preprocess.remote(shard.url, {n: recipes[n] for n in names}, config.batch_size,
-                                      config.corpus_storage_options)
+                                      config.corpus_storage_options, nice)
         results: dict[str, list] = {n: [] for n in names}
         pending: list[tuple[int, Any]] = []
 
@@ -505,7 +522,7 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
         while pending:
             settle(pending.pop(0))
         cache_url = config.cache
-        return ray.get([writer.remote(cache_url, config.storage_options, n, shard.name, *results[n]) for n in names])
+        return ray.get([writer.remote(cache_url, config.storage_options, n, shard.name, nice, *results[n]) for n in names])
 
     start = time.perf_counter()
     todo_shards = [s for s in plan.shards if s.name in plan.todo]

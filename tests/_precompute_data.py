@@ -53,6 +53,19 @@ def build_corpus(folder, shards: int = 2, per_shard: int = 5, extra: dict | None
     return keys
 
 
+def local_ray():
+    """One local Ray for a test module (the job reuses it); 2 CPUs like the CI machine."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
 def cli_command(*args: str) -> list[str]:
     """argv that runs `ola` in a fresh interpreter (for kill tests)."""
     return [sys.executable, "-m", "olavlm.cli.app", *args]

@@ -25,22 +25,12 @@ from olavlm.pipeline.teachers import load_teacher
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.corpus import TarShardWriter, list_shards
 from olavlm.schemas.inspect import verify_cache
-from tests._precompute_data import build_corpus, jpeg, photo, png, read_cache
+from tests._precompute_data import build_corpus, jpeg, local_ray, photo, png, read_cache
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    if started:
-        ray.shutdown()
+ray_local = pytest.fixture(scope="module")(local_ray)
 
 
 def config(corpus, cache, **kwargs) -> PrecomputeConfig:

@@ -20,24 +20,19 @@ import pytest
 
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.inspect import verify_cache
-from tests._precompute_data import build_corpus, cli_command, read_cache
+from tests._precompute_data import build_corpus, cli_command, local_ray, read_cache
 
 TEACHERS = ("depth", "gen")
 TRIALS = 5
 SHARDS, PER_SHARD = 6, 8
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
+ray_local = pytest.fixture(scope="module")(local_ray)
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+
+@pytest.fixture(scope="module")
+def ray_address(ray_local):
+    return ray_local.get_runtime_context().gcs_address
 
 
 def job(corpus, cache, address) -> list[str]:
