@@ -42,6 +42,18 @@ def write_random_teacher(cache, name: str, shards: dict[str, list[str]], shape=(
     return spec, data
 
 
+def corpus_keys(corpus: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """{shard: keys in order}, {key: image sha256} of a corpus: what a cache built from it must hold."""
+    from olavlm.schemas.corpus import iter_samples, list_shards, sha256_hex
+
+    shards, hashes = {}, {}
+    for shard in list_shards(corpus):
+        samples = list(iter_samples(shard.url))
+        shards[shard.name] = [s.key for s in samples]
+        hashes.update({s.key: sha256_hex(s.image_bytes) for s in samples})
+    return shards, hashes
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -11,21 +11,16 @@ from typer.testing import CliRunner
 
 from olavlm.cli.app import app
 from olavlm.schemas.cache import TargetCache
-from olavlm.schemas.corpus import iter_samples, list_shards, sha256_hex
 from olavlm.schemas.inspect import verify_cache
 
-from .conftest import write_random_teacher
+from .conftest import corpus_keys, write_random_teacher
 
 runner = CliRunner()
 
 
 def corpus_cache(tmp_path, demo_corpus, dtype="float16"):
     """A cache with one synthetic teacher whose keys and sha256s match the demo corpus."""
-    shards, hashes = {}, {}
-    for shard in list_shards(demo_corpus):
-        samples = list(iter_samples(shard.url))
-        shards[shard.name] = [s.key for s in samples]
-        hashes.update({s.key: sha256_hex(s.image_bytes) for s in samples})
+    shards, hashes = corpus_keys(demo_corpus)
     cache = TargetCache(tmp_path / "cache")
     write_random_teacher(cache, "depth", shards, dtype=dtype, sha256s=hashes)
     return cache

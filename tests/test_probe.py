@@ -9,22 +9,17 @@ from PIL import Image
 
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.config import ModelConfig
-from olavlm.schemas.corpus import iter_samples, list_shards, sha256_hex
 from olavlm.trainer.model import OlaVlm
 from olavlm.trainer.presets import build_tiny_student
 from olavlm.trainer.probe import ProbeConfig, is_heldout, run_probe
 
-from .conftest import write_random_teacher
+from .conftest import corpus_keys, write_random_teacher
 
 
 @pytest.fixture(scope="module")
 def probe_setup(tmp_path_factory, demo_corpus):
     root = tmp_path_factory.mktemp("probe")
-    shards, hashes = {}, {}
-    for shard in list_shards(demo_corpus):
-        samples = list(iter_samples(shard.url))
-        shards[shard.name] = [s.key for s in samples]
-        hashes.update({s.key: sha256_hex(s.image_bytes) for s in samples})
+    shards, hashes = corpus_keys(demo_corpus)
     cache = TargetCache(root / "cache")
     write_random_teacher(cache, "depth", shards, shape=(16, 8), sha256s=hashes)
     write_random_teacher(cache, "gen", shards, shape=(1, 8), sha256s=hashes, seed=5)
