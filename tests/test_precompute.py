@@ -303,3 +303,14 @@ def test_cache_on_s3(ray_local, corpus):
         assert json.loads(json.dumps(cache.commit_info("gen", "shard-000000")))["rows"] == 5
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_bench_precompute_reports_the_busy_fraction():
+    from olavlm.cli.app import app
+
+    result = CliRunner().invoke(app, ["bench", "precompute", "--json", "--preset", "tiny", "--images", "8",
+                                      "--shards", "2", "--batch-size", "4", "--teachers", "gen"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output[result.output.index("{"):])
+    assert figures["images"] == 8 and figures["busy_fraction"] > 0 and figures["bare_images_per_s"] > 0
