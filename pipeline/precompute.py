@@ -435,10 +435,12 @@ class ActorPool:
             self.pending[index] -= 1
 
 
-def _start_actors(ray, config: PrecomputeConfig, sources: dict[str, TeacherSource]) -> tuple[list, dict]:
+def _start_actors(ray, config: PrecomputeConfig, sources: dict[str, TeacherSource]) -> tuple[list, float]:
     """Teacher actors (one GPU each, or a fractional CPU) and the CPU share of the tasks beside them."""
     gpus = int(ray.cluster_resources().get("GPU", 0)) if config.num_gpus is None else config.num_gpus
     actors = config.actors or max(1, gpus)
+    if gpus and actors > gpus:  # the extra actors would wait for a GPU forever
+        raise ValueError(f"--actors {actors} needs {actors} GPUs, {gpus} available (one GPU per actor)")
     if gpus:
         options = {"num_gpus": 1, "num_cpus": 1}
         threads = config.cpu_threads
@@ -452,7 +454,7 @@ def _start_actors(ray, config: PrecomputeConfig, sources: dict[str, TeacherSourc
         worker_cls.options(**options).remote(list(sources.values()), config.dtype, config.compute_dtype, threads)
         for _ in range(actors)
     ]
-    return workers, {"task_cpus": task_cpus}
+    return workers, task_cpus
 
 
 def precompute(config: PrecomputeConfig) -> Summary:
@@ -461,9 +463,9 @@ def precompute(config: PrecomputeConfig) -> Summary:
     cache = TargetCache(config.cache, config.storage_options)
     sources = config.sources()
     with ray_session(config.address) as ray:
-        workers, resources = _start_actors(ray, config, sources)
+        workers, task_cpus = _start_actors(ray, config, sources)
         try:
-            return _register_and_run(ray, config, cache, shards, workers, resources["task_cpus"])
+            return _register_and_run(ray, config, cache, shards, workers, task_cpus)
         finally:
             for worker in workers:  # a reused Ray session (tests, notebooks) must not keep our actors
                 ray.kill(worker)

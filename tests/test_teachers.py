@@ -223,3 +223,10 @@ def test_random_preset_configs_match_their_table():
     depth, seg, gen = random_configs(RANDOM_PRESETS["tiny"])
     assert depth.backbone_config.hidden_size == 32 and gen.projection_dim == 32
     assert seg.backbone_config.embed_dim * 8 == 128
+
+
+@pytest.mark.timeout(120)
+def test_empty_batch_gives_empty_targets(tiny):
+    teacher = load_teacher(tiny["depth"])
+    height, width = preprocess.input_shape(teacher.spec.preprocess)
+    assert teacher(torch.zeros((0, height, width, 3), dtype=torch.uint8)).shape == (0, 64, 32)
