@@ -194,7 +194,10 @@ def _spec_status(cache: TargetCache, spec: TeacherSpec) -> str:
     return f"differs in {', '.join(stored.diff(spec))}"
 
 
-def make_plan(config: PrecomputeConfig, specs: dict[str, TeacherSpec], shards: list[CorpusShard]) -> Plan:
+def make_plan(
+    config: PrecomputeConfig, specs: dict[str, TeacherSpec], shards: list[CorpusShard], count: bool = True
+) -> Plan:
+    """Compare the specs with the cache; `count` reads every tar's headers for the sample counts."""
     cache = TargetCache(config.cache, config.storage_options)
     status = {name: _spec_status(cache, spec) for name, spec in specs.items()}
     committed = {
@@ -205,9 +208,11 @@ def make_plan(config: PrecomputeConfig, specs: dict[str, TeacherSpec], shards: l
         names = tuple(n for n in specs if shard.name not in committed[n])
         if names:
             todo[shard.name] = names
-    with ThreadPoolExecutor(8) as pool:  # header reads; remote tars are read whole
-        counts = pool.map(lambda s: count_samples(s, config.corpus_storage_options), shards)
-        samples = dict(zip([s.name for s in shards], counts))
+    samples = {}
+    if count:
+        with ThreadPoolExecutor(8) as pool:  # header reads: local tars seek past the data
+            counts = pool.map(lambda s: count_samples(s, config.corpus_storage_options), shards)
+            samples = dict(zip([s.name for s in shards], counts))
     return Plan(specs=specs, shards=shards, todo=todo, done={n: len(c) for n, c in committed.items()},
                 spec_status=status, samples=samples)
 
@@ -480,7 +485,9 @@ def _register_and_run(ray, config, cache, shards, workers, task_cpus) -> Summary
     for spec in specs.values():
         cache.register(spec, overwrite=config.overwrite)  # refuses a different spec unless overwrite
         cache.clean_staging(spec.name)  # leftovers of killed runs; no writer of ours runs yet
-    plan = make_plan(config, specs, shards)
+    # counting remote tars costs a range request per member: the progress bar then shows no ETA
+    local_corpus = all("://" not in s.url or s.url.startswith("file://") for s in shards)
+    plan = make_plan(config, specs, shards, count=local_corpus)
     return _run(ray, config, plan, workers, task_cpus)
 
 
