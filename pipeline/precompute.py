@@ -51,7 +51,14 @@ import numpy as np
 
 from olavlm.schemas import quant
 from olavlm.schemas.cache import SampleError, TargetCache
-from olavlm.schemas.corpus import CorpusShard, ReadFailure, iter_samples, list_shards, sha256_hex
+from olavlm.schemas.corpus import (
+    CorpusShard,
+    ReadFailure,
+    iter_samples,
+    list_shards,
+    sha256_hex,
+    split_member_name,
+)
 from olavlm.schemas.spec import STORAGE_DTYPES, TeacherSpec
 
 from .preprocess import input_shape, prepare_all
@@ -176,10 +183,9 @@ def count_samples(shard: CorpusShard, storage_options: dict | None = None) -> in
     with contextlib.suppress(tarfile.TarError, EOFError, OSError):
         with fsspec.open(shard.url, "rb", **(storage_options or {})) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for member in tar:
-                base = os.path.basename(member.name)
-                if not member.isfile() or "." not in base or base.startswith("__"):
+                key, ext = split_member_name(member.name)
+                if not member.isfile() or not ext or key.startswith("__"):
                     continue
-                key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
                 if key != previous:
                     keys, previous = keys + 1, key
     return keys

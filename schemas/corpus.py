@@ -97,7 +97,8 @@ def list_shards(corpus: str | os.PathLike[str], storage_options: dict | None = N
     return shards
 
 
-def _split_name(name: str) -> tuple[str, str]:
+def split_member_name(name: str) -> tuple[str, str]:
+    """Tar member name -> (sample key, extension), WebDataset's convention: `dir/key.ext.gz` -> (`dir/key`, `ext.gz`)."""
     directory, base = posixpath.split(name)
     if "." not in base:
         return name, ""
@@ -108,27 +109,45 @@ def _split_name(name: str) -> tuple[str, str]:
 def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[RawSample | ReadFailure]:
     """Samples of one tar in order; a truncated or corrupt tar ends with a ReadFailure.
 
-    The sample being assembled when the tar breaks is reported as a ReadFailure (it
-    may be missing members); every sample before it is yielded whole.
+    The sample being read when the tar breaks is reported as a ReadFailure (it may be
+    missing members); every sample before it is yielded whole. Python's tarfile ends
+    quietly at a cut inside a header or at a missing end-of-archive marker, so the
+    bytes after the last member are checked too: anything but zero padding, or no
+    padding at all, is a truncation.
     """
     current: RawSample | None = None
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if key.startswith("__") or not ext:
-                    continue
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
-                if current is not None and key != current.key:
+        with fsspec.open(url, "rb", **(storage_options or {})) as raw:
+            with tarfile.open(fileobj=raw, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = split_member_name(member.name)
+                    if key.startswith("__") or not ext:
+                        continue
+                    # A new key closes the previous sample before this member's data is read, so a
+                    # tar cut inside sample N reports N as lost, not the complete sample before it.
+                    if current is not None and key != current.key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = RawSample(key)
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
+                    current.files[ext] = data
+                end = tar.offset
+            raw.seek(end)
+            tail = raw.read(1 << 20)
+        if not tail or tail.strip(b"\0"):
+            name = tail[:100].split(b"\0")[0].decode("utf-8", "replace") if tail.strip(b"\0") else ""
+            key = split_member_name(name)[0] if name else None
+            if key is not None and (current is None or key != current.key):
+                if current is not None:
                     yield current
-                    current = None
-                if current is None:
-                    current = RawSample(key)
-                current.files[ext] = data
+                current = RawSample(key)
+            what = f"incomplete header of {name!r}" if name else "no end-of-archive marker"
+            raise tarfile.ReadError(f"{what} at byte {end}")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         lost = current.key if current is not None else f"{posixpath.basename(url)}#end"
         yield ReadFailure(lost, f"truncated or corrupt tar {url}: {type(exc).__name__}: {exc}")

@@ -47,19 +47,26 @@ def test_demo_samples_have_image_and_conversations(demo_corpus):
     assert decode_image(samples[0].image_bytes).mode == "RGB"
 
 
-def test_truncated_tar_yields_whole_samples_then_a_failure(tmp_path):
+@pytest.mark.parametrize("member, offset", [("s1.jpg", 1500), ("s2.jpg", -300), ("s3.txt", 0)])
+def test_truncated_tar_yields_whole_samples_then_names_the_cut_one(tmp_path, member, offset):
+    """Cut inside a member's data (offset >= 0 from its data start) or inside its header (< 0)."""
+    import tarfile
+
     path = str(tmp_path / "t.tar")
     with TarShardWriter(path) as writer:
         for i in range(5):
             writer.write(f"s{i}", {"jpg": os.urandom(3000), "txt": b"x"})
-    data = open(path, "rb").read()
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member)
     cut = str(tmp_path / "cut.tar")
-    open(cut, "wb").write(data[: len(data) // 2])
+    open(cut, "wb").write(open(path, "rb").read()[: info.offset_data + offset])
     out = list(iter_samples(cut))
+    cut_key = member.split(".")[0]
     assert isinstance(out[-1], ReadFailure) and "truncated" in out[-1].reason
+    assert out[-1].key == cut_key
     whole = [s for s in out if isinstance(s, RawSample)]
-    assert whole and all(set(s.files) == {"jpg", "txt"} for s in whole)
-    assert len(whole) + 1 <= 5
+    assert [s.key for s in whole] == [f"s{i}" for i in range(int(cut_key[1:]))]
+    assert all(set(s.files) == {"jpg", "txt"} for s in whole)
 
 
 def test_writer_refuses_bad_keys_and_is_atomic(tmp_path):
