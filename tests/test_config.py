@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig, from_dict, scaled_layers, to_dict
+from olavlm.schemas.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+    scaled_layers,
+    to_dict,
+)
 from olavlm.schemas.config_doc import config_reference, field_docs
 
 
