@@ -39,7 +39,7 @@ def precompute_command(
     cache: str = typer.Argument(..., help="Target cache root: a local folder or an fsspec URL (s3://bucket/prefix)."),
     teachers: str = typer.Option("depth,seg,gen", "--teachers", help="Comma-separated teachers to compute (and resume)."),
     preset: str = typer.Option("paper", "--preset", help="Teacher weights: paper (hub checkpoints of method.md), tiny or small (seeded random, offline)."),
-    teacher: list[str] = typer.Option([], "--teacher", help="NAME=PATH_OR_ID: other weights for one teacher, same recipe. Repeatable."),
+    teacher: list[str] = typer.Option([], "--teacher", help="NAME=PATH_OR_ID: other weights for a preset teacher, same recipe; NAME=KIND:PATH_OR_ID adds a teacher (KIND: depth_anything, oneformer_swin, clip_image_embeds; list NAME in --teachers). Repeatable."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16, bfloat16 or int8 (lossy; fidelity recorded per shard)."),
     compute_dtype: str = typer.Option("auto", "--compute-dtype", help="Teacher compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per teacher forward (batches never cross shards)."),

@@ -62,8 +62,7 @@ from olavlm.schemas.corpus import (
 from olavlm.schemas.spec import STORAGE_DTYPES, TeacherSpec
 
 from .preprocess import input_shape, prepare_all
-from .presets import PRESETS, TEACHER_NAMES, preset_sources, with_overrides
-from .sources import TeacherSource
+from .presets import PRESETS, TEACHER_NAMES, TeacherSource, preset_sources, with_overrides
 
 MAX_PENDING_BATCHES = 2
 """Batches of one shard queued at the actors before its driver thread waits (bounds memory)."""
@@ -130,7 +129,13 @@ class PrecomputeConfig:
             raise ValueError("--batch-size and --actors must be >= 1")
 
     def sources(self) -> dict[str, TeacherSource]:
-        return with_overrides(preset_sources(self.preset, self.teachers), self.overrides)
+        sources = with_overrides(preset_sources(self.preset, tuple(t for t in self.teachers if t in TEACHER_NAMES)),
+                                 self.overrides)
+        missing = [t for t in self.teachers if t not in sources]
+        if missing:
+            raise ValueError(f"teachers {missing} are neither preset teachers ({', '.join(TEACHER_NAMES)}) nor "
+                             "added with --teacher NAME=KIND:PATH_OR_ID")
+        return {t: sources[t] for t in self.teachers}
 
 
 # -- plan ---------------------------------------------------------------------------------------

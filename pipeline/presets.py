@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sources import TeacherSource
+from .sources import KINDS, TeacherSource
 
 TEACHER_NAMES = ("depth", "seg", "gen")
 PRESETS = ("paper", "tiny", "small")
@@ -105,13 +105,26 @@ def preset_sources(preset: str, names: tuple[str, ...] = TEACHER_NAMES) -> dict[
 
 
 def with_overrides(sources: dict[str, TeacherSource], overrides: dict[str, str]) -> dict[str, TeacherSource]:
-    """`--teacher depth=PATH_OR_ID`: other weights, the same recipe (kind, sizes) as the preset's teacher."""
+    """`--teacher depth=PATH_OR_ID`: other weights, the same recipe (kind, sizes) as the preset's teacher.
+
+    `--teacher NAME=KIND:PATH_OR_ID` adds a teacher of one of the known kinds under a new name
+    (e.g. `depth_small=depth_anything:depth-anything/Depth-Anything-V2-Small-hf`), with the
+    paper's input sizes; it is computed and cached like the preset's teachers.
+    """
     import dataclasses
 
     out = dict(sources)
     for name, model in overrides.items():
+        kind, _, rest = model.partition(":")
+        if kind in KINDS and rest:
+            if name in out:
+                raise ValueError(f"--teacher {name}={model}: {name!r} is a preset teacher; give only PATH_OR_ID")
+            subfolder = "image_encoder" if kind == "clip_image_embeds" and os.path.isdir(os.path.join(rest, "image_encoder")) else ""
+            out[name] = TeacherSource(name=name, kind=kind, model=rest, subfolder=subfolder)
+            continue
         if name not in out:
-            raise ValueError(f"--teacher {name}=...: {name!r} is not among the selected teachers {sorted(out)}")
+            raise ValueError(f"--teacher {name}=...: {name!r} is not among the selected teachers {sorted(out)}; "
+                             f"a new teacher needs its kind: --teacher {name}=KIND:PATH_OR_ID (KIND: {', '.join(KINDS)})")
         subfolder = out[name].subfolder if out[name].kind == "clip_image_embeds" and model == out[name].model else ""
         if out[name].kind == "clip_image_embeds" and os.path.isdir(os.path.join(model, "image_encoder")):
             subfolder = "image_encoder"  # an unCLIP-style folder

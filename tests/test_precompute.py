@@ -107,6 +107,23 @@ def test_adding_a_teacher_computes_only_that_teacher(ray_local, corpus, tmp_path
     assert TargetCache(cache_root).teachers() == ["depth", "gen"]
 
 
+def test_a_teacher_added_by_configuration_is_cached_like_the_preset_ones(ray_local, corpus, tmp_path):
+    from olavlm.pipeline.presets import preset_sources
+
+    gen_folder = preset_sources("tiny", ("gen",))["gen"].model  # the same weights under a second name
+    cache_root = tmp_path / "cache"
+    summary = precompute(config(corpus[0], cache_root, teachers=("gen", "gen_copy"),
+                                overrides={"gen_copy": f"clip_image_embeds:{gen_folder}"}))
+    assert summary.committed == 4
+    assert TargetCache(cache_root).teachers() == ["gen", "gen_copy"]
+    original, copy = read_cache(cache_root, "gen"), read_cache(cache_root, "gen_copy")
+    assert original.keys() == copy.keys() and all(np.array_equal(original[k], copy[k]) for k in original)
+    with pytest.raises(ValueError, match="KIND:PATH_OR_ID"):
+        config(corpus[0], cache_root, teachers=("gen", "other"), overrides={"other": gen_folder}).sources()
+    with pytest.raises(ValueError, match="neither preset teachers"):
+        config(corpus[0], cache_root, teachers=("gen", "nope")).sources()
+
+
 def test_spec_change_is_refused_then_overwritten_and_int8_records_fidelity(ray_local, corpus, tmp_path):
     from olavlm.cli.app import app
 
