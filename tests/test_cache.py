@@ -202,7 +202,7 @@ def test_cache_is_readable_without_olavlm(tmp_path):
 
 
 def test_duckdb_reads_manifests(tmp_path):
-    duckdb = pytest.importorskip("duckdb", reason="duckdb is a dev extra")
+    import duckdb
     cache = TargetCache(tmp_path)
     write_random_teacher(cache, "depth", {"s0": ["a", "b"], "s1": ["c"]})
     write_random_teacher(cache, "gen", {"s0": ["a", "b"], "s1": ["c"]}, shape=(1, 8))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 
@@ -12,27 +10,6 @@ from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.inspect import verify_cache
 from olavlm.schemas.spec import TeacherSpec
 from olavlm.schemas.synthetic import feature_like
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_options():
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a dev extra")
-    boto3 = pytest.importorskip("boto3")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
-    boto3.client("s3", endpoint_url=endpoint, **credentials).create_bucket(Bucket="olavlm")
-    yield {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-           "skip_instance_cache": True}
-    server.stop()
 
 
 @pytest.mark.timeout(180)

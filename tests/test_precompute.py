@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import tarfile
 
 import numpy as np
@@ -288,38 +287,20 @@ def test_bad_options_are_clear_errors(tmp_path, corpus):
 
 
 # -- S3 ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_cache_on_s3(ray_local, corpus):
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                     region_name="us-east-1").create_bucket(Bucket="olavlm")
-        options = {"key": "test", "secret": "test", "skip_instance_cache": True,
-                   "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        summary = precompute(config(corpus[0], "s3://olavlm/cache", teachers=("gen",), storage_options=options))
-        assert (summary.committed, summary.samples) == (2, 10)
-        cache = TargetCache("s3://olavlm/cache", options)
-        assert cache.committed_shards("gen") == ["shard-000000", "shard-000001"]
-        assert verify_cache(cache).ok
-        expected = reference_targets(corpus[0], "gen")
-        stored = read_cache("s3://olavlm/cache", "gen", **options)
-        assert sorted(stored) == sorted(expected)
-        again = precompute(config(corpus[0], "s3://olavlm/cache", teachers=("gen",), storage_options=options))
-        assert (again.committed, again.skipped) == (0, 2)
-        assert json.loads(json.dumps(cache.commit_info("gen", "shard-000000")))["rows"] == 5
-    finally:
-        server.stop()
+def test_cache_on_s3(ray_local, corpus, s3_options):
+    options = s3_options
+    summary = precompute(config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options))
+    assert (summary.committed, summary.samples) == (2, 10)
+    cache = TargetCache("s3://olavlm/precompute-cache", options)
+    assert cache.committed_shards("gen") == ["shard-000000", "shard-000001"]
+    assert verify_cache(cache).ok
+    expected = reference_targets(corpus[0], "gen")
+    stored = read_cache("s3://olavlm/precompute-cache", "gen", **options)
+    assert sorted(stored) == sorted(expected)
+    again = precompute(config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options))
+    assert (again.committed, again.skipped) == (0, 2)
+    assert json.loads(json.dumps(cache.commit_info("gen", "shard-000000")))["rows"] == 5
 
 
 @pytest.mark.slow
