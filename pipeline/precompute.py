@@ -133,8 +133,8 @@ class PrecomputeConfig:
                                  self.overrides)
         missing = [t for t in self.teachers if t not in sources]
         if missing:
-            raise ValueError(f"teachers {missing} are neither preset teachers ({', '.join(TEACHER_NAMES)}) nor "
-                             "added with --teacher NAME=KIND:PATH_OR_ID")
+            raise ValueError(f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
+                             "nor added with --teacher NAME=KIND:PATH_OR_ID")
         return {t: sources[t] for t in self.teachers}
 
 
