@@ -84,13 +84,15 @@ def bench_precompute_command(
     shards: int = typer.Option(3, "--shards", help="Corpus shards."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per teacher forward, in both measurements."),
     teachers: str = typer.Option("depth,seg,gen", "--teachers", help="Comma-separated teachers."),
+    teacher_threads: int = typer.Option(0, "--teacher-threads", help="torch threads of the teachers (0 = all cores). "
+                                        "1 on a 2-core machine leaves a core to decoding, as a GPU node does."),
 ) -> None:
     """Teacher busy fraction: pipeline images/s over a bare batched forward loop on pre-decoded inputs."""
     with user_errors():
         from olavlm.pipeline.bench import BenchConfig, run_precompute_bench
 
         result = run_precompute_bench(BenchConfig(
-            preset=preset, images=images, shards=shards, batch_size=batch_size,
+            preset=preset, images=images, shards=shards, batch_size=batch_size, teacher_threads=teacher_threads,
             teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
         ))
         typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))

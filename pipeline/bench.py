@@ -38,6 +38,9 @@ class BenchConfig:
     """Images per forward, in both measurements."""
     teachers: tuple[str, ...] = TEACHER_NAMES
     """Teachers to run."""
+    teacher_threads: int = 0
+    """torch threads of the teachers in both measurements; 0 = all cores (as `precompute` does on a CPU).
+    Fewer threads leave cores to decoding, as a GPU node does: the GPU-like reading of the busy fraction."""
 
 
 def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) -> float:
@@ -73,7 +76,7 @@ def run_precompute_bench(config: BenchConfig) -> dict:
     from .demo_corpus import build_demo_corpus
     from .precompute import PrecomputeConfig, precompute, ray_session
 
-    threads = os.cpu_count() or 1  # the one CPU actor gets all cores, as in `precompute`
+    threads = config.teacher_threads or os.cpu_count() or 1  # default: the one CPU actor gets all cores
     with tempfile.TemporaryDirectory(prefix="olavlm-bench-") as tmp:
         corpus = os.path.join(tmp, "corpus")
         build_demo_corpus(corpus, samples=config.images, shard_size=-(-config.images // config.shards))
