@@ -19,7 +19,7 @@ def _ints(text: str) -> tuple[int, ...]:
             out.extend(range(int(low), int(high) + 1))
         else:
             out.append(int(part))
-    return tuple(out)
+    return tuple(sorted(set(out)))
 
 
 def probe(

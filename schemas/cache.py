@@ -79,6 +79,23 @@ class ShardCommit:
     """False when an identical commit already existed (an idempotent retry)."""
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file and folder below `path` (local roots, before the commit rename)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(folder)
+
+
 def _blosc(spec: TeacherSpec):
     from zarr.codecs import BloscCodec
 
@@ -215,6 +232,7 @@ class TargetCache:
         self._write_files(spec, shard, target, keys, sha256s, values, scale, errors, fidelity)
         if self.root.is_local:
             src, dst = self.root.join(*target), self.root.join(teacher, shard)
+            _fsync_tree(src)  # the data is on disk before the rename makes the shard count as committed
             try:
                 os.rename(src, dst)
             except OSError:  # another attempt committed first (Ray retry): identical content
@@ -222,6 +240,7 @@ class TargetCache:
                     raise
                 self.root.rm(*target)
                 return ShardCommit(teacher, shard, n, len(errors), written=False)
+            _fsync_dir(self.root.join(teacher))  # make the rename itself durable
         return ShardCommit(teacher, shard, n, len(errors), written=True)
 
     def _write_files(self, spec, shard, target, keys, sha256s, values, scale, errors, fidelity) -> None:
@@ -360,6 +379,8 @@ class ShardReader:
             if not -len(self) <= rows < len(self):
                 raise IndexError(f"{self.location}: row {rows} out of range (0..{len(self) - 1})")
             rows = slice(rows % len(self), rows % len(self) + 1)
+        if rows.step not in (None, 1):
+            raise ValueError(f"{self.location}: row slices must be contiguous (step 1), got step {rows.step}")
         start, stop, _ = rows.indices(len(self))
         dest = {"targets": out[None] if single and out is not None else out}
         out = {name: reader.read_rows(start, max(start, stop), dest.get(name)) for name, reader in self._readers.items()}

@@ -209,3 +209,10 @@ def test_duckdb_reads_manifests(tmp_path):
     rows = duckdb.sql(f"select teacher, count(*) n from read_parquet('{tmp_path}/*/*/manifest.parquet') "
                       "group by teacher order by teacher").fetchall()
     assert rows == [("depth", 3), ("gen", 3)]
+
+
+def test_row_slices_must_be_contiguous(tmp_path):
+    cache = TargetCache(tmp_path)
+    write_random_teacher(cache, "depth", {"s0": ["a", "b", "c"]})
+    with pytest.raises(ValueError, match="step 2"):
+        cache.open_shard("depth", "s0").read(slice(0, 3, 2))

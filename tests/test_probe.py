@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -56,6 +57,16 @@ def test_probe_scores_plot_and_resume(probe_setup, demo_corpus):
     after = {(r["checkpoint"], r["teacher"], r["layer"]): r["score"] for r in rows2}
     assert len(after) == 12 and all(after[k] == v for k, v in before.items())
     assert len(json.loads((out / "probe.json").read_text())["rows"]) == 12
+    # Other weights under the same name: its scores are stale and recomputed, the other checkpoint's kept.
+    swapped = run_probe([checkpoints[1], checkpoints[0]], names=["ckpt0", "ckpt1"], data=demo_corpus, cache=cache,
+                        out=str(out), config=wider, device="cpu")
+    models = {r["checkpoint"]: r["identity"]["model"] for r in swapped}
+    assert models == {"ckpt0": str(Path(checkpoints[1]).resolve()), "ckpt1": str(Path(checkpoints[0]).resolve())}
+    assert len(swapped) == 12
+    # A different probe budget: nothing is reused.
+    other_budget = ProbeConfig(layers=(0,), steps=2, batch_size=4, width=16, heldout_percent=30)
+    rerun = run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(out), config=other_budget, device="cpu")
+    assert all(r["identity"]["budget"]["steps"] == 2 for r in rerun) and len(rerun) == 2
 
 
 def test_probe_refuses_unknown_teacher_and_layer(probe_setup, demo_corpus):

@@ -21,12 +21,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -50,6 +50,10 @@ def find(path: str | Path) -> Path:
             found = base / (base / LATEST).read_text().strip()
             if (found / TRAINER).exists():
                 return found
+        # LATEST missing or dangling (a crash between a checkpoint's renames): the newest complete step
+        complete = sorted(p for p in base.glob("step-*") if (p / TRAINER).exists()) if base.is_dir() else []
+        if complete:
+            return complete[-1]
     raise FileNotFoundError(f"{path}: no checkpoint here (expected {TRAINER}, or {CHECKPOINTS}/{LATEST})")
 
 
@@ -114,10 +118,9 @@ def save(out: str | Path, step: int, *, save_model, optimizer_full: dict, loader
     from safetensors.torch import save_file
 
     base = Path(out) / CHECKPOINTS
-    base.mkdir(parents=True, exist_ok=True)
     final = base / step_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=base))
-    try:
+    # atomic_dir: a rerun of the same step replaces the old folder by renames, never rmtree-then-write
+    with atomic_dir(final) as tmp:
         save_model(tmp / MODEL)
         tensors, groups = optimizer_tensors(optimizer_full)
         save_file(tensors, str(tmp / OPTIMIZER))
@@ -129,12 +132,6 @@ def save(out: str | Path, step: int, *, save_model, optimizer_full: dict, loader
             if f.is_file():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
-        if final.exists():  # a rerun of the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     latest_tmp = base / f".{LATEST}.tmp-{os.getpid()}"
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, base / LATEST)

@@ -21,6 +21,7 @@ Design choices and their cost:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,7 +101,7 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
     if missing:
         raise ValueError(f"{cache}: no targets for teachers {missing} (has {sorted(specs)})")
     text = model.llava.config.text_config
-    layers = config.layers or tuple(range(text.num_hidden_layers))
+    layers = tuple(sorted(set(config.layers))) or tuple(range(text.num_hidden_layers))
     bad = [layer for layer in layers if not 0 <= layer < text.num_hidden_layers]
     if bad:
         raise ValueError(f"layers {bad} outside the LLM's 0..{text.num_hidden_layers - 1}")
@@ -194,18 +195,23 @@ def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config
     names = list(names) if names else _names(checkpoints)
     if len(set(names)) != len(names):
         raise ValueError(f"checkpoint names must differ: {names}")
-    distilled_layers = {}
+    # A kept score must come from the same weights, data and probe budget; layers and teachers may differ
+    # (a rerun with more layers adds rows). Anything else under the same name is stale and recomputed.
+    budget = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("layers", "teachers")}
     for path, name in zip(checkpoints, names):
-        model = OlaVlm.from_pretrained(model_dir(path))
-        distilled_layers[name] = {t: list(v) for t, v in model.layers.items()}
+        folder = model_dir(path)
+        identity = {"model": str(Path(folder).resolve()), "data": data, "cache": cache, "budget": budget}
+        rows = [r for r in rows if r["checkpoint"] != name or r.get("identity") == identity]
+        model = OlaVlm.from_pretrained(folder)
         done = {(r["teacher"], r["layer"]) for r in rows if r["checkpoint"] == name}
         start = time.perf_counter()
         new = probe_checkpoint(model, name=name, data=data, cache=cache, config=config, done=done, device=device,
                                progress=(lambda s, n, loss, name=name: progress(name, s, n, loss)) if progress else None)
         for row in new:
             row["seconds"] = time.perf_counter() - start
+            row["identity"] = identity
         rows.extend(new)
-        _write_json(results_path, {"config": config.__dict__, "checkpoints": dict(zip(names, checkpoints)),
+        _write_json(results_path, {"config": dataclasses.asdict(config), "checkpoints": dict(zip(names, checkpoints)),
                                    "rows": rows})  # after each checkpoint: resumable
     wanted = set(names)
     rows = [r for r in rows if r["checkpoint"] in wanted]
