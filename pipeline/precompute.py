@@ -337,12 +337,30 @@ class TeacherWorker:
             images = torch.from_numpy(np.require(batch["inputs"][name], requirements="W"))  # store arrays are read-only
             if self.device == "cuda":
                 images = images.pin_memory()
-            encoded = encode_on_device(self.teachers[name](images), self.storage_dtype)
-            results.append({"keys": batch["keys"], "sha256s": batch["sha256s"], "errors": batch["errors"],
+            targets, keys, sha256s, errors = drop_non_finite(name, self.teachers[name](images), batch)
+            encoded = encode_on_device(targets, self.storage_dtype)
+            results.append({"keys": keys, "sha256s": sha256s, "errors": errors,
                             "values": encoded.values, "scale": encoded.scale, "fidelity": encoded.fidelity})
         if self.device == "cuda":
             torch.cuda.synchronize()  # encode_on_device already waited; explicit for the timing
         return (*results, (len(batch["keys"]), time.perf_counter() - start))
+
+
+def drop_non_finite(name: str, targets, batch: dict[str, Any]) -> tuple:
+    """Rows with NaN/inf move from the batch to its errors (stage 'teacher'); never stored.
+
+    int8 would turn them into plausible finite values, and a committed shard is never
+    recomputed, so they are caught here, before encoding. -> (targets, keys, sha256s, errors)
+    """
+    finite = targets.flatten(1).isfinite().all(1)  # [B]
+    if bool(finite.all()):  # a device sync, as the encoding's copy to the host is anyway
+        return targets, batch["keys"], batch["sha256s"], batch["errors"]
+    keep = finite.cpu().tolist()
+    errors = list(batch["errors"]) + [(key, "teacher", f"teacher {name!r} returned NaN/inf for this image")
+                                      for key, ok in zip(batch["keys"], keep) if not ok]
+    keys = [k for k, ok in zip(batch["keys"], keep) if ok]
+    sha256s = [h for h, ok in zip(batch["sha256s"], keep) if ok]
+    return targets[finite], keys, sha256s, errors
 
 
 # -- stage 3: writer ---------------------------------------------------------------------------

@@ -312,3 +312,19 @@ def test_bench_precompute_reports_the_busy_fraction():
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output[result.output.index("{"):])
     assert figures["images"] == 8 and figures["busy_fraction"] > 0 and figures["bare_images_per_s"] > 0
+
+
+def test_non_finite_teacher_outputs_become_recorded_errors():
+    import torch
+
+    from olavlm.pipeline.precompute import drop_non_finite
+
+    targets = torch.ones(3, 2, 4)
+    targets[1, 0, 2] = float("nan")
+    batch = {"keys": ["a", "b", "c"], "sha256s": ["ha", "hb", "hc"], "errors": [("z", "decode", "bad")]}
+    kept, keys, sha256s, errors = drop_non_finite("depth", targets, batch)
+    assert keys == ["a", "c"] and sha256s == ["ha", "hc"] and kept.shape == (2, 2, 4)
+    assert errors == [("z", "decode", "bad"), ("b", "teacher", "teacher 'depth' returned NaN/inf for this image")]
+    same = drop_non_finite("depth", torch.ones(2, 1, 1), {"keys": ["x", "y"], "sha256s": ["1", "2"], "errors": []})
+    assert same[1] == ["x", "y"] and same[0].shape == (2, 1, 1)
+
