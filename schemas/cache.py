@@ -107,6 +107,7 @@ class TargetCache:
 
     def __init__(self, root: str | os.PathLike[str], storage_options: dict | None = None):
         self.root = Root(root, storage_options)
+        self._indexes: dict[str, dict[str, tuple[str, int, str]]] = {}  # per teacher; dropped on every write
 
     # -- metadata ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -157,6 +158,7 @@ class TargetCache:
             self.root.rm(spec.name)
         meta["teachers"][spec.name] = {"spec": spec.to_dict(), "fingerprint": spec.fingerprint}
         self.root.write_json(meta, CACHE_JSON)
+        self._indexes.pop(spec.name, None)
 
     def check_specs(self, expected: dict[str, str]) -> None:
         """Refuse a cache whose fingerprints differ from `expected` ({teacher: fingerprint})."""
@@ -209,6 +211,7 @@ class TargetCache:
         """
         check_safe_name(shard, "shard")
         spec = self.spec(teacher)
+        self._indexes.pop(teacher, None)  # the key index changes with this shard
         n = len(keys)
         expected = (n, *spec.shape)
         if values.shape != expected:
@@ -311,10 +314,12 @@ class TargetCache:
             return pq.read_table(f)
 
     def index(self, teacher: str) -> dict[str, tuple[str, int, str]]:
-        """key -> (shard, row, sha256) for one teacher. Memory: ~150 B per key."""
-        table = self.manifest(teacher)
-        cols = [table.column(c).to_pylist() for c in ("key", "shard", "row", "sha256")]
-        return {k: (s, r, h) for k, s, r, h in zip(*cols)}
+        """key -> (shard, row, sha256) for one teacher, built once per instance. Memory: ~150 B per key."""
+        if teacher not in self._indexes:
+            table = self.manifest(teacher)
+            cols = [table.column(c).to_pylist() for c in ("key", "shard", "row", "sha256")]
+            self._indexes[teacher] = {k: (s, r, h) for k, s, r, h in zip(*cols)}
+        return self._indexes[teacher]
 
     def get(self, teacher: str, key: str) -> np.ndarray:
         """One sample's target as float32 (T, D), looked up through the manifest."""

@@ -44,9 +44,8 @@ class Root:
             self.fs, self.path = fsspec.core.url_to_fs(url, **options)
             self.path = self.path.rstrip("/")
         self.storage_options = options
-        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in tuple(
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_local = "file" in protocols or "local" in protocols
 
     def join(self, *parts: str) -> str:
         for part in parts:

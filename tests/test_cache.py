@@ -216,3 +216,13 @@ def test_row_slices_must_be_contiguous(tmp_path):
     write_random_teacher(cache, "depth", {"s0": ["a", "b", "c"]})
     with pytest.raises(ValueError, match="step 2"):
         cache.open_shard("depth", "s0").read(slice(0, 3, 2))
+
+
+def test_key_index_is_cached_and_sees_new_shards(tmp_path):
+    cache = TargetCache(tmp_path)
+    _, first = write_random_teacher(cache, "gen", {"s0": ["a"]}, shape=(1, 8))
+    assert cache.index("gen") is cache.index("gen")  # built once, not per lookup
+    np.testing.assert_allclose(cache.get("gen", "a"), first["s0"][0], atol=1e-2)
+    values, _ = quant.encode(feature_like(1, 1, 8, seed=9), "float16")
+    cache.write_shard("gen", "s1", ["b"], ["0" * 64], values)
+    np.testing.assert_array_equal(cache.get("gen", "b"), values[0].astype(np.float32))
