@@ -26,7 +26,9 @@ def stats(
     per_shard: bool = typer.Option(False, "--shards", help="Also list every shard."),
     sample_rows: int = typer.Option(16, help="Rows per shard read for the value statistics."),
 ) -> None:
-    """Per teacher (and shard): samples, shape, dtype, bytes on disk, compression, value statistics,
+    """Per-teacher statistics of a cache.
+
+    Per teacher (and shard): samples, shape, dtype, bytes on disk, compression, value statistics,
     error counts, and for int8 the fidelity recorded against the teachers' float32 outputs."""
     from rich.console import Console
     from rich.table import Table
@@ -69,7 +71,9 @@ def verify(
                                                 "as an error, every image sha256 unchanged."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check a cache: every shard readable, row counts match the manifest, no duplicate keys, metadata
+    """Check a cache (and a corpus against it); exit 1 on any problem.
+
+    Every shard readable, row counts match the manifest, no duplicate keys, metadata
     consistent; with --corpus, the corpus against the cache. Exits 1 if any problem is found, naming each."""
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.inspect import verify_cache
@@ -93,7 +97,9 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     tmp: Path | None = typer.Option(None, help="Folder for the temporary caches (default: system temp)."),
 ) -> None:
-    """Write/read MB/s, random single-sample read latency and bytes per image at the paper's target
+    """Cache speed and size per storage dtype.
+
+    Write/read MB/s, random single-sample read latency and bytes per image at the paper's target
     shapes, for float16, bfloat16 and int8 (with int8's cosine against float32)."""
     from olavlm.schemas.bench_cache import bench_cache
 
@@ -117,7 +123,9 @@ def show(
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
     corpus: str | None = typer.Option(None, help="Corpus the cache was computed from, to draw the image too."),
 ) -> None:
-    """Render a sample: its image beside each teacher's target (token grids as RGB from their first
+    """Render one sample's targets to a PNG.
+
+    Its image beside each teacher's target (token grids as RGB from their first
     three principal components, the gen embedding as a bar strip), with dtype and fidelity noted."""
     from olavlm.pipeline.show import render_sample
 

@@ -15,7 +15,9 @@ def demo(
     samples: int = typer.Option(256, help="Number of samples."),
     shard_size: int = typer.Option(64, help="Samples per shard."),
 ) -> None:
-    """Build the offline demo corpus: real photographs shipped inside scikit-image and scikit-learn,
+    """Build the offline demo corpus.
+
+    Real photographs shipped inside scikit-image and scikit-learn,
     with deterministic crops, flips and scales; each sample a JPEG and a LLaVA-style `json`
     (`conversations`: a caption turn and a question/answer turn)."""
     from olavlm.pipeline.demo_corpus import build_demo_corpus

@@ -152,7 +152,9 @@ def demo(
     probe_steps: int = typer.Option(60, help="Probe training steps per checkpoint."),
     dtype: str = typer.Option("float16", help="Cache storage dtype: float16, bfloat16 or int8."),
 ) -> None:
-    """Run the whole chain offline on the bundled demo corpus with the tiny preset: build the corpus,
+    """The whole chain, offline, on the bundled demo corpus (tiny preset).
+
+    Build the corpus,
     precompute the three teachers with Ray, print cache stats, verify the cache, train PT with
     distillation and the NTP-only baseline for the same steps, probe both, plot, and summarise.
     Rerunning resumes instead of recomputing."""

@@ -15,7 +15,9 @@ def export(
     checkpoint: Path = typer.Argument(..., help="olavlm model, checkpoint or run folder (a run: its latest checkpoint)."),
     out: Path = typer.Argument(..., help="Output folder of the plain LLaVA checkpoint (replaced atomically)."),
 ) -> None:
-    """Write a plain transformers LLaVA checkpoint (task tokens as added vocabulary with their trained
+    """Export a plain transformers LLaVA checkpoint.
+
+    Task tokens as added vocabulary with their trained
     embeddings, heads dropped, tokenizer + LlavaProcessor) that loads without olavlm."""
     from olavlm.trainer.checkpoint import model_dir
     from olavlm.trainer.export import export_llava
@@ -55,7 +57,9 @@ def bench_heads(
     sizes: str = typer.Option("tiny,mid", help="Comma-separated sizes for the time overhead (tiny, mid); '' = none."),
     repeats: int = typer.Option(3, min=1, help="Timed steps per variant (the minimum is reported)."),
 ) -> None:
-    """Parameters of heads + task tokens for the paper's students (meta device), and the fwd+bwd time
+    """Size and cost of the distillation heads.
+
+    Parameters of heads + task tokens for the paper's students (meta device), and the fwd+bwd time
     overhead of the heads relative to the bare student on this CPU."""
     from olavlm.trainer.bench_heads import SIZES, head_overhead, paper_param_counts
 

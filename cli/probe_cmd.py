@@ -40,7 +40,9 @@ def probe(
     seed: int = typer.Option(0, help="Probe init and data order seed."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
 ) -> None:
-    """Freeze each checkpoint; for every LLM layer and teacher train a resampler probe to predict the
+    """Layer-wise probes of one or more checkpoints (the paper's visual-quality measure).
+
+    Freeze each checkpoint; for every LLM layer and teacher train a resampler probe to predict the
     teacher's cached target from that layer's hidden states; score = mean per-image cosine on held-out
     images. Writes a table (probe.csv / probe.json) and a plot (probe.png, distilled layers circled).
     Rerunning resumes: layers already scored are kept."""

@@ -197,7 +197,9 @@ def bench_loader_command(
     workers: int = typer.Option(2, help="DataLoader workers for the parallel figure."),
     codec: str = typer.Option("zstd", help="Blosc compressor of the temporary cache (zstd = cache default, lz4)."),
 ) -> None:
-    """Samples/s per CPU core through the whole data path (tar read, JPEG decode, tokenize, cache join,
+    """Data loader throughput per CPU core.
+
+    Samples/s per CPU core through the whole data path (tar read, JPEG decode, tokenize, cache join,
     collate) with full-size paper targets (576x1024 + 576x1536 + 1x1024, float16). Target: >= 200."""
     from olavlm.trainer.bench_loader import bench_loader
 
@@ -213,7 +215,9 @@ def bench_train_command(
     workers: int = typer.Option(4, help="DataLoader workers (capped at cores - 1)."),
     online_steps: int = typer.Option(1, help="Steps with online teachers (0 = skip; slow on CPU)."),
 ) -> None:
-    """Step time with the cached-target loader / on the same batches pre-collated in memory (target <= 1.05),
+    """Training step: cached-target loader vs in-memory batches vs online teachers.
+
+    Step time with the cached-target loader / on the same batches pre-collated in memory (target <= 1.05),
     and beside them the same student with paper-size teachers run online inside the step."""
     from .bench_train import bench_train
 
