@@ -308,10 +308,10 @@ class TargetCache:
                   for shard in self.committed_shards(t)]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
-    def read_table(self, teacher: str, shard: str, name: str) -> pa.Table:
-        """One committed shard's manifest.parquet or errors.parquet."""
+    def read_table(self, teacher: str, shard: str, name: str, columns: list[str] | None = None) -> pa.Table:
+        """One committed shard's manifest.parquet or errors.parquet (optionally only some columns)."""
         with self.root.fs.open(self.root.join(teacher, shard, name), "rb") as f:
-            return pq.read_table(f)
+            return pq.read_table(f, columns=columns)
 
     def index(self, teacher: str) -> dict[str, tuple[str, int, str]]:
         """key -> (shard, row, sha256) for one teacher, built once per instance. Memory: ~150 B per key."""
@@ -368,9 +368,8 @@ class ShardReader:
     @property
     def keys(self) -> list[str]:
         if self._keys is None:
-            root = self._cache.root
-            with root.fs.open(root.join(self.spec.name, self.shard, "manifest.parquet"), "rb") as f:
-                self._keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+            table = self._cache.read_table(self.spec.name, self.shard, "manifest.parquet", columns=["key"])
+            self._keys = table.column("key").to_pylist()
         return self._keys
 
     def read_stored(self, rows: int | slice, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
