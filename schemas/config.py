@@ -16,14 +16,21 @@ STAGES = ("pt", "vpt", "ift")
 TASK_ORDER = ("gen", "depth", "seg")
 """Task tokens follow the image tokens in this order (method.md); other teachers come after, sorted."""
 PAPER_LAYERS_32 = {"depth": (8, 20), "seg": (10, 18), "gen": (12, 20)}
-"""The paper's distillation layers (0-based block outputs) for a 32-layer LLM."""
+"""The paper's distillation layers for a 32-layer LLM, in the paper's numbering: layer i is the
+output of the i-th decoder block counted from 1, i.e. transformers' `hidden_states[i]`
+(`hidden_states[0]` is the embedding output). The authors' code parses "8-20" as `int(i) - 1` into
+`hidden_states[1:]`, which is the same tensor."""
+IMAGE_ASPECT_RATIOS = ("crop", "pad")
+STAGE_IMAGE_ASPECT_RATIO = {"pt": "crop", "vpt": "pad", "ift": "pad"}
+"""LLaVA-1.5's `--image_aspect_ratio` per stage in the authors' scripts (PT: the processor's resize and
+centre crop; VPT, IFT and probing: pad to a square with the processor's mean colour first)."""
 
 
 def scaled_layers(num_layers: int, reference: dict[str, tuple[int, ...]] = PAPER_LAYERS_32) -> dict[str, tuple[int, ...]]:
-    """The paper's layers scaled proportionally to an LLM of `num_layers` blocks."""
+    """The paper's layers scaled to an LLM of `num_layers` blocks: round(i * num_layers / 32), kept in 1..num_layers."""
     out = {}
     for task, layers in reference.items():
-        out[task] = tuple(sorted({min(num_layers - 1, max(0, round(layer * num_layers / 32))) for layer in layers}))
+        out[task] = tuple(sorted({min(num_layers, max(1, round(layer * num_layers / 32))) for layer in layers}))
     return out
 
 
@@ -46,7 +53,7 @@ class ModelConfig:
     tokens_per_task: int = 8
     """Learnable task tokens per task, inserted after the image tokens."""
     layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    """LLM layers (0-based block outputs) per task; empty = paper layers scaled to the LLM depth."""
+    """LLM layers per task in the paper's numbering (layer i = `hidden_states[i]`, 1..num_layers); empty = the paper's (8, 20) / (10, 18) / (12, 20) scaled to the LLM depth."""
     head_width: int = 1024
     """Internal width of each Perceiver-resampler head."""
     head_num_heads: int = 16
@@ -81,6 +88,8 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     seed: int = 0
     """Shuffle seed; the order is a function of (seed, epoch) only."""
+    image_aspect_ratio: str = ""
+    """'crop' (resize the short side, centre crop: LLaVA's default) or 'pad' (pad to a square with the processor's mean colour, then the processor: LLaVA-1.5's expand2square); '' = the stage default, crop for PT and pad for VPT and IFT."""
     shuffle_block: int = 64
     """Rows read together from one shard before shuffling (sequential cache reads)."""
     on_missing: str = "error"
@@ -94,7 +103,9 @@ class TrainConfig:
     """One training run: stage, optimisation, checkpoints, logging."""
 
     stage: str = "pt"
-    """'pt' (projector + heads + task tokens), 'vpt' (all but task tokens), 'ift' (projector + LLM)."""
+    """'pt' (projector + heads + task tokens), 'vpt' (projector + LLM; vision frozen unless unfreeze_vision), 'ift' (projector + LLM)."""
+    unfreeze_vision: bool = False
+    """VPT only: train the CLIP tower too (the authors' `unfreeze_mm_vision_tower`, off in their vpt.sh)."""
     distill: bool = True
     """Add the embedding losses (PT only in the paper); False = the NTP-only baseline."""
     steps: int = 1000
