@@ -5,18 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from olavlm.trainer.stages import PARTS, STAGE_LR, TRAINABLE, apply_stage, parts, uses_embedding_losses
+from olavlm.trainer.stages import PARTS, STAGE_LR, apply_stage, parts, trainable_parts, uses_embedding_losses
 from tests._student import SAMPLES, make_batch, tiny_model
 
 # Never reached by a gradient with vision_feature_layer -2: the CLIP tower's last block and post-layernorm.
 UNUSED = ("llava.model.vision_tower.encoder.layers.1.", "llava.model.vision_tower.post_layernorm.")
 
 
-@pytest.mark.parametrize("stage", ["pt", "vpt", "ift"])
-def test_one_step_changes_exactly_the_trainable_parts(stage):
+# The authors' scripts: PT trains the projector (+ our heads, task tokens, scales); vpt.sh and finetune.sh
+# train projector + LLM with the vision tower frozen (`unfreeze_mm_vision_tower` is off by default).
+AUTHORS = {("pt", False): {"projector", "heads", "task_tokens", "logit_scales"},
+           ("vpt", False): {"projector", "llm"}, ("vpt", True): {"projector", "llm", "vision"},
+           ("ift", False): {"projector", "llm"}}
+
+
+@pytest.mark.parametrize("stage,unfreeze_vision", sorted(AUTHORS))
+def test_one_step_changes_exactly_the_trainable_parts(stage, unfreeze_vision):
     model = tiny_model()
-    groups = apply_stage(model, stage)
-    assert {g["name"] for g in groups} == set(TRAINABLE[stage])
+    groups = apply_stage(model, stage, unfreeze_vision=unfreeze_vision)
+    trainable = trainable_parts(stage, unfreeze_vision=unfreeze_vision)
+    assert {g["name"] for g in groups} == set(trainable) == AUTHORS[(stage, unfreeze_vision)]
     assert all(g["lr"] == STAGE_LR[stage] for g in groups)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -24,7 +32,7 @@ def test_one_step_changes_exactly_the_trainable_parts(stage):
     opt.step()
     for part, params in parts(model).items():
         changed = {n for n, p in params if not torch.equal(p, before[n])}
-        if part in TRAINABLE[stage]:
+        if part in trainable:
             expected = {n for n, _ in params if not n.startswith(UNUSED)}
             # Embedding rows of tokens absent from the batch get zero gradient: check the rest moved.
             if part == "llm":
@@ -42,6 +50,8 @@ def test_every_parameter_has_a_part_and_unknown_stage_fails():
     assert set(parts(model)) == set(PARTS)
     with pytest.raises(ValueError, match="unknown stage"):
         apply_stage(model, "sft")
+    with pytest.raises(ValueError, match="VPT stage only"):
+        apply_stage(model, "pt", unfreeze_vision=True)
 
 
 def test_ift_keeps_frozen_task_tokens_in_the_sequence():

@@ -1,8 +1,16 @@
 """Stage 3b of the data path: image bytes -> the vision tower's input.
 
-The constants (shortest-edge resize, centre crop, mean, std, resampling filter)
-come from the image processor saved in the vision model's folder, so the student
-sees exactly what `CLIPImageProcessor` would give it. The work is done here in
+The constants (shortest-edge resize, centre crop, mean, std, resampling filter,
+padding) come from the image processor saved with the model, so the student
+sees exactly what that processor would give it. Two aspect-ratio modes, as
+LLaVA-1.5's `--image_aspect_ratio`:
+- crop: resize the short side, centre crop (CLIPImageProcessor; LLaVA's PT);
+- pad: first pad to a square with the processor's mean colour
+  (`int(mean * 255)`, LLaVA-1.5's expand2square), then the same resize and crop
+  (transformers' `LlavaImageProcessor(do_pad=True)`; the authors' VPT, IFT and
+  probing). The mode travels with the model as its saved image processor
+  (`with_aspect_ratio`), so `ola generate` and the exported processor give the
+  model the same pixels as training did. The work is done here in
 PIL + numpy rather than by the processor, because:
 - JPEGs are decoded at reduced scale when they are much larger than the target
   (`draft`, `decode_image(draft_size=...)`): several times faster for photos;
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from olavlm.schemas.config import IMAGE_ASPECT_RATIOS, STAGE_IMAGE_ASPECT_RATIO
 from olavlm.schemas.corpus import decode_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,6 +47,8 @@ class ImageTransform:
     """Per-channel std on the [0, 1] scale."""
     resample: int = 3
     """PIL resampling filter (3 = bicubic, CLIP's)."""
+    pad: bool = False
+    """Pad to a square with the mean colour before the resize (LLaVA-1.5's `--image_aspect_ratio pad`)."""
 
     @classmethod
     def from_pretrained(cls, folder: str) -> ImageTransform:
@@ -57,11 +68,18 @@ class ImageTransform:
         resample = processor.resample
         return cls(shortest_edge=int(edge), crop=(int(crop_hw[0]), int(crop_hw[1])),
                    mean=tuple(float(x) for x in processor.image_mean), std=tuple(float(x) for x in processor.image_std),
-                   resample=int(getattr(resample, "value", resample)))
+                   resample=int(getattr(resample, "value", resample)), pad=bool(getattr(processor, "do_pad", False)))
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """The padding colour: the mean on the 0-255 scale, truncated as LLaVA's expand2square does."""
+        return tuple(int(m * 255) for m in self.mean)
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> uint8 (3, crop_h, crop_w). Raises ValueError on undecodable bytes."""
         image = decode_image(data, draft_size=self.shortest_edge)
+        if self.pad:
+            image = expand_to_square(image, self.background)
         width, height = image.size
         scale = self.shortest_edge / min(width, height)
         # Same rounding as transformers' get_resize_output_image_size (int of the scaled long edge).
@@ -84,3 +102,44 @@ class ImageTransform:
     def blank(self) -> np.ndarray:
         """The input of a text-only sample (zeros after normalisation is what the model ignores anyway)."""
         return np.zeros((3, *self.crop), np.uint8)
+
+
+def expand_to_square(image, background: tuple[int, int, int]):
+    """Centre `image` on a square canvas of its long side filled with `background` (LLaVA's expand2square)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def resolve_aspect_ratio(ratio: str, stage: str) -> str:
+    """The configured `image_aspect_ratio`, or the stage's default ('' -> crop for PT, pad for VPT and IFT)."""
+    ratio = ratio or STAGE_IMAGE_ASPECT_RATIO[stage]
+    if ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS} (or '' for the stage default)")
+    return ratio
+
+
+def with_aspect_ratio(processor, ratio: str):
+    """The image processor that implements `ratio` with `processor`'s constants.
+
+    'pad' needs transformers' `LlavaImageProcessor(do_pad=True)`; 'crop' keeps a processor
+    without padding as it is. The result is what the model saves, exports and generates with.
+    """
+    if ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS}")
+    pad = ratio == "pad"
+    if bool(getattr(processor, "do_pad", False)) == pad:
+        return processor
+    try:  # the PIL backend: the pixels of this module (the torchvision one would differ by rounding)
+        from transformers import LlavaImageProcessorPil as LlavaImageProcessor
+    except ImportError:  # transformers before the backend split
+        from transformers import LlavaImageProcessor
+
+    settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    return LlavaImageProcessor(**{**settings, "do_pad": pad})

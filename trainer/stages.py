@@ -10,10 +10,12 @@ optimizer param groups, one per named part of the student. Parts:
     heads         embedding predictors             heads
     logit_scales  InfoNCE temperatures             logit_scales
 
-PT trains projector + heads + task tokens + logit scales; VPT trains all but
-task tokens (heads and logit scales too are frozen: VPT has no embedding loss,
-so they would get no gradient anyway); IFT trains projector + LLM with the task
-tokens frozen but still in the sequence. Only PT uses the embedding losses
+PT trains projector + heads + task tokens + logit scales; VPT trains projector
++ LLM with the vision encoder frozen, as the authors' vpt.sh does
+(`unfreeze_mm_vision_tower` defaults to False there; `unfreeze_vision=True`
+trains it too); heads and logit scales are frozen in VPT (no embedding loss, so
+no gradient anyway); IFT trains projector + LLM with the task tokens frozen but
+still in the sequence. Only PT uses the embedding losses
 (`uses_embedding_losses`). Note: with vision_feature_layer -2 the CLIP tower's
 last block and post-layernorm never get a gradient, even when trainable.
 """
@@ -27,7 +29,7 @@ STAGE_LR = {"pt": 1e-3, "vpt": 2e-5, "ift": 2e-5}
 
 TRAINABLE = {
     "pt": ("projector", "heads", "task_tokens", "logit_scales"),
-    "vpt": ("vision", "projector", "llm"),
+    "vpt": ("projector", "llm"),
     "ift": ("projector", "llm"),
 }
 PARTS = ("vision", "projector", "llm", "task_tokens", "heads", "logit_scales")
@@ -59,16 +61,25 @@ def parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return out
 
 
-def apply_stage(model: nn.Module, stage: str, *, lr: float = 0.0, weight_decay: float = 0.0) -> list[dict]:
+def trainable_parts(stage: str, *, unfreeze_vision: bool = False) -> tuple[str, ...]:
+    """The parts `stage` trains; `unfreeze_vision` adds the vision tower (VPT only)."""
+    _check(stage)
+    if unfreeze_vision and stage != "vpt":
+        raise ValueError(f"unfreeze_vision applies to the VPT stage only, not {stage!r}")
+    return (*TRAINABLE[stage], "vision") if unfreeze_vision else TRAINABLE[stage]
+
+
+def apply_stage(model: nn.Module, stage: str, *, lr: float = 0.0, weight_decay: float = 0.0,
+                unfreeze_vision: bool = False) -> list[dict]:
     """Freeze/unfreeze `model` for `stage`; return AdamW param groups of the trainable parts.
 
     lr = 0 takes the stage default (STAGE_LR). Each group carries its part's name.
     """
-    _check(stage)
+    trainable_now = trainable_parts(stage, unfreeze_vision=unfreeze_vision)
     lr = lr or STAGE_LR[stage]
     groups = []
     for part, params in parts(model).items():
-        trainable = part in TRAINABLE[stage]
+        trainable = part in trainable_now
         for _, param in params:
             param.requires_grad_(trainable)
         if trainable and params:
