@@ -1,0 +1,1 @@
+"""Benchmarks whose figures go into docs/BENCHMARKS.md (`ola bench ...`). They may import pipeline and trainer both."""
