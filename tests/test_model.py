@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from olavlm.schemas.config import scaled_layers
+from olavlm.trainer.model import Encoded
 from tests._student import SAMPLES, SPECS, make_batch, sample_ids, tiny_model
 
 
@@ -66,19 +67,42 @@ def test_right_padding_does_not_change_predictions(model):
     model.train()
 
 
-def test_hook_states_equal_output_hidden_states(model):
+def test_layer_i_is_hidden_states_i_for_every_layer(model):
+    """Paper numbering: layer i = transformers' hidden_states[i] (0 = embeddings; the last is normed)."""
     batch = make_batch(model, SAMPLES)
-    image_mask, _ = model.layout.locate(batch["input_ids"])
-    layers = list(range(model.llava.config.text_config.num_hidden_layers - 1))  # last block: pre-norm vs normed
+    num_layers = model.llava.config.text_config.num_hidden_layers
+    layers = list(range(1, num_layers + 1))
     with torch.no_grad():
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"], image_mask)
-        _, states = model.run_llm(embeds, batch["attention_mask"], layers)
+        enc = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], layers)
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], enc.image_mask)
         ref = model.llava.model.language_model(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True
         ).hidden_states
-    assert sorted(states) == layers
+    assert len(ref) == num_layers + 1 and sorted(enc.states) == layers
     for layer in layers:
-        torch.testing.assert_close(states[layer], ref[layer + 1])
+        torch.testing.assert_close(enc.states[layer], ref[layer])
+    with pytest.raises(ValueError, match="outside the LLM"):
+        model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], [0])
+
+
+def test_each_head_reads_hidden_states_of_its_paper_layer(model):
+    """Every head's prediction equals the head applied to hidden_states[layer] from output_hidden_states=True."""
+    batch = make_batch(model, SAMPLES)
+    model.eval()
+    with torch.no_grad():
+        got = model.predictions(batch)
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], model.layout.locate(batch["input_ids"])[0])
+        hidden_states = model.llava.model.language_model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states
+        for name, pred in got.items():
+            task, layer = name.rsplit("_l", 1)
+            # Corrupt every other layer's state: only hidden_states[layer] may matter to this head.
+            states = {i: torch.full_like(h, float("nan")) for i, h in enumerate(hidden_states)}
+            states[int(layer)] = hidden_states[int(layer)]
+            enc = Encoded(hidden_states[-1], states, *model.layout.locate(batch["input_ids"]))
+            torch.testing.assert_close(model.predict(enc, batch["attention_mask"])[name], pred)
+    model.train()
 
 
 def test_text_only_samples_contribute_no_embedding_loss(model):
@@ -168,3 +192,45 @@ def test_bf16_targets_are_accepted(model):
     with torch.no_grad():
         a, b = model(batch), model(as_bf16)
     torch.testing.assert_close(a["loss"], b["loss"], atol=2e-2, rtol=1e-2)
+
+
+def test_paper_layers_and_the_scaling_rule():
+    from olavlm.schemas.config import PAPER_LAYERS_32
+
+    assert scaled_layers(32) == PAPER_LAYERS_32 == {"depth": (8, 20), "seg": (10, 18), "gen": (12, 20)}
+    # round(i * n / 32), kept in 1..n: Phi-3 and Llama-3 have 32; a 16- and a 4-layer LLM by hand.
+    assert scaled_layers(16) == {"depth": (4, 10), "seg": (5, 9), "gen": (6, 10)}
+    assert scaled_layers(4) == {"depth": (1, 2), "seg": (1, 2), "gen": (2,)}
+    assert scaled_layers(1) == {"depth": (1,), "seg": (1,), "gen": (1,)}
+
+
+def test_format_1_checkpoint_loads_with_layers_renumbered(model, tmp_path):
+    """Format 1 counted from 0: its head on block k (0-based) is layer k + 1 now, same weights, same outputs."""
+    from safetensors.torch import load_file, save_file
+
+    from olavlm.trainer.model import OlaVlm
+
+    model.save_pretrained(tmp_path / "v2")
+    meta = json.loads((tmp_path / "v2" / "olavlm.json").read_text())
+    old_layers = {t: [k - 1 for k in ks] for t, ks in meta["layers"].items()}
+    extras = load_file(tmp_path / "v2" / "olavlm.safetensors")
+    old = {}
+    for name, tensor in extras.items():
+        if name.startswith("heads."):
+            key, tail = name[len("heads."):].split(".", 1)
+            task, layer = key.rsplit("_l", 1)
+            name = f"heads.{task}_l{int(layer) - 1}.{tail}"
+        old[name] = tensor
+    save_file(old, tmp_path / "v2" / "olavlm.safetensors")
+    meta.update(format=1, layers=old_layers, model_config={**meta["model_config"], "layers": {}})
+    (tmp_path / "v2" / "olavlm.json").write_text(json.dumps(meta))
+    loaded = OlaVlm.from_pretrained(tmp_path / "v2")
+    assert loaded.layers == model.layers
+    batch = make_batch(model, SAMPLES)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        a, b = model.predictions(batch), loaded.predictions(batch)
+    model.train()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])

@@ -82,7 +82,7 @@ def paper_param_counts(config: ModelConfig | None = None) -> dict[str, dict[str,
         )
         with torch.device("meta"):
             llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=576))
-            model = OlaVlm(llava, config=config, teacher_specs=PAPER_TARGETS, layout=layout)
+            model = OlaVlm(llava, config=config, target_shapes=PAPER_TARGETS, layout=layout)
         counts = {part: sum(p.numel() for _, p in params) for part, params in parts(model).items()}
         head_macs = sum(
             head_macs_per_sample(config, text.hidden_size, PAPER_TARGETS[key.split("_l")[0]], PAPER_SEQ_LEN)

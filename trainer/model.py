@@ -1,12 +1,16 @@
 """The OLA-VLM student: LLaVA-1.5 + task tokens + embedding predictor heads, in one forward.
 
+Read top to bottom: `encode` (ids + pixels -> LLM hidden states of the chosen
+layers), `forward` (NTP + embedding losses), `predict` (the heads). Building,
+loading and saving live in build.py.
+
 Design choices and their cost:
 - The student *is* a transformers `LlavaForConditionalGeneration` (CLIP tower,
   `mlp2x_gelu` projector = LLaVA's `multi_modal_projector`, any decoder-only LM),
-  so a trained model exports to a plain LLaVA checkpoint. The forward composes
-  its parts explicitly (vision -> projector -> scatter into the image-token
-  positions -> task tokens -> LLM -> lm_head) instead of calling LLaVA's
-  forward, because the task tokens must come from a dedicated parameter.
+  so a trained model exports to a plain LLaVA checkpoint. `encode` composes its
+  parts explicitly (vision -> projector -> scatter into the image-token
+  positions -> task tokens -> LLM) instead of calling LLaVA's forward, because
+  the task tokens must come from a dedicated parameter.
 - Task-token embeddings are one trainable `[num_tasks * tokens_per_task, D]`
   parameter placed at the task-token positions (found from the ids with
   `TokenLayout.locate`). The vocabulary rows of the same ids exist but are
@@ -14,10 +18,12 @@ Design choices and their cost:
   export and generation. Cost: if the LM ties input and output embeddings,
   the exported model's logits *for the task-token columns* change (they are
   suppressed in generation anyway).
-- Hidden states of only the distilled layers are captured with forward hooks on
-  the decoder blocks (layer i = output of block i = `hidden_states[i + 1]`); no
-  all-layer `output_hidden_states` copy. Note the last block's hook output is
-  before the final norm, unlike transformers' `hidden_states[-1]`.
+- Layers are numbered as the paper and the authors' code number them: layer i
+  is transformers' `hidden_states[i]`, the output of the i-th decoder block
+  counted from 1 (`hidden_states[0]` is the embedding output). Only the chosen
+  layers are kept, with forward hooks on their blocks, never an all-layer
+  `output_hidden_states` copy. Layer `num_layers` is the final normed output,
+  as transformers' `hidden_states[-1]` is.
 - One sample holds at most one image (LLaVA-1.5 data); a row's image-token count
   must be 0 or `num_image_tokens`.
 """
@@ -25,48 +31,59 @@ Design choices and their cost:
 from __future__ import annotations
 
 import contextlib
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from olavlm.schemas.config import ModelConfig, from_dict, scaled_layers, to_dict
+from olavlm.schemas.config import ModelConfig, scaled_layers
 from olavlm.schemas.spec import TeacherSpec
 
-from .atomic import atomic_dir
 from .heads import ResamplerHead
 from .losses import embedding_loss, gather_targets, next_token_loss
-from .tokens import TokenLayout, add_task_tokens, layout_of, ordered_tasks
+from .tokens import TokenLayout, ordered_tasks
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""olavlm.json format. 2: layers in the paper's numbering (1 = first block's output); 1 counted from 0."""
 CONFIG_FILE = "olavlm.json"
 EXTRAS_FILE = "olavlm.safetensors"
 LLAVA_DIR = "llava"
 
 
-def target_shapes(teacher_specs: dict) -> dict[str, tuple[int, int]]:
-    """{task: TeacherSpec | (T, D)} -> {task: (T, D)}."""
-    out = {}
-    for task, spec in teacher_specs.items():
-        shape = spec.shape if isinstance(spec, TeacherSpec) else spec
-        out[task] = (int(shape[0]), int(shape[1]))
-    return out
+def target_shapes(targets: dict[str, TeacherSpec]) -> dict[str, tuple[int, int]]:
+    """{task: TeacherSpec} -> {task: (T, D)}."""
+    return {task: (int(spec.shape[0]), int(spec.shape[1])) for task, spec in targets.items()}
 
 
 def resolve_layers(config: ModelConfig, num_layers: int) -> dict[str, tuple[int, ...]]:
-    """Distilled layers per task: the config's, else the paper's scaled to `num_layers`."""
+    """Distilled layers per task (paper numbering, 1..num_layers): the config's, else the paper's scaled."""
     default = scaled_layers(num_layers)
     out = {}
     for task in ordered_tasks(config.tasks):
         layers = config.layers.get(task) or default.get(task)
         if not layers:
             raise ValueError(f"task {task!r} has no paper default layers: set ModelConfig.layers[{task!r}]")
-        bad = [layer for layer in layers if not 0 <= layer < num_layers]
+        bad = [layer for layer in layers if not 1 <= layer <= num_layers]
         if bad:
-            raise ValueError(f"task {task!r}: layers {bad} outside the LLM's 0..{num_layers - 1}")
+            raise ValueError(f"task {task!r}: layers {bad} outside the LLM's 1..{num_layers} "
+                             "(paper numbering: layer i = hidden_states[i])")
         out[task] = tuple(sorted(set(layers)))
     return out
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What `OlaVlm.encode` returns: everything the losses, the heads and the probe read."""
+
+    hidden: torch.Tensor
+    """Final (normed) hidden states [B, L, D]."""
+    states: dict[int, torch.Tensor]
+    """The requested layers' hidden states {layer: [B, L, D]} (layer i = hidden_states[i])."""
+    image_mask: torch.Tensor
+    """[B, L] bool: image-token positions."""
+    task_masks: dict[str, torch.Tensor]
+    """{task: [B, L] bool}: each task's token positions."""
 
 
 class OlaVlm(nn.Module):
@@ -77,27 +94,29 @@ class OlaVlm(nn.Module):
         llava,
         *,
         config: ModelConfig,
-        teacher_specs: dict,
+        target_shapes: dict[str, tuple[int, int]],
         layout: TokenLayout,
         tokenizer=None,
         image_processor=None,
+        teacher_specs: dict[str, TeacherSpec] | None = None,
     ) -> None:
         super().__init__()
         tasks = ordered_tasks(config.tasks)
         if layout.tasks != tasks:
             raise ValueError(f"token layout tasks {layout.tasks} != configured tasks {tasks}")
-        self.shapes = target_shapes(teacher_specs)
-        missing = [t for t in tasks if t not in self.shapes]
+        missing = [t for t in tasks if t not in target_shapes]
         if missing:
-            raise ValueError(f"no teacher spec (target shape) for tasks {missing}")
+            raise ValueError(f"no target shape for tasks {missing}")
+        self.shapes = {t: (int(s[0]), int(s[1])) for t, s in target_shapes.items()}
         self.llava = llava
         self.config = config
         self.layout = layout
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.teacher_specs = {t: s for t, s in teacher_specs.items() if isinstance(s, TeacherSpec)}
+        self.teacher_specs = dict(teacher_specs or {})
         text = llava.config.text_config
-        self.layers = resolve_layers(config, text.num_hidden_layers)
+        self.num_layers = text.num_hidden_layers
+        self.layers = resolve_layers(config, self.num_layers)
         width = text.hidden_size
 
         # Task tokens: ids in sequence order, embeddings initialised from their vocabulary rows.
@@ -126,98 +145,28 @@ class OlaVlm(nn.Module):
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.train()  # from_pretrained returns its parts in eval mode; a new module starts in train mode
 
-    # ------------------------------------------------------------------ build / load
+    # ------------------------------------------------------------------ build / load / save (build.py)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, teacher_specs: dict, *, dtype: torch.dtype | None = None) -> OlaVlm:
+    def from_config(cls, config: ModelConfig, targets: dict[str, TeacherSpec | tuple[int, int]],
+                    *, dtype: torch.dtype | None = None) -> OlaVlm:
         """A new student from `config.vision_model` + `config.llm`, or from `config.llava_checkpoint`."""
-        if config.llava_checkpoint:
-            path = Path(config.llava_checkpoint)
-            if (path / CONFIG_FILE).exists():
-                model = cls.from_pretrained(path, dtype=dtype)
-                if model.layout.tasks != ordered_tasks(config.tasks):
-                    raise ValueError(f"{path}: checkpoint tasks {model.layout.tasks} != configured {config.tasks}")
-                if model.shapes != {t: s for t, s in target_shapes(teacher_specs).items() if t in model.shapes}:
-                    raise ValueError(f"{path}: checkpoint target shapes {model.shapes} != teacher specs")
-                return model
-            llava, tokenizer, image_processor = _load_llava(config.llava_checkpoint, dtype)
-        else:
-            if not (config.vision_model and config.llm):
-                raise ValueError("ModelConfig needs vision_model and llm, or llava_checkpoint")
-            llava, tokenizer, image_processor = _compose_llava(config, dtype)
-        num_image_tokens = llava.config.image_seq_length
-        layout = add_task_tokens(tokenizer, config.tasks, config.tokens_per_task, num_image_tokens)
-        if len(tokenizer) > llava.get_input_embeddings().num_embeddings:
-            llava.resize_token_embeddings(len(tokenizer))  # new rows: mean of the old ones (+ small noise)
-        llava.config.image_token_id = layout.image_token_id
-        return cls(
-            llava,
-            config=config,
-            teacher_specs=teacher_specs,
-            layout=layout,
-            tokenizer=tokenizer,
-            image_processor=image_processor,
-        )
+        from .build import build_student
+
+        return build_student(config, targets, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVlm:
         """Load a folder written by `save_pretrained` (safetensors + JSON only)."""
-        from safetensors.torch import load_file
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        from .build import load_student
 
-        path = Path(path)
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path / CONFIG_FILE}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-        config = from_dict(ModelConfig, meta["model_config"])
-        specs = {t: TeacherSpec.from_dict(d) for t, d in meta.get("teacher_specs", {}).items()}
-        shapes = {t: tuple(s) for t, s in meta["target_shapes"].items()}
-        llava = LlavaForConditionalGeneration.from_pretrained(path / LLAVA_DIR, dtype=dtype or torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = AutoImageProcessor.from_pretrained(path)
-        layout = layout_of(tokenizer, config.tasks, config.tokens_per_task, meta["layout"]["num_image_tokens"])
-        if _layout_dict(layout) != meta["layout"]:
-            raise ValueError(f"{path}: tokenizer ids {_layout_dict(layout)} != saved layout {meta['layout']}")
-        model = cls(
-            llava,
-            config=config,
-            teacher_specs={**shapes, **specs},
-            layout=layout,
-            tokenizer=tokenizer,
-            image_processor=image_processor,
-        )
-        extras = load_file(path / EXTRAS_FILE)
-        missing, unexpected = model.load_state_dict(extras, strict=False)
-        missing = [k for k in missing if not k.startswith("llava.")]
-        if missing or unexpected:
-            raise ValueError(f"{path / EXTRAS_FILE}: missing {missing}, unexpected {unexpected}")
-        return model.to(dtype) if dtype is not None else model
+        return load_student(path, dtype=dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor.
+        """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor (atomically)."""
+        from .build import save_student
 
-        Atomic: everything goes to a temporary sibling folder that is renamed into place.
-        """
-        from safetensors.torch import save_file
-
-        with atomic_dir(path) as tmp:
-            self.llava.save_pretrained(tmp / LLAVA_DIR)
-            extras = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("llava.")}
-            save_file(extras, tmp / EXTRAS_FILE)
-            meta = {
-                "format": FORMAT_VERSION,
-                "model_config": to_dict(self.config),
-                "target_shapes": {t: list(s) for t, s in self.shapes.items()},
-                "teacher_specs": {t: s.to_dict() for t, s in self.teacher_specs.items()},
-                "layers": {t: list(v) for t, v in self.layers.items()},
-                "layout": _layout_dict(self.layout),
-            }
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            if self.image_processor is not None:
-                self.image_processor.save_pretrained(tmp)
-        return Path(path)
+        return save_student(self, path)
 
     # ------------------------------------------------------------------ forward
 
@@ -228,17 +177,13 @@ class OlaVlm(nn.Module):
         pixel_values [B, 3, H, W] (anything where there is no image), has_image [B] bool,
         targets {task: [B, T, D]} (needed when distilling).
         """
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        image_mask, task_masks = self.layout.locate(input_ids)  # [B, L], {task: [B, L]}
         distill = distill and len(self.heads) > 0 and "targets" in batch
-        capture = sorted({layer for layers in self.layers.values() for layer in layers}) if distill else []
-
-        embeds = self.embed(input_ids, batch["pixel_values"], image_mask)  # [B, L, D]
-        hidden, states = self.run_llm(embeds, attention_mask, capture)  # [B, L, D], {layer: [B, L, D]}
-        logits = self.llava.lm_head(hidden)  # [B, L, V]
+        capture = self.distilled_layers() if distill else []
+        enc = self.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], capture)
+        logits = self.llava.lm_head(enc.hidden)  # [B, L, V]
 
         # Image and task tokens are never predicted, whatever the data path put there.
-        no_label = image_mask | torch.stack(list(task_masks.values())).any(0) if task_masks else image_mask
+        no_label = enc.image_mask | torch.stack(list(enc.task_masks.values())).any(0) if enc.task_masks else enc.image_mask
         labels = batch["labels"].masked_fill(no_label, -100)
         losses = {"ntp": next_token_loss(logits, labels)}
         total = losses["ntp"]
@@ -247,10 +192,10 @@ class OlaVlm(nn.Module):
             return losses
 
         has_image = batch["has_image"].bool()
-        if bool((has_image & ~image_mask.any(1)).any()):  # a sync, once per step
+        if bool((has_image & ~enc.image_mask.any(1)).any()):  # a sync, once per step
             raise ValueError("a sample has has_image=True but no image tokens in its input_ids")
         valid = has_image  # [B]: text-only samples give no embedding loss
-        predictions = self.predict(states, attention_mask, task_masks)
+        predictions = self.predict(enc, batch["attention_mask"])
         for task in self.layout.tasks:
             target = batch["targets"][task]  # [B, T, D]
             gathered = gather_targets(target, valid)  # once per task, shared by its layers
@@ -272,11 +217,34 @@ class OlaVlm(nn.Module):
         losses["loss"] = total
         return losses
 
+    def distilled_layers(self) -> list[int]:
+        return sorted({layer for layers in self.layers.values() for layer in layers})
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+               capture: list[int] = ()) -> Encoded:
+        """ids [B, L] + pixels [B, 3, H, W] -> final hidden states and the `capture` layers' states.
+
+        The one path from inputs to hidden states: training, logits, predictions and the probe use it.
+        """
+        image_mask, task_masks = self.layout.locate(input_ids)  # [B, L], {task: [B, L]}
+        embeds = self.embed(input_ids, pixel_values, image_mask)  # [B, L, D]
+        bad = [layer for layer in capture if not 1 <= layer <= self.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} outside the LLM's 1..{self.num_layers}")
+        with self._capture([layer for layer in capture if layer < self.num_layers]) as states:
+            out = self.llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        if self.num_layers in capture:  # hidden_states[-1] is the normed final output, not the block's
+            states[self.num_layers] = out.last_hidden_state
+        return Encoded(out.last_hidden_state, states, image_mask, task_masks)
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, L, V] of the student (what an exported LLaVA computes)."""
-        image_mask, _ = self.layout.locate(input_ids)
-        hidden, _ = self.run_llm(self.embed(input_ids, pixel_values, image_mask), attention_mask, [])
-        return self.llava.lm_head(hidden)
+        return self.llava.lm_head(self.encode(input_ids, attention_mask, pixel_values).hidden)
+
+    def predictions(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every head's prediction for a batch (tests, inspection): {'<task>_l<layer>': [B, T, D_task]}."""
+        enc = self.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], self.distilled_layers())
+        return self.predict(enc, batch["attention_mask"])
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         """Token embeddings with image features and task-token embeddings in place. -> [B, L, D]"""
@@ -306,36 +274,17 @@ class OlaVlm(nn.Module):
         patches = out.hidden_states[self.llava.config.vision_feature_layer][:, 1:]  # [b, N, D_vision]
         return self.llava.model.multi_modal_projector(patches)  # [b, N, D]
 
-    def run_llm(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor, capture: list[int]
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Decoder forward; returns the final (normed) hidden states and the captured block outputs."""
-        with self._capture(capture) as states:
-            out = self.llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state, states
-
-    def predictions(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Every head's prediction for a batch (probing, tests): {'<task>_l<layer>': [B, T, D_task]}."""
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        image_mask, task_masks = self.layout.locate(input_ids)
-        capture = sorted({layer for layers in self.layers.values() for layer in layers})
-        embeds = self.embed(input_ids, batch["pixel_values"], image_mask)
-        _, states = self.run_llm(embeds, attention_mask, capture)
-        return self.predict(states, attention_mask, task_masks)
-
-    def predict(
-        self, states: dict[int, torch.Tensor], attention_mask: torch.Tensor, task_masks: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Every head's prediction {'<task>_l<layer>': [B, T, D_task]}."""
+    def predict(self, enc: Encoded, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's prediction {'<task>_l<layer>': [B, T, D_task]} from the encoded layers."""
         out = {}
         for task in self.layout.tasks:
-            others = [m for t, m in task_masks.items() if t != task]
+            others = [m for t, m in enc.task_masks.items() if t != task]
             key_mask = attention_mask.bool()  # [B, L]: no padding, no other task's tokens
             if others:
                 key_mask = key_mask & ~torch.stack(others).any(0)
-            own = task_masks[task].unsqueeze(-1).to(next(iter(states.values())).dtype)  # [B, L, 1]
+            own = enc.task_masks[task].unsqueeze(-1).to(enc.hidden.dtype)  # [B, L, 1]
             for layer in self.layers[task]:
-                hidden = states[layer]  # [B, L, D]
+                hidden = enc.states[layer]  # [B, L, D]
                 query = None
                 if self.shapes[task][0] == 1:  # gen-like: one query = mean of the own task tokens' states
                     query = ((hidden * own).sum(1) / own.sum(1).clamp(min=1)).unsqueeze(1)  # [B, 1, D]
@@ -344,7 +293,7 @@ class OlaVlm(nn.Module):
 
     @contextlib.contextmanager
     def _capture(self, layers: list[int]):
-        """Forward hooks that keep the outputs of the given decoder blocks (removed on exit)."""
+        """Forward hooks keeping hidden_states[i] = the output of block i - 1 (0-based), removed on exit."""
         states: dict[int, torch.Tensor] = {}
         blocks = self.llava.model.language_model.layers
         handles = []
@@ -353,7 +302,7 @@ class OlaVlm(nn.Module):
             def hook(module, args, output, layer=layer):
                 states[layer] = output[0] if isinstance(output, tuple) else output
 
-            handles.append(blocks[layer].register_forward_hook(hook))
+            handles.append(blocks[layer - 1].register_forward_hook(hook))
         try:
             yield states
         finally:
@@ -369,66 +318,3 @@ class OlaVlm(nn.Module):
         if self.task_embeddings.numel():
             weight[self.task_token_ids] = self.task_embeddings.to(weight.dtype)
         return self.llava
-
-
-def _compose_llava(config: ModelConfig, dtype):
-    """LlavaForConditionalGeneration from a CLIP vision tower and a causal LM, their weights loaded as-is."""
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-    dtype = dtype or torch.float32
-    vision = CLIPVisionModel.from_pretrained(config.vision_model, dtype=dtype)
-    llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype)
-    vc = vision.config
-    num_image_tokens = (vc.image_size // vc.patch_size) ** 2  # 'default' strategy: CLS dropped
-    llava_config = LlavaConfig(
-        vision_config=vc,
-        text_config=llm.config,
-        image_seq_length=num_image_tokens,
-        vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",  # mlp2x_gelu
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
-    )
-    # Build the shell on the meta device (no memory, no init), then put the loaded parts in.
-    with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(llava_config)
-    llava.model.vision_tower = vision
-    llava.model.language_model = getattr(llm, llm.base_model_prefix)
-    llava.lm_head = llm.lm_head
-    llava.model.multi_modal_projector = LlavaMultiModalProjector(llava_config).to(dtype)
-    llava.generation_config = llm.generation_config
-    leftover = [n for n, p in llava.named_parameters() if p.is_meta]
-    if leftover:
-        raise RuntimeError(f"parameters left on the meta device: {leftover[:5]}")
-    tokenizer = AutoTokenizer.from_pretrained(config.llm)
-    image_processor = AutoImageProcessor.from_pretrained(config.vision_model)
-    return llava, tokenizer, image_processor
-
-
-def _load_llava(path: str, dtype):
-    """An existing (transformers-format) LLaVA checkpoint with its processor."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
-    if llava.config.vision_feature_select_strategy != "default":
-        raise ValueError(f"{path}: vision_feature_select_strategy must be 'default' (CLS dropped)")
-    processor = AutoProcessor.from_pretrained(path)
-    return llava, processor.tokenizer, processor.image_processor
-
-
-def _layout_dict(layout: TokenLayout) -> dict:
-    return {
-        "image_token_id": layout.image_token_id,
-        "num_image_tokens": layout.num_image_tokens,
-        "task_token_ids": {t: list(ids) for t, ids in layout.task_token_ids.items()},
-        "pad_token_id": layout.pad_token_id,
-    }
-
