@@ -41,10 +41,10 @@ def probe_setup(tmp_path_factory, demo_corpus):
 def test_probe_scores_plot_and_resume(probe_setup, demo_corpus):
     root, cache, checkpoints = probe_setup
     out = root / "probe-out"
-    config = ProbeConfig(layers=(0, 2), steps=3, batch_size=4, width=16, heldout_percent=30)
+    config = ProbeConfig(layers=(1, 2), steps=3, batch_size=4, width=16, heldout_percent=30)
     rows = run_probe(checkpoints, data=demo_corpus, cache=cache, out=str(out), config=config, device="cpu")
-    assert {(r["checkpoint"], r["teacher"], r["layer"]) for r in rows} == {
-        (c, t, layer) for c in ("ckpt0", "ckpt1") for t in ("depth", "gen") for layer in (0, 2)}
+    assert {(r["checkpoint"], r["teacher"], r["layer"], r["seed"]) for r in rows} == {
+        (c, t, layer, 0) for c in ("ckpt0", "ckpt1") for t in ("depth", "gen") for layer in (1, 2)}
     heldout = sum(is_heldout(f"demo-{i:06d}", 30) for i in range(24))
     assert all(-1.0 <= r["score"] <= 1.0 and r["heldout_images"] == heldout for r in rows)
     assert [r["distilled"] for r in rows if r["checkpoint"] == "ckpt0" and r["teacher"] == "gen"] == [False, True]
@@ -52,7 +52,7 @@ def test_probe_scores_plot_and_resume(probe_setup, demo_corpus):
     assert (out / "probe.csv").read_text().count("\n") == 1 + 8
     # Resume per layer: a wider layer set trains only the new layer, keeps the old scores.
     before = {(r["checkpoint"], r["teacher"], r["layer"]): r["score"] for r in rows}
-    wider = ProbeConfig(layers=(0, 1, 2), steps=3, batch_size=4, width=16, heldout_percent=30)
+    wider = ProbeConfig(layers=(1, 2, 3), steps=3, batch_size=4, width=16, heldout_percent=30)
     rows2 = run_probe(checkpoints, data=demo_corpus, cache=cache, out=str(out), config=wider, device="cpu")
     after = {(r["checkpoint"], r["teacher"], r["layer"]): r["score"] for r in rows2}
     assert len(after) == 12 and all(after[k] == v for k, v in before.items())
@@ -64,7 +64,7 @@ def test_probe_scores_plot_and_resume(probe_setup, demo_corpus):
     assert models == {"ckpt0": str(Path(checkpoints[1]).resolve()), "ckpt1": str(Path(checkpoints[0]).resolve())}
     assert len(swapped) == 12
     # A different probe budget: nothing is reused.
-    other_budget = ProbeConfig(layers=(0,), steps=2, batch_size=4, width=16, heldout_percent=30)
+    other_budget = ProbeConfig(layers=(1,), steps=2, batch_size=4, width=16, heldout_percent=30)
     rerun = run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(out), config=other_budget, device="cpu")
     assert all(r["identity"]["budget"]["steps"] == 2 for r in rerun) and len(rerun) == 2
 
@@ -77,3 +77,55 @@ def test_probe_refuses_unknown_teacher_and_layer(probe_setup, demo_corpus):
     with pytest.raises(ValueError, match="outside"):
         run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(root / "y"),
                   config=ProbeConfig(layers=(9,), steps=1))
+    with pytest.raises(ValueError, match="outside"):  # paper numbering: 0 is the embedding output
+        run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(root / "z"),
+                  config=ProbeConfig(layers=(0,), steps=1))
+
+
+@pytest.mark.timeout(300)
+def test_probe_seeds_report_spread_and_resume_per_seed(probe_setup, demo_corpus, capsys):
+    from olavlm.trainer.probe_report import paired_difference, print_scores, summarise
+
+    root, cache, checkpoints = probe_setup
+    out = root / "probe-seeds"
+    one = ProbeConfig(layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30)
+    first = run_probe(checkpoints, data=demo_corpus, cache=cache, out=str(out), config=one, device="cpu")
+    three = ProbeConfig(layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30, seeds=3)
+    rows = run_probe(checkpoints, data=demo_corpus, cache=cache, out=str(out), config=three, device="cpu")
+    assert sorted((r["checkpoint"], r["seed"]) for r in rows) == [(c, s) for c in ("ckpt0", "ckpt1") for s in (0, 1, 2)]
+    kept = {(r["checkpoint"], r["seed"]): r["score"] for r in rows}
+    assert all(kept[(r["checkpoint"], 0)] == r["score"] for r in first)  # seed 0 reused, not retrained
+    scores = [kept[("ckpt0", s)] for s in (0, 1, 2)]
+    assert len(set(scores)) == 3  # the seeds are different initialisations
+    (row,) = [r for r in summarise(rows) if r["checkpoint"] == "ckpt0"]
+    assert row["seeds"] == 3 and row["mean"] == pytest.approx(sum(scores) / 3)
+    mean = sum(scores) / 3
+    assert row["std"] == pytest.approx((sum((x - mean) ** 2 for x in scores) / 2) ** 0.5)
+    diffs = [kept[("ckpt0", s)] - kept[("ckpt1", s)] for s in (0, 1, 2)]
+    got = paired_difference(rows, "ckpt0", "ckpt1", "depth", distilled_only=False)
+    assert got[0] == pytest.approx(sum(diffs) / 3) and got[2] == 3
+    print_scores(rows, compare=("ckpt0", "ckpt1"))
+    printed = capsys.readouterr().out
+    assert "std over 3 probe seeds" in printed and f"{sum(diffs) / 3:+.4f}" in printed
+    csv = (out / "probe.csv").read_text().splitlines()
+    assert csv[0] == "checkpoint,teacher,layer,score,score_std,seeds,distilled" and len(csv) == 3
+
+
+def test_probe_reads_the_prompt_not_the_answer(probe_setup):
+    """The probe's text: chat template + image block + task tokens + the fixed prompt + generation prompt."""
+    from olavlm.trainer.text import prompt_ids
+
+    _, _, checkpoints = probe_setup
+    model = OlaVlm.from_pretrained(checkpoints[0])
+    ids = prompt_ids(model.tokenizer, model.layout, "Describe the image in two lines.")
+    text = model.tokenizer.decode([i for i in ids if i != model.layout.image_token_id])
+    assert "Describe the image in two lines." in text
+    assert ids.count(model.layout.image_token_id) == model.layout.num_image_tokens
+    start = ids.index(model.layout.image_token_id) + model.layout.num_image_tokens
+    task_ids = [i for t in model.layout.tasks for i in model.layout.task_token_ids[t]]
+    assert ids[start:start + len(task_ids)] == task_ids
+    # ends with the generation prompt: what the template adds after an empty assistant turn begins
+    messages = [{"role": "user", "content": "x"}]
+    with_prompt = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    without = model.tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text.endswith(with_prompt[len(without):])

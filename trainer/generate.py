@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .model import CONFIG_FILE, OlaVlm
-from .tokens import IMAGE_TOKEN
+from .text import prompt_ids
 
 
 def load_for_generation(path: str | Path):
@@ -28,11 +28,9 @@ def load_for_generation(path: str | Path):
         suppress = [layout.image_token_id, *model.task_token_ids.tolist()]
 
         def prepare(image, prompt: str) -> dict:
-            messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = layout.expand(tokenizer(text, add_special_tokens=False)["input_ids"])
+            input_ids = torch.tensor([prompt_ids(tokenizer, layout, prompt)])
+            # the saved processor pads or crops as the last training stage did (images.with_aspect_ratio)
             pixel_values = model.image_processor(images=image, return_tensors="pt")["pixel_values"]
-            input_ids = torch.tensor([ids])
             return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
 
         return llava, prepare, tokenizer, suppress

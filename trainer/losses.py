@@ -68,9 +68,19 @@ def gather_targets(target: torch.Tensor, valid: torch.Tensor) -> GlobalTargets:
     return GlobalTargets(targets, all_valid, sum(sizes[:rank]), world)
 
 
+def per_sample_smooth_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] x 2 -> [B]: smooth-L1 (beta 1) averaged over each sample's elements."""
+    return F.smooth_l1_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def per_image_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] x 2 -> [B]: cosine of the flattened prediction and target (the probe's score)."""
+    return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)
+
+
 def smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, global_targets: GlobalTargets) -> torch.Tensor:
     """Mean smooth-L1 over the valid samples of the global batch (this rank's share, see module doc)."""
-    per_sample = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # [B]
+    per_sample = per_sample_smooth_l1(pred, target)  # [B]
     local_sum = (per_sample * valid.float()).sum()
     return local_sum * global_targets.world_size / global_targets.num_valid
 

@@ -155,3 +155,14 @@ def tokenize(conversations, tokenizer, layout: TokenLayout, *, has_image: bool, 
     if all(label == IGNORE for label in labels):
         raise TextError("no_labels", f"no assistant token left within max_length {max_length}")
     return Tokenized(ids, labels)
+
+
+def prompt_ids(tokenizer, layout: TokenLayout, prompt: str, *, image: bool = True) -> list[int]:
+    """One user turn (`<image>` + newline + `prompt`) and the generation prompt, image block expanded.
+
+    What the model reads before it answers: generation and probing use it (no answer text).
+    """
+    content = f"{IMAGE_TOKEN}\n{prompt}" if image else prompt
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    return layout.expand(tokenizer(text, add_special_tokens=False)["input_ids"])
