@@ -65,7 +65,7 @@ def _last_losses(out: Path) -> dict:
 
 
 def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int = 8, probe_steps: int = 60,
-             dtype: str = "float16") -> dict:
+             probe_seeds: int = 3, dtype: str = "float16") -> dict:
     """The whole chain; returns the summary (also written to OUT/summary.json)."""
     import transformers
 
@@ -74,10 +74,9 @@ def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int 
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.corpus import list_shards
     from olavlm.schemas.inspect import verify_cache
-    from olavlm.trainer.probe import ProbeConfig, plot_size, run_probe
+    from olavlm.trainer.probe import ProbeConfig, plot_size, print_scores, run_probe
 
     from .cache_cmds import stats
-    from .probe_cmd import print_scores
 
     transformers.utils.logging.set_verbosity_error()  # weight-loading bars of the tiny models are noise here
     transformers.utils.logging.disable_progress_bar()
@@ -118,7 +117,8 @@ def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int 
     t = _stage("5/6 probe every layer of both checkpoints (same split, same budget)")
     rows = run_probe([runs["ola"]["checkpoint"], runs["baseline"]["checkpoint"]], names=["ola", "baseline"],
                      data=str(corpus), cache=str(cache), out=str(out / "probe"),
-                     config=ProbeConfig(steps=probe_steps, batch_size=batch_size, width=64, heldout_percent=25),
+                     config=ProbeConfig(steps=probe_steps, batch_size=batch_size, width=64, heldout_percent=25,
+                                        seeds=probe_seeds),
                      device="cpu")
     _done(t, f"{len(rows)} probe scores")
 
@@ -129,7 +129,7 @@ def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int 
         typer.echo(f"{name:<10} {losses.get('first_loss', float('nan')):>11.4f} {losses.get('last_loss', float('nan')):>10.4f} "
                    f"{losses.get('first_ntp', float('nan')):>10.4f} {losses.get('last_ntp', float('nan')):>9.4f}")
     typer.echo("")
-    print_scores(rows)
+    print_scores(rows, compare=("ola", "baseline"))
     teachers = sorted({r["teacher"] for r in rows})
     result = {"out": str(out), "corpus": str(corpus), "cache": str(cache),
               "precompute": {"committed": summary.committed, "skipped": summary.skipped, "samples": summary.samples,

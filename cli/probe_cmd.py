@@ -29,7 +29,8 @@ def probe(
     out: Path = typer.Option(..., "--out", help="Folder for probe.json, probe.csv and probe.png."),
     compare: list[str] = typer.Option([], "--compare", help="Another checkpoint to probe identically (repeatable), "
                                                           "e.g. the NTP-only baseline."),
-    layers: str = typer.Option("", help="LLM layers, e.g. '0,8,16' or '0-31' (default: all)."),
+    layers: str = typer.Option("", help="LLM layers in the paper's numbering (layer i = hidden_states[i]), "
+                                        "e.g. '8,20' or '1-32' (default: all)."),
     teachers: str = typer.Option("", help="Comma-separated teachers (default: all in the cache)."),
     steps: int = typer.Option(200, help="Probe training steps per checkpoint."),
     batch_size: int = typer.Option(8, help="Samples per probe step."),
@@ -37,7 +38,10 @@ def probe(
     width: int = typer.Option(256, help="Probe head width."),
     heldout_percent: int = typer.Option(20, help="Percent of keys held out for scoring (chosen by key hash)."),
     num_workers: int = typer.Option(0, help="DataLoader workers."),
-    seed: int = typer.Option(0, help="Probe init and data order seed."),
+    seed: int = typer.Option(0, help="Data order seed, and the first probe initialisation."),
+    seeds: int = typer.Option(1, help="Probe initialisations per (teacher, layer): mean and std are reported."),
+    prompt: str = typer.Option("Describe the image in two lines.", help="Fixed user prompt after the image (no answer is read)."),
+    image_aspect_ratio: str = typer.Option("pad", help="'pad' (the authors' probing) or 'crop'."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
 ) -> None:
     """Layer-wise probes of one or more checkpoints (the paper's visual-quality measure).
@@ -48,11 +52,11 @@ def probe(
     Rerunning resumes: layers already scored are kept."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from olavlm.trainer.probe import ProbeConfig, run_probe
+    from olavlm.trainer.probe import ProbeConfig, print_scores, run_probe
 
     config = ProbeConfig(layers=_ints(layers), teachers=tuple(filter(None, teachers.split(","))), steps=steps,
                          batch_size=batch_size, lr=lr, width=width, heldout_percent=heldout_percent, seed=seed,
-                         num_workers=num_workers)
+                         num_workers=num_workers, seeds=seeds, prompt=prompt, image_aspect_ratio=image_aspect_ratio)
     with user_errors(), Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                  TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()) as bar:
         tasks: dict[str, int] = {}
@@ -64,24 +68,9 @@ def probe(
 
         rows = run_probe([checkpoint, *compare], data=data, cache=cache, out=str(out), config=config,
                          device=device, progress=progress)
-    print_scores(rows)
+    names = sorted({r["checkpoint"] for r in rows}, key=[r["checkpoint"] for r in rows].index)
+    print_scores(rows, compare=(names[0], names[1]) if len(names) > 1 else None)
     typer.echo(f"wrote {out}/probe.csv, {out}/probe.json, {out}/probe.png")
-
-
-def print_scores(rows: list[dict]) -> None:
-    """Mean score per (checkpoint, teacher), over all layers and over the distilled layers."""
-    from collections import defaultdict
-
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["checkpoint"], r["teacher"])].append(r)
-    typer.echo(f"{'checkpoint':<28} {'teacher':<8} {'mean':>7} {'best (layer)':>14} {'at distilled':>13}")
-    for (checkpoint, teacher), mine in sorted(groups.items()):
-        best = max(mine, key=lambda r: r["score"])
-        distilled = [r["score"] for r in mine if r["distilled"]]
-        at = f"{sum(distilled) / len(distilled):.4f}" if distilled else "-"
-        typer.echo(f"{checkpoint:<28} {teacher:<8} {sum(r['score'] for r in mine) / len(mine):>7.4f} "
-                   f"{best['score']:>7.4f} ({best['layer']:>2}) {at:>13}")
 
 
 def register(groups: Groups) -> None:
