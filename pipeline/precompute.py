@@ -176,6 +176,7 @@ class Plan:
                 f"spec {spec.fingerprint} ({self.spec_status[name]}): {self.done[name]} shards done, "
                 f"{len(todo)} to do ({samples} samples)"
             )
+            lines.append(f"         {spec.provenance()}")  # revision + weights hash (issue 9)
         lines.append(f"estimated bytes to write: {self.estimated_bytes() / 1e6:.1f} MB (uncompressed)")
         return "\n".join(lines)
 

@@ -5,8 +5,10 @@ Each teacher's preprocessing is described by a plain dict (stored in its
 
     {"resize": [H, W]}             squash to H x W (depth, seg), or
     {"resize_shortest": S, "center_crop": [H, W]}   CLIP style (gen)
-    plus "resample" ("bicubic" | "bilinear"), "mean"/"std" (RGB, on the [0, 1] scale),
-    "channel_order": "RGB", "jpeg_draft": int (the draft size handed to the decoder)
+    plus "resample" (a PIL filter name), "mean"/"std" (RGB, on the [0, 1] scale),
+    "channel_order": "RGB", "jpeg_draft": int (the draft size handed to the decoder);
+    seg adds "processor_resize": [H2, W2] and "processor_resample": the second resize
+    that the checkpoint's OneFormer image processor applies to the squashed image.
 
 Design choices and their cost:
 - Only geometry happens here (decode, resize, crop) and the result stays uint8:
@@ -18,6 +20,15 @@ Design choices and their cost:
   decode; the draft size is part of the spec so that the targets stay a
   function of the spec alone. Teachers with different draft sizes decode the
   image separately (memoised by draft size).
+- The seg recipe resizes twice, both in PIL on uint8 (768 x 768 squash with
+  PIL's default bicubic, as the authors' `img.resize((768, 768))`, then the
+  OneFormer processor's bilinear resize to its `size`, 800 x 800 for the COCO
+  Swin-L checkpoint). transformers' PIL image processor (the backend of the
+  transformers versions the authors used) does that second resize in PIL on
+  uint8 as well, so the pixels are bit-identical to the processor's, and the
+  worker still ships uint8 (800 x 800 x 3 = 1.9 MB per image, a quarter of float32).
+  `processor_output_size` reproduces the processor's output-size rule
+  (shortest/longest edge) for any input, not only the square one used here.
 """
 
 from __future__ import annotations
@@ -30,7 +41,12 @@ from PIL import Image
 
 from olavlm.schemas.corpus import decode_image
 
-RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+PIL_RESAMPLE_NAMES = {int(value): name for name, value in RESAMPLE.items()}
+"""PIL's integer filter codes (as image processors store `resample`) -> the names used in specs."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,6 +55,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def input_shape(preprocess: Mapping[str, Any]) -> tuple[int, int]:
     """(H, W) of the uint8 array `prepare` returns for this recipe."""
+    if "processor_resize" in preprocess:
+        return tuple(preprocess["processor_resize"])
     if "resize" in preprocess:
         return tuple(preprocess["resize"])
     return tuple(preprocess["center_crop"])
@@ -58,12 +76,42 @@ def shortest_side_size(width: int, height: int, shortest: int) -> tuple[int, int
     return int(shortest * width / height), shortest
 
 
+def processor_output_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int, int]:
+    """(H, W) that a transformers image processor with this `size` dict resizes an H x W image to.
+
+    {"shortest_edge": S, "longest_edge": L}: the short side becomes S unless the long side
+    would pass L (then the long side becomes L), both truncated as
+    `transformers.image_transforms.get_size_with_aspect_ratio` does; {"shortest_edge": S}
+    alone: `get_resize_output_image_size(default_to_square=False)`; {"height", "width"}: fixed.
+    """
+    if size.get("height") and size.get("width"):
+        return int(size["height"]), int(size["width"])
+    shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
+    if not shortest:
+        raise ValueError(f"image processor size {dict(size)} has neither shortest_edge nor height/width")
+    raw = None
+    if longest:
+        short_side, long_side = float(min(height, width)), float(max(height, width))
+        if long_side / short_side * shortest > longest:
+            raw = longest * short_side / long_side
+            shortest = int(round(raw))
+    if (height <= width and height == shortest) or (width <= height and width == shortest):
+        return height, width
+    if width < height:
+        return (int((raw if raw is not None else shortest) * height / width), shortest)
+    return shortest, int((raw if raw is not None else shortest) * width / height)
+
+
 def prepare(image: Image.Image, preprocess: Mapping[str, Any]) -> np.ndarray:
     """RGB PIL image -> uint8 (H, W, 3) ready for the device-side normalisation."""
     resample = RESAMPLE[preprocess["resample"]]
     if "resize" in preprocess:
         height, width = preprocess["resize"]
-        return np.asarray(image.resize((width, height), resample=resample), dtype=np.uint8)
+        image = image.resize((width, height), resample=resample)
+        if "processor_resize" in preprocess and tuple(preprocess["processor_resize"]) != (height, width):
+            height, width = preprocess["processor_resize"]  # the checkpoint's processor, after the squash
+            image = image.resize((width, height), resample=RESAMPLE[preprocess["processor_resample"]])
+        return np.asarray(image, dtype=np.uint8)
     width, height = shortest_side_size(*image.size, preprocess["resize_shortest"])
     image = image.resize((width, height), resample=resample)
     crop_h, crop_w = preprocess["center_crop"]

@@ -15,6 +15,15 @@ weights hash and therefore a new spec (the cache refuses to mix them).
 | tiny   | (64, 32)     | (16, 128)  | (1, 32)    | tests, demo: < 1 s per batch on CPU |
 | small  | (256, 384)   | (144, 384) | (1, 256)   | `ola bench precompute`: teacher compute dominates on CPU |
 | paper  | (576, 1024)  | (576, 1536)| (1, 1024)  | the real thing (downloads from the hub once) |
+
+The paper preset pins each hub repository to a commit (`TeacherSource.revision`,
+recorded in the spec) that holds safetensors weights; see `PAPER_REVISIONS` for
+where each sha was found. A repository without a pin loads its default branch,
+and its spec says so (revision ""), so the weights hash is then the only identity.
+
+The random presets ship processor configs laid out as the hub checkpoints ship
+them; the seg one carries a `size` scaled like the paper's 800 / 768
+(tiny: 160 -> 167, small: 384 -> 400), so the second resize is exercised too.
 """
 
 from __future__ import annotations
@@ -30,14 +39,32 @@ from .sources import KINDS, TeacherSource
 
 TEACHER_NAMES = ("depth", "seg", "gen")
 PRESETS = ("paper", "tiny", "small")
-PRESET_VERSION = 1
-"""Bump when a random preset's config changes, so old folders are not reused."""
+PRESET_VERSION = 2
+"""Bump when a random preset's config changes, so old folders are not reused (2: seg processor `size`)."""
+
+PAPER_REVISIONS = {
+    # No full commit sha of this repository was found in the material available offline
+    # (only the abbreviated a09be6a of its refs/pr/1 branch): unpinned, never invented.
+    "depth": "",
+    # "Adding `safetensors` variant of this model" (SFconvertbot, 2023-09-06): the first commit
+    # with model.safetensors; all earlier commits hold only pytorch_model.bin (a pickle).
+    # Source: huggingface.co/shi-labs/oneformer_coco_swin_large/tree/3a79bee4670e109b164c020beb56678a8ba26e2f
+    "seg": "3a79bee4670e109b164c020beb56678a8ba26e2f",
+    # image_encoder/ holds config.json + model.safetensors (2.53 GB, fp32) + model.fp16.safetensors;
+    # feature_extractor/preprocessor_config.json beside it.
+    # Source: huggingface.co/stabilityai/stable-diffusion-2-1-unclip/tree/e99f66a92bdcd1b0fb0d4b6a9b81b3b37d8bea44/image_encoder
+    "gen": "e99f66a92bdcd1b0fb0d4b6a9b81b3b37d8bea44",
+}
+"""Hub commit per paper teacher ("" = default branch); each pinned one holds safetensors weights."""
 
 PAPER = {
-    "depth": TeacherSource(name="depth", kind="depth_anything", model="depth-anything/Depth-Anything-V2-Large-hf"),
-    "seg": TeacherSource(name="seg", kind="oneformer_swin", model="shi-labs/oneformer_coco_swin_large"),
+    "depth": TeacherSource(name="depth", kind="depth_anything", model="depth-anything/Depth-Anything-V2-Large-hf",
+                           revision=PAPER_REVISIONS["depth"]),
+    "seg": TeacherSource(name="seg", kind="oneformer_swin", model="shi-labs/oneformer_coco_swin_large",
+                         revision=PAPER_REVISIONS["seg"]),
     "gen": TeacherSource(
-        name="gen", kind="clip_image_embeds", model="stabilityai/stable-diffusion-2-1-unclip", subfolder="image_encoder"
+        name="gen", kind="clip_image_embeds", model="stabilityai/stable-diffusion-2-1-unclip", subfolder="image_encoder",
+        revision=PAPER_REVISIONS["gen"],
     ),
 }
 KIND_OF = {name: source.kind for name, source in PAPER.items()}
@@ -56,6 +83,7 @@ class RandomPreset:
     swin_depths: tuple[int, ...]
     swin_heads: tuple[int, ...]
     seg_image: int
+    """Seg squash side (the paper's 768); the processor then resizes to round(seg_image * 800 / 768)."""
     seg_grid: int
     clip_hidden: int
     clip_layers: int
@@ -210,9 +238,13 @@ def save_random_teachers(sizes: RandomPreset, folder: Path) -> None:
     ):
         torch.manual_seed(seed)
         cls(config).eval().save_pretrained(path, safe_serialization=True)
-    # processor configs as the hub checkpoints ship them (seg: detectron2's 0-255 scale)
-    seg_processor = {"image_mean": [v * 255 for v in IMAGENET_MEAN], "image_std": [v * 255 for v in IMAGENET_STD],
-                     "resample": 2}
+    # processor configs laid out as the hub checkpoints ship them; seg: the paper's 800/1333 scaled to the squash
+    seg_processor = {
+        "image_processor_type": "OneFormerImageProcessor", "do_resize": True, "resample": 2,
+        "size": {"shortest_edge": round(sizes.seg_image * 800 / 768), "longest_edge": round(sizes.seg_image * 1333 / 768)},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+    }
     clip_processor = {"crop_size": {"height": sizes.clip_image, "width": sizes.clip_image},
                       "size": {"shortest_edge": sizes.clip_image}, "resample": 3,
                       "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}

@@ -24,9 +24,11 @@ class TeacherSource:
     subfolder: str = ""
     """Subfolder holding the weights ('image_encoder' for the unCLIP checkpoint)."""
     revision: str = ""
-    """Hub revision; empty = the hub's default branch."""
+    """Hub revision: a commit sha for the paper preset (presets.PAPER_REVISIONS); empty = the default branch.
+    `--teacher NAME=PATH_OR_ID` clears it: other weights, their own identity (the weights hash)."""
     image_size: int = 0
-    """Input side in pixels for depth and seg (0 = the paper's 336 / 768). CLIP reads its crop from its processor."""
+    """Squash side in pixels for depth and seg (0 = the paper's 336 / 768); seg's processor then resizes
+    once more to its own `size`. CLIP reads its resize and crop from its processor."""
     grid: int = 0
     """Seg only: the stage-4 map is resized to grid x grid (0 = the paper's 24)."""
 

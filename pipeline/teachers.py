@@ -8,6 +8,20 @@
 |                   |                                        | (grid*grid, C4)                                  |
 | clip_image_embeds | CLIPVisionModelWithProjection          | image_embeds: (1, projection_dim)                |
 
+Inputs, as the authors' released code feeds each teacher (see docs/FIDELITY.md):
+- depth: the image squashed to 336 x 336 with PIL's default filter (bicubic),
+  ImageNet normalisation (RGB; the authors' BGR swap is a defect, method.md).
+- seg: squashed to 768 x 768 (PIL bicubic), then the checkpoint's own
+  OneFormer image processor, read from its `preprocessor_config.json`: resize
+  to its `size` (COCO Swin-L: shortest edge 800, longest 1333, so 800 x 800),
+  `resample`, `rescale_factor`, `image_mean`/`image_std` exactly as the
+  processor applies them. Stage 4 of an 800 x 800 input is 25 x 25 (stride 32);
+  bilinear (align_corners=False) to 24 x 24. The processor pads a batch to its
+  largest image; every seg input here is the same square, so nothing is padded
+  (and the Swin backbone never reads the pixel mask).
+- gen: the CLIP processor of the unCLIP checkpoint (`feature_extractor/`):
+  shortest side 224 bicubic, centre crop 224.
+
 Design choices and their cost:
 - Each teacher keeps only the sub-module its target needs (the DINOv2 backbone,
   the Swin encoder, the CLIP vision tower); the depth head, the pixel decoder,
@@ -17,10 +31,16 @@ Design choices and their cost:
 - OneFormer's task token ("the task is panoptic") enters only the transformer
   decoder; the Swin backbone never sees it. Stage-4 features are therefore the
   same for every task, and no tokenizer or class-info file (which would need a
-  download) is involved.
+  download) is involved. The spec still records task "panoptic", the authors' call.
+- Every processor constant that changes the pixels (sizes, filters, rescale
+  factor, mean/std as stored and as applied) goes into `TeacherSpec.preprocess`,
+  so a different processor config gives a different fingerprint.
 - Normalisation runs on the teacher's device from uint8 input (see
   preprocess.py); compute is float32 on CPU and half precision on GPU. The
   mean of the four depth maps and the seg resize are done in float32.
+- Weights load from safetensors only (`use_safetensors=True`); a repository or
+  revision that holds only a pickle (`pytorch_model.bin`) is refused with a
+  message naming it, never unpickled.
 - `weights_sha256` hashes the kept sub-module's float32 state dict in key order
   (~1-3 s per GB), so two runs agree on a spec only if the weights agree.
 """
@@ -30,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any
 
 import torch
@@ -38,16 +59,31 @@ from torch import nn
 
 from olavlm.schemas.spec import TeacherSpec
 
-from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, draft_size
+from .preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PIL_RESAMPLE_NAMES,
+    draft_size,
+    processor_output_size,
+)
 from .sources import TeacherSource
 
 PAPER_DEPTH_SIZE = 336
 """Depth input side: 336 px squashed gives 24 x 24 patches of 14, the student's grid."""
 PAPER_SEG_SIZE = 768
-"""Seg input side: stage 4 of Swin (stride 32) is then exactly 24 x 24."""
+"""Seg squash side (the authors' `img.resize((768, 768))`), before the OneFormer processor's own resize."""
+SEG_SQUASH_RESAMPLE = "bicubic"
+"""PIL's default filter for `Image.resize` on RGB images (Pillow >= 7), which the authors' squash uses."""
 PAPER_GRID = 24
 """Seg target grid: 24 x 24 = 576 tokens, one per student image token."""
-PIL_RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic"}
+ONEFORMER_PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_resize": True, "size": {"shortest_edge": 800, "longest_edge": 1333}, "resample": 2,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+}
+"""`OneFormerImageProcessor`'s class defaults (transformers 4.x and 5.x): what a key missing from the file means."""
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -74,9 +110,35 @@ def read_processor_config(model: str, subfolder: str, revision: str) -> dict[str
         return json.load(f)
 
 
-def _unit_scale(values: list[float]) -> list[float]:
-    """Processor mean/std given on the 0-255 scale (detectron2 style) -> the [0, 1] scale."""
-    return [v / 255.0 for v in values] if max(values) > 1.0 else [float(v) for v in values]
+def processor_size(processor: dict[str, Any]) -> dict[str, int]:
+    """A processor's `size` as a dict; the 2022 hub layout (`"size": 800, "max_size": 1333`) included."""
+    size = processor["size"]
+    if isinstance(size, dict):
+        return {k: int(v) for k, v in size.items() if v is not None}
+    longest = processor.get("max_size", processor.get("_max_size"))
+    return {"shortest_edge": int(size), **({"longest_edge": int(longest)} if longest else {})}
+
+
+def unit_scale_normalisation(processor: dict[str, Any], where: str) -> tuple[list[float], list[float]]:
+    """The processor's `(x * rescale - mean) / std` rewritten as `(x / 255 - m) / s` (what `Teacher.normalise` runs).
+
+    With f = rescale_factor (1 when do_rescale is off): m = mean / (255 f), s = std / (255 f);
+    without do_normalize, m = 0 and s = 1 / (255 f). A mean outside the rescaled pixel range
+    [0, 255 f] (detectron2's 0-255 constants in a processor that rescales to [0, 1] first)
+    would normalise every pixel to about -2: refused, naming the file, rather than followed.
+    """
+    factor = float(processor["rescale_factor"]) if processor["do_rescale"] else 1.0
+    if not processor["do_normalize"]:
+        return [0.0] * 3, [1.0 / (255.0 * factor)] * 3
+    mean = [float(v) for v in processor["image_mean"]]
+    std = [float(v) for v in processor["image_std"]]
+    if max(mean) > 255.0 * factor:
+        raise ValueError(
+            f"{where}: image_mean {mean} lies outside the rescaled pixel range [0, {255.0 * factor:g}] "
+            f"(do_rescale {processor['do_rescale']}, rescale_factor {factor}): every normalised pixel would be about "
+            f"{-mean[0] / std[0]:.2f}. Fix the preprocessor_config.json (means on the [0, 1] scale, or do_rescale false)."
+        )
+    return [m / (255.0 * factor) for m in mean], [d / (255.0 * factor) for d in std]
 
 
 class Teacher(nn.Module):
@@ -169,15 +231,31 @@ def depth_teacher(source: TeacherSource, model: nn.Module) -> DepthAnythingTeach
 
 
 def seg_teacher(source: TeacherSource, model: nn.Module, processor: dict | None = None) -> OneFormerSwinTeacher:
+    """The Swin encoder of `model`, fed as the authors feed it: squash, then the checkpoint's OneFormer processor.
+
+    `processor` is the checkpoint's `preprocessor_config.json` (None or {}: the processor's class defaults).
+    """
     encoder = getattr(model, "model", model).pixel_level_module.encoder
     if encoder.stage_names[-1] not in encoder.out_features:
         raise ValueError(f"{source.model}: the Swin backbone does not output its last stage {encoder.stage_names[-1]}")
-    processor = processor or {}
-    size, grid = source.image_size or PAPER_SEG_SIZE, source.grid or PAPER_GRID
+    config = {**ONEFORMER_PROCESSOR_DEFAULTS, **(processor or {})}
+    squash, grid = source.image_size or PAPER_SEG_SIZE, source.grid or PAPER_GRID
+    size = processor_size(config)
+    resize = processor_output_size(squash, squash, size) if config["do_resize"] else (squash, squash)
+    resample = int(config["resample"])
+    if resample not in PIL_RESAMPLE_NAMES:
+        raise ValueError(f"{source.model}: preprocessor_config.json resample {resample} is not a PIL filter code")
+    mean, std = unit_scale_normalisation(config, f"{source.model}/preprocessor_config.json")
     preprocess = {
-        "resize": [size, size], "resample": PIL_RESAMPLE_NAMES.get(processor.get("resample", 2), "bilinear"),
-        "mean": _unit_scale(processor.get("image_mean", list(IMAGENET_MEAN))),
-        "std": _unit_scale(processor.get("image_std", list(IMAGENET_STD))),
+        "resize": [squash, squash], "resample": SEG_SQUASH_RESAMPLE,
+        "processor_resize": list(resize), "processor_resample": PIL_RESAMPLE_NAMES[resample],
+        "mean": mean, "std": std,
+        "processor": {  # the constants as the checkpoint states them; mean/std above are what runs
+            "class": "OneFormerImageProcessor", "task": "panoptic", "do_resize": bool(config["do_resize"]),
+            "size": size, "resample": resample, "do_rescale": bool(config["do_rescale"]),
+            "rescale_factor": float(config["rescale_factor"]), "do_normalize": bool(config["do_normalize"]),
+            "image_mean": [float(v) for v in config["image_mean"]], "image_std": [float(v) for v in config["image_std"]],
+        },
         "grid": grid, "interpolation": "bilinear, align_corners=False",
     }
     shape = (grid * grid, encoder.num_features[-1])
@@ -203,20 +281,50 @@ def gen_teacher(source: TeacherSource, model: nn.Module, processor: dict | None 
     return ClipImageEmbedsTeacher(_spec(source, model, preprocess, (), shape), model)
 
 
+def _pickle_only_message(source: TeacherSource, error: Exception) -> str | None:
+    """A clear refusal when the weights exist only as a pickle; None when the failure is something else."""
+    folder = os.path.join(source.model, source.subfolder)
+    where = folder if os.path.isdir(source.model) else f"{folder} at revision {source.revision or '(default branch)'}"
+    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(folder, n))]
+    text = str(error)
+    if not pickled and "safetensors" not in text and ".bin" not in text:
+        return None
+    return (
+        f"teacher {source.name!r}: {where} has no safetensors weights"
+        f"{' (only ' + ', '.join(pickled) + ')' if pickled else ''}. olavlm reads safe formats only and never "
+        "unpickles weights. Pin a revision that holds model.safetensors (the paper preset pins one per hub "
+        "repository; shi-labs/oneformer_coco_swin_large gained it in the safetensors-conversion commit "
+        "3a79bee4670e109b164c020beb56678a8ba26e2f), or convert the folder yourself once, e.g. "
+        "`Model.from_pretrained(DIR, use_safetensors=False).save_pretrained(OUT)` after checking where the file came from."
+    )
+
+
+def _from_pretrained(cls, source: TeacherSource):
+    """`cls.from_pretrained` of the source, safetensors only, with a refusal that names the repository."""
+    try:
+        return cls.from_pretrained(
+            source.model, subfolder=source.subfolder, revision=source.revision or None, use_safetensors=True
+        )
+    except OSError as error:
+        message = _pickle_only_message(source, error)
+        if message is None:
+            raise
+        raise OSError(message) from error
+
+
 def load_teacher(source: TeacherSource, *, device: str = "cpu", dtype: torch.dtype | None = None) -> Teacher:
     """`from_pretrained` (safetensors only) -> the teacher on `device`; half precision on GPU by default."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one bar per teacher and actor is noise
-    common = {"revision": source.revision or None, "use_safetensors": True}
     if source.kind == "depth_anything":
-        model = transformers.DepthAnythingForDepthEstimation.from_pretrained(source.model, subfolder=source.subfolder, **common)
+        model = _from_pretrained(transformers.DepthAnythingForDepthEstimation, source)
         teacher = depth_teacher(source, model)
     elif source.kind == "oneformer_swin":
-        model = transformers.OneFormerForUniversalSegmentation.from_pretrained(source.model, subfolder=source.subfolder, **common)
+        model = _from_pretrained(transformers.OneFormerForUniversalSegmentation, source)
         teacher = seg_teacher(source, model, read_processor_config(source.model, source.subfolder, source.revision))
     else:
-        model = transformers.CLIPVisionModelWithProjection.from_pretrained(source.model, subfolder=source.subfolder, **common)
+        model = _from_pretrained(transformers.CLIPVisionModelWithProjection, source)
         # the unCLIP layout keeps the CLIP processor beside the encoder, in feature_extractor/
         processor_folder = "feature_extractor" if source.subfolder else ""
         teacher = gen_teacher(source, model, read_processor_config(source.model, processor_folder, source.revision))

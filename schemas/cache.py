@@ -39,7 +39,13 @@ from .spec import TeacherSpec
 from .storage import Root, check_safe_name, staging_name
 
 FORMAT_NAME = "olavlm-target-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+REFUSED_VERSIONS = {
+    1: "version 1 caches were written before the seg target followed the checkpoint's OneFormer image "
+       "processor (the 768x768 squash went straight into Swin; per-image cosine 0.88-0.92 against the "
+       "authors' recipe, issue 9), so their seg targets are not the paper's",
+}
+"""Why an older format version is refused: the change that made its targets wrong or unreadable."""
 ROWS_PER_OBJECT = 64
 """Rows per storage object (the outer chunk of Zarr's sharding codec)."""
 
@@ -120,9 +126,11 @@ class TargetCache:
         if meta.get("format") != FORMAT_NAME:
             raise CacheError(f"{self.root.url_of(CACHE_JSON)}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
         if meta.get("format_version") != FORMAT_VERSION:
+            why = REFUSED_VERSIONS.get(meta.get("format_version"))
             raise CacheError(
                 f"{self.root.url_of(CACHE_JSON)}: format version {meta.get('format_version')} "
                 f"is not supported (this olavlm reads version {FORMAT_VERSION})"
+                + (f": {why}. Recompute the targets into a new cache with `ola precompute`." if why else "")
             )
         return meta
 

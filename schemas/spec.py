@@ -43,7 +43,7 @@ class TeacherSpec:
     subfolder: str = ""
     """Subfolder of `model` holding the weights (e.g. 'image_encoder' for unCLIP)."""
     revision: str = ""
-    """Hub revision, if loaded from a hub."""
+    """Hub revision (a commit sha for the paper preset), if loaded from a hub; "" = default branch or a folder."""
     weights_sha256: str = ""
     """sha256 over the loaded weights (state dict bytes), filled in by the pipeline."""
     preprocess: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +83,12 @@ class TeacherSpec:
     def fingerprint(self) -> str:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def provenance(self) -> str:
+        """One line for plans and logs: where the weights came from (revision) and their hash."""
+        where = f"{self.model}/{self.subfolder}" if self.subfolder else self.model
+        revision = self.revision or "unpinned (default branch, or a local folder)"
+        return f"{where} @ {revision}, weights sha256 {self.weights_sha256 or 'unknown'}"
 
     def diff(self, other: TeacherSpec) -> list[str]:
         """Field names whose values differ, for error messages."""

@@ -1,8 +1,13 @@
-"""Teachers: each target equals a hand computation from the model's raw outputs; paper-size shapes."""
+"""Teachers: each target equals a hand computation from the model's raw outputs; paper-size shapes.
+
+The comparisons with an independent computation on the full-size paper architectures,
+through `ola precompute`, live in test_teacher_reference.py (slow).
+"""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,15 +77,130 @@ def test_seg_target_is_stage4_of_the_full_model_for_any_task(tiny):
     torch.testing.assert_close(level, stage4[0])
     grid = teacher.spec.preprocess["grid"]
     reference = F.interpolate(level, size=(grid, grid), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    assert level.shape[-2:] == (5, 5) and teacher.spec.shape == (16, 128) == tuple(reference.shape[1:])
+    # 160 squash -> the processor's 167 (800/768 scaled) -> Swin stage 4 of 6 x 6 -> 4 x 4
+    assert images.shape[1:3] == (167, 167) and level.shape[-2:] == (6, 6)
+    assert teacher.spec.shape == (16, 128) == tuple(reference.shape[1:])
     torch.testing.assert_close(teacher(images), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.timeout(120)
-def test_seg_processor_mean_on_255_scale_is_read_as_unit_scale(tiny):
-    spec = load_teacher(tiny["seg"]).spec  # the tiny folder ships detectron2-style 123.675 ...
-    np.testing.assert_allclose(spec.preprocess["mean"], (0.485, 0.456, 0.406), rtol=1e-9)
-    np.testing.assert_allclose(spec.preprocess["std"], (0.229, 0.224, 0.225), rtol=1e-9)
+def test_seg_pixels_equal_the_oneformer_processor_on_the_squash(tiny):
+    """768-style squash (PIL bicubic), then the checkpoint's OneFormerImageProcessor: bit-identical pixels."""
+    import json
+
+    from transformers.models.oneformer.image_processing_pil_oneformer import OneFormerImageProcessorPil
+
+    teacher = load_teacher(tiny["seg"])
+    config = json.loads((Path(tiny["seg"].model) / "preprocessor_config.json").read_text())
+    assert config["size"]["shortest_edge"] == 167  # the tiny squash 160 scaled like the paper's 800 / 768
+    processor = OneFormerImageProcessorPil(**{k: v for k, v in config.items() if k != "image_processor_type"})
+    squash = teacher.spec.preprocess["resize"]
+    assert teacher.spec.preprocess["resample"] == "bicubic" and teacher.spec.preprocess["processor"]["task"] == "panoptic"
+    for i in range(3):
+        image = photo(i)
+        reference = processor(image.resize(tuple(squash)), ["panoptic"], return_tensors="pt")
+        assert reference["pixel_mask"].all()  # one square image: nothing padded
+        ours = teacher.normalise(torch.from_numpy(preprocess.prepare(image, teacher.spec.preprocess).copy())[None])
+        torch.testing.assert_close(ours, reference["pixel_values"], rtol=0, atol=1e-6)
+
+
+def test_seg_recipe_reads_every_processor_constant(monkeypatch):
+    """Sizes, filter, rescale and mean/std of the processor file all reach the spec (and so the fingerprint)."""
+    from olavlm.pipeline import teachers
+
+    monkeypatch.setattr(teachers, "weights_sha256", lambda module: "0" * 64)  # meta tensors: nothing to hash
+    from transformers import OneFormerForUniversalSegmentation
+
+    _, seg_config, _ = random_configs(RANDOM_PRESETS["tiny"])
+    with torch.device("meta"):
+        model = OneFormerForUniversalSegmentation(seg_config)
+    source = TeacherSource(name="seg", kind="oneformer_swin", model="x", image_size=768, grid=24)
+
+    def spec(processor):
+        return teachers.seg_teacher(source, model, processor).spec
+
+    default = spec(None)  # no preprocessor_config.json: OneFormerImageProcessor's class defaults
+    assert default.preprocess["processor_resize"] == [800, 800] and default.preprocess["processor_resample"] == "bilinear"
+    assert preprocess.input_shape(default.preprocess) == (800, 800)
+    hub_2022 = spec({"size": 800, "max_size": 1333, "resample": 2,  # the 2022 hub layout of the COCO Swin-L repo
+                     "image_mean": [0.48500001430511475, 0.4560000002384186, 0.4059999883174896],
+                     "image_std": [0.2290000021457672, 0.2239999920129776, 0.22499999403953552]})
+    assert hub_2022.preprocess["processor"]["size"] == {"shortest_edge": 800, "longest_edge": 1333}
+    assert hub_2022.preprocess["processor_resize"] == [800, 800]
+    fingerprints = {default.fingerprint, hub_2022.fingerprint}
+    for change in ({"size": {"shortest_edge": 640, "longest_edge": 1333}}, {"resample": 3},
+                   {"rescale_factor": 1 / 256}, {"image_std": [0.2, 0.2, 0.2]}):
+        fingerprints.add(spec(change).fingerprint)
+    assert len(fingerprints) == 6
+    # detectron2's 0-255 constants without the 1/255 rescale: the same normalisation as [0, 1] ones with it
+    raw = spec({"do_rescale": False, "image_mean": [123.675, 116.28, 103.53], "image_std": [58.395, 57.12, 57.375]})
+    np.testing.assert_allclose(raw.preprocess["mean"], (0.485, 0.456, 0.406), rtol=1e-6)
+    np.testing.assert_allclose(raw.preprocess["std"], (0.229, 0.224, 0.225), rtol=1e-6)
+    with pytest.raises(ValueError, match="outside the rescaled pixel range"):
+        spec({"image_mean": [123.675, 116.28, 103.53], "image_std": [58.395, 57.12, 57.375]})
+
+
+def test_processor_output_size_matches_transformers():
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        height, width, shortest = (int(v) for v in rng.integers(8, 3000, 3))
+        longest = int(rng.integers(shortest + 1, 4000)) if rng.random() < 0.7 else None
+        size = {"shortest_edge": shortest, **({"longest_edge": longest} if longest else {})}
+        assert preprocess.processor_output_size(height, width, size) == get_size_with_aspect_ratio(
+            (height, width), shortest, longest)
+    assert preprocess.processor_output_size(768, 768, {"shortest_edge": 800, "longest_edge": 1333}) == (800, 800)
+    assert preprocess.processor_output_size(10, 20, {"height": 5, "width": 7}) == (5, 7)
+
+
+@pytest.mark.timeout(120)
+def test_pickle_only_weights_are_refused_naming_the_folder(tmp_path, tiny):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "seg"
+    shutil.copytree(tiny["seg"].model, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    source = TeacherSource(name="seg", kind="oneformer_swin", model=str(folder), image_size=160, grid=4)
+    with pytest.raises(OSError, match=r"no safetensors weights \(only pytorch_model.bin\).*safe formats only") as error:
+        load_teacher(source)
+    assert str(folder) in str(error.value)
+
+
+def test_paper_preset_pins_revisions_that_hold_safetensors():
+    from olavlm.pipeline.presets import PAPER, PAPER_REVISIONS
+
+    for name in ("seg", "gen"):
+        assert len(PAPER[name].revision) == 40 and int(PAPER[name].revision, 16) >= 0
+    assert PAPER["seg"].revision == "3a79bee4670e109b164c020beb56678a8ba26e2f"  # the safetensors conversion commit
+    assert PAPER_REVISIONS["depth"] == ""  # no full sha in the offline material: unpinned, not invented
+    overridden = with_overrides(dict(PAPER), {"seg": "/some/folder"})
+    assert overridden["seg"].revision == ""  # other weights: their identity is the weights hash
+
+
+@pytest.mark.timeout(120)
+def test_spec_provenance_names_revision_and_weights_hash(tiny):
+    import dataclasses
+
+    spec = load_teacher(tiny["gen"]).spec
+    line = spec.provenance()
+    assert spec.weights_sha256 in line and "unpinned" in line and line.startswith(tiny["gen"].model)
+    pinned = dataclasses.replace(spec, revision="e" * 40)
+    assert ("e" * 40) in pinned.provenance() and pinned.fingerprint != spec.fingerprint
+
+
+def test_cache_of_the_old_seg_recipe_is_refused_with_the_reason(tmp_path):
+    import json
+
+    from olavlm.schemas.cache import CacheError, TargetCache
+
+    (tmp_path / "cache.json").write_text(json.dumps(
+        {"format": "olavlm-target-cache", "format_version": 1, "teachers": {}, "created": 0}))
+    with pytest.raises(CacheError, match="format version 1 is not supported.*OneFormer image processor.*Recompute"):
+        TargetCache(tmp_path).metadata()
 
 
 @pytest.mark.timeout(120)
@@ -207,7 +327,8 @@ def test_paper_architectures_give_the_paper_target_shapes():
         teacher = build(TeacherSource(name="t", kind=kind, model="paper"), model)
         assert teacher.spec.shape == shape
         height, width = preprocess.input_shape(teacher.spec.preprocess)
-        assert (height, width) == {"depth_anything": (336, 336), "oneformer_swin": (768, 768)}.get(kind, (224, 224))
+        # seg: the 768 squash, then OneFormerImageProcessor's default size (shortest edge 800) -> 800 x 800
+        assert (height, width) == {"depth_anything": (336, 336), "oneformer_swin": (800, 800)}.get(kind, (224, 224))
         images = torch.from_numpy(np.stack([preprocess.prepare(photo(0), teacher.spec.preprocess)]))
         out = teacher(images)
         assert out.shape == (1, *shape) and torch.isfinite(out).all()
