@@ -91,7 +91,7 @@ def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_st
     from olavlm.trainer.model import OlaVlm
     from olavlm.trainer.presets import build_tiny_student
     from olavlm.trainer.stages import apply_stage
-    from olavlm.trainer.train import TINY_HEADS
+    from olavlm.trainer.presets import TINY_HEADS
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

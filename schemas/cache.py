@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import quant, shardfile
+from .errors import OlaError
 from .manifest import ERROR_SCHEMA, ERROR_STAGES, MANIFEST_SCHEMA
 from .spec import TeacherSpec
 from .storage import Root, check_safe_name, staging_name
@@ -54,7 +55,7 @@ COMMIT_JSON = "commit.json"
 STAGING = ".staging"
 
 
-class CacheError(RuntimeError):
+class CacheError(OlaError, RuntimeError):
     """A cache that cannot be read or written as asked; the message names the path."""
 
 

@@ -8,9 +8,16 @@ Configs are never mutated: derive a new one with `dataclasses.replace`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 STAGES = ("pt", "vpt", "ift")
 TASK_ORDER = ("gen", "depth", "seg")
@@ -155,20 +162,151 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build a (nested) config dataclass from a dict; unknown keys are an error naming the key."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+# -- typed values: one conversion for options, TOML, YAML and JSON ----------------------------------
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_NUMBERS = {int: (int, "an integer"), float: ((int, float), "a number")}
+
+
+def coerce(annotation: Any, value: Any, *, name: str = "") -> Any:
+    """`value` (a command-line string or a value read from a config file) as the field type `annotation`.
+
+    Strings convert ("1e-3" -> 0.001, "gen,depth" -> ("gen", "depth"), "0-3" in an int tuple -> 0, 1, 2, 3,
+    JSON text -> dict); a wrong type raises ConfigError naming `name` (a field or an option)."""
+    try:
+        return _coerce(annotation, value)
+    except (TypeError, ValueError) as exc:
+        where = f"{name}: " if name else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def _coerce(annotation: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if annotation in _NUMBERS:  # a YAML 1.1 reader returns `1e-3` as a string
+        accepted, what = _NUMBERS[annotation]
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return annotation(value)
+        with contextlib.suppress(ValueError):
+            if isinstance(value, str):
+                return annotation(value.strip())
+        raise ValueError(f"expected {what}, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    if origin is tuple:
+        item = args[0] if args else Any
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            if item is int:
+                return tuple(n for p in parts for n in _int_range(p))
+            value = parts
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return tuple(_coerce(item, v) for v in value)
+    if origin is dict:
+        key_type, value_type = args if args else (Any, Any)
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping (a JSON object on the command line), got {value!r}")
+        return {_coerce(key_type, k): _coerce(value_type, v) for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):
+            return from_dict(annotation, value)
+        raise ValueError(f"expected a section (mapping), got {value!r}")
+    raise TypeError(f"unsupported config type {annotation!r}")
+
+
+def _int_range(text: str) -> list[int]:
+    """'8' -> [8]; '0-3' -> [0, 1, 2, 3]; '-2' -> [-2]."""
+    low, sep, high = text[1:].partition("-")
+    if sep:
+        return list(range(int(text[0] + low), int(high) + 1))
+    return [int(text)]
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation (the modules use `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a dict (TOML, YAML, JSON, a saved config.json): every value
+    is converted to its field's type; an unknown key or a wrong type is a ConfigError naming `section.field`."""
+    types_ = field_types(cls)
     kwargs = {}
     for name, value in data.items():
-        if name not in fields:
-            raise ValueError(f"{cls.__name__}: unknown config key {name!r} (known: {sorted(fields)})")
-        ftype = fields[name].type
-        sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "TrainConfig": TrainConfig}.get(str(ftype))
-        if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        elif name == "layers" and isinstance(value, dict):
-            value = {k: tuple(v) for k, v in value.items()}
-        kwargs[name] = value
+        if name not in types_:
+            where = f" in [{prefix[:-1]}]" if prefix else ""
+            raise ConfigError(f"{cls.__name__}: unknown config key {name!r}{where} (known: {sorted(types_)})")
+        annotation = types_[name]
+        if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+            kwargs[name] = from_dict(annotation, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(annotation, value, name=prefix + name)
     return cls(**kwargs)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw sections of a .toml, .yaml/.yml or .json config file (typed later by `from_dict`)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"{path}: config files are .toml, .yaml/.yml or .json")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected sections (a mapping) at the top level")
+    return data
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` on top of `base`, section by section (nested dicts merge, other values replace)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def flat_names(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """{'train': {'steps': 3}} -> {'train.steps'}: the fields a dict of overrides sets."""
+    out = set()
+    for key, value in data.items():
+        if isinstance(value, dict) and key in SECTION_NAMES and not prefix:
+            out |= flat_names(value, f"{key}.")
+        else:
+            out.add(prefix + key)
+    return out
+
+
+SECTION_NAMES = ("model", "data", "train")

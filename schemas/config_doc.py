@@ -43,9 +43,10 @@ def config_reference() -> str:
         "# Configuration reference",
         "",
         "Generated from `schemas/config.py` by `python -m olavlm.schemas.config_doc` (a test checks it is current).",
-        "`ola train --config run.toml` reads a file with the sections below; every field is also an option of",
-        "`ola train` (`--<section>.<field> VALUE`, e.g. `--train.lr 2e-5`), and the effective config is saved as",
-        "`config.json` in every checkpoint.",
+        "`ola train --config run.toml` reads a file (TOML, YAML or JSON) with the sections below; every field is also",
+        "an option of `ola train` (`--<section>.<field> VALUE`, e.g. `--train.lr 2e-5`, or `--lr 2e-5` where the name",
+        "is unique; `--seed` sets both seeds). Files and options go through one typed conversion, and the effective",
+        "config is saved as `config.json` in every checkpoint.",
         "",
     ]
     for cls_name, section in SECTIONS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import pytest
 
 from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from olavlm.trainer import checkpoint
-from olavlm.trainer.train import NonFiniteLossError, train
+from olavlm.trainer.train import NonFiniteLossError, read_metrics, train
 from tests._trainer_data import make_cache, make_corpus
 
 SHAPES = {"gen": (1, 24), "depth": (64, 32), "seg": (64, 48)}
@@ -38,6 +39,11 @@ def run_config(d, out, **train) -> RunConfig:
     )
 
 
+def history(summary: dict) -> list[dict]:
+    """The run's per-step records, read back from OUT/metrics.jsonl (every test run logs every step)."""
+    return read_metrics(summary["out"])
+
+
 @pytest.fixture(scope="module")
 def pt_run(data):
     d, _ = data
@@ -46,13 +52,13 @@ def pt_run(data):
 
 def test_pt_loss_decreases_and_checkpoints_are_complete(pt_run, data):
     d, _ = data
-    losses = [h["loss"] for h in pt_run["history"]]
+    losses = [h["loss"] for h in history(pt_run)]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-2:]) < np.mean(losses[:2])
-    terms = set(pt_run["history"][0])
-    assert {"ntp", "gen", "depth", "seg", "gen_l2", "samples_per_s", "tokens_per_s", "eta_s"} <= terms
-    metrics = [json.loads(line) for line in (d / "pt" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    terms = set(history(pt_run)[0])
+    assert {"ntp", "gen", "depth", "seg", "gen_l2", "samples_per_s", "tokens_per_s", "eta_s", "keys_sha256"} <= terms
+    assert [m["step"] for m in history(pt_run)] == [1, 2, 3, 4, 5, 6]
+    assert pt_run["last"]["step"] == 6
     ckpt = checkpoint.find(d / "pt")
     assert ckpt.name == "step-00000006"
     assert {p.name for p in ckpt.iterdir()} == {"model", "optimizer.safetensors", "trainer.json", "config.json"}
@@ -67,9 +73,9 @@ def test_resume_continues_exactly(pt_run, data):
     """The batches after a resume are those of the uninterrupted run, and on CPU the losses match."""
     d, _ = data
     resumed = train(dataclass_resume(d / "pt" / "checkpoints" / "step-00000003", d / "resumed"))
-    assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
-    for a, b in zip(pt_run["history"][3:], resumed["history"]):
-        assert a["keys"] == b["keys"]
+    assert [h["step"] for h in history(resumed)] == [4, 5, 6]
+    for a, b in zip(history(pt_run)[3:], history(resumed)):
+        assert a["keys_sha256"] == b["keys_sha256"]
         for term in ("loss", "ntp", "gen", "depth", "seg"):
             assert a[term] == pytest.approx(b[term], rel=1e-6, abs=1e-7), term
 
@@ -81,14 +87,14 @@ def dataclass_resume(ckpt, out) -> RunConfig:
 def test_ntp_only_baseline_and_ift_from_pt(pt_run, data):
     d, _ = data
     base = train(run_config(d, d / "base", distill=False, steps=2, save_every=100))
-    assert set(k for k in base["history"][0] if k in ("ntp", "loss", "gen", "depth")) == {"ntp", "loss"}
+    assert set(k for k in history(base)[0] if k in ("ntp", "loss", "gen", "depth")) == {"ntp", "loss"}
     assert base["fingerprints"] == {}
     ift_cfg = RunConfig(
         data=DataConfig(data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256),  # no cache needed
         train=TrainConfig(stage="ift", init_from=str(d / "pt"), steps=2, out=str(d / "ift"), save_every=100),
     )
     ift = train(ift_cfg)
-    assert all(math.isfinite(h["loss"]) for h in ift["history"]) and "depth" not in ift["history"][0]
+    assert all(math.isfinite(h["loss"]) for h in history(ift)) and "depth" not in history(ift)[0]
     saved = json.loads((checkpoint.find(d / "ift") / "config.json").read_text())
     assert saved["train"]["stage"] == "ift" and saved["model"]["tasks"] == ["gen", "depth", "seg"]
 
@@ -105,7 +111,7 @@ def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(tmp
     assert checkpoint.find(tmp_path / "run").name == "step-00000002"
     checkpoint.load(tmp_path / "run")  # intact and loadable
     skipped = train(run_config(tmp_path, tmp_path / "skip", steps=4, save_every=100, on_nonfinite="skip"))
-    assert [h["step"] for h in skipped["history"]] == [1, 2]  # steps 3 and 4 skipped, run finished
+    assert [h["step"] for h in history(skipped)] == [1, 2]  # steps 3 and 4 skipped, run finished
 
 
 @pytest.mark.slow
@@ -156,17 +162,79 @@ def test_cli_options_map_onto_config_fields(tmp_path):
     from olavlm.cli.train_cmds import load_config
 
     (tmp_path / "run.toml").write_text('[train]\nstage = "ift"\nlr = 1e-4\n[data]\nbatch_size = 4\n')
-    config = load_config(tmp_path / "run.toml", ["--train.lr", "3e-5", "--no-distill", "--tasks", "gen,depth",
-                                                 "--max-length", "512", "--data.seed", "7"])
+    config = cli_config("--config", str(tmp_path / "run.toml"), "--train.lr", "3e-5", "--no-distill",
+                        "--tasks", "gen,depth", "--max-length", "512", "--data.seed", "7", "--train.log_every", "2")
     assert config.train.stage == "ift" and config.train.lr == 3e-5 and config.train.distill is False
     assert config.data.batch_size == 4 and config.data.max_length == 512 and config.data.seed == 7
-    assert config.model.tasks == ("gen", "depth")
+    assert config.model.tasks == ("gen", "depth") and config.train.log_every == 2 and config.train.seed == 0
     (tmp_path / "run.yaml").write_text("model:\n  tokens_per_task: 4\n")
-    assert load_config(tmp_path / "run.yaml", []).model.tokens_per_task == 4
-    with pytest.raises(ValueError, match="ambiguous"):
-        load_config(None, ["--seed", "1"])
-    with pytest.raises(ValueError, match="unknown option --bogus"):
-        load_config(None, ["--bogus", "1"])
+    assert load_config(tmp_path / "run.yaml", {})[0].model.tokens_per_task == 4
+    seeded = cli_config("--seed", "3")
+    assert seeded.data.seed == 3 and seeded.train.seed == 3
+    assert "No such option: --bogus" in invoke("--bogus", "1").output
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from olavlm.cli.app import app
+
+    return CliRunner().invoke(app, ["train", *args], env={"COLUMNS": "200"})
+
+
+def cli_config(*args: str) -> RunConfig:
+    """The effective config `ola train ARGS --print-config` prints."""
+    from olavlm.schemas.config import from_dict
+
+    result = invoke(*args, "--print-config")
+    assert result.exit_code == 0, result.output
+    return from_dict(RunConfig, json.loads(result.output))
+
+
+def test_cli_type_errors_name_the_option_and_help_lists_every_field():
+    result = invoke("--steps", "abc")
+    assert result.exit_code == 2 and "--steps" in result.output and "'abc'" in result.output
+    help_text = invoke("--help").output
+    for cls, section in ((ModelConfig, "model"), (DataConfig, "data"), (TrainConfig, "train")):
+        for f in dataclasses.fields(cls):
+            assert f"--{section}.{f.name.replace('_', '-')}" in help_text, f.name
+    assert "--lr" in help_text and "Peak learning rate" in help_text
+
+
+def test_yaml_values_are_typed_like_options(tmp_path):
+    """PyYAML reads `lr: 1e-3` as a string: the typed path makes it a float before AdamW sees it."""
+    from olavlm.cli.train_cmds import load_config
+
+    (tmp_path / "run.yaml").write_text("train:\n  lr: 1e-3\n  steps: 2\n")
+    config, given = load_config(tmp_path / "run.yaml", {})
+    assert config.train.lr == 1e-3 and isinstance(config.train.lr, float) and given == {"train.lr", "train.steps"}
+    (tmp_path / "bad.yaml").write_text("train:\n  steps: many\n")
+    with pytest.raises(ValueError, match="train.steps: expected an integer"):
+        load_config(tmp_path / "bad.yaml", {})
+
+
+def test_yaml_lr_trains(data, tmp_path):
+    d, _ = data
+    (tmp_path / "run.yaml").write_text(
+        f"model:\n  preset: tiny\ndata:\n  data: {d / 'corpus'}\n  cache: {d / 'cache'}\n  batch_size: 2\n"
+        f"  num_workers: 0\n  max_length: 256\ntrain:\n  lr: 1e-3\n  steps: 1\n  out: {tmp_path / 'run'}\n")
+    result = invoke("--config", str(tmp_path / "run.yaml"))
+    assert result.exit_code == 0, result.output
+    assert read_metrics(tmp_path / "run")[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_resume_keeps_explicit_options_equal_to_their_default(pt_run, data, tmp_path):
+    """`--steps 1000` on resume is an option the user gave, even though 1000 is TrainConfig's default."""
+    from olavlm.trainer.run import resolve_run
+
+    d, _ = data
+    ckpt = str(d / "pt" / "checkpoints" / "step-00000003")
+    given = resolve_run(RunConfig(train=TrainConfig(resume=ckpt, steps=1000)), given={"train.resume", "train.steps"})
+    assert given.config.train.steps == 1000
+    inferred = resolve_run(RunConfig(train=TrainConfig(resume=ckpt, steps=1000)))
+    assert inferred.config.train.steps == 6  # built in code: only values that differ from the default count
+    with pytest.raises(ValueError, match="the saved run defines train.lr"):
+        resolve_run(RunConfig(train=TrainConfig(resume=ckpt, lr=0.5)), given={"train.resume", "train.lr"})
 
 
 def test_fsdp2_single_process_trains_saves_and_resumes(data):
@@ -174,5 +242,5 @@ def test_fsdp2_single_process_trains_saves_and_resumes(data):
     first = train(run_config(d, d / "fsdp", steps=3, save_every=2, fsdp=True))
     resumed = train(RunConfig(train=TrainConfig(resume=str(d / "fsdp" / "checkpoints" / "step-00000002"),
                                                 out=str(d / "fsdp-resumed"), steps=3, fsdp=True)))
-    assert resumed["history"][0]["keys"] == first["history"][2]["keys"]
-    assert resumed["history"][0]["loss"] == pytest.approx(first["history"][2]["loss"], rel=1e-6)
+    assert history(resumed)[0]["keys_sha256"] == history(first)[2]["keys_sha256"]
+    assert history(resumed)[0]["loss"] == pytest.approx(history(first)[2]["loss"], rel=1e-6)

@@ -20,6 +20,12 @@ PAPER = {
     "llm_phi3": "microsoft/Phi-3-mini-4k-instruct",
 }
 """The paper's students (method.md), used by name only: never downloaded by tests."""
+TINY_HEADS = {"head_width": 32, "head_num_heads": 4, "head_ffn_mult": 2}
+"""Head sizes of the tiny preset (the tests' student)."""
+TINY_STUDENT_DIR = "tiny-student"
+"""Folder under the run's output where `model.preset = 'tiny'` builds its student."""
+TINY_MARKER = "tiny_student.json"
+"""Written last by `build_tiny_student`: the student under the folder is complete."""
 
 # ChatML. `{% generation %}` marks assistant content, so that
 # `apply_chat_template(..., return_assistant_tokens_mask=True)` yields the
@@ -167,7 +173,7 @@ def build_tiny_student(
     llm.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)
     num_image_tokens = (image_size // patch_size) ** 2
-    (folder / "tiny_student.json").write_text(
+    (folder / TINY_MARKER).write_text(
         json.dumps({"seed": seed, "image_size": image_size, "num_image_tokens": num_image_tokens})
     )
     return TinyStudent(vision_model=str(vision_dir), llm=str(llm_dir), num_image_tokens=num_image_tokens)

@@ -1,0 +1,110 @@
+"""Processes and parallelism: torchrun's environment, DDP / FSDP2 wrapping, full state dicts.
+
+Kept out of the loop and the model (as torchtitan does): the loop calls `wrap`
+once and `full_states` when it saves. FSDP2 (`fully_shard` on every decoder
+block and on the root, which holds the vision tower: a separately sharded CLIP
+loses transformers' hidden-state capture) is for full fine-tuning of large LLMs;
+its checkpoints gather full weights to rank 0. DDP runs with
+find_unused_parameters=True: a micro-batch without images leaves the projector
+without gradient. Cost: one graph traversal per backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+from olavlm.schemas.config import RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: gloo on CPU, nccl on GPU. Plain python: one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, local_rank, device)
+
+
+def wrap(model, cfg: RunConfig, d: Dist):
+    """FSDP2 (train.fsdp), DDP (several processes) or the model itself."""
+    if cfg.train.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():  # FSDP2 needs a process group, even of one process
+            import tempfile
+
+            store = tempfile.mktemp(prefix="ola-fsdp-")
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                                    rank=0, world_size=1)
+        # Scalars (the InfoNCE logit scales) cannot be sharded: kept whole on every rank, their
+        # gradients are all-reduced by hand (`_sync_ignored`).
+        ignored = {p for p in model.parameters() if p.ndim == 0}
+        for block in model.llava.model.language_model.layers:
+            fully_shard(block)
+        fully_shard(model, ignored_params=ignored)
+        return model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                       find_unused_parameters=True)
+    return model
+
+
+def sync_ignored(model) -> None:
+    """FSDP2 leaves scalar parameters out of its gradient reduction: average their gradients here."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in model.parameters():
+        if p.ndim == 0 and p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def full_states(model, optimizer) -> tuple[dict | None, dict]:
+    """(full model state dict or None when the model is plain/DDP, full optimizer state dict keyed by names)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    full_model = get_model_state_dict(model, options=options) if is_fsdp(model) else None
+    return full_model, optim
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def gather(obj, d: Dist) -> list:
+    """`obj` from every rank, in rank order (one process: [obj])."""
+    if not dist.is_initialized() or d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
