@@ -135,3 +135,47 @@ def test_student_from_plain_llava_checkpoint(exported):
         torch.testing.assert_close(
             fresh.logits(ids, torch.ones_like(ids), pixels), trained.logits(ids, torch.ones_like(ids), pixels)
         )
+
+
+def test_pad_trained_model_gets_the_same_pixels_in_training_generate_and_export(tmp_path):
+    """A model trained with image_aspect_ratio 'pad': the data path, `ola generate` and the exported
+    processor all give it the padded image (LLaVA-1.5's expand2square with the mean colour)."""
+    import io
+
+    from olavlm.trainer.images import ImageTransform, with_aspect_ratio
+
+    model = tiny_model(seed=3)
+    crop_transform = ImageTransform.from_processor(model.image_processor)
+    model.image_processor = with_aspect_ratio(model.image_processor, "pad")  # what train() does for VPT/IFT
+    checkpoint = model.save_pretrained(tmp_path / "ckpt")
+    export_llava(checkpoint, tmp_path / "export")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (30, 60, 3), dtype=np.uint8))  # wide: pad adds bands
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+
+    loaded = OlaVlm.from_pretrained(checkpoint)
+    transform = ImageTransform.from_processor(loaded.image_processor)
+    assert transform.pad and not crop_transform.pad
+
+    def normalised(raw):
+        mean = torch.tensor(transform.mean).view(3, 1, 1) * 255
+        std = torch.tensor(transform.std).view(3, 1, 1) * 255
+        return (torch.from_numpy(raw).float() - mean) / std
+
+    training = normalised(transform(png.getvalue()))
+    generated = load_for_generation(checkpoint)[1](image, "Hi")["pixel_values"][0]
+    exported = load_for_generation(tmp_path / "export")[1](image, "Hi")["pixel_values"][0]
+    torch.testing.assert_close(generated, exported)
+    assert (training - generated).abs().max() < 0.05  # uint8 rounding of the resized image
+    # Independent route: pad by hand as LLaVA's expand2square does, then the plain CLIP processor.
+    background = tuple(int(m * 255) for m in transform.mean)
+    square = Image.new("RGB", (60, 60), background)
+    square.paste(image, (0, 15))
+    from transformers import CLIPImageProcessor
+
+    clip = CLIPImageProcessor(size={"shortest_edge": transform.shortest_edge},
+                              crop_size={"height": transform.crop[0], "width": transform.crop[1]})
+    torch.testing.assert_close(generated, clip(images=square, return_tensors="pt")["pixel_values"][0])
+    # and the padded input really differs from the centre crop of the same image
+    assert (normalised(crop_transform(png.getvalue())) - training).abs().max() > 0.5
