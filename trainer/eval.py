@@ -1,0 +1,396 @@
+"""`ola eval`: score a model on multiple-choice questions, resumably, and aggregate as the benchmark does.
+
+Scoring (`score`): questions go to an `EvalModel` (trainer/eval_model.py) in
+batches, in one of two modes:
+- generate: greedy reply, then `parse_answer`; an unparsed reply is wrong and its
+  id is listed in results.json (`unparsed`);
+- likelihood: the option with the highest log-probability after the prompt. With
+  continuation 'letter' the candidates are "A", "B", ...; with 'text' they are the
+  option texts, each score divided by its length in bytes (lm-eval's acc_norm), since
+  a summed log-probability prefers short options.
+
+Outputs in OUT (one folder per model):
+- predictions.jsonl: one line per question (id, task, source, answer, raw reply or
+  scores, parsed letter, correct), appended and fsynced after every batch. A rerun
+  reads it, skips ids already scored and scores the rest; a partial last line (a
+  kill mid-write) is cut off before appending. run.json records what the
+  predictions were made with (model folder, bench, data, mode, prompt settings); a
+  rerun with different settings fails instead of mixing answers of two runs.
+- results.json / results.csv: accuracy overall, per task and per source; for
+  CV-Bench also the card's aggregation: 2D = mean of the ADE20K and COCO accuracies,
+  3D = the Omni3D accuracy, overall = mean of 2D and 3D (not the pooled accuracy:
+  the sources differ in size).
+Cost: predictions.jsonl is re-read in full on every start (~1 MB for CV-Bench).
+
+Comparison (`compare`): two result sets on the same question ids, the difference
+per column and a paired bootstrap 95% interval: questions are resampled with
+replacement within each (task, source) stratum, the same draws for both models,
+and every column (tasks, 2D, 3D, overall) is recomputed per resample. Seeded, 2000
+resamples by default: ~1 s for CV-Bench's 2,638 questions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .eval_data import Question, parse_answer
+from .eval_model import EvalModel
+
+MODES = ("generate", "likelihood")
+CONTINUATIONS = ("letter", "text")
+PREDICTIONS = "predictions.jsonl"
+RUN = "run.json"
+RESULTS = "results.json"
+RESULTS_CSV = "results.csv"
+CVBENCH_TASKS = ("Count", "Depth", "Relation", "Distance")
+"""The paper's CV-Bench columns, in its order (Table 1)."""
+CVBENCH_2D_SOURCES = ("ADE20K", "COCO")
+CVBENCH_3D_SOURCE = "Omni3D"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """What a set of predictions was made with; a resumed run must match it field by field."""
+
+    model: str
+    """Resolved model folder."""
+    bench: str
+    """'cvbench' or 'mc'."""
+    data: str
+    """Resolved data file."""
+    mode: str = "generate"
+    """'generate' (greedy reply, parsed) or 'likelihood' (best-scoring option)."""
+    continuation: str = "letter"
+    """Likelihood mode: score the option 'letter' or the option 'text'."""
+    max_new_tokens: int = 32
+    """Generation mode: most tokens per reply."""
+    image_aspect_ratio: str = ""
+    """'pad' or 'crop' overrides the model's own mode (its saved image processor's); '' = the model's own."""
+
+    def identity(self) -> dict:
+        """The fields that decide the predictions (the other mode's option is left out)."""
+        out = asdict(self)
+        out.pop("continuation" if self.mode == "generate" else "max_new_tokens")
+        return out
+
+
+# ------------------------------------------------------------------------------------- predictions
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """{id: prediction} of a predictions.jsonl; a torn last line is ignored (and cut by `_truncate_torn`)."""
+    out: dict[str, dict] = {}
+    if not path.exists():
+        return out
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # torn write: the process died mid-line
+            row = json.loads(line)
+            out[row["id"]] = row
+    return out
+
+
+def _truncate_torn(path: Path) -> None:
+    """Cut a partial last line so that the next append starts on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+
+
+def _check_settings(out: Path, settings: EvalSettings) -> None:
+    path = out / RUN
+    mine = settings.identity()
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise ValueError(f"{out} holds predictions made with other settings {diff} (saved, now): "
+                             "use another --out, or delete it to start over")
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(mine, indent=2))
+    os.replace(tmp, path)
+
+
+def _choose(q: Question, scores: list[float], continuation: str) -> str:
+    if continuation == "text":  # per byte: a summed log-probability favours short options
+        scores = [s / max(1, len(o.encode())) for s, o in zip(scores, q.options)]
+    return q.letters[int(np.argmax(scores))]
+
+
+def score(model: EvalModel | Callable[[], EvalModel], questions: Sequence[Question], out: str | Path, settings: EvalSettings, *,
+          batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Score the questions not yet in OUT/predictions.jsonl, then aggregate all of them; returns results.
+
+    `model`: an `EvalModel`, or a function that builds one: called only if something is left to
+    score, so that printing a finished run's table never loads the weights.
+    """
+    if settings.mode not in MODES:
+        raise ValueError(f"mode {settings.mode!r}: one of {MODES}")
+    if settings.continuation not in CONTINUATIONS:
+        raise ValueError(f"continuation {settings.continuation!r}: one of {CONTINUATIONS}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, settings)
+    path = out / PREDICTIONS
+    done = read_predictions(path)
+    _truncate_torn(path)
+    todo = [q for q in questions if q.id not in done]
+    total, finished = len(questions), len(questions) - len(todo)
+    if progress:
+        progress(finished, total)
+    start = time.perf_counter()
+    if todo and not hasattr(model, "generate"):
+        model = model()
+    with path.open("a") as f:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            prompts, images = [q.prompt for q in batch], [q.image for q in batch]
+            rows = []
+            if settings.mode == "generate":
+                for q, reply in zip(batch, model.generate(prompts, images)):
+                    parsed = parse_answer(reply, q.options)
+                    rows.append({"raw": reply, "parsed": parsed})
+            else:
+                conts = [list(q.letters) if settings.continuation == "letter" else list(q.options) for q in batch]
+                for q, scores in zip(batch, model.logprobs(prompts, images, conts)):
+                    rows.append({"raw": [round(s, 6) for s in scores], "parsed": _choose(q, scores, settings.continuation)})
+            for q, row in zip(batch, rows):
+                line = {"id": q.id, "task": q.task, "source": q.source, "type": q.type, "answer": q.answer, **row,
+                        "correct": row["parsed"] == q.answer}
+                done[q.id] = line
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a batch is either on disk or rescored: never half-counted
+            finished += len(batch)
+            if progress:
+                progress(finished, total)
+    elapsed = time.perf_counter() - start
+    results = aggregate([done[q.id] for q in questions], bench=settings.bench)
+    results.update(settings=asdict(settings), scored_now=len(todo), seconds=round(elapsed, 3))
+    write_results(out, results)
+    return results
+
+
+# ------------------------------------------------------------------------------------- aggregation
+
+
+def _acc(rows: list[dict]) -> dict:
+    n, correct = len(rows), sum(bool(r["correct"]) for r in rows)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else float("nan")}
+
+
+def cvbench_columns(task_acc: dict[str, float], source_acc: dict[str, float]) -> dict[str, float]:
+    """The paper's CV-Bench columns plus the card's 2D / 3D / overall from per-task and per-source accuracies."""
+    nan = float("nan")
+    cols = {t: task_acc.get(t, nan) for t in CVBENCH_TASKS}
+    cols["2D"] = float(np.mean([source_acc.get(s, nan) for s in CVBENCH_2D_SOURCES]))
+    cols["3D"] = source_acc.get(CVBENCH_3D_SOURCE, nan)
+    cols["Overall"] = float(np.mean([cols["2D"], cols["3D"]]))
+    return cols
+
+
+def aggregate(rows: list[dict], *, bench: str) -> dict:
+    """Accuracy overall, per task and per source (+ CV-Bench's columns); unparsed ids listed."""
+    by_task: dict[str, list[dict]] = {}
+    by_source: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+        by_source.setdefault(r["source"], []).append(r)
+    results = {
+        "bench": bench,
+        **_acc(rows),
+        "tasks": {t: _acc(v) for t, v in sorted(by_task.items())},
+        "sources": {s: _acc(v) for s, v in sorted(by_source.items())},
+        "unparsed": [r["id"] for r in rows if r["parsed"] is None],
+    }
+    if bench == "cvbench":
+        results["cvbench"] = cvbench_columns({t: v["accuracy"] for t, v in results["tasks"].items()},
+                                             {s: v["accuracy"] for s, v in results["sources"].items()})
+    return results
+
+
+def columns(results: dict) -> dict[str, float]:
+    """The columns of the printed table: CV-Bench's paper columns, else overall + per task."""
+    if "cvbench" in results:
+        return dict(results["cvbench"])
+    cols = {"Overall": results["accuracy"]}
+    if len(results["tasks"]) > 1 or "" not in results["tasks"]:
+        cols.update({t or "(none)": v["accuracy"] for t, v in results["tasks"].items()})
+    return cols
+
+
+def write_results(out: Path, results: dict) -> None:
+    """results.json and results.csv (group, name, n, correct, accuracy), each replaced atomically."""
+    tmp = out / (RESULTS + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / RESULTS)
+    tmp = out / (RESULTS_CSV + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "name", "n", "correct", "accuracy"])
+        w.writerow(["all", "all", results["n"], results["correct"], f"{results['accuracy']:.6f}"])
+        for group in ("tasks", "sources"):
+            for name, v in results[group].items():
+                w.writerow([group[:-1], name, v["n"], v["correct"], f"{v['accuracy']:.6f}"])
+        for name, value in results.get("cvbench", {}).items():
+            w.writerow(["cvbench", name, "", "", f"{value:.6f}"])
+    os.replace(tmp, out / RESULTS_CSV)
+
+
+# ------------------------------------------------------------------------------------- comparison
+
+
+def compare(a: dict[str, dict], b: dict[str, dict], *, bench: str, resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap of B - A over the question ids both scored.
+
+    a, b: {id: prediction} (predictions.jsonl rows). Returns {column: {a, b, diff, low, high}}
+    with the 95% percentile interval of the difference.
+    """
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("the two result sets share no question ids")
+    rows_a, rows_b = [a[i] for i in ids], [b[i] for i in ids]
+    strata: dict[tuple[str, str], list[int]] = {}
+    for k, r in enumerate(rows_a):
+        strata.setdefault((r["task"], r["source"]), []).append(k)
+    ca = np.array([bool(r["correct"]) for r in rows_a], dtype=np.float64)
+    cb = np.array([bool(r["correct"]) for r in rows_b], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    # Per stratum and resample: correct counts of A and B on the same drawn questions. [S, R]
+    keys = sorted(strata)
+    sums_a, sums_b, sizes = [], [], []
+    for key in keys:
+        idx = np.asarray(strata[key])
+        draw = idx[rng.integers(0, len(idx), size=(resamples, len(idx)))]  # [R, n]
+        sums_a.append(ca[draw].sum(1))
+        sums_b.append(cb[draw].sum(1))
+        sizes.append(len(idx))
+    sums_a, sums_b, sizes = np.stack(sums_a), np.stack(sums_b), np.asarray(sizes, dtype=np.float64)
+
+    def cols(per_stratum_correct: np.ndarray) -> dict[str, np.ndarray]:
+        """Columns from per-stratum correct counts (stratum sizes fixed), vectorised over resamples."""
+        def acc(select) -> np.ndarray:
+            chosen = [i for i, key in enumerate(keys) if select(key)]
+            return per_stratum_correct[chosen].sum(0) / sizes[chosen].sum()
+
+        tasks = {t: acc(lambda k, t=t: k[0] == t) for t in sorted({k[0] for k in keys})}
+        out = {"Overall": acc(lambda k: True)}
+        if bench == "cvbench":
+            sources = {s: acc(lambda k, s=s: k[1] == s) for s in sorted({k[1] for k in keys})}
+            nan = np.full(per_stratum_correct.shape[1:], np.nan)
+            out = {t: tasks.get(t, nan) for t in CVBENCH_TASKS}
+            out["2D"] = np.mean([sources.get(s, nan) for s in CVBENCH_2D_SOURCES], axis=0)
+            out["3D"] = sources.get(CVBENCH_3D_SOURCE, nan)
+            out["Overall"] = (out["2D"] + out["3D"]) / 2
+        elif len(tasks) > 1 or "" not in tasks:
+            out.update({t or "(none)": v for t, v in tasks.items()})
+        return out
+
+    point_a = cols(np.array([[ca[strata[k]].sum()] for k in keys]))
+    point_b = cols(np.array([[cb[strata[k]].sum()] for k in keys]))
+    boot = cols(sums_b - sums_a)  # differences of counts -> differences of accuracies (same denominators)
+    result = {}
+    for name in point_a:
+        diffs = boot[name]
+        low, high = (np.percentile(diffs, [2.5, 97.5]) if np.isfinite(diffs).all() else (np.nan, np.nan))
+        result[name] = {"a": float(point_a[name][0]), "b": float(point_b[name][0]),
+                        "diff": float(point_b[name][0] - point_a[name][0]), "low": float(low), "high": float(high)}
+    return {"n": len(ids), "resamples": resamples, "seed": seed, "columns": result}
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+def format_table(named: dict[str, dict]) -> str:
+    """{label: results} -> a fixed-width table, one row per model, columns as `columns` (percent)."""
+    cols = list(dict.fromkeys(c for r in named.values() for c in columns(r)))
+    width = max(10, *(len(n) for n in named))
+    lines = [f"{'model':<{width}} " + " ".join(f"{c:>9}" for c in cols) + f" {'n':>6} {'unparsed':>8}"]
+    for label, r in named.items():
+        mine = columns(r)
+        cells = " ".join(f"{100 * mine.get(c, float('nan')):>9.1f}" for c in cols)
+        lines.append(f"{label:<{width}} {cells} {r['n']:>6} {len(r['unparsed']):>8}")
+    return "\n".join(lines)
+
+
+def format_comparison(comparison: dict, label_a: str, label_b: str) -> str:
+    """Per column: A, B, B - A and the bootstrap 95% interval of B - A (percentage points)."""
+    cols = comparison["columns"]
+    width = max(10, *(len(c) for c in cols))
+    lines = [f"{'column':<{width}} {label_a[:12]:>12} {label_b[:12]:>12} {'diff':>7}  95% CI (paired bootstrap, "
+             f"{comparison['resamples']} resamples, n={comparison['n']})"]
+    for name, v in cols.items():
+        lines.append(f"{name:<{width}} {100 * v['a']:>12.1f} {100 * v['b']:>12.1f} {100 * v['diff']:>+7.1f}  "
+                     f"[{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def labels(checkpoints: Sequence[str]) -> list[str]:
+    """Folder names as labels; full paths where two names collide."""
+    names = [Path(c).name or str(c) for c in checkpoints]
+    return names if len(set(names)) == len(names) else [str(c) for c in checkpoints]
+
+
+def run_eval(checkpoints: Sequence[str], *, bench: str, data: str, out: str | Path, mode: str = "generate",
+             continuation: str = "letter", limit: int = 0, batch_size: int = 8, max_new_tokens: int = 32,
+             image_aspect_ratio: str = "", device: str | None = None, resamples: int = 2000, seed: int = 0,
+             progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Evaluate one checkpoint (results in OUT) or two (OUT/<label> each, plus OUT/comparison.json).
+
+    Checkpoints: olavlm model / checkpoint / run folders or exported LLaVA folders.
+    Returns {"results": {label: results}, "comparison": {...} (two checkpoints only)}.
+    """
+    from .checkpoint import model_dir
+    from .eval_data import load_questions
+    from .eval_model import LlavaEvalModel
+
+    if not 1 <= len(checkpoints) <= 2:
+        raise ValueError(f"one checkpoint, or two to compare (got {len(checkpoints)})")
+    for c in checkpoints:
+        if not Path(c).is_dir():
+            raise FileNotFoundError(f"checkpoint folder {c} does not exist")
+    questions = load_questions(bench, data, limit=limit)
+    out = Path(out)
+    names = labels(checkpoints)
+    results, predictions = {}, {}
+    for checkpoint, label in zip(checkpoints, names):
+        folder = model_dir(checkpoint).resolve()
+        target = out if len(checkpoints) == 1 else out / label
+        settings = EvalSettings(model=str(folder), bench=bench, data=str(Path(data).resolve()), mode=mode,
+                                continuation=continuation, max_new_tokens=max_new_tokens,
+                                image_aspect_ratio=image_aspect_ratio)
+
+        def build(folder=folder) -> EvalModel:
+            return LlavaEvalModel(folder, device=device, image_aspect_ratio=image_aspect_ratio,
+                                  max_new_tokens=max_new_tokens)
+
+        report = (lambda done, total, label=label: progress(label, done, total)) if progress else None
+        results[label] = score(build, questions, target, settings, batch_size=batch_size, progress=report)
+        ids = {q.id for q in questions}
+        predictions[label] = {i: r for i, r in read_predictions(target / PREDICTIONS).items() if i in ids}
+    report = {"results": results}
+    if len(checkpoints) == 2:
+        a, b = names
+        report["comparison"] = {"a": a, "b": b, **compare(predictions[a], predictions[b], bench=bench,
+                                                           resamples=resamples, seed=seed)}
+        tmp = out / "comparison.json.tmp"
+        tmp.write_text(json.dumps(report["comparison"], indent=2))
+        os.replace(tmp, out / "comparison.json")
+    return report
