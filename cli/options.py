@@ -149,3 +149,18 @@ def config_options(sections: dict[str, type], *, skip: Collection[str] = ()) -> 
 
 CONTEXT_SETTINGS = {"token_normalize_func": lambda name: name.replace("_", "-")}
 """`--train.log_every` and `--train.log-every` are the same option (CONFIG.md names fields with `_`)."""
+
+
+def lazy_command(group: typer.Typer, name: str, summary: str, build: Callable[[], Callable]) -> None:
+    """Register `ola NAME` whose options come from a config class that imports heavy modules (torch, ray).
+
+    `build()` imports the class and returns a `config_options`-decorated function; it runs only when the
+    command runs or prints its --help, so `ola --help` and the other commands never import it. Cost: the
+    command's own arguments are parsed by an inner click command, one level below `ola`."""
+
+    @group.command(name, help=summary, add_help_option=False,
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command(ctx: typer.Context) -> None:
+        inner = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+        inner.command(name, context_settings=CONTEXT_SETTINGS)(build())
+        typer.main.get_command(inner).main(args=ctx.args, prog_name=ctx.command_path, standalone_mode=True)

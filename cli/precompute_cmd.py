@@ -1,7 +1,7 @@
 """`ola precompute` and `ola bench precompute`: thin wrappers, one function call each.
 
-The options map onto `PrecomputeConfig` fields by name; torch, ray and
-transformers are imported inside the commands so that `ola --help` stays instant.
+`ola precompute` has one option per `PrecomputeConfig` field (cli/options.py), generated
+when the command runs, so that `ola --help` imports neither numpy nor ray.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import json
 
 import typer
 
+from olavlm.schemas.errors import ConfigError
+
 from .errors import user_errors
 from .groups import Groups
+from .options import config_options, lazy_command
 
 
 def _parse_overrides(items: list[str]) -> dict[str, str]:
@@ -19,62 +22,48 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, model = item.partition("=")
         if not sep or not name or not model:
-            raise ValueError(f"--teacher {item!r}: expected NAME=PATH_OR_ID, e.g. depth=/models/depth-anything")
+            raise ConfigError(f"--teacher {item!r}: expected NAME=PATH_OR_ID, e.g. depth=/models/depth-anything")
         overrides[name.strip()] = model.strip()
     return overrides
 
 
-def _parse_json(option: str, text: str) -> dict:
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{option}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{option}: expected a JSON object")
-    return value
+PRECOMPUTE_HELP = "Compute teacher targets for every image of CORPUS into CACHE (resumable; rerun to finish)."
 
 
-def precompute_command(
-    corpus: str = typer.Argument(..., help="WebDataset tar shards: a folder, a brace pattern (shard-{000000..000099}.tar) or an fsspec URL."),
-    cache: str = typer.Argument(..., help="Target cache root: a local folder or an fsspec URL (s3://bucket/prefix)."),
-    teachers: str = typer.Option("depth,seg,gen", "--teachers", help="Comma-separated teachers to compute (and resume)."),
-    preset: str = typer.Option("paper", "--preset", help="Teacher weights: paper (hub checkpoints of method.md), tiny or small (seeded random, offline)."),
-    teacher: list[str] = typer.Option([], "--teacher", help="NAME=PATH_OR_ID: other weights for a preset teacher, same recipe; NAME=KIND:PATH_OR_ID adds a teacher (KIND: depth_anything, oneformer_swin, clip_image_embeds; list NAME in --teachers). Repeatable."),
-    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16, bfloat16 or int8 (lossy; fidelity recorded per shard)."),
-    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="Teacher compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per teacher forward (batches never cross shards)."),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto or ray://host:10001); default: start a local Ray."),
-    actors: int | None = typer.Option(None, "--actors", help="Teacher actors (default: one per GPU, 1 without GPUs)."),
-    num_gpus: int | None = typer.Option(None, "--num-gpus", help="GPUs to use (default: all that Ray sees; 0 = CPU only)."),
-    shards_in_flight: int | None = typer.Option(None, "--shards-in-flight", help="Shards preprocessed at once (default 2 x actors + 1)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shards done / to do, samples, bytes) and exit. Loads the teachers on CPU for their specs."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a teacher whose stored spec differs (deletes its committed shards)."),
-    storage_options: str = typer.Option("", "--storage-options", help='JSON fsspec options of the cache, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'.'),
-    corpus_storage_options: str = typer.Option("", "--corpus-storage-options", help="JSON fsspec options of the corpus."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with images/s and ETA on stderr."),
-) -> None:
-    """Compute teacher targets for every image of CORPUS into CACHE (resumable; rerun to finish)."""
-    with user_errors():
-        from olavlm.pipeline.precompute import PrecomputeConfig, plan_precompute, precompute
-        from olavlm.schemas.cache import SpecMismatchError
+def build_precompute():
+    """The command, with one option per PrecomputeConfig field (imported here: it pulls in numpy and presets)."""
+    from olavlm.pipeline.precompute import PrecomputeConfig
 
-        config = PrecomputeConfig(
-            corpus=corpus, cache=cache, teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
-            preset=preset, overrides=_parse_overrides(teacher), dtype=dtype, compute_dtype=compute_dtype,
-            batch_size=batch_size, address=address, actors=actors, num_gpus=num_gpus,
-            shards_in_flight=shards_in_flight, dry_run=dry_run, overwrite=overwrite,
-            storage_options=_parse_json("--storage-options", storage_options),
-            corpus_storage_options=_parse_json("--corpus-storage-options", corpus_storage_options),
-            progress=progress,
-        )
-        if dry_run:
-            typer.echo(plan_precompute(config).describe())
-            return
-        try:
-            summary = precompute(config)
-        except SpecMismatchError as exc:
-            raise ValueError(f"{exc} (rerun with --overwrite to replace that teacher's targets)") from None
-        typer.echo(summary.describe())
+    @config_options({"": PrecomputeConfig}, skip=("corpus", "cache", "overrides"))
+    def precompute_command(
+        corpus: str = typer.Argument(..., help="WebDataset tar shards: a folder, a brace pattern "
+                                     "(shard-{000000..000099}.tar) or an fsspec URL."),
+        cache: str = typer.Argument(..., help="Target cache root: a local folder or an fsspec URL (s3://bucket/prefix)."),
+        teacher: list[str] = typer.Option([], "--teacher", help="NAME=PATH_OR_ID: other weights for a preset teacher, "
+                                          "same recipe; NAME=KIND:PATH_OR_ID adds a teacher (KIND: depth_anything, "
+                                          "oneformer_swin, clip_image_embeds; list NAME in --teachers). Repeatable."),
+        *,
+        overrides: dict,
+    ) -> None:
+        """Compute teacher targets for every image of CORPUS into CACHE (resumable; rerun to finish).
+
+        Every PrecomputeConfig field is an option; --dry-run prints the plan (shards done / to do,
+        samples, bytes) and exits, loading the teachers on the CPU for their specs."""
+        with user_errors():
+            from olavlm.pipeline.precompute import plan_precompute, precompute
+            from olavlm.schemas.cache import SpecMismatchError
+
+            config = PrecomputeConfig(corpus=corpus, cache=cache, overrides=_parse_overrides(teacher), **overrides)
+            if config.dry_run:
+                typer.echo(plan_precompute(config).describe())
+                return
+            try:
+                summary = precompute(config)
+            except SpecMismatchError as exc:
+                raise SpecMismatchError(f"{exc} (rerun with --overwrite to replace that teacher's targets)") from None
+            typer.echo(summary.describe())
+
+    return precompute_command
 
 
 def bench_precompute_command(
@@ -100,5 +89,5 @@ def bench_precompute_command(
 
 def register(groups: Groups) -> None:
     """Add `ola precompute` and `ola bench precompute`."""
-    groups.root.command("precompute")(precompute_command)
+    lazy_command(groups.root, "precompute", PRECOMPUTE_HELP, build_precompute)
     groups.bench.command("precompute")(bench_precompute_command)

@@ -1,0 +1,43 @@
+"""Options generated from the config dataclasses (cli/options.py) for `ola precompute` and `ola probe`."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from olavlm.cli.app import app
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_help_lists_every_config_field():
+    from olavlm.pipeline.precompute import PrecomputeConfig
+    from olavlm.trainer.probe import ProbeConfig
+
+    for command, cls, skip in (("precompute", PrecomputeConfig, {"corpus", "cache", "overrides"}),
+                               ("probe", ProbeConfig, set())):
+        text = invoke(command, "--help").output
+        for f in dataclasses.fields(cls):
+            if f.name not in skip:
+                assert f"--{f.name.replace('_', '-')}" in text, (command, f.name)
+
+
+def test_type_errors_name_the_option(tmp_path):
+    result = invoke("probe", str(tmp_path), "--data", "d", "--cache", "c", "--out", str(tmp_path), "--steps", "abc")
+    assert result.exit_code == 2 and "--steps" in result.output and "'abc'" in result.output
+    result = invoke("precompute", str(tmp_path), str(tmp_path / "c"), "--batch-size", "1.5")
+    assert result.exit_code == 2 and "--batch-size" in result.output
+
+
+def test_ola_help_imports_neither_torch_nor_the_pipeline():
+    script = ("import sys\nfrom typer.main import get_command\nfrom olavlm.cli.app import app\nget_command(app)\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'numpy')"
+              " or m.startswith(('olavlm.pipeline', 'olavlm.trainer'))))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
