@@ -52,6 +52,8 @@ ROWS_PER_OBJECT = 64
 
 CACHE_JSON = "cache.json"
 COMMIT_JSON = "commit.json"
+MANIFEST_PARQUET = "manifest.parquet"
+ERRORS_PARQUET = "errors.parquet"
 STAGING = ".staging"
 
 
@@ -292,7 +294,7 @@ class TargetCache:
              "stage": [e.stage for e in errors], "reason": [e.reason for e in errors]},
             schema=ERROR_SCHEMA,
         )
-        for name, table in (("manifest.parquet", manifest), ("errors.parquet", error_table)):
+        for name, table in ((MANIFEST_PARQUET, manifest), (ERRORS_PARQUET, error_table)):
             with self.root.fs.open(self.root.join(*target, name), "wb") as f:
                 pq.write_table(table, f)
         commit = {"teacher": spec.name, "shard": shard, "fingerprint": spec.fingerprint, "rows": n,
@@ -307,18 +309,26 @@ class TargetCache:
         return ShardReader(self, self.spec(teacher), shard)
 
     def manifest(self, teacher: str | None = None) -> pa.Table:
-        return self._concat("manifest.parquet", MANIFEST_SCHEMA, teacher)
+        """Every committed shard's manifest rows (of one teacher, or of all)."""
+        return self._concat(self.shard_manifest, MANIFEST_SCHEMA, teacher)
 
     def errors(self, teacher: str | None = None) -> pa.Table:
-        return self._concat("errors.parquet", ERROR_SCHEMA, teacher)
+        """Every committed shard's error rows (of one teacher, or of all)."""
+        return self._concat(self.shard_errors, ERROR_SCHEMA, teacher)
 
-    def _concat(self, name: str, schema: pa.Schema, teacher: str | None) -> pa.Table:
-        tables = [self.read_table(t, shard, name) for t in ([teacher] if teacher else self.teachers())
-                  for shard in self.committed_shards(t)]
+    def _concat(self, read, schema: pa.Schema, teacher: str | None) -> pa.Table:
+        tables = [read(t, shard) for t in ([teacher] if teacher else self.teachers()) for shard in self.committed_shards(t)]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
-    def read_table(self, teacher: str, shard: str, name: str, columns: list[str] | None = None) -> pa.Table:
-        """One committed shard's manifest.parquet or errors.parquet (optionally only some columns)."""
+    def shard_manifest(self, teacher: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """One committed shard's manifest (MANIFEST_SCHEMA; optionally only some columns)."""
+        return self._read_table(teacher, shard, MANIFEST_PARQUET, columns)
+
+    def shard_errors(self, teacher: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """One committed shard's error table (ERROR_SCHEMA; optionally only some columns)."""
+        return self._read_table(teacher, shard, ERRORS_PARQUET, columns)
+
+    def _read_table(self, teacher: str, shard: str, name: str, columns: list[str] | None) -> pa.Table:
         with self.root.fs.open(self.root.join(teacher, shard, name), "rb") as f:
             return pq.read_table(f, columns=columns)
 
@@ -377,7 +387,7 @@ class ShardReader:
     @property
     def keys(self) -> list[str]:
         if self._keys is None:
-            table = self._cache.read_table(self.spec.name, self.shard, "manifest.parquet", columns=["key"])
+            table = self._cache.shard_manifest(self.spec.name, self.shard, columns=["key"])
             self._keys = table.column("key").to_pylist()
         return self._keys
 

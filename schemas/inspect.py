@@ -92,8 +92,8 @@ def verify_cache(cache: TargetCache, corpus: str | None = None, storage_options:
             try:
                 info = cache.commit_info(teacher, shard)
                 reader = cache.open_shard(teacher, shard)
-                manifest = cache.read_table(teacher, shard, "manifest.parquet")
-                errors = cache.read_table(teacher, shard, "errors.parquet")
+                manifest = cache.shard_manifest(teacher, shard)
+                errors = cache.shard_errors(teacher, shard)
             except Exception as exc:
                 problems.append(f"{where}: unreadable: {exc}")
                 continue

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from olavlm.schemas import quant
@@ -81,9 +80,7 @@ class TargetJoin:
         if shard not in self._committed[task]:
             return None
         if (task, shard) not in self._aligned:
-            root = self.cache.root
-            with root.fs.open(root.join(task, shard, "manifest.parquet"), "rb") as f:
-                table = pq.read_table(f, columns=["key", "row", "sha256"])
+            table = self.cache.shard_manifest(task, shard, columns=["key", "row", "sha256"])
             cols = [table.column(c).to_pylist() for c in ("key", "row", "sha256")]
             self._aligned[(task, shard)] = {k: (r, h) for k, r, h in zip(*cols)}
         return self._aligned[(task, shard)]
