@@ -11,6 +11,8 @@ The experiment of docs/FIDELITY.md, one command, resumable:
    with its mean, standard deviation and a t-like ratio mean / (std / sqrt(n)); and
    the probe noise floor (the std over probe seeds within one run).
 
+Runs on CUDA when there is a GPU (training and probes), else on the CPU.
+
 Design choice: training seed is the unit of replication (it changes the student's
 initialisation and the data order); probe seeds only measure the probe's own noise
 and are averaged within a run. Cost: 2 x `train_seeds` PT runs and their probes;
@@ -69,7 +71,7 @@ def run_fidelity(out: Path, config: FidelityConfig, *, log=print) -> dict:
                 for arm in ("ola", "baseline")}
         log(f"seed {seed}: trained {list(runs)}; probing")
         probed = run_probe([runs["ola"], runs["baseline"]], names=["ola", "baseline"], data=str(corpus),
-                           cache=str(cache), out=str(out / f"seed{seed}" / "probe"), config=probe, device="cpu")
+                           cache=str(cache), out=str(out / f"seed{seed}" / "probe"), config=probe)
         rows.extend({**r, "train_seed": seed} for r in probed)
     result = {"config": asdict(config), "teachers": summarise(rows)}
     (out / "fidelity.json").write_text(json.dumps({**result, "rows": rows}, indent=2))
