@@ -36,8 +36,14 @@ def eval_command(
     """Score CHECKPOINT on a multiple-choice benchmark and print the paper's table columns.
 
     CV-Bench is aggregated as its card defines it (2D = mean of ADE20K and COCO, 3D = Omni3D, overall = mean of 2D and 3D). Rerunning with the same --out resumes: scored questions are kept."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from olavlm.trainer.eval import format_comparison, format_table, run_eval
 

@@ -119,6 +119,15 @@ def write_cvbench(path, spec=FIXTURE) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from a second thread, and on shared cores its spin-waits cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cvbench(tmp_path_factory):
     path = tmp_path_factory.mktemp("cvbench") / "test.parquet"
@@ -458,7 +467,7 @@ def test_tiny_student_scores_do_not_depend_on_batching(student, cvbench):
     """Right-padded likelihood rows are exact; the multi-token path agrees with the one-token path."""
     from olavlm.trainer.eval_model import LlavaEvalModel
 
-    model = LlavaEvalModel(student[0], device="cpu")
+    model = LlavaEvalModel(student[0], device="cpu", max_new_tokens=4)
     qs = load_cvbench(cvbench)[:5]
     prompts, images = [q.prompt for q in qs], [q.image for q in qs]
     conts = [list(q.letters) for q in qs]
@@ -470,5 +479,28 @@ def test_tiny_student_scores_do_not_depend_on_batching(student, cvbench):
     mixed = model.logprobs(prompts, images, [c + ["blue circle"] for c in conts])
     for m, b in zip(mixed, batched):
         np.testing.assert_allclose(m[:-1], b, atol=1e-4)
-    assert model.image_aspect_ratio == "crop"  # the tiny student's processor crops
-    assert model.pixels(images).shape == (5, 3, 32, 32)
+    # Left-padded batched greedy decoding gives each row what it gives alone.
+    assert model.generate(prompts, images) == [model.generate([p], [im])[0] for p, im in zip(prompts, images)]
+
+
+def test_images_are_padded_or_cropped_as_the_model_was_trained(student, cvbench, tmp_path):
+    """The mode comes from the model's saved image processor (export included); --image-aspect-ratio overrides."""
+    from olavlm.trainer.eval_model import LlavaEvalModel
+    from olavlm.trainer.export import export_llava
+    from olavlm.trainer.images import with_aspect_ratio
+    from olavlm.trainer.model import OlaVlm
+
+    image = [load_cvbench(cvbench)[0].image]  # 96 x 64: padding and cropping differ
+    cropped = LlavaEvalModel(student[0], device="cpu")
+    assert cropped.image_aspect_ratio == "crop" and cropped.pixels(image).shape == (1, 3, 32, 32)
+    model = OlaVlm.from_pretrained(student[0])
+    model.image_processor = with_aspect_ratio(model.image_processor, "pad")
+    padded_ckpt = model.save_pretrained(tmp_path / "padded")
+    for folder in (padded_ckpt, export_llava(padded_ckpt, tmp_path / "padded-llava")):
+        padded = LlavaEvalModel(folder, device="cpu")
+        assert padded.image_aspect_ratio == "pad"
+        assert not torch.allclose(padded.pixels(image), cropped.pixels(image))
+        # The top rows are the mean colour: normalised, about 0 (the mean is truncated to integers).
+        assert padded.pixels(image)[0, :, 0].abs().max() < 0.02
+    override = LlavaEvalModel(padded_ckpt, device="cpu", image_aspect_ratio="crop")
+    torch.testing.assert_close(override.pixels(image), cropped.pixels(image))
