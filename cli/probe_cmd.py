@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from olavlm.schemas.errors import ConfigError
+
 from .errors import user_errors
 from .groups import Groups
 from .options import config_options, lazy_command
@@ -47,7 +49,10 @@ def build_probe():
         with user_errors(), Progress(TextColumn("{task.description}"), BarColumn(),
                                      TextColumn("{task.completed}/{task.total}"),
                                      TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()) as bar:
-            config = ProbeConfig(**overrides)
+            try:
+                config = ProbeConfig(**overrides)
+            except ValueError as exc:  # ProbeConfig checks its values with plain ValueErrors
+                raise ConfigError(str(exc)) from None
             tasks: dict[str, int] = {}
 
             def progress(name: str, step: int, total: int, loss: float) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from olavlm.schemas.corpus import TarShardWriter
+from olavlm.schemas.errors import ConfigError
 
 # (loader name, caption noun); grayscale images are kept grayscale on purpose:
 # the pipeline must convert them.
@@ -100,7 +101,7 @@ def build_demo_corpus(out: str | os.PathLike[str], samples: int = 256, shard_siz
     from PIL import Image
 
     if samples < 1 or shard_size < 1:
-        raise ValueError(f"samples ({samples}) and shard size ({shard_size}) must be >= 1")
+        raise ConfigError(f"samples ({samples}) and shard size ({shard_size}) must be >= 1")
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
     images = source_images()

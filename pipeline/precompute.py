@@ -59,6 +59,7 @@ from olavlm.schemas.corpus import (
     sha256_hex,
     split_member_name,
 )
+from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import STORAGE_DTYPES, TeacherSpec
 
 from .preprocess import input_shape, prepare_all
@@ -118,22 +119,22 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+            raise ConfigError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if self.preset not in PRESETS:
-            raise ValueError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+            raise ConfigError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         if not self.teachers or len(set(self.teachers)) != len(self.teachers):
-            raise ValueError(f"--teachers {','.join(self.teachers)!r}: give each teacher once, at least one")
+            raise ConfigError(f"--teachers {','.join(self.teachers)!r}: give each teacher once, at least one")
         if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
-            raise ValueError("--batch-size and --actors must be >= 1")
+            raise ConfigError("--batch-size and --actors must be >= 1")
 
     def sources(self) -> dict[str, TeacherSource]:
         sources = with_overrides(preset_sources(self.preset, tuple(t for t in self.teachers if t in TEACHER_NAMES)),
                                  self.overrides)
         missing = [t for t in self.teachers if t not in sources]
         if missing:
-            raise ValueError(f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
+            raise ConfigError(f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
                              "nor added with --teacher NAME=KIND:PATH_OR_ID")
         return {t: sources[t] for t in self.teachers}
 
@@ -475,7 +476,7 @@ def _start_actors(ray, config: PrecomputeConfig, sources: dict[str, TeacherSourc
     gpus = int(ray.cluster_resources().get("GPU", 0)) if config.num_gpus is None else config.num_gpus
     actors = config.actors or max(1, gpus)
     if gpus and actors > gpus:  # the extra actors would wait for a GPU forever
-        raise ValueError(f"--actors {actors} needs {actors} GPUs, {gpus} available (one GPU per actor)")
+        raise ConfigError(f"--actors {actors} needs {actors} GPUs, {gpus} available (one GPU per actor)")
     if gpus:
         options = {"num_gpus": 1, "num_cpus": 1}
         threads = config.cpu_threads

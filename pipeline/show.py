@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from olavlm.schemas.cache import TargetCache
-from olavlm.schemas.corpus import decode_image, iter_samples, list_shards
+from olavlm.schemas.cache import CacheError, TargetCache
+from olavlm.schemas.corpus import CorpusError, decode_image, iter_samples, list_shards
 
 
 def pca_rgb(tokens: np.ndarray) -> np.ndarray:
@@ -21,7 +21,7 @@ def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     t = tokens.shape[0]
     side = int(round(np.sqrt(t)))
     if side * side != t:
-        raise ValueError(f"{t} tokens do not form a square grid")
+        raise CacheError(f"{t} tokens do not form a square grid")
     centered = tokens - tokens.mean(0, keepdims=True)
     _, _, vt = np.linalg.svd(centered, full_matrices=False)
     components = centered @ vt[:3].T  # [T, 3]
@@ -39,7 +39,7 @@ def find_image(corpus: str, key: str, shard: str | None = None) -> bytes:
         for sample in iter_samples(candidate.url):
             if sample.key == key and getattr(sample, "image_bytes", None) is not None:
                 return sample.image_bytes
-    raise KeyError(f"key {key!r} not found in corpus {corpus}" + (f" shard {shard}" if shard else ""))
+    raise CorpusError(f"key {key!r} not found in corpus {corpus}" + (f" shard {shard}" if shard else ""))
 
 
 def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None, dpi: int = 100) -> dict:
@@ -52,12 +52,12 @@ def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None
     cache = TargetCache(cache_root)
     specs = cache.specs()
     if not specs:
-        raise KeyError(f"{cache_root}: the cache has no teachers")
+        raise CacheError(f"{cache_root}: the cache has no teachers")
     targets, shard = {}, None
     for name in specs:
         found = cache.index(name).get(key)
         if found is None:
-            raise KeyError(f"{cache_root}: key {key!r} has no {name!r} target")
+            raise CacheError(f"{cache_root}: key {key!r} has no {name!r} target")
         shard = found[0]
         targets[name] = cache.open_shard(name, found[0]).read(found[1])
     panels = (1 if corpus else 0) + len(targets)

@@ -41,3 +41,19 @@ def test_ola_help_imports_neither_torch_nor_the_pipeline():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_only_the_projects_own_errors_become_one_line():
+    import pytest
+    import typer
+
+    from olavlm.cli.errors import user_errors
+    from olavlm.schemas.errors import ConfigError
+
+    with pytest.raises(typer.Exit) as exit_:
+        with user_errors():
+            raise ConfigError("train.steps: expected an integer")
+    assert exit_.value.exit_code == 2
+    with pytest.raises(ValueError, match="a bug"):  # anything else keeps its traceback
+        with user_errors():
+            raise ValueError("a bug")

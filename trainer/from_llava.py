@@ -25,7 +25,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from olavlm.schemas.corpus import TarShardWriter
+from olavlm.schemas.corpus import CorpusError, TarShardWriter
+from olavlm.schemas.errors import ConfigError
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 REPORT = "from_llava_report.json"
@@ -56,11 +57,11 @@ def convert_llava(json_path: str, image_root: str, out: str, *, shard_size: int 
                   prefix: str = "llava") -> ConversionReport:
     """Convert a LLaVA JSON file; see the module docstring."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, not {shard_size}")
+        raise ConfigError(f"shard_size must be >= 1, not {shard_size}")
     with open(json_path, encoding="utf-8") as f:
         entries = json.load(f)
     if not isinstance(entries, list):
-        raise ValueError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
+        raise CorpusError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
     os.makedirs(out, exist_ok=True)
     root = os.path.realpath(image_root)
     seen: Counter = Counter()

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from olavlm.schemas.config import DataConfig
 from olavlm.schemas.corpus import IMAGE_EXTENSIONS, CorpusError, sha256_hex
+from olavlm.schemas.errors import ConfigError
 
 from .collate import Example, collate
 from .images import ImageTransform
@@ -72,7 +73,7 @@ class SampleStream(IterableDataset):
                  join: TargetJoin | None, rank: int = 0, world: int = 1, start: LoaderState = LoaderState(),
                  storage_options: dict | None = None):
         if config.on_missing not in ("error", "skip"):
-            raise ValueError(f"on_missing must be 'error' or 'skip', not {config.on_missing!r}")
+            raise ConfigError(f"on_missing must be 'error' or 'skip', not {config.on_missing!r}")
         self.config, self.tokenizer, self.layout, self.transform, self.join = config, tokenizer, layout, transform, join
         self.rank, self.world, self.start, self.storage_options = rank, world, start, storage_options
         self.shards = shards_of(config.data, storage_options)
@@ -222,7 +223,7 @@ def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transfor
     join = None
     if tasks:
         if not config.cache:
-            raise ValueError(f"teachers {list(tasks)} need a target cache (DataConfig.cache / --cache)")
+            raise ConfigError(f"teachers {list(tasks)} need a target cache (DataConfig.cache / --cache)")
         join = TargetJoin(config.cache, tasks, expect_fingerprints=config.expect_fingerprints,
                           storage_options=storage_options)
     stream = SampleStream(config, tokenizer=tokenizer, layout=layout, transform=transform, join=join, rank=rank,

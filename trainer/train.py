@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from olavlm.schemas.config import RunConfig, TrainConfig, to_dict
+from olavlm.schemas.errors import ConfigError, OlaError
 
 from . import checkpoint
 from .collate import to_device
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(OlaError, FloatingPointError):
     """A loss term became NaN or inf; the message names the step and the term."""
 
 
@@ -125,7 +126,7 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
     resumed = checkpoint.load(run.resume)
     states = resumed["trainer"]["loader"]
     if len(states) != d.world:
-        raise ValueError(f"{resumed['path']} was written by {len(states)} ranks, this run has {d.world}: "
+        raise ConfigError(f"{resumed['path']} was written by {len(states)} ranks, this run has {d.world}: "
                          "an exact resume needs the same world size")
     set_optimizer_state_dict(wrapped, optimizer, resumed["optimizer"], options=StateDictOptions(full_state_dict=True))
     checkpoint.set_rng_state(resumed["trainer"]["rng"][d.rank])
@@ -149,7 +150,7 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ValueError("--tensorboard needs the `tensorboard` package (pip install tensorboard)") from exc
+                raise ConfigError("--tensorboard needs the `tensorboard` package (pip install tensorboard)") from exc
             self.tensorboard = SummaryWriter(str(out / "tensorboard"))
         from tqdm import tqdm
 
