@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from olavlm.schemas.config import ModelConfig, from_dict, to_dict
+from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import TeacherSpec
 
 from .atomic import atomic_dir
@@ -39,14 +40,14 @@ def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[in
         if (path / CONFIG_FILE).exists():
             model = load_student(path, dtype=dtype)
             if model.layout.tasks != ordered_tasks(config.tasks):
-                raise ValueError(f"{path}: checkpoint tasks {model.layout.tasks} != configured {config.tasks}")
+                raise ConfigError(f"{path}: checkpoint tasks {model.layout.tasks} != configured {config.tasks}")
             if model.shapes != {t: s for t, s in shapes.items() if t in model.shapes}:
-                raise ValueError(f"{path}: checkpoint target shapes {model.shapes} != teacher specs {shapes}")
+                raise ConfigError(f"{path}: checkpoint target shapes {model.shapes} != teacher specs {shapes}")
             return model
         llava, tokenizer, image_processor = _load_llava(config.llava_checkpoint, dtype)
     else:
         if not (config.vision_model and config.llm):
-            raise ValueError("ModelConfig needs vision_model and llm, or llava_checkpoint")
+            raise ConfigError("ModelConfig needs vision_model and llm, or llava_checkpoint")
         llava, tokenizer, image_processor = _compose_llava(config, dtype)
     layout = add_task_tokens(tokenizer, config.tasks, config.tokens_per_task, llava.config.image_seq_length)
     if len(tokenizer) > llava.get_input_embeddings().num_embeddings:
@@ -67,7 +68,7 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     if meta.get("format") == 1:
         meta, extras = _from_format_1(meta, extras)
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path / CONFIG_FILE}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        raise ConfigError(f"{path / CONFIG_FILE}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
     config = from_dict(ModelConfig, meta["model_config"])
     specs = {t: TeacherSpec.from_dict(d) for t, d in meta.get("teacher_specs", {}).items()}
     shapes = {t: tuple(s) for t, s in meta["target_shapes"].items()}
@@ -76,13 +77,13 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     image_processor = AutoImageProcessor.from_pretrained(path)
     layout = layout_of(tokenizer, config.tasks, config.tokens_per_task, meta["layout"]["num_image_tokens"])
     if _layout_dict(layout) != meta["layout"]:
-        raise ValueError(f"{path}: tokenizer ids {_layout_dict(layout)} != saved layout {meta['layout']}")
+        raise ConfigError(f"{path}: tokenizer ids {_layout_dict(layout)} != saved layout {meta['layout']}")
     model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
                    image_processor=image_processor, teacher_specs=specs)
     missing, unexpected = model.load_state_dict(extras, strict=False)
     missing = [k for k in missing if not k.startswith("llava.")]
     if missing or unexpected:
-        raise ValueError(f"{path / EXTRAS_FILE}: missing {missing}, unexpected {unexpected}")
+        raise ConfigError(f"{path / EXTRAS_FILE}: missing {missing}, unexpected {unexpected}")
     return model.to(dtype) if dtype is not None else model
 
 
@@ -173,7 +174,7 @@ def _load_llava(path: str, dtype):
 
     llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
     if llava.config.vision_feature_select_strategy != "default":
-        raise ValueError(f"{path}: vision_feature_select_strategy must be 'default' (CLS dropped)")
+        raise ConfigError(f"{path}: vision_feature_select_strategy must be 'default' (CLS dropped)")
     processor = AutoProcessor.from_pretrained(path)
     return llava, processor.tokenizer, processor.image_processor
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from olavlm.schemas.config import IMAGE_ASPECT_RATIOS, STAGE_IMAGE_ASPECT_RATIO
 from olavlm.schemas.corpus import decode_image
+from olavlm.schemas.errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,7 +122,7 @@ def resolve_aspect_ratio(ratio: str, stage: str) -> str:
     """The configured `image_aspect_ratio`, or the stage's default ('' -> crop for PT, pad for VPT and IFT)."""
     ratio = ratio or STAGE_IMAGE_ASPECT_RATIO[stage]
     if ratio not in IMAGE_ASPECT_RATIOS:
-        raise ValueError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS} (or '' for the stage default)")
+        raise ConfigError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS} (or '' for the stage default)")
     return ratio
 
 
@@ -132,7 +133,7 @@ def with_aspect_ratio(processor, ratio: str):
     without padding as it is. The result is what the model saves, exports and generates with.
     """
     if ratio not in IMAGE_ASPECT_RATIOS:
-        raise ValueError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS}")
+        raise ConfigError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS}")
     pad = ratio == "pad"
     if bool(getattr(processor, "do_pad", False)) == pad:
         return processor

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from olavlm.schemas.config import ModelConfig, scaled_layers
+from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import TeacherSpec
 
 from .heads import ResamplerHead
@@ -63,10 +64,10 @@ def resolve_layers(config: ModelConfig, num_layers: int) -> dict[str, tuple[int,
     for task in ordered_tasks(config.tasks):
         layers = config.layers.get(task) or default.get(task)
         if not layers:
-            raise ValueError(f"task {task!r} has no paper default layers: set ModelConfig.layers[{task!r}]")
+            raise ConfigError(f"task {task!r} has no paper default layers: set ModelConfig.layers[{task!r}]")
         bad = [layer for layer in layers if not 1 <= layer <= num_layers]
         if bad:
-            raise ValueError(f"task {task!r}: layers {bad} outside the LLM's 1..{num_layers} "
+            raise ConfigError(f"task {task!r}: layers {bad} outside the LLM's 1..{num_layers} "
                              "(paper numbering: layer i = hidden_states[i])")
         out[task] = tuple(sorted(set(layers)))
     return out
@@ -230,7 +231,7 @@ class OlaVlm(nn.Module):
         embeds = self.embed(input_ids, pixel_values, image_mask)  # [B, L, D]
         bad = [layer for layer in capture if not 1 <= layer <= self.num_layers]
         if bad:
-            raise ValueError(f"layers {bad} outside the LLM's 1..{self.num_layers}")
+            raise ConfigError(f"layers {bad} outside the LLM's 1..{self.num_layers}")
         with self._capture([layer for layer in capture if layer < self.num_layers]) as states:
             out = self.llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         if self.num_layers in capture:  # hidden_states[-1] is the normed final output, not the block's

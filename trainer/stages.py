@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from olavlm.schemas.errors import ConfigError
+
 STAGE_LR = {"pt": 1e-3, "vpt": 2e-5, "ift": 2e-5}
 """Default peak learning rate per stage (paper)."""
 
@@ -65,7 +67,7 @@ def trainable_parts(stage: str, *, unfreeze_vision: bool = False) -> tuple[str, 
     """The parts `stage` trains; `unfreeze_vision` adds the vision tower (VPT only)."""
     _check(stage)
     if unfreeze_vision and stage != "vpt":
-        raise ValueError(f"unfreeze_vision applies to the VPT stage only, not {stage!r}")
+        raise ConfigError(f"unfreeze_vision applies to the VPT stage only, not {stage!r}")
     return (*TRAINABLE[stage], "vision") if unfreeze_vision else TRAINABLE[stage]
 
 
@@ -89,4 +91,4 @@ def apply_stage(model: nn.Module, stage: str, *, lr: float = 0.0, weight_decay: 
 
 def _check(stage: str) -> None:
     if stage not in TRAINABLE:
-        raise ValueError(f"unknown stage {stage!r}: one of {tuple(TRAINABLE)}")
+        raise ConfigError(f"unknown stage {stage!r}: one of {tuple(TRAINABLE)}")
