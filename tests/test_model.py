@@ -117,12 +117,30 @@ def test_text_only_samples_contribute_no_embedding_loss(model):
     out2 = model(other)
     for name in model.heads:
         torch.testing.assert_close(out[name], out2[name])
-    # A batch of text only: NTP alone, every embedding term exactly 0, gradients still flow to NTP parts.
+    # A batch of text only: NTP alone, every embedding term exactly 0.
     text = make_batch(model, [("Say hello.", "Hello.", False), ("Count.", "One two.", False)])
+    model.zero_grad(set_to_none=True)
     out3 = model(text)
     assert all(out3[name].item() == 0.0 for name in model.heads)
     assert out3["loss"].item() == pytest.approx(out3["ntp"].item())
     out3["loss"].backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    # The NTP parts learn: every LLM block and the LM head get a non-zero gradient.
+    for prefix in ("llava.model.language_model.layers.0.", "llava.model.language_model.layers.3.", "llava.lm_head."):
+        part = [g for name, g in grads.items() if name.startswith(prefix)]
+        assert part and all(g is not None for g in part), prefix
+        assert sum(float(g.abs().sum()) for g in part) > 0, prefix
+    # The heads and temperatures get exactly nothing (None or zeros), so AdamW cannot move them.
+    for name, g in grads.items():
+        if name.startswith(("heads.", "logit_scales.")):
+            assert g is None or not g.any(), name
+    # With images the projector learns from NTP too: a mixed batch without targets reaches it.
+    mixed_ntp = make_batch(model, mixed)
+    mixed_ntp.pop("targets")
+    model(mixed_ntp)["loss"].backward()
+    projector = [p.grad for name, p in model.named_parameters() if name.startswith("llava.model.multi_modal_projector.")]
+    assert projector and all(g is not None and g.abs().sum() > 0 for g in projector)
     model.zero_grad(set_to_none=True)
 
 

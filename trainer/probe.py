@@ -58,7 +58,8 @@ from .model import OlaVlm
 from .probe_report import plot_probe, plot_size, print_scores, write_csv
 from .text import prompt_ids
 
-__all__ = ["ProbeConfig", "is_heldout", "plot_probe", "plot_size", "print_scores", "probe_checkpoint", "run_probe"]
+__all__ = ["ProbeConfig", "is_heldout", "plot_probe", "plot_size", "print_scores", "probe_checkpoint", "run_probe",
+           "score_probes", "train_probes"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,7 +156,6 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
         return []
     model = model.to(device).eval().requires_grad_(False)
     probes = _build_probes(todo, specs, model.llava.config.text_config.hidden_size, config, device)
-    optimizer = torch.optim.AdamW(probes.parameters(), lr=config.lr, weight_decay=0.0)
     capture = sorted({layer for _, layer, _ in todo})
     data_config = DataConfig(data=data, cache=cache, batch_size=config.batch_size, num_workers=config.num_workers,
                              seed=config.seed, max_length=4096)
@@ -172,17 +172,38 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
         with torch.no_grad():
             return model.encode(input_ids, torch.ones_like(input_ids), batch["pixel_values"], capture).states
 
-    def select(batch, heldout: bool):
-        keep = [bool(h) and is_heldout(k, config.heldout_percent) == heldout
-                for k, h in zip(batch["keys"], batch["has_image"])]  # text-only samples carry no target
-        return to_device(_rows(batch, keep), device) if any(keep) else None
+    def split(heldout: bool):
+        """The loader's image batches of one split, on the device. Held out: one pass, then stop."""
+        seen = set()
+        for batch, _state in loader():
+            if heldout:  # the loader runs epochs without end; the first repeated key ends the pass
+                if any(k in seen for k in batch["keys"]):
+                    return
+                seen.update(batch["keys"])
+            keep = [bool(h) and is_heldout(k, config.heldout_percent) == heldout
+                    for k, h in zip(batch["keys"], batch["has_image"])]  # text-only samples carry no target
+            if any(keep):
+                yield to_device(_rows(batch, keep), device)
 
+    train_probes(probes, todo, split(heldout=False), states_of, steps=config.steps, lr=config.lr, progress=progress)
+    scores, count = score_probes(probes, todo, split(heldout=True), states_of)
+    if count == 0:
+        raise ValueError(f"no held-out images in {data} ({config.heldout_percent}% of keys): use more data")
+    distilled = {t: set(model.layers.get(t, ())) for t in teachers}
+    return [{"checkpoint": name, "teacher": t, "layer": layer, "seed": s, "score": scores[(t, layer, s)],
+             "heldout_images": count, "distilled": layer in distilled[t]} for t, layer, s in todo]
+
+
+def train_probes(probes: nn.ModuleDict, todo, batches, states_of, *, steps: int, lr: float, progress=None) -> int:
+    """Train every (teacher, layer, seed) probe of `todo` for `steps` AdamW steps on smooth-L1.
+
+    `batches` yields training batches (with "targets"); `states_of(batch)` -> {layer: [B, L, D]}
+    (the frozen model's hidden states, or anything with that shape in tests). Returns the steps taken.
+    """
+    optimizer = torch.optim.AdamW(probes.parameters(), lr=lr, weight_decay=0.0)
     probes.train()
     step = 0
-    for batch, _state in loader():
-        batch = select(batch, heldout=False)
-        if batch is None:
-            continue
+    for batch in batches:
         states = states_of(batch)
         loss = sum(per_sample_smooth_l1(probes[_probe_key(t, layer, s)](states[layer], _all(states[layer])),
                                         batch["targets"][t]).mean() for t, layer, s in todo)
@@ -191,33 +212,25 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
         optimizer.step()
         step += 1
         if progress is not None:
-            progress(step, config.steps, float(loss) / len(todo))
-        if step >= config.steps:
+            progress(step, steps, float(loss) / len(todo))
+        if step >= steps:
             break
+    return step
 
-    # Score: one pass over the held-out images. The loader runs epochs without end; within an
-    # epoch every key comes once, so the first repeated key means the pass is complete.
+
+def score_probes(probes: nn.ModuleDict, todo, batches, states_of) -> tuple[dict[tuple[str, int, int], float], int]:
+    """({(teacher, layer, seed): mean per-image cosine over `batches`}, images scored); {} when none."""
     probes.eval()
     sums = dict.fromkeys(todo, 0.0)
-    count, seen = 0, set()
-    for batch, _state in loader():
-        if any(k in seen for k in batch["keys"]):
-            break
-        seen.update(batch["keys"])
-        batch = select(batch, heldout=True)
-        if batch is None:
-            continue
+    count = 0
+    for batch in batches:
         states = states_of(batch)
         with torch.no_grad():
             for t, layer, s in todo:
                 pred = probes[_probe_key(t, layer, s)](states[layer], _all(states[layer]))
                 sums[(t, layer, s)] += float(per_image_cosine(pred, batch["targets"][t]).sum())
         count += len(batch["keys"])
-    if count == 0:
-        raise ValueError(f"no held-out images in {data} ({config.heldout_percent}% of keys): use more data")
-    distilled = {t: set(model.layers.get(t, ())) for t in teachers}
-    return [{"checkpoint": name, "teacher": t, "layer": layer, "seed": s, "score": sums[(t, layer, s)] / count,
-             "heldout_images": count, "distilled": layer in distilled[t]} for t, layer, s in todo]
+    return ({key: total / count for key, total in sums.items()} if count else {}), count
 
 
 def _all(states: torch.Tensor) -> torch.Tensor:
