@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench_fidelity_cmd, bench_gpu_cmd, cache_cmds, corpus_cmds, demo_cmd, eval_cmd, model_cmds, precompute_cmd, probe_cmd, train_cmds
+from . import bench_cmds, bench_fidelity_cmd, bench_gpu_cmd, cache_cmds, corpus_cmds, demo_cmd, eval_cmd, model_cmds, precompute_cmd, probe_cmd, train_cmds
 from .groups import Groups
 
 app = typer.Typer(
@@ -29,8 +29,8 @@ groups = Groups(
 app.add_typer(groups.corpus, name="corpus")
 app.add_typer(groups.cache, name="cache")
 app.add_typer(groups.bench, name="bench")
-for module in (corpus_cmds, cache_cmds, precompute_cmd, train_cmds, probe_cmd, model_cmds, demo_cmd, eval_cmd, bench_gpu_cmd,
-               bench_fidelity_cmd):
+for module in (corpus_cmds, cache_cmds, precompute_cmd, train_cmds, probe_cmd, model_cmds, demo_cmd, eval_cmd, bench_cmds,
+               bench_gpu_cmd, bench_fidelity_cmd):
     module.register(groups)
 
 

@@ -1,4 +1,4 @@
-"""`ola cache stats|verify` and `ola bench cache`."""
+"""`ola cache stats|verify|show`."""
 
 from __future__ import annotations
 
@@ -92,31 +92,6 @@ def verify(
         raise typer.Exit(1)
 
 
-def bench(
-    images: int = typer.Option(64, help="Images per dtype (each: 576x1024 + 576x1536 + 1x1024 targets)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    tmp: Path | None = typer.Option(None, help="Folder for the temporary caches (default: system temp)."),
-) -> None:
-    """Cache speed and size per storage dtype.
-
-    Write/read MB/s, random single-sample read latency and bytes per image at the paper's target
-    shapes, for float16, bfloat16 and int8 (with int8's cosine against float32)."""
-    from olavlm.schemas.bench_cache import bench_cache
-
-    result = bench_cache(images=images, root=str(tmp) if tmp else None)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-        return
-    typer.echo(f"{'dtype':<9} {'MB/image':>9} {'vs fp16':>8} {'write MB/s':>11} {'read MB/s':>10} "
-               f"{'rand p50 ms':>12} {'cos min':>9}")
-    for dtype, r in result["dtypes"].items():
-        typer.echo(f"{dtype:<9} {r['bytes_per_image'] / 1e6:>9.3f} {r['ratio_to_float16_stored']:>8.3f} "
-                   f"{r['write_MBps_16bit_equiv']:>11.1f} {r['read_MBps_16bit_equiv']:>10.1f} "
-                   f"{r['random_read_ms_p50']:>12.2f} {r['cosine_min']:>9.5f}")
-
-
-
-
 def show(
     cache: str = typer.Argument(..., help="Cache root."),
     key: str = typer.Argument(..., help="Sample key."),
@@ -138,4 +113,3 @@ def register(groups: Groups) -> None:
     groups.cache.command("stats")(stats)
     groups.cache.command("verify")(verify)
     groups.cache.command("show")(show)
-    groups.bench.command("cache")(bench)

@@ -1,12 +1,10 @@
-"""`ola precompute` and `ola bench precompute`: thin wrappers, one function call each.
+"""`ola precompute`: a thin wrapper, one function call.
 
 `ola precompute` has one option per `PrecomputeConfig` field (cli/options.py), generated
 when the command runs, so that `ola --help` imports neither numpy nor ray.
 """
 
 from __future__ import annotations
-
-import json
 
 import typer
 
@@ -66,28 +64,6 @@ def build_precompute():
     return precompute_command
 
 
-def bench_precompute_command(
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
-    preset: str = typer.Option("small", "--preset", help="Teachers to time (small: teacher compute dominates on a CPU)."),
-    images: int = typer.Option(96, "--images", help="Images in the benchmark corpus (built on the fly from skimage photos)."),
-    shards: int = typer.Option(3, "--shards", help="Corpus shards."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per teacher forward, in both measurements."),
-    teachers: str = typer.Option("depth,seg,gen", "--teachers", help="Comma-separated teachers."),
-    teacher_threads: int = typer.Option(0, "--teacher-threads", help="torch threads of the teachers (0 = all cores). "
-                                        "1 on a 2-core machine leaves a core to decoding, as a GPU node does."),
-) -> None:
-    """Teacher busy fraction: pipeline images/s over a bare batched forward loop on pre-decoded inputs."""
-    with user_errors():
-        from olavlm.pipeline.bench import BenchConfig, run_precompute_bench
-
-        result = run_precompute_bench(BenchConfig(
-            preset=preset, images=images, shards=shards, batch_size=batch_size, teacher_threads=teacher_threads,
-            teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
-        ))
-        typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
-
-
 def register(groups: Groups) -> None:
-    """Add `ola precompute` and `ola bench precompute`."""
+    """Add `ola precompute`."""
     lazy_command(groups.root, "precompute", PRECOMPUTE_HELP, build_precompute)
-    groups.bench.command("precompute")(bench_precompute_command)

@@ -1,7 +1,6 @@
-"""`ola corpus from-llava`, `ola train`, `ola bench loader`, `ola bench train`.
+"""`ola corpus from-llava` and `ola train`.
 
-Each command turns its options into one function call into trainer/ (or, for
-`bench train`, cli/bench_train.py, which may construct teacher-like models).
+Each command turns its options into one function call.
 """
 
 from __future__ import annotations
@@ -89,52 +88,6 @@ def train_command(
     typer.echo(f"checkpoint: {summary['checkpoint']}")
 
 
-def bench_loader_command(
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
-    samples: int = typer.Option(256, help="Samples in the temporary corpus and cache."),
-    batch_size: int = typer.Option(16, help="Samples per batch."),
-    workers: int = typer.Option(2, help="DataLoader workers for the parallel figure."),
-    codec: str = typer.Option("zstd", help="Blosc compressor of the temporary cache (zstd = cache default, lz4)."),
-) -> None:
-    """Data loader throughput per CPU core.
-
-    Samples/s per CPU core through the whole data path (tar read, JPEG decode, tokenize, cache join,
-    collate) with full-size paper targets (576x1024 + 576x1536 + 1x1024, float16). Target: >= 200."""
-    from olavlm.trainer.bench_loader import bench_loader
-
-    with user_errors():
-        result = bench_loader(samples=samples, batch_size=batch_size, workers=workers, codec=codec)
-    _report(result, as_json)
-
-
-def bench_train_command(
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
-    steps: int = typer.Option(8, help="Timed steps per variant."),
-    batch_size: int = typer.Option(4, help="Samples per step."),
-    workers: int = typer.Option(4, help="DataLoader workers (capped at cores - 1)."),
-    online_steps: int = typer.Option(1, help="Steps with online teachers (0 = skip; slow on CPU)."),
-) -> None:
-    """Training step: cached-target loader vs in-memory batches vs online teachers.
-
-    Step time with the cached-target loader / on the same batches pre-collated in memory (target <= 1.05),
-    and beside them the same student with paper-size teachers run online inside the step."""
-    from .bench_train import bench_train
-
-    with user_errors():
-        result = bench_train(steps=steps, batch_size=batch_size, workers=workers, online_steps=online_steps)
-    _report(result, as_json)
-
-
-def _report(result: dict, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(result))
-        return
-    for key, value in result.items():
-        typer.echo(f"{key:40s} {value}")
-
-
 def register(groups: Groups) -> None:
     groups.corpus.command("from-llava")(from_llava)
     groups.root.command("train", help=TRAIN_HELP, context_settings=CONTEXT_SETTINGS)(train_command)
-    groups.bench.command("loader")(bench_loader_command)
-    groups.bench.command("train")(bench_train_command)

@@ -334,7 +334,7 @@ def test_other_storage_dtypes_reach_the_batch_exactly(setup, tmp_path, dtype):
 
 
 def test_bench_loader_runs():
-    from olavlm.trainer.bench_loader import bench_loader
+    from olavlm.bench.loader import bench_loader
 
     result = bench_loader(samples=16, batch_size=8, workers=0)
     assert result["samples_per_s_one_core"] > 0 and result["tokens_per_sample"] > 576 + 24

@@ -18,10 +18,9 @@ import time
 import torch
 
 from olavlm.schemas.config import ModelConfig
-
-from .model import OlaVlm
-from .stages import apply_stage, parts
-from .tokens import TokenLayout
+from olavlm.trainer.model import OlaVlm
+from olavlm.trainer.stages import apply_stage, parts
+from olavlm.trainer.tokens import TokenLayout
 
 PAPER_TARGETS = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
 
@@ -127,7 +126,7 @@ SIZES = {
 
 def head_overhead(size: str, *, repeats: int = 3, text_tokens: int = 48) -> dict[str, float | int | str]:
     """Minimum fwd+bwd seconds of a PT step with and without the heads, and their ratio."""
-    from .presets import build_tiny_student
+    from olavlm.trainer.presets import build_tiny_student
 
     spec = SIZES[size]
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ batch size, same JPEG image-text samples:
    a time with CPU preprocessing - the authors' design.
 The key figure is loader / in-memory (design target <= 1.05). The bench
 constructs teacher-like transformers models itself, which is why it lives in
-cli/ and not in trainer/ (the trainer never builds a teacher).
+bench/ and not in trainer/ (the trainer never builds a teacher).
 Cost: on a CPU-only machine the online figure takes tens of seconds per step;
 `--online-steps 0` skips it.
 """
@@ -82,16 +82,15 @@ def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_st
     CPU the student's step gets the remaining cores, so that workers and step do not oversubscribe."""
     import torch
 
+    from olavlm.bench.loader import build_bench_data
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.config import DataConfig, ModelConfig
-    from olavlm.trainer.bench_loader import build_bench_data
     from olavlm.trainer.collate import to_device
     from olavlm.trainer.images import ImageTransform
     from olavlm.trainer.loader import build_loader
     from olavlm.trainer.model import OlaVlm
-    from olavlm.trainer.presets import build_tiny_student
+    from olavlm.trainer.presets import TINY_HEADS, build_tiny_student
     from olavlm.trainer.stages import apply_stage
-    from olavlm.trainer.presets import TINY_HEADS
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from . import quant
-from .cache import TargetCache
-from .spec import STORAGE_DTYPES, TeacherSpec
-from .synthetic import feature_like
+from olavlm.schemas import quant
+from olavlm.schemas.cache import TargetCache
+from olavlm.schemas.spec import STORAGE_DTYPES, TeacherSpec
+from olavlm.schemas.synthetic import feature_like
 
 PAPER_SHAPES = {"depth": (576, 1024), "seg": (576, 1536), "gen": (1, 1024)}
 

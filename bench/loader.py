@@ -101,14 +101,13 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
 
     from olavlm.schemas.config import DataConfig
     from olavlm.schemas.corpus import iter_samples, sha256_hex
-
-    from .collate import Example, collate
-    from .images import ImageTransform
-    from .loader import SampleStream, build_loader
-    from .presets import build_tokenizer
-    from .source import shards_of
-    from .text import tokenize
-    from .tokens import add_task_tokens
+    from olavlm.trainer.collate import Example, collate
+    from olavlm.trainer.images import ImageTransform
+    from olavlm.trainer.loader import SampleStream, build_loader
+    from olavlm.trainer.presets import build_tokenizer
+    from olavlm.trainer.source import shards_of
+    from olavlm.trainer.text import tokenize
+    from olavlm.trainer.tokens import add_task_tokens
 
     torch.set_num_threads(1)
     tokenizer = build_tokenizer()

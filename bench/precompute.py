@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .presets import TEACHER_NAMES
+from olavlm.pipeline.presets import TEACHER_NAMES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,11 +47,10 @@ def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) 
     """Forward the teachers over pre-decoded batches (the shards' own batches), timed after one warm-up."""
     import torch
 
+    from olavlm.pipeline.precompute import preprocess_batches
+    from olavlm.pipeline.presets import preset_sources
+    from olavlm.pipeline.teachers import load_teacher
     from olavlm.schemas.corpus import list_shards
-
-    from .precompute import preprocess_batches
-    from .presets import preset_sources
-    from .teachers import load_teacher
 
     torch.set_num_threads(threads)
     teachers = {n: load_teacher(s) for n, s in preset_sources(config.preset, config.teachers).items()}
@@ -73,8 +72,8 @@ def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) 
 
 
 def run_precompute_bench(config: BenchConfig) -> dict:
-    from .demo_corpus import build_demo_corpus
-    from .precompute import PrecomputeConfig, precompute, ray_session
+    from olavlm.pipeline.demo_corpus import build_demo_corpus
+    from olavlm.pipeline.precompute import PrecomputeConfig, precompute, ray_session
 
     threads = config.teacher_threads or os.cpu_count() or 1  # default: the one CPU actor gets all cores
     with tempfile.TemporaryDirectory(prefix="olavlm-bench-") as tmp:

@@ -1,0 +1,148 @@
+"""`ola bench cache|precompute|loader|train|heads`: one call each into bench/, then a table or JSON.
+
+The benchmarks themselves live in bench/ (they may import pipeline/ and trainer/ both); this module
+only turns options into a call and prints the figures. `ola bench gpu` and `ola bench fidelity` have
+their own modules (bench_gpu_cmd.py, bench_fidelity_cmd.py). Cost: one more file in cli/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .errors import user_errors
+from .groups import Groups
+
+
+def _report(result: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        typer.echo(f"{key:40s} {value}")
+
+
+def bench_cache_command(
+    images: int = typer.Option(64, help="Images per dtype (each: 576x1024 + 576x1536 + 1x1024 targets)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    tmp: Path | None = typer.Option(None, help="Folder for the temporary caches (default: system temp)."),
+) -> None:
+    """Cache speed and size per storage dtype.
+
+    Write/read MB/s, random single-sample read latency and bytes per image at the paper's target
+    shapes, for float16, bfloat16 and int8 (with int8's cosine against float32)."""
+    from olavlm.bench.cache import bench_cache
+
+    result = bench_cache(images=images, root=str(tmp) if tmp else None)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{'dtype':<9} {'MB/image':>9} {'vs fp16':>8} {'write MB/s':>11} {'read MB/s':>10} "
+               f"{'rand p50 ms':>12} {'cos min':>9}")
+    for dtype, r in result["dtypes"].items():
+        typer.echo(f"{dtype:<9} {r['bytes_per_image'] / 1e6:>9.3f} {r['ratio_to_float16_stored']:>8.3f} "
+                   f"{r['write_MBps_16bit_equiv']:>11.1f} {r['read_MBps_16bit_equiv']:>10.1f} "
+                   f"{r['random_read_ms_p50']:>12.2f} {r['cosine_min']:>9.5f}")
+
+
+def bench_precompute_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    preset: str = typer.Option("small", "--preset", help="Teachers to time (small: teacher compute dominates on a CPU)."),
+    images: int = typer.Option(96, "--images", help="Images in the benchmark corpus (built on the fly from skimage photos)."),
+    shards: int = typer.Option(3, "--shards", help="Corpus shards."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per teacher forward, in both measurements."),
+    teachers: str = typer.Option("depth,seg,gen", "--teachers", help="Comma-separated teachers."),
+    teacher_threads: int = typer.Option(0, "--teacher-threads", help="torch threads of the teachers (0 = all cores). "
+                                        "1 on a 2-core machine leaves a core to decoding, as a GPU node does."),
+) -> None:
+    """Teacher busy fraction: pipeline images/s over a bare batched forward loop on pre-decoded inputs."""
+    with user_errors():
+        from olavlm.bench.precompute import BenchConfig, run_precompute_bench
+
+        result = run_precompute_bench(BenchConfig(
+            preset=preset, images=images, shards=shards, batch_size=batch_size, teacher_threads=teacher_threads,
+            teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
+        ))
+        typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def bench_loader_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    samples: int = typer.Option(256, help="Samples in the temporary corpus and cache."),
+    batch_size: int = typer.Option(16, help="Samples per batch."),
+    workers: int = typer.Option(2, help="DataLoader workers for the parallel figure."),
+    codec: str = typer.Option("zstd", help="Blosc compressor of the temporary cache (zstd = cache default, lz4)."),
+) -> None:
+    """Data loader throughput per CPU core.
+
+    Samples/s per CPU core through the whole data path (tar read, JPEG decode, tokenize, cache join,
+    collate) with full-size paper targets (576x1024 + 576x1536 + 1x1024, float16). Target: >= 200."""
+    from olavlm.bench.loader import bench_loader
+
+    with user_errors():
+        result = bench_loader(samples=samples, batch_size=batch_size, workers=workers, codec=codec)
+    _report(result, as_json)
+
+
+def bench_train_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    steps: int = typer.Option(8, help="Timed steps per variant."),
+    batch_size: int = typer.Option(4, help="Samples per step."),
+    workers: int = typer.Option(4, help="DataLoader workers (capped at cores - 1)."),
+    online_steps: int = typer.Option(1, help="Steps with online teachers (0 = skip; slow on CPU)."),
+) -> None:
+    """Training step: cached-target loader vs in-memory batches vs online teachers.
+
+    Step time with the cached-target loader / on the same batches pre-collated in memory (target <= 1.05),
+    and beside them the same student with paper-size teachers run online inside the step."""
+    from olavlm.bench.train import bench_train
+
+    with user_errors():
+        result = bench_train(steps=steps, batch_size=batch_size, workers=workers, online_steps=online_steps)
+    _report(result, as_json)
+
+
+def bench_heads_command(
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    sizes: str = typer.Option("tiny,mid", help="Comma-separated sizes for the time overhead (tiny, mid); '' = none."),
+    repeats: int = typer.Option(3, min=1, help="Timed steps per variant (the minimum is reported)."),
+) -> None:
+    """Size and cost of the distillation heads.
+
+    Parameters of heads + task tokens for the paper's students (meta device), and the fwd+bwd time
+    overhead of the heads relative to the bare student on this CPU."""
+    from olavlm.bench.heads import SIZES, head_overhead, paper_param_counts
+
+    chosen = [s for s in sizes.split(",") if s]
+    unknown = [s for s in chosen if s not in SIZES]
+    if unknown:
+        raise typer.BadParameter(f"unknown sizes {unknown}; known: {sorted(SIZES)}")
+    report = {"params": paper_param_counts(), "overhead": [head_overhead(s, repeats=repeats) for s in chosen]}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for name, c in report["params"].items():
+        typer.echo(
+            f"{name}: student {c['student'] / 1e9:.3f}B, heads {c['heads'] / 1e6:.1f}M "
+            f"({len(c['per_head'])} heads), task tokens {c['task_tokens'] / 1e3:.1f}K, "
+            f"added {100 * c['added_fraction']:.2f}%, PT-trainable {c['pt_trainable'] / 1e6:.1f}M; "
+            f"per {c['seq_len']}-token sample heads {c['heads_gmac_per_sample']:.0f} GMAC vs student "
+            f"{c['student_gmac_per_sample']:.0f} GMAC ({100 * c['heads_compute_fraction']:.1f}%)"
+        )
+    for o in report["overhead"]:
+        typer.echo(
+            f"{o['size']}: batch {o['batch']} x {o['seq_len']} tokens, LLM {o['llm_hidden']}x{o['llm_layers']}, "
+            f"{o['heads']} heads of width {o['head_width']}: bare {o['bare_s'] * 1e3:.0f} ms, "
+            f"with heads {o['with_heads_s'] * 1e3:.0f} ms (+{100 * o['overhead']:.0f}%)"
+        )
+
+
+def register(groups: Groups) -> None:
+    """Add `ola bench cache|precompute|loader|train|heads`."""
+    groups.bench.command("cache")(bench_cache_command)
+    groups.bench.command("precompute")(bench_precompute_command)
+    groups.bench.command("loader")(bench_loader_command)
+    groups.bench.command("train")(bench_train_command)
+    groups.bench.command("heads")(bench_heads_command)
