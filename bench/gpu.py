@@ -125,21 +125,22 @@ class GpuBenchConfig:
 
     def __post_init__(self) -> None:
         from olavlm.pipeline.precompute import COMPUTE_DTYPES
+        from olavlm.schemas.errors import ConfigError
         from olavlm.schemas.spec import STORAGE_DTYPES
 
         bad = [d for d in self.compute_dtypes if d not in COMPUTE_DTYPES or d == "auto"]
         if not self.compute_dtypes or bad:
-            raise ValueError(f"--dtypes {','.join(self.compute_dtypes)!r}: give float32, float16 and/or bfloat16")
+            raise ConfigError(f"--dtypes {','.join(self.compute_dtypes)!r}: give float32, float16 and/or bfloat16")
         if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"--storage-dtype {self.storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+            raise ConfigError(f"--storage-dtype {self.storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         if min(self.images, self.shard_size, self.batch_size, self.train_batch_size, self.train_steps) < 1:
-            raise ValueError("--images, --shard-size, --batch-size, --train-batch-size, --train-steps must be >= 1")
+            raise ConfigError("--images, --shard-size, --batch-size, --train-batch-size, --train-steps must be >= 1")
         if self.images < self.batch_size or self.shard_size < self.batch_size:
-            raise ValueError(f"--images ({self.images}) and --shard-size ({self.shard_size}) must be at least "
+            raise ConfigError(f"--images ({self.images}) and --shard-size ({self.shard_size}) must be at least "
                              f"--batch-size ({self.batch_size}): only full batches are timed")
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown:
-            raise ValueError(f"--sections: unknown {unknown} (choose from {', '.join(SECTIONS)})")
+            raise ConfigError(f"--sections: unknown {unknown} (choose from {', '.join(SECTIONS)})")
 
 
 def gpu_bench_config(*, smoke: bool | None = None, cuda: bool | None = None, **given) -> GpuBenchConfig:
@@ -434,7 +435,9 @@ def predecode(setup: Setup, recipes: dict) -> tuple[list[dict], dict]:
             arrays = {n: torch.from_numpy(a) for n, a in b["inputs"].items()}
             batches.append({n: t.pin_memory() if pin else t for n, t in arrays.items()})
     if not batches:
-        raise ValueError(f"no full batch of {batch_size} images in {setup.config.images} images "
+        from olavlm.schemas.errors import ConfigError
+
+        raise ConfigError(f"no full batch of {batch_size} images in {setup.config.images} images "
                          f"(shards of {setup.config.shard_size}): raise --images or lower --batch-size")
     in_flight = setup.config.shards_in_flight or 3  # precompute's default with one actor: 2 x 1 + 1
     figures = {
@@ -644,6 +647,14 @@ def run_job(setup: Setup, names: tuple[str, ...], dtype: str, cache: str) -> dic
     }
 
 
+def busy_fraction(bare: dict | None, label: str, pipeline_rate: float) -> dict:
+    """Pipeline images/s over the bare loop's for the same teachers ('all' or one name); {} without a bare run."""
+    if not bare:
+        return {}
+    reference = bare["all_images_per_s"] if label == "all" else bare["per_teacher"][label]["images_per_s"]
+    return {"bare_images_per_s": reference, "busy_fraction": round(pipeline_rate / reference, 3)}
+
+
 # -- 6. the training step -------------------------------------------------------------------------
 def _process_group(device: str):
     """A 1-process group (nccl on CUDA, gloo on CPU); -> a function that destroys it if it was made here."""
@@ -818,7 +829,7 @@ def run_gpu_bench(config: GpuBenchConfig, *, out: str | None = None,
             report.log(f"teachers: {report.data['teachers']['folder']} "
                        f"({report.data['teachers']['total_params'] or 'tiny'} parameters)")
         setup = Setup(config=config, device=device, tmp=tmp, teacher_folder=teacher_folder, log=report.log)
-        from olavlm.pipeline.demo_corpus import build_demo_corpus
+        from olavlm.schemas.corpus_build import build_demo_corpus
 
         build_demo_corpus(setup.corpus, samples=config.images, shard_size=config.shard_size)
         train_cache = run_sections(setup, report)
@@ -887,7 +898,7 @@ def run_sections(setup: Setup, report: Report) -> str | None:
 
 def run_pipeline(setup: Setup, report: Report) -> str:
     """Every precompute job in one Ray session; -> the cache of the last dtype's three-teacher job (kept)."""
-    from olavlm.pipeline.demo_corpus import build_demo_corpus
+    from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.pipeline.precompute import precompute, ray_session
 
     config = setup.config
@@ -907,11 +918,7 @@ def run_pipeline(setup: Setup, report: Report) -> str:
                 cache = os.path.join(setup.tmp, f"cache-{dtype}-{label}")
                 report.log(f"pipeline {dtype} {'+'.join(names)}: running")
                 figures = run_job(setup, names, dtype, cache)
-                bare = report.data.get("bare", {}).get(dtype)
-                if bare:
-                    reference = bare["all_images_per_s"] if label == "all" else bare["per_teacher"][label]["images_per_s"]
-                    figures.update(bare_images_per_s=reference,
-                                   busy_fraction=round(figures["images_per_s"] / reference, 3))
+                figures.update(busy_fraction(report.data.get("bare", {}).get(dtype), label, figures["images_per_s"]))
                 pipeline.setdefault(dtype, {})[label] = figures
                 report.log(f"pipeline {dtype} {'+'.join(names)}: {figures['images_per_s']:.1f} images/s, busy "
                            f"{figures.get('busy_fraction')}, actor {figures['actor_compute_share']}, "
