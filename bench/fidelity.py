@@ -53,7 +53,7 @@ class FidelityConfig:
 
 
 def run_fidelity(out: Path, config: FidelityConfig, *, log=print) -> dict:
-    from olavlm.pipeline.demo_corpus import build_demo_corpus
+    from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.pipeline.precompute import PrecomputeConfig, precompute
     from olavlm.trainer.probe import ProbeConfig, run_probe
 

@@ -72,8 +72,8 @@ def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) 
 
 
 def run_precompute_bench(config: BenchConfig) -> dict:
-    from olavlm.pipeline.demo_corpus import build_demo_corpus
     from olavlm.pipeline.precompute import PrecomputeConfig, precompute, ray_session
+    from olavlm.schemas.corpus_build import build_demo_corpus
 
     threads = config.teacher_threads or os.cpu_count() or 1  # default: the one CPU actor gets all cores
     with tempfile.TemporaryDirectory(prefix="olavlm-bench-") as tmp:

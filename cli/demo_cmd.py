@@ -69,10 +69,10 @@ def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int 
     """The whole chain; returns the summary (also written to OUT/summary.json)."""
     import transformers
 
-    from olavlm.pipeline.demo_corpus import build_demo_corpus
     from olavlm.pipeline.precompute import PrecomputeConfig, precompute
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.corpus import list_shards
+    from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.schemas.inspect import verify_cache
     from olavlm.trainer.probe import ProbeConfig, plot_size, print_scores, run_probe
 

@@ -1,7 +1,4 @@
-"""`ola corpus from-llava` and `ola train`.
-
-Each command turns its options into one function call.
-"""
+"""`ola train`: every config field is an option; one call of olavlm.trainer.train.train."""
 
 from __future__ import annotations
 
@@ -15,30 +12,6 @@ from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfi
 from .errors import user_errors
 from .groups import Groups
 from .options import CONTEXT_SETTINGS, config_options
-
-
-def from_llava(
-    json_path: Path = typer.Argument(..., metavar="JSON", help="LLaVA training JSON (a list of entries)."),
-    image_root: Path = typer.Argument(..., help="Folder the entries' `image` paths are relative to."),
-    out: Path = typer.Argument(..., help="Folder for the WebDataset shards (llava-000000.tar, ...)."),
-    shard_size: int = typer.Option(1000, help="Samples per shard."),
-    prefix: str = typer.Option("llava", help="Shard file name prefix."),
-) -> None:
-    """Convert LLaVA's JSON format into WebDataset shards (image bytes as on disk + `json`).
-
-    Entries with a missing image or malformed fields are reported with their ids
-    (also in OUT/from_llava_report.json) and skipped; keys are stable across reruns."""
-    from olavlm.trainer.from_llava import REPORT, convert_llava
-
-    with user_errors():
-        report = convert_llava(str(json_path), str(image_root), str(out), shard_size=shard_size, prefix=prefix)
-    for problem in report.problems[:20]:
-        typer.secho(f"skipped entry {problem['index']} (id {problem['id']!r}): {problem['reason']}",
-                    fg=typer.colors.YELLOW, err=True)
-    if len(report.problems) > 20:
-        typer.secho(f"... {len(report.problems) - 20} more in {out / REPORT}", fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"wrote {report.samples} samples ({report.text_only} text-only) in {len(report.shards)} shards "
-               f"to {out}; {len(report.problems)} entries skipped (see {out / REPORT})")
 
 
 # -- ola train: every config field is an option (cli/options.py) --------------------------------------
@@ -89,5 +62,4 @@ def train_command(
 
 
 def register(groups: Groups) -> None:
-    groups.corpus.command("from-llava")(from_llava)
     groups.root.command("train", help=TRAIN_HELP, context_settings=CONTEXT_SETTINGS)(train_command)

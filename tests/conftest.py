@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """24 real-image samples in 3 shards of 8 (demo-000000.tar ...)."""
-    from olavlm.pipeline.demo_corpus import build_demo_corpus
+    from olavlm.schemas.corpus_build import build_demo_corpus
 
     out = tmp_path_factory.mktemp("demo-corpus")
     build_demo_corpus(out, samples=24, shard_size=8)

@@ -267,7 +267,7 @@ def test_image_transform_matches_clip_processor(tmp_path):
 
 # -- from-llava ---------------------------------------------------------------------------------
 def test_from_llava_reports_problems_and_joins(setup, tmp_path):
-    from olavlm.trainer.from_llava import convert_llava
+    from olavlm.schemas.corpus_build import convert_llava
 
     images = tmp_path / "images" / "coco"
     images.mkdir(parents=True)
