@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ bench: install
 	$(OLA) bench loader --json | tee out/bench-loader.json
 	$(OLA) bench train --json | tee out/bench-train.json
 	$(OLA) bench heads --json | tee out/bench-heads.json
+
+# GPU figures (docs/BENCHMARKS.md, "GPU"): ~6 min on one H100; a < 60 s smoke run without CUDA.
+# Progress on stderr; out/bench-gpu.json is rewritten after every section. Extra options: BENCH_GPU_ARGS="--images 4096".
+bench-gpu: install
+	mkdir -p out
+	$(OLA) bench gpu --json --out out/bench-gpu.json $(BENCH_GPU_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
