@@ -382,6 +382,11 @@ def test_rerun_after_kill_resumes_without_rescoring(cvbench, tmp_path):
     again = score(never, questions, tmp_path / "run", _settings(cvbench), batch_size=4)
     assert again["scored_now"] == 0 and again["accuracy"] == 1.0
 
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + "garbage\n" + "".join(lines[3:]))
+    with pytest.raises(ValueError, match=r"predictions.jsonl:4: not a prediction line"):
+        score(never, questions, tmp_path / "run", _settings(cvbench))
+
 
 def test_rerun_with_other_settings_fails(cvbench, tmp_path):
     questions = load_cvbench(cvbench)[:2]
@@ -504,3 +509,13 @@ def test_images_are_padded_or_cropped_as_the_model_was_trained(student, cvbench,
         assert padded.pixels(image)[0, :, 0].abs().max() < 0.02
     override = LlavaEvalModel(padded_ckpt, device="cpu", image_aspect_ratio="crop")
     torch.testing.assert_close(override.pixels(image), cropped.pixels(image))
+
+
+def test_cli_errors_are_one_line(cvbench, tmp_path):
+    from olavlm.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--bench", "cvbench", "--data", str(cvbench)])
+    assert result.exit_code == 2 and "checkpoint folder" in result.output and "does not exist" in result.output
+    result = runner.invoke(app, ["eval", str(tmp_path), "--bench", "mmlu", "--data", str(cvbench)])
+    assert result.exit_code == 2 and "unknown bench 'mmlu'" in result.output

@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval_data import Question, parse_answer
+from olavlm.schemas.errors import ConfigError
+
+from .eval_data import EvalDataError, Question, parse_answer
 from .eval_model import EvalModel
 
 MODES = ("generate", "likelihood")
@@ -91,11 +93,14 @@ def read_predictions(path: Path) -> dict[str, dict]:
     if not path.exists():
         return out
     with path.open("rb") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break  # torn write: the process died mid-line
-            row = json.loads(line)
-            out[row["id"]] = row
+            try:
+                row = json.loads(line)
+                out[row["id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):  # not a torn write: someone edited the file
+                raise EvalDataError(f"{path}:{n}: not a prediction line; fix or delete the file") from None
     return out
 
 
@@ -117,7 +122,7 @@ def _check_settings(out: Path, settings: EvalSettings) -> None:
         theirs = json.loads(path.read_text())
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
-            raise ValueError(f"{out} holds predictions made with other settings {diff} (saved, now): "
+            raise ConfigError(f"{out} holds predictions made with other settings {diff} (saved, now): "
                              "use another --out, or delete it to start over")
         return
     tmp = path.with_suffix(".tmp")
@@ -139,9 +144,9 @@ def score(model: EvalModel | Callable[[], EvalModel], questions: Sequence[Questi
     score, so that printing a finished run's table never loads the weights.
     """
     if settings.mode not in MODES:
-        raise ValueError(f"mode {settings.mode!r}: one of {MODES}")
+        raise ConfigError(f"mode {settings.mode!r}: one of {MODES}")
     if settings.continuation not in CONTINUATIONS:
-        raise ValueError(f"continuation {settings.continuation!r}: one of {CONTINUATIONS}")
+        raise ConfigError(f"continuation {settings.continuation!r}: one of {CONTINUATIONS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
@@ -262,7 +267,7 @@ def compare(a: dict[str, dict], b: dict[str, dict], *, bench: str, resamples: in
     """
     ids = sorted(set(a) & set(b))
     if not ids:
-        raise ValueError("the two result sets share no question ids")
+        raise EvalDataError("the two result sets share no question ids")
     rows_a, rows_b = [a[i] for i in ids], [b[i] for i in ids]
     strata: dict[tuple[str, str], list[int]] = {}
     for k, r in enumerate(rows_a):
@@ -362,7 +367,7 @@ def run_eval(checkpoints: Sequence[str], *, bench: str, data: str, out: str | Pa
     from .eval_model import LlavaEvalModel
 
     if not 1 <= len(checkpoints) <= 2:
-        raise ValueError(f"one checkpoint, or two to compare (got {len(checkpoints)})")
+        raise ConfigError(f"one checkpoint, or two to compare (got {len(checkpoints)})")
     for c in checkpoints:
         if not Path(c).is_dir():
             raise FileNotFoundError(f"checkpoint folder {c} does not exist")

@@ -40,9 +40,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from olavlm.schemas.errors import ConfigError, OlaError
+
 BENCHES = ("cvbench", "mc")
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = string.ascii_uppercase
+
+
+class EvalDataError(OlaError, ValueError):
+    """A benchmark file the user must fix (bad row, missing image, duplicate id); the message names file and id."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,13 +92,13 @@ def _read_rows(path: Path) -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+                        raise EvalDataError(f"{path}:{n}: not JSON ({exc})") from None
         return rows
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+    raise EvalDataError(f"{path}: expected a .parquet or .jsonl file")
 
 
 def _image_bytes(value, base: Path, where: str) -> bytes:
@@ -108,7 +114,7 @@ def _image_bytes(value, base: Path, where: str) -> bytes:
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image file {path} does not exist")
         return path.read_bytes()
-    raise ValueError(f"{where}: no image (expected bytes, an Image struct or a path)")
+    raise EvalDataError(f"{where}: no image (expected bytes, an Image struct or a path)")
 
 
 def _letter(answer, options: tuple[str, ...], where: str) -> str:
@@ -121,14 +127,14 @@ def _letter(answer, options: tuple[str, ...], where: str) -> str:
         return m.group(1).upper()
     if text in options:
         return LETTERS[options.index(text)]
-    raise ValueError(f"{where}: answer {answer!r} is neither a letter of {len(options)} options nor an option's text")
+    raise EvalDataError(f"{where}: answer {answer!r} is neither a letter of {len(options)} options nor an option's text")
 
 
 def _unique(questions: list[Question], path: Path) -> list[Question]:
     seen: set[str] = set()
     for q in questions:
         if q.id in seen:
-            raise ValueError(f"{path}: question id {q.id!r} occurs twice (ids key the predictions)")
+            raise EvalDataError(f"{path}: question id {q.id!r} occurs twice (ids key the predictions)")
         seen.add(q.id)
     return questions
 
@@ -136,7 +142,7 @@ def _unique(questions: list[Question], path: Path) -> list[Question]:
 def _need(row: dict, columns: Iterable[str], where: str) -> None:
     missing = [c for c in columns if row.get(c) is None]
     if missing:
-        raise ValueError(f"{where}: missing {missing} (has {sorted(k for k, v in row.items() if v is not None)})")
+        raise EvalDataError(f"{where}: missing {missing} (has {sorted(k for k, v in row.items() if v is not None)})")
 
 
 def load_cvbench(path: str | Path) -> list[Question]:
@@ -178,7 +184,7 @@ def load_mc(path: str | Path) -> list[Question]:
         where = f"{path} id {row['id']}"
         options = tuple(str(o) for o in row["options"])
         if not 2 <= len(options) <= len(LETTERS):
-            raise ValueError(f"{where}: {len(options)} options (need 2..{len(LETTERS)})")
+            raise EvalDataError(f"{where}: {len(options)} options (need 2..{len(LETTERS)})")
         out.append(Question(
             id=str(row["id"]), prompt=mc_prompt(str(row["question"]), options), options=options,
             answer=_letter(row["answer"], options, where), task=str(row.get("category") or ""),
@@ -191,10 +197,10 @@ def load_questions(bench: str, path: str | Path, *, limit: int = 0) -> list[Ques
     """Questions of `bench` from `path`; `limit` > 0 keeps that many, round-robin over tasks in file order
     (so a small limit still covers every task; the same limit always picks the same questions)."""
     if bench not in BENCHES:
-        raise ValueError(f"unknown bench {bench!r}; known: {BENCHES}")
+        raise ConfigError(f"unknown bench {bench!r}; known: {BENCHES}")
     questions = load_cvbench(path) if bench == "cvbench" else load_mc(path)
     if not questions:
-        raise ValueError(f"{path}: no questions")
+        raise EvalDataError(f"{path}: no questions")
     if limit <= 0 or limit >= len(questions):
         return questions
     by_task: dict[str, list[Question]] = {}

@@ -41,6 +41,9 @@ from typing import Protocol
 
 import torch
 
+from olavlm.schemas.errors import ConfigError
+
+from .eval_data import EvalDataError
 from .images import ImageTransform
 
 
@@ -109,7 +112,7 @@ class LlavaEvalModel:
         transform = ImageTransform.from_processor(image_processor)
         if image_aspect_ratio:
             if image_aspect_ratio not in ("pad", "crop"):
-                raise ValueError(f"image_aspect_ratio {image_aspect_ratio!r}: 'pad', 'crop' or '' (the model's own)")
+                raise ConfigError(f"image_aspect_ratio {image_aspect_ratio!r}: 'pad', 'crop' or '' (the model's own)")
             transform = dataclasses.replace(transform, pad=image_aspect_ratio == "pad")
         self.transform = transform
         self.image_aspect_ratio = "pad" if transform.pad else "crop"
@@ -158,7 +161,7 @@ class LlavaEvalModel:
         prompt_rows = [self.prompt_ids(p) for p in prompts]
         cont_ids = [[self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts] for conts in continuations]
         if any(not c for conts in cont_ids for c in conts):
-            raise ValueError("an empty continuation has no log-probability")
+            raise EvalDataError("an empty option text has no log-probability (use --continuation letter)")
         pixels = self.pixels(images)  # [B, 3, H, W]
         if all(len(c) == 1 for conts in cont_ids for c in conts):
             # One forward per question: every option is one token read off the last position.
