@@ -455,20 +455,20 @@ def predecode(setup: Setup, recipes: dict) -> tuple[list[dict], dict]:
 
 # -- 3. the bare loop -----------------------------------------------------------------------------
 def forward_rate(teacher, batches: list[dict], name: str, device: str,
-                 prepare: Callable | None = None) -> tuple[float, float]:
-    """(images/s, seconds) of `teacher` over `batches[*][name]`, after one warm-up batch.
+                 prepare: Callable | None = None) -> tuple[float, float, bool]:
+    """(images/s, seconds, warm-up output finite) of `teacher` over `batches[*][name]`, after one warm-up batch.
 
     `prepare` turns the batch entry into the teacher's uint8 input (the GPU preprocessing lever).
+    Random full-size weights in float16 could overflow: the warm-up batch's targets say whether they do.
     """
     get = (lambda batch: prepare(batch[name])) if prepare else (lambda batch: batch[name])
-    teacher(get(batches[0]))  # warm-up: first kernels, cuBLAS handles, compilation
-    _sync(device)
+    finite = bool(teacher(get(batches[0])).isfinite().all())  # warm-up: first kernels, cuBLAS handles, compilation
     start = time.perf_counter()
     for batch in batches:
         teacher(get(batch))
     _sync(device)
     seconds = time.perf_counter() - start
-    return sum(len(b[name]) for b in batches) / seconds, seconds
+    return sum(len(b[name]) for b in batches) / seconds, seconds, finite
 
 
 def bare_rates(teachers: dict, batches: list[dict], device: str, prepare: dict | None = None) -> dict:
@@ -476,9 +476,9 @@ def bare_rates(teachers: dict, batches: list[dict], device: str, prepare: dict |
     per_teacher, total = {}, 0.0
     for name, teacher in teachers.items():
         _reset_peak(device)
-        rate, seconds = forward_rate(teacher, batches, name, device, (prepare or {}).get(name))
+        rate, seconds, finite = forward_rate(teacher, batches, name, device, (prepare or {}).get(name))
         total += seconds
-        per_teacher[name] = {"images_per_s": round(rate, 2), "peak_memory_gb": _peak_gb(device)}
+        per_teacher[name] = {"images_per_s": round(rate, 2), "peak_memory_gb": _peak_gb(device), "finite": finite}
     images = sum(len(b[next(iter(teachers))]) for b in batches)
     peaks = [v["peak_memory_gb"] for v in per_teacher.values() if v["peak_memory_gb"] is not None]
     return {"per_teacher": per_teacher, "all_images_per_s": round(images / total, 2),
@@ -898,8 +898,8 @@ def run_sections(setup: Setup, report: Report) -> str | None:
 
 def run_pipeline(setup: Setup, report: Report) -> str:
     """Every precompute job in one Ray session; -> the cache of the last dtype's three-teacher job (kept)."""
-    from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.pipeline.precompute import precompute, ray_session
+    from olavlm.schemas.corpus_build import build_demo_corpus
 
     config = setup.config
     sets = [TEACHERS] + ([(n,) for n in TEACHERS] if config.per_teacher else [])

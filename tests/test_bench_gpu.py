@@ -42,7 +42,7 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     assert set(inputs["input_sizes"]) == set(gpu.TEACHERS)
 
     bare = data["bare"]["float32"]
-    assert all(positive(bare["per_teacher"][n]["images_per_s"]) for n in gpu.TEACHERS)
+    assert all(positive(bare["per_teacher"][n]["images_per_s"]) and bare["per_teacher"][n]["finite"] for n in gpu.TEACHERS)
     assert positive(bare["all_images_per_s"])
     # all three = images / summed seconds: slower than the slowest teacher alone
     assert bare["all_images_per_s"] < min(bare["per_teacher"][n]["images_per_s"] for n in gpu.TEACHERS)
