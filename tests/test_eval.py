@@ -511,6 +511,15 @@ def test_images_are_padded_or_cropped_as_the_model_was_trained(student, cvbench,
     torch.testing.assert_close(override.pixels(image), cropped.pixels(image))
 
 
+def test_labels_name_subfolders():
+    from olavlm.trainer.eval import labels
+
+    assert labels(["runs/pt", "runs/pt-baseline"]) == ["pt", "pt-baseline"]
+    assert labels(["/a/ola/model", "b/base/model"]) == ["a_ola_model", "b_base_model"]
+    with pytest.raises(ValueError, match="with itself"):
+        labels(["runs/pt", "runs/pt"])
+
+
 def test_cli_errors_are_one_line(cvbench, tmp_path):
     from olavlm.cli.app import app
 

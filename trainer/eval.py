@@ -348,9 +348,15 @@ def format_comparison(comparison: dict, label_a: str, label_b: str) -> str:
 
 
 def labels(checkpoints: Sequence[str]) -> list[str]:
-    """Folder names as labels; full paths where two names collide."""
+    """Folder names as labels; the paths, made folder-safe, where two names collide (they name OUT's subfolders)."""
+    import re
+
     names = [Path(c).name or str(c) for c in checkpoints]
-    return names if len(set(names)) == len(names) else [str(c) for c in checkpoints]
+    if len(set(names)) < len(names):
+        names = [re.sub(r"[^\w.-]+", "_", str(c)).strip("_") for c in checkpoints]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"compare two different checkpoints, not {checkpoints[0]} with itself")
+    return names
 
 
 def run_eval(checkpoints: Sequence[str], *, bench: str, data: str, out: str | Path, mode: str = "generate",
