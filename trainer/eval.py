@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -349,8 +350,6 @@ def format_comparison(comparison: dict, label_a: str, label_b: str) -> str:
 
 def labels(checkpoints: Sequence[str]) -> list[str]:
     """Folder names as labels; the paths, made folder-safe, where two names collide (they name OUT's subfolders)."""
-    import re
-
     names = [Path(c).name or str(c) for c in checkpoints]
     if len(set(names)) < len(names):
         names = [re.sub(r"[^\w.-]+", "_", str(c)).strip("_") for c in checkpoints]
