@@ -1,0 +1,196 @@
+"""Resume restores every state: weights, optimizer, loader and RNG, plain, DDP (2 gloo processes) and FSDP2.
+
+The student here has attention dropout, so the losses after a resume depend on the RNG
+state too; each test compares several steps after the resume (optimizer updates included)
+and the final weights with an uninterrupted run.
+
+Known bug (trainer/loader.py + train.py, reported with these tests): the loader's
+`DataLoader` is created at the first batch, after `_restore`, and takes one draw from the
+global torch RNG for its base seed; a resumed run takes that draw at step k + 1, the
+uninterrupted run took it at step 1, so every RNG consumer (dropout) diverges after a resume.
+`test_resume_with_dropout_as_shipped` fails because of it (strict xfail: it passes, and so must
+be un-marked, once the loader uses its own generator). The other tests give the DataLoader its
+own generator (`private_loader_generator`) so that they test the rest of the resume exactly.
+
+Known bug 2 (trainer/train.py `_save`, FSDP2 only): the full-weight CPU copy is built with
+`from_config`, which initialises heads and task tokens from the global RNG after the RNG state
+was recorded, so the uninterrupted run goes on from another RNG state than its checkpoint
+holds. `test_fsdp2_resume_with_dropout` is a strict xfail until then; the FSDP2 test without
+dropout checks weights, optimizer and loader over several steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from olavlm.trainer import checkpoint
+from olavlm.trainer.presets import TINY_HEADS, build_tiny_student
+from olavlm.trainer.train import read_metrics, train
+from tests._trainer_data import make_cache, make_corpus
+
+SHAPES = {"gen": (1, 24), "depth": (64, 32), "seg": (64, 48)}
+ROOT = Path(__file__).resolve().parents[1]
+TERMS = ("loss", "ntp", "gen", "depth", "seg", "grad_norm")
+DROPOUT = 0.3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Corpus + cache + a tiny student whose LLM has attention dropout (an RNG consumer in every step)."""
+    d = tmp_path_factory.mktemp("resume")
+    samples = make_corpus(d / "corpus", shards=2, per_shard=6, text_only_every=5)
+    make_cache(d / "cache", samples, shapes=SHAPES)
+    student = build_tiny_student(d / "student", seed=0)
+    config = Path(student.llm) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "attention_dropout": DROPOUT}))
+    return d, student
+
+
+def without_dropout(data):
+    """The same student with attention_dropout 0 (another folder)."""
+    d, student = data
+    plain = d / "student-no-dropout"
+    if not plain.exists():
+        shutil.copytree(d / "student", plain)
+        config = plain / "llm" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "attention_dropout": 0.0}))
+    return d, dataclasses.replace(student, vision_model=str(plain / "vision"), llm=str(plain / "llm"))
+
+
+def run_config(data, out, **train_options) -> RunConfig:
+    d, student = data
+    return RunConfig(
+        model=ModelConfig(vision_model=student.vision_model, llm=student.llm, **TINY_HEADS),
+        data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=0, max_length=256),
+        train=TrainConfig(stage="pt", steps=4, out=str(out), save_every=2, log_every=1, **train_options),
+    )
+
+
+def assert_same_run(full: Path, resumed: Path) -> None:
+    """Steps 3 and 4 of the resumed run equal the uninterrupted run's, and so do the final weights."""
+    from safetensors.torch import load_file
+
+    after = read_metrics(full)[2:]
+    again = read_metrics(resumed)
+    assert [m["step"] for m in after] == [m["step"] for m in again] == [3, 4]
+    for a, b in zip(after, again):
+        assert a["keys_sha256"] == b["keys_sha256"]
+        for term in TERMS:
+            assert b[term] == pytest.approx(a[term], rel=1e-6, abs=1e-7), (b["step"], term)
+    model_a, model_b = checkpoint.find(full) / "model", checkpoint.find(resumed) / "model"
+    assert checkpoint.find(full).name == checkpoint.find(resumed).name == "step-00000004"
+    files = sorted(p.relative_to(model_a) for p in model_a.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(model_b) for p in model_b.rglob("*.safetensors"))
+    for name in files:
+        a, b = load_file(model_a / name), load_file(model_b / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=f"{name}:{key}")
+
+
+def resume_config(full: Path, out: Path, **train_options) -> RunConfig:
+    return RunConfig(train=TrainConfig(resume=str(full / "checkpoints" / "step-00000002"), out=str(out), steps=4,
+                                       **train_options))
+
+
+@pytest.fixture
+def private_loader_generator(monkeypatch):
+    """The DataLoader draws its base seed from its own generator, not the global RNG (see module doc)."""
+    import olavlm.trainer.loader as loader_module
+
+    real = loader_module.DataLoader
+    monkeypatch.setattr(loader_module, "DataLoader",
+                        lambda *args, **kwargs: real(*args, generator=torch.Generator().manual_seed(0), **kwargs))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: threads only contend on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(300)
+def test_resume_restores_rng_optimizer_and_weights(data, one_thread, private_loader_generator):
+    d, _ = data
+    assert json.loads((Path(data[1].llm) / "config.json").read_text())["attention_dropout"] == DROPOUT
+    train(run_config(data, d / "full"))
+    train(resume_config(d / "full", d / "resumed"))
+    assert_same_run(d / "full", d / "resumed")
+
+
+@pytest.mark.xfail(strict=True, reason="the DataLoader draws from the global RNG after the resume (module doc)")
+@pytest.mark.timeout(300)
+def test_resume_with_dropout_as_shipped(data, one_thread):
+    d, _ = data
+    train(run_config(data, d / "shipped"))
+    train(resume_config(d / "shipped", d / "shipped-resumed"))
+    assert_same_run(d / "shipped", d / "shipped-resumed")
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_resume_matches_the_uninterrupted_run(data, one_thread, private_loader_generator):
+    d, _ = data
+    train(run_config(without_dropout(data), d / "fsdp", fsdp=True))
+    train(resume_config(d / "fsdp", d / "fsdp-resumed", fsdp=True))
+    assert_same_run(d / "fsdp", d / "fsdp-resumed")
+
+
+@pytest.mark.xfail(strict=True, reason="FSDP2 _save draws from the global RNG after recording it (module doc)")
+@pytest.mark.timeout(300)
+def test_fsdp2_resume_with_dropout(data, one_thread, private_loader_generator):
+    d, _ = data
+    train(run_config(data, d / "fsdp-dropout", fsdp=True))
+    train(resume_config(d / "fsdp-dropout", d / "fsdp-dropout-resumed", fsdp=True))
+    assert_same_run(d / "fsdp-dropout", d / "fsdp-dropout-resumed")
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+import olavlm.trainer.loader as loader_module
+from olavlm.schemas.config import RunConfig, from_dict
+from olavlm.trainer.train import train
+
+real = loader_module.DataLoader  # a private generator, as the `private_loader_generator` fixture does
+loader_module.DataLoader = lambda *a, **k: real(*a, generator=torch.Generator().manual_seed(0), **k)
+
+for path in sys.argv[1:]:  # the uninterrupted run, then the resume (one process group, one launch)
+    train(from_dict(RunConfig, json.loads(open(path).read())))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_resume_matches_the_uninterrupted_run(data, tmp_path):
+    from olavlm.schemas.config import to_dict
+
+    d, _ = data
+    full, resumed = d / "ddp", d / "ddp-resumed"
+    paths = []
+    for name, config in (("full", run_config(data, full)), ("resumed", resume_config(full, resumed))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(to_dict(config)))
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(script), *map(str, paths)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((checkpoint.find(resumed) / "trainer.json").read_text())
+    assert len(saved["loader"]) == 2 and len(saved["rng"]) == 2
+    assert_same_run(full, resumed)
