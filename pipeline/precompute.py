@@ -1,11 +1,16 @@
 """`ola precompute CORPUS CACHE`: teacher targets for every image of a corpus, as one Ray job.
 
-The data path, one (teacher set, corpus shard) at a time:
+This module is the driver: `precompute(PrecomputeConfig) -> Summary`. The job is split along its
+own stages, one file each (pipeline/README.md):
 
-    1. preprocess_shard  CPU task, streaming generator: tar -> decode -> resize -> uint8 batches
-    2. TeacherWorker     actor (one GPU each where GPUs exist): normalise, forward, encode
-                         (int8 quantised on the device) -> one result per teacher and batch
-    3. write_shard_task  CPU task: the shard's results -> `TargetCache.write_shard` (atomic commit)
+    config.py    PrecomputeConfig: the job's options, validated
+    plan.py      Plan, make_plan, plan_precompute (--dry-run)
+    stages.py    1. preprocess_shard (CPU task) -> 2. TeacherWorker (actor) -> 3. write_shard_task
+    progress.py  the progress bar and the Summary
+    precompute.py  Ray session, actors, one driver thread per shard in flight
+
+The job's public names are imported from here (`from olavlm.pipeline.precompute import
+PrecomputeConfig, precompute`); `__all__` lists them.
 
 Design choices and their cost:
 - Ray core, not Ray Data: the corpus shard must stay the unit of work and of
@@ -37,33 +42,27 @@ Design choices and their cost:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from olavlm.schemas import quant
-from olavlm.schemas.cache import SampleError, TargetCache
-from olavlm.schemas.corpus import (
-    CorpusShard,
-    ReadFailure,
-    iter_samples,
-    list_shards,
-    sha256_hex,
-    split_member_name,
-)
+from olavlm.schemas.cache import TargetCache
+from olavlm.schemas.corpus import CorpusShard, list_shards
 from olavlm.schemas.errors import ConfigError
-from olavlm.schemas.spec import STORAGE_DTYPES, TeacherSpec
+from olavlm.schemas.spec import TeacherSpec
 
-from .preprocess import input_shape, prepare_all
-from .presets import PRESETS, TEACHER_NAMES, TeacherSource, preset_sources, with_overrides
+from .config import COMPUTE_DTYPES, PrecomputeConfig
+from .plan import Plan, make_plan, plan_precompute
+from .presets import TeacherSource
+from .progress import Summary, progress_bar
+from .stages import TeacherWorker, drop_non_finite, preprocess_batches, preprocess_shard, write_shard_task
+
+__all__ = [
+    "COMPUTE_DTYPES", "Plan", "PrecomputeConfig", "Summary", "drop_non_finite", "plan_precompute", "precompute",
+    "preprocess_batches", "ray_session",
+]
 
 MAX_PENDING_BATCHES = 2
 """Batches of one shard queued at the actors before its driver thread waits (bounds memory)."""
@@ -72,368 +71,7 @@ CPU_ACTOR_CPUS = 0.5
 CPU_TASK_CPUS = 0.25
 """Logical CPUs of a preprocess or writer task when no GPU is used (they share the cores with torch)."""
 CPU_TASK_NICE = 10
-"""Niceness of preprocess and writer tasks in CPU-only runs (see `background_priority`)."""
-COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PrecomputeConfig:
-    """One precompute job; the CLI options map onto these fields."""
-
-    corpus: str
-    """Folder, brace pattern or fsspec URL of WebDataset tar shards."""
-    cache: str
-    """Target cache root: local folder or fsspec URL (s3://...)."""
-    teachers: tuple[str, ...] = TEACHER_NAMES
-    """Which teachers to run (and to resume): any of depth, seg, gen."""
-    preset: str = "paper"
-    """Teacher weights: paper (hub checkpoints), tiny or small (seeded random, offline)."""
-    overrides: dict[str, str] = field(default_factory=dict)
-    """Teacher name -> hub id or folder replacing the preset's weights (same recipe)."""
-    dtype: str = "float16"
-    """Storage dtype: float16, bfloat16 or int8 (lossy, fidelity recorded per shard)."""
-    compute_dtype: str = "auto"
-    """Teacher compute dtype: auto = float16 on GPU, float32 on CPU."""
-    batch_size: int = 16
-    """Images per teacher forward (batches never cross shard boundaries)."""
-    address: str | None = None
-    """Ray cluster address to join; None starts a local Ray (or reuses the one this process runs)."""
-    actors: int | None = None
-    """Teacher actors; default: one per GPU, or 1 without GPUs."""
-    num_gpus: int | None = None
-    """GPUs to use; default: all GPUs Ray sees (0 = CPU only)."""
-    cpu_threads: int | None = None
-    """torch threads per CPU actor; default: the cluster's CPUs divided among the actors."""
-    shards_in_flight: int | None = None
-    """Shards preprocessed at once; default 2 x actors + 1."""
-    dry_run: bool = False
-    """Print the plan and exit."""
-    overwrite: bool = False
-    """Replace a teacher whose stored spec differs (deletes its committed shards)."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options of the cache root (e.g. {'client_kwargs': {'endpoint_url': ...}})."""
-    corpus_storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options of the corpus."""
-    progress: bool = True
-    """Show a progress bar (images/s, ETA) on stderr."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
-        if not self.teachers or len(set(self.teachers)) != len(self.teachers):
-            raise ConfigError(f"--teachers {','.join(self.teachers)!r}: give each teacher once, at least one")
-        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
-            raise ConfigError("--batch-size and --actors must be >= 1")
-
-    def sources(self) -> dict[str, TeacherSource]:
-        sources = with_overrides(preset_sources(self.preset, tuple(t for t in self.teachers if t in TEACHER_NAMES)),
-                                 self.overrides)
-        missing = [t for t in self.teachers if t not in sources]
-        if missing:
-            raise ConfigError(f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
-                             "nor added with --teacher NAME=KIND:PATH_OR_ID")
-        return {t: sources[t] for t in self.teachers}
-
-
-# -- plan ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    """What a run would do: per teacher, shards done and to do; samples and bytes to write."""
-
-    specs: dict[str, TeacherSpec]
-    shards: list[CorpusShard]
-    todo: dict[str, tuple[str, ...]]
-    """Shard name -> teachers still to compute for it (shards with nothing to do are absent)."""
-    done: dict[str, int]
-    """Teacher -> committed shards."""
-    spec_status: dict[str, str]
-    """Teacher -> 'new', 'same' or 'differs (fields)'."""
-    samples: dict[str, int]
-    """Shard name -> samples in its tar (counted from the tar headers)."""
-
-    def estimated_bytes(self) -> int:
-        """Uncompressed bytes still to write (zstd saves ~15% on 16-bit features)."""
-        total = 0
-        for shard, names in self.todo.items():
-            for name in names:
-                spec = self.specs[name]
-                tokens, width = spec.shape
-                per_value = np.dtype(quant.zarr_dtype(spec.dtype)).itemsize
-                scale = 4 * tokens if spec.dtype == "int8" else 0
-                total += self.samples.get(shard, 0) * (tokens * width * per_value + scale)
-        return total
-
-    def describe(self) -> str:
-        lines = [f"corpus: {len(self.shards)} shards, {sum(self.samples.values())} samples"]
-        for name, spec in self.specs.items():
-            todo = [s for s, names in self.todo.items() if name in names]
-            samples = sum(self.samples.get(s, 0) for s in todo)
-            lines.append(
-                f"  {name:6s} {spec.kind:18s} shape {spec.shape[0]}x{spec.shape[1]} {spec.dtype:8s} "
-                f"spec {spec.fingerprint} ({self.spec_status[name]}): {self.done[name]} shards done, "
-                f"{len(todo)} to do ({samples} samples)"
-            )
-            lines.append(f"         {spec.provenance()}")  # revision + weights hash (issue 9)
-        lines.append(f"estimated bytes to write: {self.estimated_bytes() / 1e6:.1f} MB (uncompressed)")
-        return "\n".join(lines)
-
-
-def count_samples(shard: CorpusShard, storage_options: dict | None = None) -> int:
-    """Samples in a tar from its headers only (local files seek past the data)."""
-    import fsspec
-
-    keys, previous = 0, None
-    with contextlib.suppress(tarfile.TarError, EOFError, OSError):
-        with fsspec.open(shard.url, "rb", **(storage_options or {})) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            for member in tar:
-                key, ext = split_member_name(member.name)
-                if not member.isfile() or not ext or key.startswith("__"):
-                    continue
-                if key != previous:
-                    keys, previous = keys + 1, key
-    return keys
-
-
-def _spec_status(cache: TargetCache, spec: TeacherSpec) -> str:
-    stored = cache.specs().get(spec.name)
-    if stored is None:
-        return "new"
-    if stored.fingerprint == spec.fingerprint:
-        return "same"
-    return f"differs in {', '.join(stored.diff(spec))}"
-
-
-def make_plan(
-    config: PrecomputeConfig, specs: dict[str, TeacherSpec], shards: list[CorpusShard], count: bool = True
-) -> Plan:
-    """Compare the specs with the cache; `count` reads every tar's headers for the sample counts."""
-    cache = TargetCache(config.cache, config.storage_options)
-    status = {name: _spec_status(cache, spec) for name, spec in specs.items()}
-    committed = {
-        name: set(cache.committed_shards(name)) if status[name] == "same" else set() for name in specs
-    }
-    todo = {}
-    for shard in shards:
-        names = tuple(n for n in specs if shard.name not in committed[n])
-        if names:
-            todo[shard.name] = names
-    samples = {}
-    if count:
-        with ThreadPoolExecutor(8) as pool:  # header reads: local tars seek past the data
-            counts = pool.map(lambda s: count_samples(s, config.corpus_storage_options), shards)
-            samples = dict(zip([s.name for s in shards], counts))
-    return Plan(specs=specs, shards=shards, todo=todo, done={n: len(c) for n, c in committed.items()},
-                spec_status=status, samples=samples)
-
-
-def plan_precompute(config: PrecomputeConfig) -> Plan:
-    """`--dry-run`: load the teachers on this machine's CPU for their specs, then compare with the cache."""
-    from .teachers import load_teacher
-
-    shards = list_shards(config.corpus, config.corpus_storage_options)
-    specs = {}
-    for name, source in config.sources().items():
-        spec = load_teacher(source, device="cpu").spec
-        specs[name] = dataclasses.replace(spec, dtype=config.dtype)
-    return make_plan(config, specs, shards)
-
-
-# -- stage 1: CPU preprocessing ----------------------------------------------------------------
-def _batch(keys, sha256s, errors, inputs, recipes) -> dict[str, Any]:
-    arrays = {}
-    for name, recipe in recipes.items():
-        height, width = input_shape(recipe)
-        arrays[name] = np.stack(inputs[name]) if inputs[name] else np.zeros((0, height, width, 3), np.uint8)
-    return {"keys": list(keys), "sha256s": list(sha256s), "errors": list(errors), "inputs": arrays}
-
-
-def preprocess_batches(
-    url: str, recipes: dict[str, dict], batch_size: int, storage_options: dict | None = None
-) -> Iterator[dict[str, Any]]:
-    """Batches of one shard: keys, image sha256s, errors since the last batch, uint8 inputs per teacher.
-
-    Always ends with one batch (maybe empty) carrying the trailing errors, so that
-    for every shard: samples in the tar = sum of keys + sum of errors.
-    """
-    keys, sha256s, errors, inputs = [], [], [], {name: [] for name in recipes}
-    seen: set[str] = set()
-    for item in iter_samples(url, storage_options):
-        # at this point: a whole sample's files, or a ReadFailure for a broken tar
-        if isinstance(item, ReadFailure):
-            errors.append((item.key, "read", item.reason))
-            continue
-        if item.key in seen:
-            errors.append((item.key, "read", f"key {item.key!r} appears twice in {url}"))
-            continue
-        seen.add(item.key)
-        data = item.image_bytes
-        if data is None:
-            errors.append((item.key, "decode", f"no image file in sample (has: {', '.join(sorted(item.files))})"))
-            continue
-        try:
-            prepared = prepare_all(data, recipes)
-        except ValueError as exc:  # undecodable, empty, too large: recorded, the job goes on
-            errors.append((item.key, "decode", str(exc)))
-            continue
-        # at this point: one uint8 (H, W, 3) array per teacher
-        keys.append(item.key)
-        sha256s.append(sha256_hex(data))
-        for name, array in prepared.items():
-            inputs[name].append(array)
-        if len(keys) == batch_size:
-            yield _batch(keys, sha256s, errors, inputs, recipes)
-            keys, sha256s, errors, inputs = [], [], [], {name: [] for name in recipes}
-    yield _batch(keys, sha256s, errors, inputs, recipes)
-
-
-def background_priority(nice: int) -> None:
-    """CPU-only runs: tasks share the cores with the teachers' torch threads, so they yield to them.
-
-    Sets this worker process's niceness (absolute, so repeated calls do not stack).
-    Without it, a decode that lands on a core in the middle of a torch parallel
-    region stalls all of torch's threads at the region's barrier.
-    """
-    if nice:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-
-
-def preprocess_shard(url, recipes, batch_size, storage_options, nice=0):
-    """Ray streaming-generator task around `preprocess_batches`."""
-    background_priority(nice)
-    yield from preprocess_batches(url, recipes, batch_size, storage_options)
-
-
-# -- stage 2: teacher actors -------------------------------------------------------------------
-class TeacherWorker:
-    """Holds the teachers (loaded once) on one device; turns uint8 batches into encoded targets."""
-
-    def __init__(self, sources: list[TeacherSource], storage_dtype: str, compute_dtype: str, threads: int | None):
-        import torch
-
-        from .teachers import load_teacher
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = None if compute_dtype == "auto" else getattr(torch, compute_dtype)
-        self.teachers = {s.name: load_teacher(s, device=self.device, dtype=dtype) for s in sources}
-        self.storage_dtype = storage_dtype
-
-    def specs(self) -> dict[str, dict]:
-        return {n: dataclasses.replace(t.spec, dtype=self.storage_dtype).to_dict() for n, t in self.teachers.items()}
-
-    def compute(self, batch: dict[str, Any], names: list[str]) -> tuple:
-        """-> (one result dict per name, (images in the batch, seconds spent computing))."""
-        import torch
-
-        from .encode import encode_on_device
-
-        start = time.perf_counter()
-        results = []
-        for name in names:
-            images = torch.from_numpy(np.require(batch["inputs"][name], requirements="W"))  # store arrays are read-only
-            if self.device == "cuda":
-                images = images.pin_memory()
-            targets, keys, sha256s, errors = drop_non_finite(name, self.teachers[name](images), batch)
-            encoded = encode_on_device(targets, self.storage_dtype)
-            results.append({"keys": keys, "sha256s": sha256s, "errors": errors,
-                            "values": encoded.values, "scale": encoded.scale, "fidelity": encoded.fidelity})
-        if self.device == "cuda":
-            torch.cuda.synchronize()  # encode_on_device already waited; explicit for the timing
-        return (*results, (len(batch["keys"]), time.perf_counter() - start))
-
-
-def drop_non_finite(name: str, targets, batch: dict[str, Any]) -> tuple:
-    """Rows with NaN/inf move from the batch to its errors (stage 'teacher'); never stored.
-
-    int8 would turn them into plausible finite values, and a committed shard is never
-    recomputed, so they are caught here, before encoding. -> (targets, keys, sha256s, errors)
-    """
-    finite = targets.flatten(1).isfinite().all(1)  # [B]
-    if bool(finite.all()):  # a device sync, as the encoding's copy to the host is anyway
-        return targets, batch["keys"], batch["sha256s"], batch["errors"]
-    keep = finite.cpu().tolist()
-    errors = list(batch["errors"]) + [(key, "teacher", f"teacher {name!r} returned NaN/inf for this image")
-                                      for key, ok in zip(batch["keys"], keep) if not ok]
-    keys = [k for k, ok in zip(batch["keys"], keep) if ok]
-    sha256s = [h for h, ok in zip(batch["sha256s"], keep) if ok]
-    return targets[finite], keys, sha256s, errors
-
-
-# -- stage 3: writer ---------------------------------------------------------------------------
-def write_shard_results(cache: TargetCache, teacher: str, shard: str, results: list[dict]) -> dict[str, Any]:
-    """Concatenate a shard's batch results and commit them through `TargetCache.write_shard`."""
-    from .encode import combine_fidelity
-
-    spec = cache.spec(teacher)
-    keys = [k for r in results for k in r["keys"]]
-    sha256s = [h for r in results for h in r["sha256s"]]
-    errors = [SampleError(key, stage, reason) for r in results for key, stage, reason in r["errors"]]
-    empty = np.zeros((0, *spec.shape), quant.zarr_dtype(spec.dtype))
-    values = np.concatenate([empty] + [r["values"] for r in results])
-    scale = None
-    fidelity = None
-    if spec.dtype == "int8":
-        scale = np.concatenate([np.zeros((0, spec.shape[0]), np.float32)] + [r["scale"] for r in results])
-        fidelity = combine_fidelity([r["fidelity"] for r in results])
-    commit = cache.write_shard(teacher, shard, keys, sha256s, values, scale=scale, errors=errors, fidelity=fidelity)
-    return {"teacher": teacher, "shard": shard, "rows": commit.rows, "errors": commit.errors,
-            "written": commit.written, "bytes": cache.root.size(teacher, shard)}
-
-
-def write_shard_task(cache_url, storage_options, teacher, shard, nice, *results):
-    """Ray task around `write_shard_results` (its arguments arrive resolved from the object store)."""
-    background_priority(nice)
-    return write_shard_results(TargetCache(cache_url, storage_options), teacher, shard, list(results))
-
-
-# -- the driver --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Summary:
-    shards: int
-    """Corpus shards."""
-    committed: int
-    """(teacher, shard) pairs committed by this run."""
-    skipped: int
-    """(teacher, shard) pairs that were already committed."""
-    samples: int
-    """Target rows written by this run (all teachers)."""
-    errors: int
-    """Error rows recorded by this run (all teachers)."""
-    bytes: int
-    """Bytes written by this run."""
-    images: int
-    """Images pushed through the teachers."""
-    seconds: float
-    """Wall time from the first batch to the last commit (excludes Ray start and model loading)."""
-    fidelity: dict[str, float] | None = None
-    """int8 only: worst shard's cosine_min and max_rel_error."""
-    teacher_seconds: float = 0.0
-    """Seconds the actors spent in teacher forward + encode, summed over actors."""
-    actors: int = 1
-    """Teacher actors of the run."""
-
-    @property
-    def teacher_busy(self) -> float:
-        """Share of the run's wall time the actors spent computing (1.0 = never waiting for input)."""
-        return self.teacher_seconds / (self.seconds * self.actors) if self.seconds > 0 else 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-    def describe(self) -> str:
-        text = (f"{self.shards} shards: {self.committed} (teacher, shard) committed, {self.skipped} already done; "
-                f"{self.samples} targets, {self.errors} errors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} images/s, teachers busy {self.teacher_busy:.0%})")
-        if self.fidelity:
-            text += f"; int8 cosine_min {self.fidelity['cosine_min']:.5f}, max_rel_error {self.fidelity['max_rel_error']:.4f}"
-        return text
+"""Niceness of preprocess and writer tasks in CPU-only runs (see `stages.background_priority`)."""
 
 
 @contextlib.contextmanager
@@ -532,7 +170,7 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
     lock = threading.Lock()
     totals = {"images": 0, "teacher_seconds": 0.0, "commits": []}
 
-    progress, task = _progress(config, sum(plan.samples.get(s, 0) for s in plan.todo))
+    progress, task = progress_bar(config.progress, sum(plan.samples.get(s, 0) for s in plan.todo))
 
     def run_shard(shard: CorpusShard) -> list[dict]:
         names = list(plan.todo[shard.name])
@@ -591,26 +229,3 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
         bytes=sum(c["bytes"] for c in commits), images=totals["images"], seconds=seconds, fidelity=fidelity,
         teacher_seconds=totals["teacher_seconds"], actors=len(workers),
     )
-
-
-def _progress(config: PrecomputeConfig, total: int):
-    if not config.progress:
-        return None, None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class ImagesPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:.1f} images/s")
-
-    progress = Progress(TextColumn("precompute"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
-    return progress, progress.add_task("images", total=total or None)
