@@ -2,8 +2,9 @@
 
 The experiment of docs/FIDELITY.md, one command, resumable:
 1. a demo corpus of `images` photos and the tiny teachers' targets (Ray precompute);
-2. for each training seed: PT with distillation ("ola") and the NTP-only baseline from
-   the same initial weights, data order and steps;
+2. for each training seed: PT with distillation ("ola") and without ("baseline": the same
+   student, task tokens included, trained on NTP alone) from the same initial weights,
+   data order and steps, so that the embedding losses are the only difference;
 3. every layer of every run probed with `probe_seeds` probe initialisations on the
    same held-out split (the authors' probe input: image + fixed prompt, padded);
 4. per teacher: the OLA minus baseline difference at the distilled layers and over
@@ -91,9 +92,10 @@ def _train(corpus: Path, cache: Path, out: Path, *, distill: bool, seed: int, co
         pass
     run = RunConfig(
         model=ModelConfig(preset="tiny"),
-        # the baseline is LLaVA-1.5's PT: no cache, so no task tokens and no heads (as `ola demo` trains it)
-        data=DataConfig(data=str(corpus), cache=str(cache) if distill else "", batch_size=config.batch_size,
-                        num_workers=1, seed=seed),
+        # Both arms read the cache, so both have the task tokens in the sequence and see identical batches:
+        # the embedding losses are the only difference (a baseline without task tokens would also hand the
+        # probe 24 fewer tokens to read, which moves its score by itself).
+        data=DataConfig(data=str(corpus), cache=str(cache), batch_size=config.batch_size, num_workers=1, seed=seed),
         train=TrainConfig(stage="pt", distill=distill, steps=config.steps, lr=config.lr, out=str(out),
                           save_every=config.steps, log_every=max(1, config.steps // 10), seed=seed),
     )
