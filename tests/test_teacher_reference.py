@@ -18,8 +18,9 @@ checkpoints' config.json values) with seeded random weights, saved with
 `save_pretrained` in the hub repositories' layouts, processor configs included.
 
 Cost: building the three folders (1.2 B parameters, 4.6 GB of safetensors), the Ray job
-and the independent pass over two photos: about 2 minutes of two CPU cores' time
-(9 minutes wall clock measured while three other jobs shared those cores). Seeded weights
+and the independent pass over two photos: 364 s wall clock measured on the 2-core
+machine while other jobs kept its load average at 6-8 (setup 256 s, seg 63 s, depth
+24 s, gen 21 s); Swin-L at 800 x 800 is the largest share. Seeded weights
 are drawn directly (transformers' initialisers alone would add ~40 s); everything is
 built once per module. Marked slow; CI runs them.
 """
