@@ -20,16 +20,12 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from .errors import OlaError
+from .errors import CorpusError
 from .storage import check_safe_name
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 1 << 28
 """Images above this many pixels (e.g. 16384 x 16384) are recorded as errors, not decoded."""
-
-
-class CorpusError(OlaError, RuntimeError):
-    """A corpus that cannot be listed or read; the message names the path."""
 
 
 @dataclass(frozen=True)

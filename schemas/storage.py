@@ -18,13 +18,15 @@ from typing import Any
 
 import fsspec
 
+from .errors import UnsafeNameError
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 def check_safe_name(name: str, what: str) -> str:
     """Names taken from data (shard names) become path parts: refuse anything but a plain name."""
     if not SAFE_NAME.match(name) or ".." in name:
-        raise ValueError(
+        raise UnsafeNameError(
             f"{what} {name!r} is not a safe path component (letters, digits, '.', '_', '-'; no '..')"
         )
     return name
@@ -50,7 +52,7 @@ class Root:
     def join(self, *parts: str) -> str:
         for part in parts:
             if part.startswith("/") or ".." in part.split("/"):
-                raise ValueError(f"refusing path part {part!r} under {self.url}")
+                raise UnsafeNameError(f"refusing path part {part!r} under {self.url}")
         return posixpath.join(self.path, *parts)
 
     def url_of(self, *parts: str) -> str:

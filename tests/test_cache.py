@@ -14,6 +14,7 @@ import torch
 
 from olavlm.schemas import quant
 from olavlm.schemas.cache import CacheError, SampleError, SpecMismatchError, TargetCache
+from olavlm.schemas.errors import UnsafeNameError
 from olavlm.schemas.spec import TeacherSpec
 from olavlm.schemas.synthetic import feature_like
 
@@ -92,13 +93,13 @@ def test_unsafe_names_never_leave_the_root(tmp_path):
     root = tmp_path / "cache"
     cache = TargetCache(root)
     cache.register(spec(shape=(1, 4)))
-    with pytest.raises(ValueError, match="safe path"):
+    with pytest.raises(UnsafeNameError, match="safe path"):  # an OlaError: `ola` prints one red line
         cache.write_shard("depth", "../escape", ["k"], ["0" * 64], np.zeros((1, 1, 4), np.float16))
     # keys are data, never paths: a key with ../ lands in the manifest only
     cache.write_shard("depth", "s0", ["../../evil", "/abs"], ["0" * 64] * 2, np.zeros((2, 1, 4), np.float16))
     assert sorted(os.listdir(tmp_path)) == ["cache"]
     assert cache.manifest("depth").column("key").to_pylist() == ["../../evil", "/abs"]
-    with pytest.raises(ValueError):
+    with pytest.raises(UnsafeNameError):
         cache.root.join("..", "x")
 
 

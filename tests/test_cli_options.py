@@ -57,3 +57,18 @@ def test_only_the_projects_own_errors_become_one_line():
     with pytest.raises(ValueError, match="a bug"):  # anything else keeps its traceback
         with user_errors():
             raise ValueError("a bug")
+
+
+
+def test_user_errors_of_the_data_path_and_storage_are_ola_errors():
+    import pickle
+
+    from olavlm.schemas.errors import DataError, OlaError, UnsafeNameError
+    from olavlm.trainer.join import DataError as JoinDataError
+    from olavlm.trainer.text import TextError
+
+    assert JoinDataError is DataError  # re-exported where it was
+    assert issubclass(TextError, OlaError) and issubclass(UnsafeNameError, OlaError)
+    error = pickle.loads(pickle.dumps(DataError("bad_json", "k1", "s0", "no json member")))
+    assert isinstance(error, OlaError) and (error.reason, error.key, error.shard) == ("bad_json", "k1", "s0")
+    assert str(error) == "no json member (key 'k1', shard 's0')"

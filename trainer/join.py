@@ -32,23 +32,14 @@ import torch
 
 from olavlm.schemas import quant
 from olavlm.schemas.cache import CacheError, ShardReader, TargetCache
-from olavlm.schemas.corpus import CorpusError
+from olavlm.schemas.errors import DataError
+
+__all__ = ["BATCH_DTYPES", "DataError", "TargetJoin"]  # DataError lives in schemas/errors.py
 
 BATCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
 """Batch dtype per storage dtype: 16-bit stays 16-bit (exact), int8 is dequantised."""
 MAX_OPEN_READERS = 16
 """Open shard readers kept per teacher (keyed reads jump between shards)."""
-
-
-class DataError(CorpusError):
-    """A training sample that cannot be used as it is; the message names key and shard."""
-
-    def __init__(self, reason: str, key: str, shard: str, detail: str):
-        super().__init__(f"{detail} (key {key!r}, shard {shard!r})")
-        self.reason, self.key, self.shard, self.detail = reason, key, shard, detail
-
-    def __reduce__(self):  # DataLoader workers send exceptions through pickle
-        return DataError, (self.reason, self.key, self.shard, self.detail)
 
 
 class TargetJoin:

@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from olavlm.schemas.config import DataConfig
 from olavlm.schemas.corpus import IMAGE_EXTENSIONS, CorpusError, sha256_hex
-from olavlm.schemas.errors import ConfigError
+from olavlm.schemas.errors import ConfigError, DataError
 
 from .collate import Example, collate
 from .images import ImageTransform
-from .join import BATCH_DTYPES, DataError, TargetJoin
+from .join import BATCH_DTYPES, TargetJoin
 from .source import epoch_units, rank_stream, shards_of, split_by_node, split_by_worker
 from .text import ChatRenderer, TextError, tokenize
 from .tokens import TokenLayout

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from olavlm.schemas.errors import ConfigError, OlaError
+
 from .tokens import IMAGE_TOKEN, TokenLayout
 
 IGNORE = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class TextError(ValueError):
-    """A conversation that cannot be tokenized; `reason` is a short metric name."""
+class TextError(OlaError, ValueError):
+    """A conversation that cannot be tokenized; `reason` is a short metric name.
+
+    The loader turns it into a `DataError` with the sample's key and shard."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -78,7 +82,7 @@ class ChatRenderer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
+            raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
         self._compiled = None
         try:
             from transformers.utils.chat_template_utils import _compile_jinja_template
