@@ -93,7 +93,11 @@ def seeded_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def paper_folders(tmp_path_factory):
     """The three paper checkpoints' layouts: depth/, seg/, gen/{image_encoder,feature_extractor}/."""
-    from transformers import CLIPVisionModelWithProjection, DepthAnythingForDepthEstimation, OneFormerForUniversalSegmentation
+    from transformers import (
+        CLIPVisionModelWithProjection,
+        DepthAnythingForDepthEstimation,
+        OneFormerForUniversalSegmentation,
+    )
     from transformers.initialization import no_init_weights
 
     root = tmp_path_factory.mktemp("paper-teachers")
@@ -130,7 +134,7 @@ def stored(paper_folders, photos, tmp_path_factory):
     """teacher -> key -> float32 target, as `ola precompute --preset paper --teacher NAME=DIR ...` stores it."""
     corpus, data = photos
     cache = tmp_path_factory.mktemp("paper-cache") / "cache"
-    for ray in local_ray():  # one local Ray (2 CPUs), shut down after the run
+    for _ in local_ray():  # one local Ray (2 CPUs), shut down after the run
         summary = precompute(PrecomputeConfig(
             corpus=str(corpus), cache=str(cache), preset="paper", progress=False, batch_size=len(PHOTOS),
             overrides={name: str(folder) for name, folder in paper_folders.items()}, compute_dtype="float32",
