@@ -150,3 +150,25 @@ def test_busy_fraction_and_a_partial_table():
     partial = {"complete": False, "device": "cpu", "bare": {"float16": bare}}  # a run stopped after the bare loop
     table = gpu.format_table(partial)
     assert "complete=False" in table and "100.0" in table and "pipeline img/s" in table
+
+
+def test_a_failing_lever_is_a_row_with_its_error(monkeypatch, tmp_path):
+    from olavlm.pipeline.preprocess import input_shape
+    from olavlm.pipeline.presets import preset_sources
+    from olavlm.pipeline.teachers import load_teacher
+
+    teachers = {n: load_teacher(s) for n, s in preset_sources("tiny").items()}
+    batches = [{n: torch.zeros((2, *input_shape(t.spec.preprocess), 3), dtype=torch.uint8) for n, t in teachers.items()}]
+    config = gpu.gpu_bench_config(cuda=False, images=2, shard_size=2, batch_size=2, channels_last=False, sdpa=True,
+                                  gpu_preprocess=False, compile=True)
+    setup = gpu.Setup(config=config, device="cpu", tmp=str(tmp_path), teacher_folder=None, log=lambda m: None)
+
+    def broken(module, backend):
+        raise RuntimeError("inductor failed")
+
+    monkeypatch.setattr(gpu, "compile_blocks", broken)
+    rows = gpu.run_levers(setup, teachers, batches, gpu.bare_rates(teachers, batches, "cpu"), host={})
+    assert [r["lever"] for r in rows] == ["baseline", "attn_eager", "attn_sdpa", "compile"]
+    assert rows[-1] == {"lever": "compile", "error": "RuntimeError: inductor failed"}
+    assert {t.module.config._attn_implementation for t in teachers.values()} == {"sdpa"}  # restored
+    assert "inductor failed" in gpu.format_table({"levers": {"dtype": "float32", "rows": rows}})
