@@ -6,7 +6,7 @@ object, `"complete": false` until the end), so a partial run still tells somethi
 1. teachers  The three paper teachers at full size (configs as the hub checkpoints state
              them, ~1.2 B parameters), seeded random weights built on the GPU, saved with
              `save_pretrained` in the hub layouts (unCLIP's `image_encoder/` +
-             `feature_extractor/`) once under `$OLAVLM_TEACHERS_DIR/paper-random-v1`, and
+             `feature_extractor/`) once under `$OLAVLM_TEACHERS_DIR/paper-random-v1-p2`, and
              loaded by every later step through `from_pretrained`. `--smoke`: the tiny preset.
 2. inputs    The demo corpus (`--images` photos in shards of `--shard-size`), decoded and
              preprocessed once on the host (`preprocess_batches`, as the pipeline's CPU task
@@ -21,21 +21,26 @@ object, `"complete": false` until the end), so a partial run still tells somethi
              `torch.compile` of every repeated block (regional: compile time reported apart),
              batched GPU preprocessing (decode once on the host, resize + crop on the device).
 5. pipeline  Per compute dtype: `precompute` (the function `ola precompute` calls), one job
-             for the three teachers together and one per teacher, in one Ray session after a
-             warm-up job. busy fraction = pipeline images/s / bare images/s of the same
-             teachers and dtype (as `ola bench precompute` computes it); the actor's own
-             compute share; device-wide peak memory polled during the job.
+             for the three teachers together (and, at the first dtype, one per teacher: each
+             job costs an actor start and a model load), in one Ray session after a warm-up
+             job. busy fraction = pipeline images/s / bare images/s of the same teachers and
+             dtype (as `ola bench precompute` computes it); the actor's own compute share;
+             device-wide peak memory polled during the job.
 6. train     A mid-size student (CLIP-L-width vision tower at 336 px + a 16-layer 2048-wide
              Llama, ~0.9 B) in bf16 autocast, PT stage, DDP over a 1-process group (nccl on
              CUDA, gloo on CPU): step time with the streaming loader over the pipeline's
              cache, with the same batches in memory, and with the teachers run online inside
-             the step one image at a time (the authors' design).
+             the step one image at a time (the authors' design). Per-step times after a
+             warm-up of workers + 2 steps; means (the figure) and medians.
 
 Design choices and their cost:
 - The pipeline jobs are short (1024 images: seconds each), so the ramp (the first batch is
   decoded while the actor waits) and the tail (the last shard's compression and write)
   weigh on the end-to-end rate; the actor compute share is reported beside it, and
   `--images` makes the job longer. The bare loop has a warm-up batch, the pipeline has not.
+- Run time on one H200 with CUDA: the smoke run 136 s, of which 74 s compiled the tiny
+  teachers' blocks (cold inductor cache); the full run is estimated at ~6 minutes, compile
+  about 1.5 of them (`--no-compile` for ~5 minutes).
 - The online step uses the pipeline's own teachers (the same weights as the cache), so
   cached and online targets are the same values; `ola bench train` (CPU) builds its own
   teacher-like models instead, which do not fit the smoke path's 60 s on 2 cores.
@@ -92,7 +97,7 @@ class GpuBenchConfig:
     storage_dtype: str = "float16"
     """Cache storage dtype of the pipeline jobs."""
     per_teacher: bool = True
-    """Also run one pipeline job per teacher (else only the three together)."""
+    """Also run one pipeline job per teacher at the first compute dtype (else only the three together)."""
     shards_in_flight: int | None = None
     """Shards preprocessed at once in the pipeline (None: precompute's default, 2 x actors + 1)."""
     channels_last: bool = True
@@ -744,23 +749,26 @@ def train_bench(setup: Setup, cache: str) -> dict:
             _sync(setup.device)  # a step ends when the device is done
 
         batches = iter(loader)
-        for _ in range(2):  # warm-up: workers start, first kernels, AdamW state
+        for _ in range(workers + 2):  # warm-up: every worker has delivered a batch; first kernels; AdamW state
             step(next(batches)[0])
         _reset_peak(setup.device)
-        kept, start = [], time.perf_counter()
-        for _ in range(config.train_steps):
+        kept, loader_times, memory_times = [], [], []
+        for _ in range(config.train_steps):  # a step = waiting for the loader's batch + the step itself
+            start = time.perf_counter()
             batch, _state = next(batches)
             step(batch)
+            loader_times.append(time.perf_counter() - start)
             kept.append(batch)
-        loader_s = (time.perf_counter() - start) / config.train_steps
         del batches
-        start = time.perf_counter()
-        for batch in kept:
+        for batch in kept:  # the same batches again, from memory (pinned on CUDA, as the loader's)
+            start = time.perf_counter()
             step(batch)
-        memory_s = (time.perf_counter() - start) / config.train_steps
+            memory_times.append(time.perf_counter() - start)
+        loader_s, memory_s = float(np.mean(loader_times)), float(np.mean(memory_times))
+        medians = float(np.median(loader_times)), float(np.median(memory_times))
         peak = _peak_gb(setup.device)
         setup.log(f"train: loader {loader_s:.3f} s/step, in memory {memory_s:.3f} s/step "
-                f"({loader_s / memory_s:.3f}x)")
+                  f"({loader_s / memory_s:.3f}x; medians {medians[0]:.3f} / {medians[1]:.3f})")
 
         online_s = None
         if config.online_steps:
@@ -797,6 +805,8 @@ def train_bench(setup: Setup, cache: str) -> dict:
         "backend": "nccl" if cuda else "gloo", "world_size": 1, "cache_storage_dtype": config.storage_dtype,
         "step_s_loader": round(loader_s, 4), "step_s_in_memory": round(memory_s, 4),
         "cached_over_in_memory": round(loader_s / memory_s, 3),
+        "step_s_loader_median": round(medians[0], 4), "step_s_in_memory_median": round(medians[1], 4),
+        "cached_over_in_memory_median": round(medians[0] / medians[1], 3), "warmup_steps": workers + 2,
         "samples_per_s_loader": round(config.train_batch_size / loader_s, 1),
         "step_s_online_teachers": round(online_s, 4) if online_s is not None else None,
         "online_over_cached": round(online_s / loader_s, 2) if online_s is not None else None,
@@ -823,10 +833,12 @@ def run_gpu_bench(config: GpuBenchConfig, *, out: str | None = None,
                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Run the sections (see the module docstring); -> every figure in one dict (also written to `out`)."""
     import torch
+    import transformers
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars: noise in the progress lines
     report = Report(out, log)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not config.smoke:
@@ -927,7 +939,6 @@ def run_pipeline(setup: Setup, report: Report) -> str:
     from olavlm.schemas.corpus_build import build_demo_corpus
 
     config = setup.config
-    sets = [TEACHERS] + ([(n,) for n in TEACHERS] if config.per_teacher else [])
     pipeline = report.data.setdefault("pipeline", {})
     kept = None
     with report.section("pipeline"), ray_session(None):
@@ -937,7 +948,9 @@ def run_pipeline(setup: Setup, report: Report) -> str:
             build_demo_corpus(warmup, samples=config.batch_size, shard_size=config.batch_size)
             precompute(setup.job(("depth",), config.compute_dtypes[0], warmup, os.path.join(setup.tmp, "warmup-cache")))
             report.log(f"pipeline: Ray warm-up job {time.perf_counter() - start:.1f} s")
-        for dtype in config.compute_dtypes:
+        for index, dtype in enumerate(config.compute_dtypes):
+            # one job per teacher at the first dtype only: each costs an actor start and a model load
+            sets = [TEACHERS] + ([(n,) for n in TEACHERS] if config.per_teacher and index == 0 else [])
             for names in sets:
                 label = "all" if len(names) > 1 else names[0]
                 cache = os.path.join(setup.tmp, f"cache-{dtype}-{label}")

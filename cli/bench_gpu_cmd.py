@@ -23,7 +23,7 @@ def bench_gpu_command(
                                       help="Teacher compute dtypes, comma-separated [default: float16,bfloat16 on CUDA, float32 on CPU]."),
     storage_dtype: str = typer.Option("float16", "--storage-dtype", help="Cache storage dtype of the pipeline jobs."),
     per_teacher: bool | None = typer.Option(None, "--per-teacher/--no-per-teacher",
-                                            help="One pipeline job per teacher too [default: on; smoke off]."),
+                                            help="One pipeline job per teacher too, at the first dtype [default: on; smoke off]."),
     shards_in_flight: int | None = typer.Option(None, "--shards-in-flight",
                                                 help="Pipeline shards preprocessed at once [default: precompute's]."),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="Lever row: channels-last."),

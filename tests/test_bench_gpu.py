@@ -65,7 +65,7 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     train = data["train"]
     assert train["backend"] == "gloo" and train["world_size"] == 1 and train["batch_size"] == 2
     for key in ("step_s_loader", "step_s_in_memory", "cached_over_in_memory", "step_s_online_teachers",
-                "online_over_cached", "samples_per_s_loader"):
+                "online_over_cached", "samples_per_s_loader", "step_s_loader_median", "cached_over_in_memory_median"):
         assert positive(train[key]), key
     assert train["student_params"] > train["trainable_params_pt"] > 0
 
