@@ -54,8 +54,8 @@ class FidelityConfig:
 
 
 def run_fidelity(out: Path, config: FidelityConfig, *, log=print) -> dict:
-    from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.pipeline.precompute import PrecomputeConfig, precompute
+    from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.trainer.probe import ProbeConfig, run_probe
 
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,19 @@ from __future__ import annotations
 
 import typer
 
-from . import bench_cmds, bench_fidelity_cmd, bench_gpu_cmd, cache_cmds, corpus_cmds, demo_cmd, eval_cmd, model_cmds, precompute_cmd, probe_cmd, train_cmds
+from . import (
+    bench_cmds,
+    bench_fidelity_cmd,
+    bench_gpu_cmd,
+    cache_cmds,
+    corpus_cmds,
+    demo_cmd,
+    eval_cmd,
+    model_cmds,
+    precompute_cmd,
+    probe_cmd,
+    train_cmds,
+)
 from .groups import Groups
 
 app = typer.Typer(

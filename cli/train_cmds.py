@@ -7,12 +7,20 @@ from pathlib import Path
 
 import typer
 
-from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig, from_dict, merge, read_config_file, to_dict
+from olavlm.schemas.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+    merge,
+    read_config_file,
+    to_dict,
+)
 
 from .errors import user_errors
 from .groups import Groups
 from .options import CONTEXT_SETTINGS, config_options
-
 
 # -- ola train: every config field is an option (cli/options.py) --------------------------------------
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
