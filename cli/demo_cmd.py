@@ -1,7 +1,8 @@
 """`ola demo`: the whole chain, offline, on the bundled demo corpus with the tiny preset.
 
 corpus -> precompute (Ray, three tiny teachers) -> cache stats + verify -> PT with
-distillation and the NTP-only baseline (same student init, data and steps) ->
+distillation and the NTP-only baseline (the same student, task tokens included, with the
+embedding losses off; same init, data and steps) ->
 probe both on the same held-out split -> plot + summary table.
 
 It lives in cli/ because it is the one place allowed to import both pipeline/
@@ -47,7 +48,9 @@ def _train_once(corpus: str, cache: str, out: Path, *, distill: bool, steps: int
         pass
     config = RunConfig(
         model=ModelConfig(preset="tiny"),
-        data=DataConfig(data=corpus, cache=cache if distill else "", batch_size=batch_size, num_workers=1),
+        # Both runs read the cache: the baseline is the same student (task tokens included) with the
+        # embedding losses off, so they are the only difference the probe can see (docs/FIDELITY.md).
+        data=DataConfig(data=corpus, cache=cache, batch_size=batch_size, num_workers=1),
         train=TrainConfig(stage="pt", distill=distill, steps=steps, out=str(out), save_every=max(1, steps // 2),
                           log_every=5, resume=resume, seed=0),
     )
