@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -42,3 +43,38 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert second["probe"]["rows"] == summary["probe"]["rows"]
     assert summary["precompute"] == {"committed": 3, "skipped": 0, "samples": 3 * 24, "errors": 0}  # 1 shard x 3
     assert second["precompute"] == {"committed": 0, "skipped": 3, "samples": 0, "errors": 0}
+
+    # Deterministic: the same command in a fresh folder prints the same figures (timings masked).
+    fresh = tmp_path / "fresh"
+    args[args.index(str(out))] = str(fresh)
+    third = CliRunner().invoke(app, args)
+    assert third.exit_code == 0, third.output + repr(third.exception)
+    first_figures, fresh_figures = figures(result.output, out), figures(third.output, fresh)
+    assert len(first_figures) > 50 and fresh_figures == first_figures
+    rerun = json.loads((fresh / "summary.json").read_text())
+    # Unprinted digits: the probe scores agree to ~1e-8, not bit for bit (float reduction order).
+    assert rows(rerun) == rows(summary) and rerun["runs"]["ola"]["losses"] == summary["runs"]["ola"]["losses"]
+    assert [r["score"] for r in rerun["probe"]["rows"]] == pytest.approx([r["score"] for r in summary["probe"]["rows"]],
+                                                                          abs=1e-6)
+
+
+def rows(summary: dict) -> list[tuple]:
+    return [(r["checkpoint"], r["teacher"], r["layer"], r["seed"]) for r in summary["probe"]["rows"]]
+
+
+TIMINGS = re.compile(r"\(\d+(?:\.\d+)? s\)|total \d+ s|\d+(?:\.\d+)? ?(?:s|images/s|samples/s|step/s|s/step|it/s)\b"
+                     r"|ETA [\d:]+|busy \d+%")
+"""Timings, rates and the utilisation of the teachers: the only figures that may differ."""
+
+
+def figures(output: str, out) -> list[tuple[int, str]]:
+    """Every figure the demo printed, by line, with its folder and its timings masked.
+
+    A training progress bar (redrawn at times that depend on speed) counts as its losses."""
+    found = []
+    for i, line in enumerate(output.replace(str(out), "OUT").splitlines()):
+        if "train pt:" in line:
+            losses = dict.fromkeys(re.findall(r"loss=([-\d.]+)", line))
+            line = " ".join(losses) + line.rsplit("]", 1)[-1]
+        found.extend((i, n) for n in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", TIMINGS.sub("T", line)))
+    return found
