@@ -52,8 +52,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     first_figures, fresh_figures = figures(result.output, out), figures(third.output, fresh)
     assert len(first_figures) > 50 and fresh_figures == first_figures
     rerun = json.loads((fresh / "summary.json").read_text())
-    # Unprinted digits: the probe scores agree to ~1e-8, not bit for bit (float reduction order).
-    assert rows(rerun) == rows(summary) and rerun["runs"]["ola"]["losses"] == summary["runs"]["ola"]["losses"]
+    # Unprinted digits: losses and probe scores agree to ~1e-7, not bit for bit (float reduction order).
+    assert rows(rerun) == rows(summary)
+    for name in ("ola", "baseline"):
+        assert rerun["runs"][name]["losses"] == pytest.approx(summary["runs"][name]["losses"], rel=1e-5)
     assert [r["score"] for r in rerun["probe"]["rows"]] == pytest.approx([r["score"] for r in summary["probe"]["rows"]],
                                                                           abs=1e-6)
 
