@@ -4,19 +4,10 @@ The student here has attention dropout, so the losses after a resume depend on t
 state too; each test compares several steps after the resume (optimizer updates included)
 and the final weights with an uninterrupted run.
 
-Known bug (trainer/loader.py + train.py, reported with these tests): the loader's
-`DataLoader` is created at the first batch, after `_restore`, and takes one draw from the
-global torch RNG for its base seed; a resumed run takes that draw at step k + 1, the
-uninterrupted run took it at step 1, so every RNG consumer (dropout) diverges after a resume.
-`test_resume_with_dropout_as_shipped` fails because of it (strict xfail: it passes, and so must
-be un-marked, once the loader uses its own generator). The other tests give the DataLoader its
-own generator (`private_loader_generator`) so that they test the rest of the resume exactly.
-
-Known bug 2 (trainer/train.py `_save`, FSDP2 only): the full-weight CPU copy is built with
-`from_config`, which initialises heads and task tokens from the global RNG after the RNG state
-was recorded, so the uninterrupted run goes on from another RNG state than its checkpoint
-holds. `test_fsdp2_resume_with_dropout` is a strict xfail until then; the FSDP2 test without
-dropout checks weights, optimizer and loader over several steps.
+Two RNG bugs these tests found are fixed: the loader's `DataLoader` drew its workers' base
+seed from the global RNG at the first batch after the restore (it has its own generator now),
+and FSDP2's `_save` built its full-weight copy from the global RNG after recording it (the
+copy is built under `torch.random.fork_rng`).
 """
 
 from __future__ import annotations
@@ -105,16 +96,6 @@ def resume_config(full: Path, out: Path, **train_options) -> RunConfig:
 
 
 @pytest.fixture
-def private_loader_generator(monkeypatch):
-    """The DataLoader draws its base seed from its own generator, not the global RNG (see module doc)."""
-    import olavlm.trainer.loader as loader_module
-
-    real = loader_module.DataLoader
-    monkeypatch.setattr(loader_module, "DataLoader",
-                        lambda *args, **kwargs: real(*args, generator=torch.Generator().manual_seed(0), **kwargs))
-
-
-@pytest.fixture
 def one_thread():
     """Tiny matrices: threads only contend on a shared machine."""
     before = torch.get_num_threads()
@@ -124,7 +105,7 @@ def one_thread():
 
 
 @pytest.mark.timeout(300)
-def test_resume_restores_rng_optimizer_and_weights(data, one_thread, private_loader_generator):
+def test_resume_restores_rng_optimizer_and_weights(data, one_thread):
     d, _ = data
     assert json.loads((Path(data[1].llm) / "config.json").read_text())["attention_dropout"] == DROPOUT
     train(run_config(data, d / "full"))
@@ -132,7 +113,6 @@ def test_resume_restores_rng_optimizer_and_weights(data, one_thread, private_loa
     assert_same_run(d / "full", d / "resumed")
 
 
-@pytest.mark.xfail(strict=True, reason="the DataLoader draws from the global RNG after the resume (module doc)")
 @pytest.mark.timeout(300)
 def test_resume_with_dropout_as_shipped(data, one_thread):
     d, _ = data
@@ -142,16 +122,15 @@ def test_resume_with_dropout_as_shipped(data, one_thread):
 
 
 @pytest.mark.timeout(300)
-def test_fsdp2_resume_matches_the_uninterrupted_run(data, one_thread, private_loader_generator):
+def test_fsdp2_resume_matches_the_uninterrupted_run(data, one_thread):
     d, _ = data
     train(run_config(without_dropout(data), d / "fsdp", fsdp=True))
     train(resume_config(d / "fsdp", d / "fsdp-resumed", fsdp=True))
     assert_same_run(d / "fsdp", d / "fsdp-resumed")
 
 
-@pytest.mark.xfail(strict=True, reason="FSDP2 _save draws from the global RNG after recording it (module doc)")
 @pytest.mark.timeout(300)
-def test_fsdp2_resume_with_dropout(data, one_thread, private_loader_generator):
+def test_fsdp2_resume_with_dropout(data, one_thread):
     d, _ = data
     train(run_config(data, d / "fsdp-dropout", fsdp=True))
     train(resume_config(d / "fsdp-dropout", d / "fsdp-dropout-resumed", fsdp=True))
@@ -160,13 +139,8 @@ def test_fsdp2_resume_with_dropout(data, one_thread, private_loader_generator):
 
 DDP_SCRIPT = """
 import json, sys
-import torch
-import olavlm.trainer.loader as loader_module
 from olavlm.schemas.config import RunConfig, from_dict
 from olavlm.trainer.train import train
-
-real = loader_module.DataLoader  # a private generator, as the `private_loader_generator` fixture does
-loader_module.DataLoader = lambda *a, **k: real(*a, generator=torch.Generator().manual_seed(0), **k)
 
 for path in sys.argv[1:]:  # the uninterrupted run, then the resume (one process group, one launch)
     train(from_dict(RunConfig, json.loads(open(path).read())))

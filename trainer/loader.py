@@ -193,8 +193,12 @@ class Loader:
         return dict(self.stream.join.fingerprints) if self.stream.join is not None else {}
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        # Its own generator: a DataLoader draws its workers' base seed from the generator it is given,
+        # else from the global RNG, and a resumed run would take that draw at another step than the
+        # uninterrupted run did, shifting every later dropout mask (tests/test_resume.py).
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=2 if self.num_workers else None)
+                            prefetch_factor=2 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.stream.config.seed))
         skipped = Counter(self.stream.start.skipped)
         last_epoch_with_batch = self.stream.start.epoch
         for item in loader:

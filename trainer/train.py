@@ -281,7 +281,8 @@ def _save(run: Run, model, wrapped, optimizer, loader_state: dict, step: int, d:
             if full_model is None:
                 model.save_pretrained(path)
             else:  # FSDP2: a CPU copy with the gathered full weights
-                copy = type(model).from_config(run.config.model, {**run.target_shapes, **run.teacher_specs})
+                with torch.random.fork_rng(devices=[]):  # building the copy draws init values: keep the run's RNG
+                    copy = type(model).from_config(run.config.model, {**run.target_shapes, **run.teacher_specs})
                 copy.load_state_dict(full_model)
                 copy.save_pretrained(path)
         path = str(checkpoint.save(run.config.train.out, step, save_model=save_model, optimizer_full=optim,
