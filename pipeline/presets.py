@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,11 +164,18 @@ def with_overrides(sources: dict[str, TeacherSource], overrides: dict[str, str])
 def build_random_preset(preset: str, root: Path | None = None) -> Path:
     """Save the seeded random teachers of `preset` under `root`; reuse a finished folder."""
     folder = (root or teachers_dir()) / f"{preset}-v{PRESET_VERSION}"
+    build_once(folder, lambda staging: save_random_teachers(RANDOM_PRESETS[preset], staging))
+    return folder
+
+
+def build_once(folder: Path, save: Callable[[Path], object]) -> bool:
+    """`save(staging)` into a staging folder beside `folder`, marked DONE and renamed into place, unless a
+    finished `folder` exists (concurrent builders never see half a folder); -> whether it was reused."""
     if (folder / "DONE").exists():
-        return folder
+        return True
     staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
     try:
-        save_random_teachers(RANDOM_PRESETS[preset], staging)
+        save(staging)
         (staging / "DONE").write_text("complete\n")
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -177,7 +185,7 @@ def build_random_preset(preset: str, root: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return False
 
 
 def random_configs(sizes: RandomPreset):

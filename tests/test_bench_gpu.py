@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from olavlm.bench import gpu
+from olavlm.bench.gpu import levers
 
 
 def positive(value) -> bool:
@@ -166,7 +167,7 @@ def test_a_failing_lever_is_a_row_with_its_error(monkeypatch, tmp_path):
     def broken(module, backend):
         raise RuntimeError("inductor failed")
 
-    monkeypatch.setattr(gpu, "compile_blocks", broken)
+    monkeypatch.setattr(levers, "compile_blocks", broken)  # where run_levers looks it up
     rows = gpu.run_levers(setup, teachers, batches, gpu.bare_rates(teachers, batches, "cpu"), host={})
     assert [r["lever"] for r in rows] == ["baseline", "attn_eager", "attn_sdpa", "compile"]
     assert rows[-1] == {"lever": "compile", "error": "RuntimeError: inductor failed"}

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from olavlm.bench.gpu import paper_configs
 from olavlm.pipeline.precompute import PrecomputeConfig, precompute
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.corpus import TarShardWriter
 from tests._precompute_data import jpeg, local_ray, photo
-from tests.test_teachers import paper_configs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
