@@ -310,9 +310,22 @@ def test_paper_architectures_give_the_paper_target_shapes():
         del model, teacher
 
 
-def test_paper_depth_layers_are_blocks_4_11_17_23():
-    depth_config, _, _ = paper_configs()
-    assert [i - 1 for i in depth_config.backbone_config.out_indices] == [4, 11, 17, 23]  # hidden_states[0] = embeddings
+def test_depth_target_is_the_mean_of_the_normed_hidden_states_at_out_indices(tiny):
+    """The depth target, recomputed from the backbone's `output_hidden_states` (hidden_states[0] is the
+    embedding output, so out_index i is block i - 1 counted from 0: the paper's [5, 12, 18, 24] are
+    blocks 4, 11, 17, 23), layer-normed, CLS dropped, averaged."""
+    teacher = load_teacher(tiny["depth"])
+    backbone = teacher.module
+    out_indices = backbone.config.out_indices
+    assert len(out_indices) == 4 and paper_configs()[0].backbone_config.out_indices == [5, 12, 18, 24]
+    pixels = teacher.normalise(batch_for(teacher, 2))
+    with torch.no_grad():
+        got = teacher.extract(pixels)
+        hidden = backbone(pixels, output_hidden_states=True).hidden_states
+        want = torch.stack([backbone.layernorm(hidden[i])[:, 1:] for i in out_indices]).mean(0)
+        wrong = torch.stack([backbone.layernorm(hidden[i - 1])[:, 1:] for i in out_indices]).mean(0)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, wrong, atol=1e-3)  # one block off is a different target
 
 
 def test_random_preset_configs_match_their_table():
