@@ -78,3 +78,14 @@ def s3_options():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: threads only contend (a 40-step probe run takes 1 s on one thread, 30 s oversubscribed)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ probe, or reads the wrong layer cannot pass.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from olavlm.schemas.spec import TeacherSpec
@@ -32,15 +31,6 @@ def synthetic(n: int, seed: int):
         keys = [f"k{seed}-{start + i}" for i in range(16)]
         batches.append({"keys": keys, "targets": {"depth": target}, "states": states})
     return batches
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: threads only contend (a 40-step run takes 1 s on one thread, 30 s oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_probe_ranks_the_signal_layer_first_by_a_clear_margin(one_thread):
