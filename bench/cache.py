@@ -4,6 +4,12 @@ Runs on feature-like synthetic targets at the paper's shapes (576x1024 depth,
 576x1536 seg, 1x1024 gen) for every storage dtype, in a temporary local cache.
 Figures are per image across the three teachers; int8 fidelity is measured
 against the float32 input.
+
+`backend` picks the reader timed: "direct" (the cache's own reader, one range
+read per row through the shard index, schemas/shardfile.py) or "zarr" (plain
+zarr-python `array[rows]` on the same arrays, what an outside tool does). Writes
+always go through `TargetCache.write_shard`, so the write column is the same
+code for both; the two rows of docs/BENCHMARKS.md compare the reads.
 """
 
 from __future__ import annotations
@@ -14,17 +20,40 @@ import time
 import numpy as np
 
 from olavlm.schemas import quant
-from olavlm.schemas.cache import TargetCache
+from olavlm.schemas.cache import ROWS_PER_OBJECT, TargetCache
 from olavlm.schemas.spec import STORAGE_DTYPES, TeacherSpec
 from olavlm.schemas.synthetic import feature_like
 
 PAPER_SHAPES = {"depth": (576, 1024), "seg": (576, 1536), "gen": (1, 1024)}
+BACKENDS = ("direct", "zarr")
 
 
-def bench_cache(images: int = 64, random_reads: int = 64, seed: int = 0, root: str | None = None) -> dict:
+class ZarrReader:
+    """The ShardReader calls the benchmark times, through zarr-python's own array indexing."""
+
+    def __init__(self, cache: TargetCache, teacher: str, shard: str):
+        import zarr
+
+        self.spec = cache.spec(teacher)
+        group = zarr.open_group(cache.root.zarr_store(teacher, shard, "data.zarr", read_only=True), mode="r")
+        self.targets = group["targets"]
+        self.scale = group["scale"] if self.spec.dtype == "int8" else None
+
+    def read(self, rows):
+        return quant.decode(self.targets[rows], None if self.scale is None else self.scale[rows], self.spec.dtype)
+
+    def iter_blocks(self, block: int = ROWS_PER_OBJECT):
+        for start in range(0, self.targets.shape[0], block):
+            yield start, self.read(slice(start, min(start + block, self.targets.shape[0])))
+
+
+def bench_cache(images: int = 64, random_reads: int = 64, seed: int = 0, root: str | None = None,
+                backend: str = "direct") -> dict:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     data = {name: feature_like(images, t, d, seed=seed + i) for i, (name, (t, d)) in enumerate(PAPER_SHAPES.items())}
     raw16 = sum(t * d * 2 for t, d in PAPER_SHAPES.values())
-    results = {"images": images, "shapes": {k: list(v) for k, v in PAPER_SHAPES.items()}, "dtypes": {}}
+    results = {"backend": backend, "images": images, "shapes": {k: list(v) for k, v in PAPER_SHAPES.items()}, "dtypes": {}}
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         for dtype in STORAGE_DTYPES:
             cache = TargetCache(f"{tmp}/{dtype}")
@@ -38,7 +67,8 @@ def bench_cache(images: int = 64, random_reads: int = 64, seed: int = 0, root: s
                 values, scale = quant.encode(data[name], dtype)
                 cache.write_shard(name, "shard-000000", keys, ["0" * 64] * images, values, scale)
                 write_s += time.perf_counter() - start
-                reader = cache.open_shard(name, "shard-000000")
+                reader = (cache.open_shard(name, "shard-000000") if backend == "direct"
+                          else ZarrReader(cache, name, "shard-000000"))
                 start = time.perf_counter()
                 decoded = np.concatenate([block for _, block in reader.iter_blocks()])
                 read_s += time.perf_counter() - start

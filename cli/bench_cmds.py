@@ -28,17 +28,23 @@ def bench_cache_command(
     images: int = typer.Option(64, help="Images per dtype (each: 576x1024 + 576x1536 + 1x1024 targets)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     tmp: Path | None = typer.Option(None, help="Folder for the temporary caches (default: system temp)."),
+    backend: str = typer.Option("direct", "--backend", help="Reader timed: direct (the cache's shard-index reader) "
+                                "or zarr (plain zarr-python indexing of the same arrays)."),
 ) -> None:
     """Cache speed and size per storage dtype.
 
     Write/read MB/s, random single-sample read latency and bytes per image at the paper's target
-    shapes, for float16, bfloat16 and int8 (with int8's cosine against float32)."""
-    from olavlm.bench.cache import bench_cache
+    shapes, for float16, bfloat16 and int8 (with int8's cosine against float32). --backend zarr
+    times the reads through zarr-python instead of the direct reader."""
+    from olavlm.bench.cache import BACKENDS, bench_cache
 
-    result = bench_cache(images=images, root=str(tmp) if tmp else None)
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"{backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend")
+    result = bench_cache(images=images, root=str(tmp) if tmp else None, backend=backend)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
+    typer.echo(f"backend: {result['backend']}")
     typer.echo(f"{'dtype':<9} {'MB/image':>9} {'vs fp16':>8} {'write MB/s':>11} {'read MB/s':>10} "
                f"{'rand p50 ms':>12} {'cos min':>9}")
     for dtype, r in result["dtypes"].items():

@@ -6,6 +6,9 @@ when the command runs, so that `ola --help` imports neither numpy nor ray.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import typer
 
 from olavlm.schemas.errors import ConfigError
@@ -25,6 +28,12 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
+def summary_dict(summary) -> dict:
+    """A run's Summary as plain JSON values: its fields plus images_per_second and teacher_busy."""
+    return {**dataclasses.asdict(summary), "images_per_second": summary.images_per_second,
+            "teacher_busy": summary.teacher_busy}
+
+
 PRECOMPUTE_HELP = "Compute teacher targets for every image of CORPUS into CACHE (resumable; rerun to finish)."
 
 
@@ -40,6 +49,8 @@ def build_precompute():
         teacher: list[str] = typer.Option([], "--teacher", help="NAME=PATH_OR_ID: other weights for a preset teacher, "
                                           "same recipe; NAME=KIND:PATH_OR_ID adds a teacher (KIND: depth_anything, "
                                           "oneformer_swin, clip_image_embeds; list NAME in --teachers). Repeatable."),
+        as_json: bool = typer.Option(False, "--json", help="Print the run's summary as one JSON object on stdout "
+                                     "(with --dry-run: the plan's text, as without --json)."),
         *,
         overrides: dict,
     ) -> None:
@@ -59,7 +70,10 @@ def build_precompute():
                 summary = precompute(config)
             except SpecMismatchError as exc:
                 raise SpecMismatchError(f"{exc} (rerun with --overwrite to replace that teacher's targets)") from None
-            typer.echo(summary.describe())
+            if as_json:
+                typer.echo(json.dumps(summary_dict(summary)))
+            else:
+                typer.echo(summary.describe())
 
     return precompute_command
 

@@ -39,7 +39,13 @@ class PrecomputeConfig:
     batch_size: int = 16
     """Images per teacher forward (batches never cross shard boundaries)."""
     address: str | None = None
-    """Ray cluster address to join; None starts a local Ray (or reuses the one this process runs)."""
+    """Ray cluster to join (host:port of `ray start --head`, or auto); default: a fresh local Ray, whatever RAY_ADDRESS or `ray start` registered (a Ray this process already runs is reused)."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Ray runtime_env of the job as JSON (working_dir, pip, env_vars, ...), passed to ray.init: what the cluster's nodes lack."""
+    max_restarts: int = 3
+    """Restarts of a teacher actor whose process or node dies (it reloads its teachers; its batches are retried)."""
+    max_retries: int = 3
+    """Retries of a preprocess, teacher or write call lost with its worker or node (safe: every write is idempotent)."""
     actors: int | None = None
     """Teacher actors; default: one per GPU, or 1 without GPUs."""
     num_gpus: int | None = None
@@ -70,6 +76,8 @@ class PrecomputeConfig:
             raise ConfigError(f"--teachers {','.join(self.teachers)!r}: give each teacher once, at least one")
         if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
             raise ConfigError("--batch-size and --actors must be >= 1")
+        if self.max_restarts < 0 or self.max_retries < 0:
+            raise ConfigError("--max-restarts and --max-retries must be >= 0")
 
     def sources(self) -> dict[str, TeacherSource]:
         sources = with_overrides(preset_sources(self.preset, tuple(t for t in self.teachers if t in TEACHER_NAMES)),

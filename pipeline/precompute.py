@@ -28,10 +28,21 @@ Design choices and their cost:
 - Decoding overlaps compute: generators keep running while the actors work;
   actors receive uint8 arrays and never touch a tar or a JPEG. Compression and
   writing happen in the writer task, off the actor.
-- Ray retries tasks (at-least-once); `write_shard` is idempotent and commits
-  by rename (or commit.json last on object stores), so a retry never
-  duplicates or half-writes a shard. A SIGKILLed job leaves only staging
-  folders, removed by `clean_staging` at the next start.
+- Ray retries tasks (at-least-once): preprocess and writer tasks get
+  `max_retries`, teacher actors `max_restarts` (a restarted actor reloads its
+  teachers) and `max_task_retries` for the batches lost with them. This is safe
+  because every step is idempotent: preprocessing and teacher calls are pure
+  functions of (shard, batch), and `write_shard` commits by rename (or
+  commit.json last on object stores) and skips a shard already committed, so a
+  retry never duplicates or half-writes a shard. Failures raised by our own code
+  (bad specs, corrupt input) are not retried. A SIGKILLed job leaves only
+  staging folders, removed by `clean_staging` at the next start.
+- Without `--address` the job always starts a fresh local Ray
+  (`ray.init(address="local")`): neither RAY_ADDRESS nor the cluster that
+  `ray start` registered in /tmp/ray/ray_current_cluster is joined (a dead
+  one made the job fail). `--address HOST:PORT` joins a cluster; there a local
+  cache path is refused once the cluster has more than one node (each node's
+  writers would write to their own disk): use an object store (s3://...).
 - Resume is per (teacher, shard): committed pairs are skipped, so adding a
   teacher to an existing cache runs only that teacher.
 - Specs (with the weights hash) are computed where the weights are loaded: in
@@ -60,8 +71,8 @@ from .progress import Summary, progress_bar
 from .stages import TeacherWorker, drop_non_finite, preprocess_batches, preprocess_shard, write_shard_task
 
 __all__ = [
-    "COMPUTE_DTYPES", "Plan", "PrecomputeConfig", "Summary", "drop_non_finite", "plan_precompute", "precompute",
-    "preprocess_batches", "ray_session",
+    "COMPUTE_DTYPES", "Plan", "PrecomputeConfig", "Summary", "check_cache_reachable", "drop_non_finite",
+    "plan_precompute", "precompute", "preprocess_batches", "ray_session",
 ]
 
 MAX_PENDING_BATCHES = 2
@@ -75,19 +86,43 @@ CPU_TASK_NICE = 10
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None):
-    """Join `address`, reuse this process's Ray, or start a local one (and stop it afterwards)."""
+def ray_session(address: str | None, runtime_env: dict | None = None):
+    """Join `address`, reuse this process's Ray, or start a fresh local one (and stop it afterwards).
+
+    address None -> `address="local"`: never RAY_ADDRESS or a cluster registered by `ray start`.
+    `runtime_env` (working_dir, pip, env_vars, ...) goes to ray.init as the job's runtime env.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # silences the token warning of local clusters
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+    ray.init(address=address or "local", runtime_env=runtime_env or None, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=True)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def is_local_path(url: str) -> bool:
+    """A path on this machine's disk (a plain path or file://), as opposed to an object store or other remote fs."""
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def check_cache_reachable(cache_url: str, nodes: list[dict]) -> None:
+    """Refuse a local cache path on a cluster of more than one alive node (`ray.nodes()` entries).
+
+    Writers run on any node, so each would write its shards to its own disk: a cache scattered over the
+    nodes, each part unusable alone. Cost: a folder that every node mounts (NFS) is refused too.
+    """
+    alive = [n for n in nodes if n.get("Alive")]
+    if len(alive) > 1 and is_local_path(cache_url):
+        raise ConfigError(
+            f"cache {cache_url!r} is a local path, but the Ray cluster has {len(alive)} nodes: each node's writers "
+            "would write to their own disk. Give an object-store URL that every node reaches, e.g. "
+            "s3://bucket/prefix (with --storage-options for its endpoint and credentials).")
 
 
 class ActorPool:
@@ -123,6 +158,8 @@ def _start_actors(ray, config: PrecomputeConfig, sources: dict[str, TeacherSourc
         options = {"num_gpus": 0, "num_cpus": CPU_ACTOR_CPUS}
         threads = config.cpu_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
         task_cpus = CPU_TASK_CPUS
+    # restarted actors reload their teachers; their lost batches are retried (pure functions of the batch)
+    options.update(max_restarts=config.max_restarts, max_task_retries=config.max_retries)
     worker_cls = ray.remote(TeacherWorker)
     workers = [
         worker_cls.options(**options).remote(list(sources.values()), config.dtype, config.compute_dtype, threads)
@@ -136,7 +173,8 @@ def precompute(config: PrecomputeConfig) -> Summary:
     shards = list_shards(config.corpus, config.corpus_storage_options)  # empty or missing corpus fails here
     cache = TargetCache(config.cache, config.storage_options)
     sources = config.sources()
-    with ray_session(config.address) as ray:
+    with ray_session(config.address, config.runtime_env) as ray:
+        check_cache_reachable(config.cache, ray.nodes())
         workers, task_cpus = _start_actors(ray, config, sources)
         try:
             return _register_and_run(ray, config, cache, shards, workers, task_cpus)
@@ -155,7 +193,7 @@ def _register_and_run(ray, config, cache, shards, workers, task_cpus) -> Summary
         cache.register(spec, overwrite=config.overwrite)  # refuses a different spec unless overwrite
         cache.clean_staging(spec.name)  # leftovers of killed runs; no writer of ours runs yet
     # counting remote tars costs a range request per member: the progress bar then shows no ETA
-    local_corpus = all("://" not in s.url or s.url.startswith("file://") for s in shards)
+    local_corpus = all(is_local_path(s.url) for s in shards)
     plan = make_plan(config, specs, shards, count=local_corpus)
     return _run(ray, config, plan, workers, task_cpus)
 
@@ -164,8 +202,9 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
     pool = ActorPool(workers)
     nice = CPU_TASK_NICE if task_cpus < 1 else 0  # fractional CPUs = no GPU: the tasks share cores with torch
     recipes = {name: spec.preprocess for name, spec in plan.specs.items()}
-    preprocess = ray.remote(preprocess_shard).options(num_cpus=task_cpus, num_returns="streaming")
-    writer = ray.remote(write_shard_task).options(num_cpus=task_cpus)
+    preprocess = ray.remote(preprocess_shard).options(num_cpus=task_cpus, num_returns="streaming",
+                                                      max_retries=config.max_retries)
+    writer = ray.remote(write_shard_task).options(num_cpus=task_cpus, max_retries=config.max_retries)
     skipped = sum(len(plan.specs) - len(plan.todo.get(s.name, ())) for s in plan.shards)
     lock = threading.Lock()
     totals = {"images": 0, "teacher_seconds": 0.0, "commits": []}

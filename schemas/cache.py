@@ -365,6 +365,8 @@ class ShardReader:
             arrays = {"targets": group["targets"]}
             if spec.dtype == "int8":
                 arrays["scale"] = group["scale"]
+            for name, array in arrays.items():  # the direct reader's layout; anything else is refused by name
+                shardfile.check_codecs(array.metadata.to_dict()["codecs"], f"{self.location}/data.zarr/{name}")
         except Exception as exc:  # zarr raises several types; name the shard
             raise CacheError(f"{self.location}/data.zarr: unreadable ({type(exc).__name__}: {exc})") from exc
         if group.attrs.get("fingerprint") != spec.fingerprint:
@@ -375,7 +377,7 @@ class ShardReader:
         self._readers = {
             name: shardfile.ObjectReader(cache.root.fs, shardfile.ObjectLayout(
                 cache.root.join(spec.name, shard, "data.zarr", name), array.shape[0], array.shards[0],
-                tuple(array.shape[1:]), np.dtype(array.dtype)))
+                tuple(array.shape[1:]), np.dtype(array.dtype), array.fill_value))
             for name, array in arrays.items()
         }
         self._cache = cache

@@ -6,13 +6,22 @@ decompression, and its writes run at a fraction of Blosc's speed. The format is
 simple, so the hot paths read and write it here: an object is the concatenation
 of the Blosc-compressed inner chunks followed by an index of (offset, nbytes)
 uint64 pairs, little-endian, and a crc32c of that index (index_location "end").
-Cost: this module must track the sharding spec; a test checks every write
-against zarr-python's reader and every read against zarr-python's writer.
+Cost: this module must track the sharding spec; tests/test_cache.py checks that
+zarr-python reads what this module writes, tests/test_zarr_interop.py that this
+module reads what zarr-python writes.
+
+zarr-python (write_empty_chunks=False, its default) leaves out of a shard every
+inner chunk that equals the fill value (index entry offset = nbytes = 2^64-1),
+and leaves out the whole storage object when all its chunks do: both read as the
+array's fill value here, as zarr-python reads them. `check_codecs` refuses the
+layouts this reader does not implement (index at the start, other inner codecs)
+by name instead of misreading them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import google_crc32c
 import numcodecs
@@ -43,6 +52,24 @@ def encode_object(rows: np.ndarray, rows_per_object: int, codec: numcodecs.Blosc
     return b"".join(chunks) + index_bytes + crc
 
 
+def check_codecs(codecs: list[dict], where: str) -> None:
+    """Raise ValueError unless an array's codec list (zarr.json "codecs") is the layout read here:
+    sharding_indexed, index at the end (bytes little + crc32c), inner chunks bytes little + blosc."""
+
+    def names(chain):
+        return [(c.get("name"), (c.get("configuration") or {}).get("endian", "little")) for c in chain]
+
+    expected = "sharding_indexed (index_location end, index bytes+crc32c) around bytes (little endian) + blosc"
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        raise ValueError(f"{where}: codecs {[c.get('name') for c in codecs]} are not the cache layout ({expected})")
+    config = codecs[0].get("configuration") or {}
+    ok = (config.get("index_location", "end") == "end"
+          and names(config.get("index_codecs", [])) == [("bytes", "little"), ("crc32c", "little")]
+          and names(config.get("codecs", [])) == [("bytes", "little"), ("blosc", "little")])
+    if not ok:
+        raise ValueError(f"{where}: sharding configuration {config} is not the cache layout ({expected})")
+
+
 def decode_index(tail: bytes, rows_per_object: int, where: str) -> np.ndarray:
     """The trailing index bytes of an object -> (rows_per_object, 2) uint64, checksum verified."""
     body, crc = tail[:-CRC], tail[-CRC:]
@@ -63,6 +90,8 @@ class ObjectLayout:
     rows_per_object: int
     row_shape: tuple[int, ...]
     dtype: np.dtype
+    fill_value: Any = 0
+    """Value of the rows whose inner chunk (or whole object) is absent."""
 
     def object_path(self, k: int) -> str:
         return f"{self.path}/c/{k}" + "/0" * len(self.row_shape)
@@ -80,7 +109,12 @@ class ObjectReader:
         if k not in self._indexes:
             path = self.layout.object_path(k)
             size = self.layout.rows_per_object * INDEX_ENTRY + CRC
-            self._indexes[k] = decode_index(self.fs.tail(path, size), self.layout.rows_per_object, path)
+            try:
+                tail = self.fs.tail(path, size)
+            except FileNotFoundError:  # zarr-python writes no object whose chunks all equal the fill value
+                self._indexes[k] = np.full((self.layout.rows_per_object, 2), EMPTY, dtype="<u8")
+            else:
+                self._indexes[k] = decode_index(tail, self.layout.rows_per_object, path)
         return self._indexes[k]
 
     def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -99,11 +133,18 @@ class ObjectReader:
             k, first = divmod(row, self.layout.rows_per_object)
             last = min(stop - row, self.layout.rows_per_object - first) + first
             index = self._index(k)[first:last]
-            if (index == EMPTY).any():
-                raise ValueError(f"{self.layout.object_path(k)}: rows {row}.. are missing from the shard object")
-            begin, end = int(index[0, 0]), int(index[-1, 0] + index[-1, 1])
-            blob = self.fs.cat_file(self.layout.object_path(k), start=begin, end=end)
+            empty = (index == EMPTY).all(axis=1)
+            if (index[~empty] == EMPTY).any():
+                raise ValueError(f"{self.layout.object_path(k)}: corrupt shard index (half-empty entry)")
+            for i in np.flatnonzero(empty):  # chunks equal to the fill value are not stored
+                out[row - start + i] = self.layout.fill_value
+            stored = index[~empty]
+            if len(stored):  # one range read over the stored chunks (zarr-python need not keep them in order)
+                begin, end = int(stored[:, 0].min()), int((stored[:, 0] + stored[:, 1]).max())
+                blob = self.fs.cat_file(self.layout.object_path(k), start=begin, end=end)
             for i, (offset, nbytes) in enumerate(index):
+                if empty[i]:
+                    continue
                 piece = blob[int(offset) - begin : int(offset + nbytes) - begin]
                 dest = out[row - start + i]
                 if not np.little_endian:  # stored little-endian; a big-endian host needs the swap
