@@ -103,6 +103,10 @@ class DataConfig:
     """Missing or mismatched target: 'error' stops naming key and shard; 'skip' counts and logs it."""
     expect_fingerprints: dict[str, str] = field(default_factory=dict)
     """Teacher spec fingerprints the run requires of the cache ({} = take the cache's, record them)."""
+    caption_prompt: str = "Describe the image briefly."
+    """Caption-only samples (img2dataset's `jpg` + `txt` + `json` layout, no 'conversations'): the user turn is `<image>` + this prompt and the caption is the answer (LLaVA's PT form); '' = refuse such samples (bad_json)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for `data` and `cache` URLs, e.g. {"endpoint_url": "http://127.0.0.1:9000", "anon": false}; saved in each checkpoint's config.json, so keep secrets in the environment or a credentials profile."""
 
 
 @dataclass(frozen=True, kw_only=True)

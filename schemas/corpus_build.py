@@ -24,9 +24,12 @@ replaced by '_', and `-dupN` appended to the N-th repeat of an id. Samples keep
 the JSON's order, so the same JSON and shard size give the same shards, keys and
 bytes (mtime 0), and a cache precomputed over the result joins on every rerun.
 
-Entries that cannot be converted (no conversations, missing or unreadable image,
-unsupported image type) are reported by id in the returned report and in
-`OUT/from_llava_report.json`; they never stop the conversion.
+Entries that cannot be converted are reported by index, id and reason in the returned report
+and in `OUT/from_llava_report.json`; they never stop the conversion, and the counts reconcile
+(entries = samples written + refused). The conversation is checked by the trainer's own
+validator (schemas/conversation.py: roles, types, empty values, `<image>` placeholders against
+the image), so an entry written here is not refused by `ola train`; besides that, a missing,
+unreadable, empty or unsupported image, or one outside IMAGE_ROOT, is refused.
 Cost: the JSON is loaded whole (LLaVA-665K: ~1 GB of Python objects).
 """
 
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .conversation import ConversationError, validate_conversation
 from .corpus import CorpusError, TarShardWriter
 from .errors import ConfigError
 
@@ -157,6 +161,8 @@ LLAVA_REPORT = "from_llava_report.json"
 
 @dataclass(frozen=True, kw_only=True)
 class ConversionReport:
+    entries: int
+    """Entries in the JSON: always samples + len(problems)."""
     samples: int
     """Samples written."""
     text_only: int
@@ -167,7 +173,7 @@ class ConversionReport:
     """One {"index", "id", "reason"} per entry not converted."""
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "text_only": self.text_only, "shards": self.shards, "problems": self.problems}
+        return {"entries": self.entries, "refused": len(self.problems), "samples": self.samples, "text_only": self.text_only, "shards": self.shards, "problems": self.problems}
 
 
 def stable_key(raw_id, index: int, seen: Counter) -> str:
@@ -202,13 +208,13 @@ def convert_llava(json_path: str, image_root: str, out: str, *, shard_size: int 
             if not isinstance(entry, dict):
                 problem(index, None, f"entry is a {type(entry).__name__}, not an object")
                 continue
-            conversations = entry.get("conversations")
-            if not isinstance(conversations, list) or not conversations or not all(
-                    isinstance(t, dict) and isinstance(t.get("value"), str) and "from" in t for t in conversations):
-                problem(index, raw_id, "missing or malformed 'conversations'")
+            image = entry.get("image")
+            try:  # the trainer's own check (schemas/conversation.py): what is written here, training accepts
+                validate_conversation(entry.get("conversations"), has_image=image is not None)
+            except ConversationError as exc:
+                problem(index, raw_id, f"conversations: {exc}")
                 continue
             files = {}
-            image = entry.get("image")
             if image is not None:
                 if not isinstance(image, str) or not image:
                     problem(index, raw_id, f"'image' must be a relative path, got {image!r}")
@@ -247,7 +253,9 @@ def convert_llava(json_path: str, image_root: str, out: str, *, shard_size: int 
     finally:
         if writer is not None:
             writer.abort()
-    report = ConversionReport(samples=written, text_only=text_only, shards=shards, problems=problems)
+    if written + len(problems) != len(entries):  # every entry is written or reported, never lost
+        raise RuntimeError(f"conversion lost entries: {len(entries)} != {written} + {len(problems)}")
+    report = ConversionReport(entries=len(entries), samples=written, text_only=text_only, shards=shards, problems=problems)
     with open(os.path.join(out, LLAVA_REPORT), "w") as f:
         json.dump(report.to_dict(), f, indent=2)
     return report

@@ -21,7 +21,6 @@ mid-epoch re-reads the tar bytes of the batches before the position.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -38,10 +37,45 @@ from .collate import Example, collate
 from .images import ImageTransform
 from .join import BATCH_DTYPES, TargetJoin
 from .source import epoch_units, rank_stream, shards_of, split_by_node, split_by_worker
-from .text import ChatRenderer, TextError, tokenize
+from .text import ChatRenderer, TextError, sample_conversation, tokenize
 from .tokens import TokenLayout
 
 log = logging.getLogger(__name__)
+
+class SkipLog:
+    """Skipped samples (on_missing='skip') logged as summaries, not one line per sample.
+
+    The first sample of each reason is logged at once (its key, shard and why); after that,
+    one line per reason with the count and the first `keys` keys, every `every` skips and at
+    the end of each epoch. Each DataLoader worker keeps its own (counts are per worker; the
+    exact totals are the loader state's `skipped`). Cost: a bad key beyond the first few is
+    named nowhere; rerun with on_missing='error' to stop at it.
+    """
+
+    def __init__(self, every: int = 1000, keys: int = 3):
+        self.every, self.keys = every, keys
+        self.counts: Counter = Counter()
+        self.first: dict[str, list[str]] = {}
+        self.pending = 0
+
+    def add(self, exc: DataError) -> None:
+        if exc.reason not in self.first:
+            log.warning("skipping samples with reason %r; the first: %s", exc.reason, exc)
+            self.first[exc.reason] = []
+        if len(self.first[exc.reason]) < self.keys:
+            self.first[exc.reason].append(f"{exc.shard}/{exc.key}")
+        self.counts[exc.reason] += 1
+        self.pending += 1
+        if self.pending >= self.every:
+            self.flush("so far")
+
+    def flush(self, when: str) -> None:
+        if not self.pending:
+            return
+        self.pending = 0
+        parts = [f"{reason}: {n} (first: {', '.join(self.first[reason])})" for reason, n in sorted(self.counts.items())]
+        log.warning("skipped samples %s: %s", when, "; ".join(parts))
+
 
 SKIP_REASONS = ("read", "bad_json", "bad_image", "missing_target", "sha256_mismatch", "too_long", "no_labels",
                 "template")
@@ -78,6 +112,7 @@ class SampleStream(IterableDataset):
         self.rank, self.world, self.start, self.storage_options = rank, world, start, storage_options
         self.shards = shards_of(config.data, storage_options)
         self.render = ChatRenderer(tokenizer)
+        self.skips = SkipLog()
         shapes = join.shapes() if join is not None else {}
         dtypes = {t: BATCH_DTYPES[s.dtype] for t, s in join.specs.items()} if join is not None else {}
         self._collate_args = dict(pad_id=layout.pad_token_id, image_size=transform.crop, mean=transform.mean,
@@ -93,15 +128,10 @@ class SampleStream(IterableDataset):
         key, shard = sample.key, sample.shard
         if sample.failure:
             raise DataError("read", key, shard, sample.failure)
-        if "json" not in sample.files:
-            raise DataError("bad_json", key, shard, f"no json member (has {sorted(sample.files)})")
-        try:
-            meta = json.loads(sample.files["json"])
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError("bad_json", key, shard, f"json member does not parse: {exc}") from None
         image_bytes = next((sample.files[e] for e in IMAGE_EXTENSIONS if e in sample.files), None)
-        conversations = meta.get("conversations") if isinstance(meta, dict) else None
         try:
+            conversations = sample_conversation(sample.files, has_image=image_bytes is not None,
+                                                caption_prompt=self.config.caption_prompt)
             text = tokenize(conversations, self.tokenizer, self.layout, has_image=image_bytes is not None,
                             max_length=self.config.max_length, render=self.render)
         except TextError as exc:
@@ -132,7 +162,7 @@ class SampleStream(IterableDataset):
                 if self.config.on_missing != "skip":
                     raise
                 skipped[exc.reason] += 1
-                log.warning("skipped sample: %s", exc)
+                self.skips.add(exc)
         if not examples:
             return None, skipped
         targets = {t: b[: len(examples)] for t, b in buffers.items()}
@@ -169,6 +199,7 @@ class SampleStream(IterableDataset):
                 if split_by_worker(counter, worker, workers):
                     yield self._emit(chunk, epoch, index)
                 counter += 1
+            self.skips.flush(f"up to the end of epoch {epoch} (this worker)")
             if not any_sample:
                 raise CorpusError(f"rank {self.rank} of {self.world} got no sample in epoch {epoch} of "
                                   f"{cfg.data!r}: the corpus has fewer samples than ranks")
@@ -224,6 +255,8 @@ def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transfor
     """
     if isinstance(state, dict):
         state = LoaderState.from_dict(state)
+    if storage_options is None:  # default: the config's (DataConfig.storage_options, --storage-options)
+        storage_options = dict(config.storage_options) or None
     join = None
     if tasks:
         if not config.cache:

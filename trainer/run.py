@@ -83,7 +83,7 @@ def resolve_run(config: RunConfig, *, given: Collection[str] | None = None) -> R
 
     cache_specs: dict[str, TeacherSpec] = {}
     if dcfg.cache:
-        cache = TargetCache(dcfg.cache)
+        cache = TargetCache(dcfg.cache, dict(dcfg.storage_options) or None)
         cache.check_specs(dcfg.expect_fingerprints)
         cache_specs = cache.specs()
     elif distill:

@@ -1,5 +1,9 @@
 """Stage 3a of the data path: conversation -> input ids and labels.
 
+- The conversation is the json's `conversations`, or for caption-only samples (img2dataset's
+  `jpg` + `txt` + `json` layout) the caption as the answer to `DataConfig.caption_prompt`.
+  It is validated by `schemas.conversation.validate_conversation`, the check that
+  `ola corpus from-llava` applies too: what conversion writes, training accepts.
 - LLaVA roles map to chat roles (human -> user, gpt -> assistant, system -> system).
 - The text is rendered by the tokenizer's own chat template (`apply_chat_template`,
   tokenize=False); labels cover assistant turns only. Which characters belong to
@@ -19,14 +23,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+from olavlm.schemas.conversation import ConversationError, caption_conversation, validate_conversation
 from olavlm.schemas.errors import ConfigError, OlaError
 
 from .tokens import IMAGE_TOKEN, TokenLayout
 
 IGNORE = -100
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 class TextError(OlaError, ValueError):
@@ -46,26 +51,47 @@ class Tokenized:
 
 
 def to_messages(conversations, has_image: bool) -> list[dict[str, str]]:
-    """LLaVA `conversations` -> chat messages; validates roles, types and the `<image>` placeholder."""
-    if not isinstance(conversations, list) or not conversations:
-        raise TextError("bad_json", "'conversations' must be a non-empty list")
-    messages = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
-            raise TextError("bad_json", f"turn {i} needs 'from' in {sorted(ROLES)} and a string 'value'")
-        messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise TextError("bad_json", "no assistant ('gpt') turn: nothing to learn from")
-    placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if placeholders > 1:
-        raise TextError("bad_json", f"{placeholders} {IMAGE_TOKEN} placeholders; one image per sample is supported")
-    if has_image and placeholders == 0:
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user") if any(
-            m["role"] == "user" for m in messages) else 0
-        messages[first] = {**messages[first], "content": f"{IMAGE_TOKEN}\n{messages[first]['content']}"}
-    if not has_image and placeholders:
-        raise TextError("bad_json", f"text has {IMAGE_TOKEN} but the sample has no image file")
-    return messages
+    """LLaVA `conversations` -> chat messages, validated by `schemas.conversation.validate_conversation`
+    (the same check `ola corpus from-llava` applies)."""
+    try:
+        return validate_conversation(conversations, has_image)
+    except ConversationError as exc:
+        raise TextError(exc.reason, str(exc)) from None
+
+
+def sample_conversation(files: dict[str, bytes], *, has_image: bool, caption_prompt: str) -> list:
+    """A sample's conversation: the `json` member's `conversations`, else its caption.
+
+    The caption is the `txt` member (img2dataset's layout), else the json's `caption`; it
+    becomes one user turn (`<image>` + `caption_prompt`) and the caption as the answer.
+    `caption_prompt=""` turns that off (a caption-only sample is then `bad_json`)."""
+    meta = None
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TextError("bad_json", f"json member does not parse: {exc}") from None
+        if isinstance(meta, dict) and "conversations" in meta:
+            return meta["conversations"]
+    caption = None
+    if "txt" in files:
+        try:
+            caption = files["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TextError("bad_json", f"txt member is not UTF-8: {exc}") from None
+    elif isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    if caption is None:
+        what = "no 'conversations' in the json" if "json" in files else "no json member"
+        raise TextError("bad_json", f"{what} and no txt caption (has {sorted(files)})")
+    if not caption_prompt:
+        raise TextError("bad_json", "caption-only sample (no 'conversations') and DataConfig.caption_prompt is ''")
+    if not has_image:
+        raise TextError("bad_json", "caption-only sample without an image")
+    try:
+        return caption_conversation(caption, caption_prompt)
+    except ConversationError as exc:
+        raise TextError(exc.reason, str(exc)) from None
 
 
 class ChatRenderer:
