@@ -1,7 +1,14 @@
-"""`ola cache stats|verify|show`."""
+"""`ola cache stats|verify|show`, and the `--storage-options` option that every command reading a cache takes.
+
+`--storage-options` is one JSON object of fsspec options (endpoint, credentials profile, ...)
+for the cache URL and, where given, the corpus URL. Cost: one set of options for both; two
+buckets with different endpoints need the environment (AWS_* variables, ~/.aws) instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import sys
 from pathlib import Path
@@ -10,6 +17,25 @@ import typer
 
 from .errors import user_errors
 from .groups import Groups
+
+
+STORAGE_OPTIONS_HELP = ('fsspec options as a JSON object, for the cache and corpus URLs, e.g. '
+                        '\'{"endpoint_url": "http://127.0.0.1:9000"}\' (default: the environment\'s).')
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    """`--storage-options` JSON -> dict (None when not given); a ConfigError names what is wrong."""
+    from olavlm.schemas.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--storage-options must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _mb(n: float | None) -> str:
@@ -25,6 +51,7 @@ def stats(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     per_shard: bool = typer.Option(False, "--shards", help="Also list every shard."),
     sample_rows: int = typer.Option(16, help="Rows per shard read for the value statistics."),
+    storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
 ) -> None:
     """Per-teacher statistics of a cache.
 
@@ -37,7 +64,7 @@ def stats(
     from olavlm.schemas.inspect import cache_stats
 
     with user_errors():
-        report = cache_stats(TargetCache(cache), sample_rows=sample_rows)
+        report = cache_stats(TargetCache(cache, parse_storage_options(storage_options)), sample_rows=sample_rows)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -70,6 +97,7 @@ def verify(
     corpus: str | None = typer.Option(None, help="Also check against this corpus: every key present or recorded "
                                                 "as an error, every image sha256 unchanged."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
 ) -> None:
     """Check a cache (and a corpus against it); exit 1 on any problem.
 
@@ -79,7 +107,8 @@ def verify(
     from olavlm.schemas.inspect import verify_cache
 
     with user_errors():
-        report = verify_cache(TargetCache(cache), corpus=corpus)
+        options = parse_storage_options(storage_options)
+        report = verify_cache(TargetCache(cache, options), corpus=corpus, storage_options=options)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -97,6 +126,7 @@ def show(
     key: str = typer.Argument(..., help="Sample key."),
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
     corpus: str | None = typer.Option(None, help="Corpus the cache was computed from, to draw the image too."),
+    storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
 ) -> None:
     """Render one sample's targets to a PNG.
 
@@ -105,8 +135,29 @@ def show(
     from olavlm.pipeline.show import render_sample
 
     with user_errors():
-        result = render_sample(cache, key, str(out), corpus=corpus)
+        options = parse_storage_options(storage_options)
+        # render_sample opens its URLs itself: the options become fsspec's per-protocol defaults meanwhile
+        with _fsspec_defaults(options or {}, cache, *([corpus] if corpus else [])):
+            result = render_sample(cache, key, str(out), corpus=corpus)
     typer.echo(f"wrote {result['out']} ({', '.join(f'{k}: {v}' for k, v in result['panels'].items())})")
+
+
+@contextlib.contextmanager
+def _fsspec_defaults(options: dict, *urls: str):
+    """`options` as fsspec's defaults (fsspec.config.conf) for the protocols of `urls`, restored after."""
+    import fsspec.config
+    from fsspec.core import split_protocol
+
+    saved = copy.deepcopy(fsspec.config.conf)
+    try:
+        for url in urls:
+            protocol = split_protocol(url)[0]
+            if options and protocol and protocol not in ("file", "local"):
+                fsspec.config.conf.setdefault(protocol, {}).update(options)
+        yield
+    finally:
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(saved)
 
 
 def register(groups: Groups) -> None:

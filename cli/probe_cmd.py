@@ -12,6 +12,7 @@ import typer
 
 from olavlm.schemas.errors import ConfigError
 
+from .cache_cmds import STORAGE_OPTIONS_HELP, parse_storage_options
 from .errors import user_errors
 from .groups import Groups
 from .options import config_options, lazy_command
@@ -32,6 +33,7 @@ def build_probe():
         compare: list[str] = typer.Option([], "--compare", help="Another checkpoint to probe identically (repeatable), "
                                           "e.g. the NTP-only baseline."),
         device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+        storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
         *,
         overrides: dict,
     ) -> None:
@@ -61,7 +63,8 @@ def build_probe():
                 bar.update(tasks[name], completed=step, loss=loss)
 
             rows = run_probe([checkpoint, *compare], data=data, cache=cache, out=str(out), config=config,
-                             device=device, progress=progress)
+                             device=device, progress=progress,
+                             storage_options=parse_storage_options(storage_options))
         names = sorted({r["checkpoint"] for r in rows}, key=[r["checkpoint"] for r in rows].index)
         print_scores(rows, compare=(names[0], names[1]) if len(names) > 1 else None)
         typer.echo(f"wrote {out}/probe.csv, {out}/probe.json, {out}/probe.png")

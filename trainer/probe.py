@@ -139,9 +139,9 @@ def _build_probes(todo, specs, llm_width: int, config: ProbeConfig, device) -> n
 
 def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config: ProbeConfig,
                      done: set[tuple[str, int, int]] = frozenset(), device: str = "cpu",
-                     progress=None) -> list[dict]:
+                     progress=None, storage_options: dict | None = None) -> list[dict]:
     """Train and score the (teacher, layer, seed) probes not in `done`; rows of the result table."""
-    specs = TargetCache(cache).specs()
+    specs = TargetCache(cache, storage_options).specs()
     teachers = config.teachers or tuple(specs)
     missing = [t for t in teachers if t not in specs]
     if missing:
@@ -158,7 +158,7 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
     probes = _build_probes(todo, specs, model.llava.config.text_config.hidden_size, config, device)
     capture = sorted({layer for _, layer, _ in todo})
     data_config = DataConfig(data=data, cache=cache, batch_size=config.batch_size, num_workers=config.num_workers,
-                             seed=config.seed, max_length=4096)
+                             seed=config.seed, max_length=4096, storage_options=dict(storage_options or {}))
     transform = ImageTransform.from_processor(with_aspect_ratio(model.image_processor, config.image_aspect_ratio))
     prompt = torch.tensor(prompt_ids(model.tokenizer, model.layout, config.prompt), device=device)  # [L]
 
@@ -238,7 +238,8 @@ def _all(states: torch.Tensor) -> torch.Tensor:
 
 
 def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config: ProbeConfig,
-              names: list[str] | None = None, device: str | None = None, progress=None) -> list[dict]:
+              names: list[str] | None = None, device: str | None = None, progress=None,
+              storage_options: dict | None = None) -> list[dict]:
     """Probe each checkpoint on the same split and budget; write probe.json, probe.csv and probe.png.
 
     `checkpoints`: model, checkpoint or run folders; `names` label them (default: folder names).
@@ -261,6 +262,7 @@ def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config
         done = {(r["teacher"], r["layer"], r["seed"]) for r in rows if r["checkpoint"] == name}
         start = time.perf_counter()
         new = probe_checkpoint(model, name=name, data=data, cache=cache, config=config, done=done, device=device,
+                               storage_options=storage_options,
                                progress=(lambda s, n, loss, name=name: progress(name, s, n, loss)) if progress else None)
         for row in new:
             row["seconds"] = time.perf_counter() - start
