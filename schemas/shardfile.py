@@ -1,7 +1,7 @@
 """Zarr v3 `sharding_indexed` storage objects, encoded and decoded directly.
 
 The cache's arrays are ordinary Zarr v3 arrays (zarr-python reads them), but
-going through zarr-python for every row costs ~5 ms of overhead around a ~1 ms
+going through zarr-python for every row costs 1-2.4 ms of overhead (zarr 3.1.6, docs/BENCHMARKS.md) around a ~1 ms
 decompression, and its writes run at a fraction of Blosc's speed. The format is
 simple, so the hot paths read and write it here: an object is the concatenation
 of the Blosc-compressed inner chunks followed by an index of (offset, nbytes)
