@@ -90,9 +90,10 @@ def test_caption_prompt_off_refuses_caption_only_samples(corpus):
 
 
 @pytest.mark.timeout(300)
-def test_precompute_then_train_through_a_pipe(ray_local, corpus, tmp_path):
+def test_precompute_then_train_through_a_pipe(ray_local, corpus, tmp_path, capsys):
     """`ola precompute` and `ola train` (PT with distillation) on the pipe: + brace URL; the cache verifies
-    against the plain folder, so the pipe names shards and keys as the files do."""
+    against the plain folder, so the pipe names shards and keys as the files do. Off a terminal the
+    trainer's progress is plain lines, not a tqdm bar."""
     from olavlm.pipeline.config import PrecomputeConfig
     from olavlm.pipeline.precompute import precompute
     from olavlm.schemas.cache import TargetCache
@@ -111,4 +112,6 @@ def test_precompute_then_train_through_a_pipe(ray_local, corpus, tmp_path):
                                              max_length=256),
                              train=TrainConfig(stage="pt", steps=2, out=str(tmp_path / "run"), save_every=2,
                                                log_every=1)))
+    err = capsys.readouterr().err
+    assert "train pt: step 1/2 loss" in err and "train pt: step 2/2 loss" in err and "\r" not in err
     assert result["step"] == 2 and result["last"]["loss"] > 0 and set(result["fingerprints"]) == {"depth", "gen", "seg"}

@@ -23,6 +23,10 @@ Design choices and their cost:
   vision tower: a separately sharded CLIP loses transformers' hidden-state capture)
   is for full fine-tuning of large LLMs; its checkpoints gather full weights to
   rank 0 (see checkpoint.py).
+- Progress: a tqdm bar only when stderr is a terminal; otherwise (a file, a CI log,
+  a pipe) one plain line per `log_every` steps, since a bar written to a file repeats
+  every update (transformers' own load/save bars are turned off then too). Cost: off a
+  terminal there is no estimate of the time left.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -152,17 +157,24 @@ class Metrics:
             except ImportError as exc:
                 raise ConfigError("--tensorboard needs the `tensorboard` package (pip install tensorboard)") from exc
             self.tensorboard = SummaryWriter(str(out / "tensorboard"))
-        from tqdm import tqdm
+        self.stage = tcfg.stage
+        if sys.stderr.isatty():
+            from tqdm import tqdm
 
-        self.bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {tcfg.stage}", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {tcfg.stage}", unit="step",
+                            dynamic_ncols=True)
 
     def log(self, record: dict, terms: list[str]) -> None:
         if not self.main:
             return
         step = record["step"]
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
         if step % self.every == 0 or step == self.total:
+            if self.bar is None:  # not a terminal: plain lines
+                print(f"train {self.stage}: step {step}/{self.total} loss {record['loss']:.4f} "
+                      f"lr {record['lr']:.3g} samples/s {record['samples_per_s']:.1f}", file=sys.stderr, flush=True)
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
             if self.tensorboard is not None:
@@ -210,6 +222,10 @@ def train(config: RunConfig, *, given=None) -> dict:
 
     Returns {"step", "checkpoint", "fingerprints", "out", "last": the last step's metrics record}."""
     d = init_distributed()
+    if not sys.stderr.isatty():  # transformers' load/save bars too: in a file they repeat every update
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     run = resolve_run(config, given=given)
     if run.tiny_student:
         ensure_tiny_student(run.tiny_student)
