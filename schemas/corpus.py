@@ -80,7 +80,7 @@ PIPE = "pipe:"
 
 class _PipeReader(io.RawIOBase):
     """A command's standard output as a binary file that tarfile can read: forward seeks read
-    and drop bytes, backward seeks within the last `KEEP` bytes are served from a buffer.
+    and drop bytes, backward seeks to within `KEEP` bytes of the furthest byte read are served from a buffer.
     EOF with a failed command raises OSError naming the command and its exit status."""
 
     KEEP = 1 << 16
@@ -107,10 +107,11 @@ class _PipeReader(io.RawIOBase):
             status = self._proc.wait()
             if status != 0:
                 raise OSError(f"command {self.command!r} exited with status {status}")
+        excess = (self._end - self.KEEP) - (self._end - len(self._buf))  # bytes older than KEEP before the end
         self._buf += data
         self._end += len(data)
-        if len(self._buf) > 2 * self.KEEP:
-            del self._buf[: len(self._buf) - self.KEEP]
+        if excess > self.KEEP:  # trimmed in steps of > KEEP: amortised O(1) per byte
+            del self._buf[:excess]
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:

@@ -115,3 +115,32 @@ def test_precompute_then_train_through_a_pipe(ray_local, corpus, tmp_path, capsy
     err = capsys.readouterr().err
     assert "train pt: step 1/2 loss" in err and "train pt: step 2/2 loss" in err and "\r" not in err
     assert result["step"] == 2 and result["last"]["loss"] > 0 and set(result["fingerprints"]) == {"depth", "gen", "seg"}
+
+
+def test_pipe_reader_reads_forward_and_seeks_back_within_its_buffer(tmp_path):
+    """The `pipe:` stream tarfile reads: every read returns the file's bytes, after forward seeks and
+    backward seeks up to KEEP bytes before the furthest byte read; a failed command is an OSError."""
+    import os
+    import random
+
+    from olavlm.schemas.corpus import _PipeReader
+
+    data = os.urandom(1_500_000)
+    (tmp_path / "blob").write_bytes(data)
+    for seed in range(5):
+        reader, rng, pos, far = _PipeReader(f"cat {tmp_path}/blob"), random.Random(seed), 0, 0
+        while True:
+            if rng.random() < 0.3 and far > _PipeReader.KEEP:
+                pos = reader.seek(rng.randint(far - _PipeReader.KEEP, far + 100_000))
+            n = rng.choice([1, 512, 70_000, 300_000])
+            chunk = reader.read(n)
+            assert chunk == data[pos:pos + n]
+            if not chunk:
+                break
+            pos += len(chunk)
+            far = max(far, pos)
+        reader.close()
+    reader = _PipeReader(f"cat {tmp_path}/missing")
+    with pytest.raises(OSError, match="exited with status"):
+        reader.read()
+    reader.close()
