@@ -102,7 +102,7 @@ def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int 
     _done(t, "cache complete")
 
     t = _stage("3/6 cache stats and verify")
-    stats(str(cache), as_json=False, per_shard=False, sample_rows=8)
+    stats(str(cache), as_json=False, per_shard=False, sample_rows=8, storage_options=None)
     report = verify_cache(TargetCache(str(cache)), corpus=str(corpus))
     for problem in report.problems:
         typer.secho(f"problem: {problem}", fg=typer.colors.RED)

@@ -64,7 +64,7 @@ def rows(summary: dict) -> list[tuple]:
     return [(r["checkpoint"], r["teacher"], r["layer"], r["seed"]) for r in summary["probe"]["rows"]]
 
 
-TIMINGS = re.compile(r"\(\d+(?:\.\d+)? s\)|total \d+ s|\d+(?:\.\d+)? ?(?:s|images/s|samples/s|step/s|s/step|it/s)\b"
+TIMINGS = re.compile(r"(?:samples|tokens|images)/s [\d.]+|\(\d+(?:\.\d+)? s\)|total \d+ s|\d+(?:\.\d+)? ?(?:s|images/s|samples/s|step/s|s/step|it/s)\b(?! [\d.])"
                      r"|ETA [\d:]+|busy \d+%")
 """Timings, rates and the utilisation of the teachers: the only figures that may differ."""
 
