@@ -4,16 +4,33 @@ Embedding loss per (task, layer) = smooth-L1 + 0.3 x InfoNCE (method.md). The
 InfoNCE compares this rank's L2-normalised, flattened predictions with the
 targets of the *global* batch: targets are all-gathered across ranks (they are
 constants, so no gradient is gathered); a local row's label is its global index.
-Only the pred -> target direction is used, as in the paper.
+Only the pred -> target direction is used, as in the paper. Its logits and
+cross-entropy run in float32 with autocast off (a bf16 matmul of unit vectors
+scaled by up to 100 would cost ~0.4 of a logit of precision).
 
-Normalisation: every term is a sum over this rank's valid samples divided by the
-number of valid samples in the global batch, times the world size. DDP averages
-gradients over ranks, so the averaged loss and gradients equal the
-single-process ones on the concatenated batch (tested with 2 gloo processes).
-Cost: one all-gather of the targets per task per step (e.g. 256 x 576 x 1536
+Normalisation: every term is a sum over this rank's items (label tokens for NTP,
+samples with an image for the embedding terms) divided by the number of those
+items in the *whole optimizer step* - all ranks and all accumulated
+micro-batches - times the world size (`Normalisers`, counted by the training
+loop before the step's first forward). DDP averages gradients over ranks and the
+loop sums them over micro-batches, so the gradient of a step equals that of one
+big batch on one process: `--batch-size 2 --grad-accum 4` = `--batch-size 8`,
+whatever the label-token and image counts per micro-batch (transformers'
+`num_items_in_batch` fix of 2024; a per-micro-batch mean weights a token of a
+short micro-batch more). The step's logged loss is the sum of its micro-batches'
+terms (averaged over ranks), i.e. the loss of that one big batch. Without
+`Normalisers` (tests, the bench, a single forward) a term is normalised by its
+own micro-batch: NTP by this rank's label tokens, embedding terms by the valid
+samples of the micro-step's global batch.
+The InfoNCE *negatives* are the targets of the micro-step's global batch (all
+ranks, one micro-batch each), not of the whole accumulated step: a contrastive
+loss does not decompose over micro-batches, so with grad_accum > 1 its value
+(not its normalisation) differs from the big batch's, as in every accumulated
+contrastive setup that does not cache embeddings (GradCache).
+Cost: one all-gather of the targets per task per micro-step (e.g. 256 x 576 x 1536
 bf16 = 450 MB for the paper's seg targets at global batch 256) and a second small
-one for the per-rank batch sizes. Samples without an image (valid = False)
-count neither as rows nor as InfoNCE negatives.
+one for the per-rank batch sizes; one all-reduce of two counts per step. Samples
+without an image (valid = False) count neither as rows nor as InfoNCE negatives.
 """
 
 from __future__ import annotations
@@ -23,6 +40,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Normalisers:
+    """Denominators of one optimizer step, the same on every rank (see the module doc)."""
+
+    tokens: torch.Tensor | float
+    """Label tokens (labels != -100 after the shift) over all ranks and micro-batches of the step, >= 1."""
+    images: torch.Tensor | float
+    """Samples with an image over all ranks and micro-batches of the step, >= 1."""
+    world_size: int = 1
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] labels -> the number of predicted tokens (labels != -100 after the shift), as next_token_loss counts."""
+    return (labels[:, 1:] != -100).sum()
 
 
 @dataclass(frozen=True)
@@ -78,11 +111,17 @@ def per_image_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(pred.flatten(1).float(), target.flatten(1).float(), dim=1)
 
 
-def smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, global_targets: GlobalTargets) -> torch.Tensor:
-    """Mean smooth-L1 over the valid samples of the global batch (this rank's share, see module doc)."""
+def _count(global_targets: GlobalTargets, images: torch.Tensor | float | None):
+    return global_targets.num_valid if images is None else images
+
+
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, global_targets: GlobalTargets,
+              *, images: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Sum of smooth-L1 over this rank's valid samples x world size / `images` (default: the valid
+    samples of the micro-step's global batch; see module doc)."""
     per_sample = per_sample_smooth_l1(pred, target)  # [B]
     local_sum = (per_sample * valid.float()).sum()
-    return local_sum * global_targets.world_size / global_targets.num_valid
+    return local_sum * global_targets.world_size / _count(global_targets, images)
 
 
 def info_nce(
@@ -92,18 +131,21 @@ def info_nce(
     logit_scale: torch.Tensor,  # scalar, log of the temperature's inverse
     *,
     max_scale: float = 100.0,
+    images: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of each valid local prediction over the valid targets of the global batch."""
-    p = F.normalize(pred.flatten(1).float(), dim=-1)  # [B, T*D]
-    t = global_targets.targets.float()  # [N, T*D]
-    scale = logit_scale.float().exp().clamp(max=max_scale)
-    logits = scale * p @ t.T  # [B, N]
-    logits = logits.masked_fill(~global_targets.valid[None, :], float("-inf"))  # invalid targets: no negatives
-    labels = torch.arange(p.shape[0], device=p.device) + global_targets.offset  # [B]
-    # Invalid rows have -inf at their own label: drop them (boolean indexing is a CPU-GPU sync point).
-    rows = valid.bool()
-    per_row = F.cross_entropy(logits[rows], labels[rows], reduction="sum")
-    return per_row * global_targets.world_size / global_targets.num_valid
+    """Cross-entropy of each valid local prediction over the valid targets of the global batch,
+    summed and scaled like `smooth_l1` (`images`: the step's normaliser). float32, autocast off."""
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        p = F.normalize(pred.flatten(1).float(), dim=-1)  # [B, T*D]
+        t = global_targets.targets.float()  # [N, T*D]
+        scale = logit_scale.float().exp().clamp(max=max_scale)
+        logits = scale * (p @ t.T)  # [B, N] float32
+        logits = logits.masked_fill(~global_targets.valid[None, :], float("-inf"))  # invalid targets: no negatives
+        labels = torch.arange(p.shape[0], device=p.device) + global_targets.offset  # [B]
+        # Invalid rows have -inf at their own label: drop them (boolean indexing is a CPU-GPU sync point).
+        rows = valid.bool()
+        per_row = F.cross_entropy(logits[rows], labels[rows], reduction="sum")
+    return per_row * global_targets.world_size / _count(global_targets, images)
 
 
 def embedding_loss(
@@ -115,23 +157,29 @@ def embedding_loss(
     global_targets: GlobalTargets | None = None,
     info_nce_weight: float = 0.3,
     max_scale: float = 100.0,
+    images: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """smooth-L1 + info_nce_weight x InfoNCE for one (task, layer)."""
+    """smooth-L1 + info_nce_weight x InfoNCE for one (task, layer); `images`: the step's image count
+    (`Normalisers.images`), default the micro-step's."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if global_targets is None:
         global_targets = gather_targets(target, valid)
-    l1 = smooth_l1(pred, target, valid, global_targets)
-    nce = info_nce(pred, valid, global_targets, logit_scale, max_scale=max_scale)
+    l1 = smooth_l1(pred, target, valid, global_targets, images=images)
+    nce = info_nce(pred, valid, global_targets, logit_scale, max_scale=max_scale, images=images)
     return l1 + info_nce_weight * nce
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of token t+1 given tokens <= t over labels != -100 (this rank's tokens).
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, tokens: torch.Tensor | float | None = None,
+                    world_size: int = 1) -> torch.Tensor:
+    """Cross-entropy of token t+1 given tokens <= t, summed over labels != -100, x world_size / tokens.
 
-    Not globally normalised: each rank averages its own tokens, as transformers does.
+    `tokens`: the step's global label-token count (`Normalisers.tokens`); default this batch's own
+    count (with world_size 1: the mean over this rank's tokens, transformers' pre-2024 behaviour).
     """
     shift_logits = logits[:, :-1].flatten(0, 1).float()  # [B*(L-1), V]
     shift_labels = labels[:, 1:].flatten()  # [B*(L-1)]
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    return total / (shift_labels != -100).sum().clamp(min=1)
+    if tokens is None:
+        return total / (shift_labels != -100).sum().clamp(min=1)
+    return total * world_size / tokens

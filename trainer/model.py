@@ -42,7 +42,7 @@ from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import TeacherSpec
 
 from .heads import ResamplerHead
-from .losses import embedding_loss, gather_targets, next_token_loss
+from .losses import Normalisers, embedding_loss, gather_targets, label_count, next_token_loss
 from .tokens import TokenLayout, ordered_tasks
 
 FORMAT_VERSION = 2
@@ -71,6 +71,12 @@ def resolve_layers(config: ModelConfig, num_layers: int) -> dict[str, tuple[int,
                              "(paper numbering: layer i = hidden_states[i])")
         out[task] = tuple(sorted(set(layers)))
     return out
+
+
+def _predicted_labels(labels: torch.Tensor, image_mask: torch.Tensor, task_masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Image and task tokens are never predicted, whatever the data path put there. -> [B, L]"""
+    no_label = image_mask | torch.stack(list(task_masks.values())).any(0) if task_masks else image_mask
+    return labels.masked_fill(no_label, -100)
 
 
 @dataclass(frozen=True)
@@ -171,22 +177,26 @@ class OlaVlm(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: dict, *, distill: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, *, distill: bool = True, norm: Normalisers | None = None) -> dict[str, torch.Tensor]:
         """Batch -> {'ntp', '<task>_l<layer>', '<task>', 'loss'} (scalars; 'loss' = ntp + task totals).
 
         batch: input_ids [B, L] long, attention_mask [B, L], labels [B, L] (-100 = ignored),
         pixel_values [B, 3, H, W] (anything where there is no image), has_image [B] bool,
         targets {task: [B, T, D]} (needed when distilling).
+        norm: the optimizer step's global counts (`count_items`, summed over micro-batches and
+        ranks); every term is then this batch's sum x world size / that count (losses.py). None:
+        normalised by this batch alone (NTP: this rank's tokens; embeddings: the micro-step's images).
         """
         distill = distill and len(self.heads) > 0 and "targets" in batch
         capture = self.distilled_layers() if distill else []
         enc = self.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], capture)
         logits = self.llava.lm_head(enc.hidden)  # [B, L, V]
 
-        # Image and task tokens are never predicted, whatever the data path put there.
-        no_label = enc.image_mask | torch.stack(list(enc.task_masks.values())).any(0) if enc.task_masks else enc.image_mask
-        labels = batch["labels"].masked_fill(no_label, -100)
-        losses = {"ntp": next_token_loss(logits, labels)}
+        labels = _predicted_labels(batch["labels"], enc.image_mask, enc.task_masks)
+        if norm is None:
+            losses = {"ntp": next_token_loss(logits, labels)}
+        else:
+            losses = {"ntp": next_token_loss(logits, labels, tokens=norm.tokens, world_size=norm.world_size)}
         total = losses["ntp"]
         if not distill:
             losses["loss"] = total
@@ -210,6 +220,7 @@ class OlaVlm(nn.Module):
                     global_targets=gathered,
                     info_nce_weight=self.config.info_nce_weight,
                     max_scale=self.config.logit_scale_max,
+                    images=None if norm is None else norm.images,
                 )
                 losses[f"{task}_l{layer}"] = term
                 task_total = task_total + term
@@ -217,6 +228,13 @@ class OlaVlm(nn.Module):
             total = total + losses[task]
         losses["loss"] = total
         return losses
+
+    def count_items(self, batch: dict) -> tuple[int, int]:
+        """(label tokens, samples with an image) of a batch, as `forward` counts them: image and task
+        tokens are never labels. The loop calls it on the CPU batch (int() of a GPU tensor would sync)."""
+        image_mask, task_masks = self.layout.locate(batch["input_ids"])
+        labels = _predicted_labels(batch["labels"], image_mask, task_masks)
+        return int(label_count(labels)), int(batch["has_image"].bool().sum())
 
     def distilled_layers(self) -> list[int]:
         return sorted({layer for layers in self.layers.values() for layer in layers})

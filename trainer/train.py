@@ -1,8 +1,10 @@
 """The training loop: `train(RunConfig) -> summary`, used by `ola train`, the demo and tests.
 
-What one optimizer step does: `grad_accum` micro-batches from the loader (each
-forward returns a dict of named loss terms and their sum `loss`), backward with
-DDP gradient sync on the last micro-batch only, global-norm clipping, AdamW with
+What one optimizer step does: `grad_accum` micro-batches from the loader, their
+label tokens and images counted over all ranks (one all-reduce; every term is
+normalised by these step-wide counts, losses.py, so the step's gradient is that
+of one big batch), then each forward (a dict of named loss terms and their sum
+`loss`) and backward with DDP gradient sync on the last micro-batch only, global-norm clipping, AdamW with
 a linear warm-up + cosine learning rate computed from the step number, then
 logging, the non-finite check and, every `save_every` steps, a checkpoint.
 
@@ -16,7 +18,8 @@ Design choices and their cost:
   CPU the losses after a resume equal those of an uninterrupted run.
 - The loss terms are read to the host once per step (`.item()` is a CPU-GPU
   sync point): the non-finite check needs them, and so does logging. Under DDP
-  the check is all-reduced so that every rank stops (or skips) together.
+  they are all-reduced (averaged: the logged terms are the big batch's) and so
+  is the check, so that every rank stops (or skips) together.
 - DDP runs with find_unused_parameters=True: a micro-batch without images leaves
   the projector without gradient. Cost: one graph traversal per backward.
 - FSDP2 (`fully_shard` on every decoder block and on the root, which holds the
@@ -51,6 +54,7 @@ from . import checkpoint
 from .collate import to_device
 from .images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
 from .loader import build_loader
+from .losses import Normalisers
 from .parallel import Dist, full_states, gather, init_distributed, sync_ignored, wrap
 from .presets import TINY_MARKER
 from .run import Run, resolve_run
@@ -187,34 +191,55 @@ class Metrics:
                 handle.close()
 
 
-def _accumulate(wrapped, batches, tcfg: TrainConfig, distill: bool, d: Dist, autocast):
-    """`grad_accum` micro-batches forward + backward -> (mean loss terms, sample keys, samples, tokens, loader state)."""
-    sums: dict[str, torch.Tensor] = {}
-    keys, samples, tokens, state = [], 0, 0, None
-    for micro in range(tcfg.grad_accum):
+def _normalisers(model, micro_batches: list[dict], d: Dist) -> Normalisers:
+    """The step's global label-token and image counts (all micro-batches, all ranks): one all-reduce."""
+    counts = [model.count_items(batch) for batch in micro_batches]  # CPU batches: no device sync
+    total = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.float32,
+                         device=d.device)
+    if dist.is_initialized() and d.world > 1:
+        dist.all_reduce(total)
+    total = total.clamp(min=1)  # a step without labels (or images) gives 0, not NaN
+    return Normalisers(tokens=total[0], images=total[1], world_size=d.world)
+
+
+def _accumulate(model, wrapped, batches, tcfg: TrainConfig, distill: bool, d: Dist, autocast):
+    """`grad_accum` micro-batches forward + backward -> (loss terms, sample keys, samples, tokens, loader state).
+
+    The step's micro-batches are read first, so that their label tokens and images are counted
+    (and all-reduced) before the first forward; each term is normalised by those global counts, so
+    the gradients and the logged terms (summed over micro-batches, averaged over ranks in `_finite`)
+    are those of one big batch (losses.py). Cost: `grad_accum` batches held in host memory at once."""
+    micro_batches, state = [], None
+    for _ in range(tcfg.grad_accum):
         batch, state = next(batches)
+        micro_batches.append(batch)
+    norm = _normalisers(model, micro_batches, d)
+    sums: dict[str, torch.Tensor] = {}
+    keys, samples, tokens = [], 0, 0
+    for micro, batch in enumerate(micro_batches):
         keys.extend(batch["keys"])
         samples += len(batch["keys"])
         tokens += int(batch["attention_mask"].sum())  # CPU tensor: no device sync
         batch = to_device(batch, d.device)
         sync = micro == tcfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
         with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
-            losses = wrapped(batch, distill=distill)
-            (losses["loss"] / tcfg.grad_accum).backward()
+            losses = wrapped(batch, distill=distill, norm=norm)
+            losses["loss"].backward()  # already a share of the step: gradients sum over micro-batches
         for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float() / tcfg.grad_accum
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
     return sums, keys, samples, tokens, state
 
 
 def _finite(sums: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
-    """Loss terms on the host, and whether every rank's are finite (all-reduced: all stop or skip together)."""
+    """Loss terms on the host, averaged over ranks (= the big batch's terms), and whether they are all
+    finite (a non-finite term on any rank makes the average non-finite: all ranks stop or skip together)."""
     names = list(sums)
     values = torch.stack([sums[n] for n in names])
-    bad = (~torch.isfinite(values)).any().float()
-    if dist.is_initialized():
-        dist.all_reduce(bad)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values = values / dist.get_world_size()
     host = values.tolist()  # .tolist() is a CPU-GPU sync point, once per step
-    return dict(zip(names, host)), bad.item() == 0
+    return dict(zip(names, host)), all(math.isfinite(v) for v in host)
 
 
 def train(config: RunConfig, *, given=None) -> dict:
@@ -251,7 +276,7 @@ def train(config: RunConfig, *, given=None) -> dict:
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, tcfg.steps, tcfg.warmup_ratio)
-            sums, keys, samples, tokens, state = _accumulate(wrapped, batches, tcfg, run.distill, d, autocast)
+            sums, keys, samples, tokens, state = _accumulate(model, wrapped, batches, tcfg, run.distill, d, autocast)
             terms, finite = _finite(sums)
             step += 1
             if not finite:
