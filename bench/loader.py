@@ -2,7 +2,7 @@
 
 Builds, in a temporary folder: a WebDataset corpus of JPEG image-text samples
 (500x375 photos-like images, LLaVA caption conversations) and a target cache
-with the paper's shapes in float16 (depth 576x1024, seg 576x1536, gen 1x1024;
+with the paper's shapes in a storage dtype (depth 576x1024, seg 576x1536, gen 1x1024;
 feature-like values, schemas/synthetic.py), then times the loader: tar read,
 JPEG decode + resize/crop to 336, chat-template tokenization with 576 image +
 24 task tokens, the sha256-checked join with three cache reads, collate.
@@ -11,9 +11,11 @@ Reported: samples/s of one process with no DataLoader worker (everything on
 one core: the per-core figure), the same with `workers` DataLoader workers
 (divided by the number of cores they can use), and the time of each stage per
 sample, measured one stage at a time on the same samples.
-`codec` picks the cache's Blosc compressor (default zstd, the cache default; lz4
-decompresses several times faster at a similar ratio on 16-bit features).
-Cost: the cache takes ~2.7 MB per sample on disk while the bench runs.
+`codec` picks the cache's codec: "default" (`default_codec(dtype)`, what a new
+cache gets), "none" (Blosc clevel 0), "lz4" or "zstd" (level 3), each with byte
+shuffle; `dtype` the storage dtype. `bench_loader_matrix` runs every
+(codec, dtype) pair in one call. Cost: the cache takes up to ~3 MB per sample on
+disk while the bench runs.
 """
 
 from __future__ import annotations
@@ -49,12 +51,28 @@ def _photo(rng, size=(500, 375)) -> bytes:
     return buf.getvalue()
 
 
-def build_bench_data(root: str, samples: int, shard_size: int = 64, seed: int = 0, codec: str = "zstd") -> dict[str, bytes]:
+CODECS = ("default", "none", "lz4", "zstd")
+
+
+def codec_spec(codec: str, dtype: str):
+    """The CodecSpec a `codec` name of this bench stands for."""
+    from olavlm.schemas.spec import CodecSpec, default_codec
+
+    named = {"default": default_codec(dtype), "none": CodecSpec(cname="lz4", clevel=0, shuffle="noshuffle"),
+             "lz4": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
+             "zstd": CodecSpec(cname="zstd", clevel=3, shuffle="shuffle")}
+    if codec not in named:
+        raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+    return named[codec]
+
+
+def build_bench_data(root: str, samples: int, shard_size: int = 64, seed: int = 0, codec: str = "default",
+                     dtype: str = "float16") -> dict[str, bytes]:
     """Corpus under root/corpus, cache under root/cache; returns {key: jpeg bytes}."""
     from olavlm.schemas import quant
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.corpus import TarShardWriter, sha256_hex
-    from olavlm.schemas.spec import CodecSpec, TeacherSpec
+    from olavlm.schemas.spec import TeacherSpec
     from olavlm.schemas.synthetic import feature_like
 
     rng = np.random.default_rng(seed)
@@ -76,12 +94,13 @@ def build_bench_data(root: str, samples: int, shard_size: int = 64, seed: int = 
     cache = TargetCache(os.path.join(root, "cache"))
     distinct = 8  # feature-like rows are slow to make; tile a few distinct ones
     for task, shape in SHAPES.items():
-        cache.register(TeacherSpec(name=task, kind="synthetic", model="synthetic", shape=shape, dtype="float16",
-                                   codec=CodecSpec(cname=codec)))
-        base, _ = quant.encode(feature_like(distinct, *shape, seed=seed), "float16")
+        cache.register(TeacherSpec(name=task, kind="synthetic", model="synthetic", shape=shape, dtype=dtype,
+                                   codec=codec_spec(codec, dtype)))
+        base, base_scale = quant.encode(feature_like(distinct, *shape, seed=seed), dtype)
         for shard, keys in shards.items():
             values = np.stack([base[i % distinct] for i in range(len(keys))])
-            cache.write_shard(task, shard, keys, [sha256_hex(images[k]) for k in keys], values)
+            scale = None if base_scale is None else np.stack([base_scale[i % distinct] for i in range(len(keys))])
+            cache.write_shard(task, shard, keys, [sha256_hex(images[k]) for k in keys], values, scale)
     return images
 
 
@@ -95,7 +114,7 @@ def _rate(loader, batches: int) -> float:
 
 
 def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, seed: int = 0,
-                 codec: str = "zstd") -> dict:
+                 codec: str = "default", dtype: str = "float16") -> dict:
     """Run the benchmark; returns the figures as a dict (see the module docstring)."""
     import torch
 
@@ -115,7 +134,7 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
     transform = ImageTransform()  # CLIP ViT-L/14-336 constants
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with tempfile.TemporaryDirectory(prefix="ola-bench-loader-") as root:
-        build_bench_data(root, samples, seed=seed, codec=codec)
+        build_bench_data(root, samples, seed=seed, codec=codec, dtype=dtype)
         batches = max(1, samples // batch_size - 2)
 
         def make(num_workers):
@@ -154,9 +173,12 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
             collate(part, **stream._collate_args, targets={t: b[:len(part)] for t, b in buffers[i // batch_size].items()})
         stages["collate"] = time.perf_counter() - t0
     per_sample_ms = {k: round(v / len(raw) * 1e3, 3) for k, v in stages.items()}
+    chosen = codec_spec(codec, dtype)
     return {
         "samples": samples, "batch_size": batch_size, "cores": cores,
-        "targets": {t: list(s) for t, s in SHAPES.items()}, "target_dtype": "float16", "codec": f"blosc-{codec}",
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "targets": {t: list(s) for t, s in SHAPES.items()}, "target_dtype": dtype,
+        "codec": f"{codec}: blosc-{chosen.cname} level {chosen.clevel} {chosen.shuffle}",
         "image": "JPEG 500x375 -> 336x336", "tokens_per_sample": len(texts[0].input_ids),
         "samples_per_s_one_core": round(single, 1),
         f"samples_per_s_{workers}_workers": round(parallel, 1) if parallel else None,
@@ -166,3 +188,9 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
         "target_samples_per_s_per_core": TARGET,
         "meets_target": single >= TARGET,
     }
+
+
+def bench_loader_matrix(codecs: tuple[str, ...] = ("default",), dtypes: tuple[str, ...] = ("float16",),
+                        **kw) -> list[dict]:
+    """`bench_loader` for every (codec, dtype) pair, one after the other in this process."""
+    return [bench_loader(codec=c, dtype=d, **kw) for d in dtypes for c in codecs]

@@ -1,4 +1,4 @@
-"""`ola bench cache|precompute|loader|train|heads`: one call each into bench/, then a table or JSON.
+"""`ola bench cache|precompute|loader|codecs|train|heads`: one call each into bench/, then a table or JSON.
 
 The benchmarks themselves live in bench/ (they may import pipeline/ and trainer/ both); this module
 only turns options into a call and prints the figures. `ola bench gpu` and `ola bench fidelity` have
@@ -75,21 +75,77 @@ def bench_precompute_command(
 
 
 def bench_loader_command(
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (one object, a list for several runs)."),
     samples: int = typer.Option(256, help="Samples in the temporary corpus and cache."),
     batch_size: int = typer.Option(16, help="Samples per batch."),
     workers: int = typer.Option(2, help="DataLoader workers for the parallel figure."),
-    codec: str = typer.Option("zstd", help="Blosc compressor of the temporary cache (zstd = cache default, lz4)."),
+    codec: str = typer.Option("default", help="Comma-separated cache codecs, one run each: default (the dtype's "
+                              "default_codec), none, lz4, zstd (level 3); byte shuffle throughout."),
+    dtype: str = typer.Option("float16", help="Comma-separated storage dtypes of the targets, one run each."),
 ) -> None:
     """Data loader throughput per CPU core.
 
     Samples/s per CPU core through the whole data path (tar read, JPEG decode, tokenize, cache join,
-    collate) with full-size paper targets (576x1024 + 576x1536 + 1x1024, float16). Target: >= 200."""
-    from olavlm.bench.loader import bench_loader
+    collate) with full-size paper targets (576x1024 + 576x1536 + 1x1024), per stage and in total, for
+    each codec and dtype given. Target: >= 200."""
+    from olavlm.bench.loader import CODECS, bench_loader_matrix
+    from olavlm.schemas.spec import STORAGE_DTYPES
 
+    codecs = tuple(c.strip() for c in codec.split(",") if c.strip())
+    dtypes = tuple(d.strip() for d in dtype.split(",") if d.strip())
+    if not codecs or any(c not in CODECS for c in codecs):
+        raise typer.BadParameter(f"{codec!r}: codecs are {', '.join(CODECS)}", param_hint="--codec")
+    if not dtypes or any(d not in STORAGE_DTYPES for d in dtypes):
+        raise typer.BadParameter(f"{dtype!r}: dtypes are {', '.join(STORAGE_DTYPES)}", param_hint="--dtype")
     with user_errors():
-        result = bench_loader(samples=samples, batch_size=batch_size, workers=workers, codec=codec)
-    _report(result, as_json)
+        results = bench_loader_matrix(codecs, dtypes, samples=samples, batch_size=batch_size, workers=workers)
+    if len(results) == 1:
+        _report(results[0], as_json)
+        return
+    if as_json:
+        typer.echo(json.dumps(results))
+        return
+    stages = list(results[0]["stage_ms_per_sample"])
+    typer.echo(f"{'dtype':<9} {'codec':<44} {'samples/s':>9} " + " ".join(f"{s[:14]:>14}" for s in stages)
+               + f" {'stage sum/s':>11}")
+    for r in results:
+        typer.echo(f"{r['target_dtype']:<9} {r['codec']:<44} {r['samples_per_s_one_core']:>9.1f} "
+                   + " ".join(f"{r['stage_ms_per_sample'][s]:>11.2f} ms" for s in stages)
+                   + f" {r['stage_sum_samples_per_s']:>11.1f}")
+    typer.echo(f"load average at the end: {results[-1]['load_average']}")
+
+
+def bench_codecs_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    samples: int = typer.Option(8, min=1, help="Distinct samples per dtype (each: 576x1024 + 576x1536 + 1x1024)."),
+    repeats: int = typer.Option(7, min=1, help="Decode passes; the median per-sample time is reported."),
+    dtypes: str = typer.Option("float16,bfloat16,int8", help="Comma-separated storage dtypes."),
+) -> None:
+    """Cache codecs: bytes per sample and decode ms per sample on one core, per storage dtype.
+
+    Each Blosc codec worth trying (none, lz4, zstd levels 1 and 3, with and without byte shuffle) on
+    feature-like paper-size targets, decoded as the loader does (into place, one thread). "default"
+    marks the codec a new cache of that dtype gets (schemas/spec.py `default_codec`)."""
+    from olavlm.bench.codecs import bench_codecs
+    from olavlm.schemas.spec import STORAGE_DTYPES
+
+    chosen = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    unknown = [d for d in chosen if d not in STORAGE_DTYPES]
+    if unknown or not chosen:
+        raise typer.BadParameter(f"{unknown or dtypes!r}: dtypes are {', '.join(STORAGE_DTYPES)}", param_hint="--dtypes")
+    result = bench_codecs(samples=samples, repeats=repeats, dtypes=chosen)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"one thread; load average before {result['load_average_before']}, after {result['load_average_after']}")
+    typer.echo(f"{'dtype':<9} {'codec':<14} {'MB/sample':>9} {'ratio':>6} {'saved':>6} {'decode ms':>9} "
+               f"{'encode ms':>9} {'break-even MB/s':>15}")
+    for dtype, d in result["dtypes"].items():
+        for label, r in d["codecs"].items():
+            even = "-" if r["break_even_MBps"] is None else f"{r['break_even_MBps']:.0f}"
+            mark = "  (default)" if r["default"] else ""
+            typer.echo(f"{dtype:<9} {label:<14} {r['bytes_per_sample'] / 1e6:>9.3f} {r['ratio']:>6.3f} "
+                       f"{r['saved_vs_none_pct']:>5.1f}% {r['decode_ms']:>9.2f} {r['encode_ms']:>9.2f} {even:>15}{mark}")
 
 
 def bench_train_command(
@@ -146,9 +202,10 @@ def bench_heads_command(
 
 
 def register(groups: Groups) -> None:
-    """Add `ola bench cache|precompute|loader|train|heads`."""
+    """Add `ola bench cache|precompute|loader|codecs|train|heads`."""
     groups.bench.command("cache")(bench_cache_command)
     groups.bench.command("precompute")(bench_precompute_command)
     groups.bench.command("loader")(bench_loader_command)
+    groups.bench.command("codecs")(bench_codecs_command)
     groups.bench.command("train")(bench_train_command)
     groups.bench.command("heads")(bench_heads_command)

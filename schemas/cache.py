@@ -19,7 +19,8 @@ Design choices and their cost:
   rows share one storage object. A random read is one range read; a shard
   streams as a few large sequential objects. Cost: writing needs a whole block
   of rows at once (the writer takes the whole shard).
-- Blosc-zstd with byte shuffle; int8 stores a float32 per-token scale beside it.
+- Blosc with the spec's codec (new caches: `default_codec(dtype)`, lz4 + byte shuffle; older
+  ones recorded zstd); int8 stores a float32 per-token scale beside it.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def _fsync_tree(path: str) -> None:
 def _blosc(spec: TeacherSpec):
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname=spec.codec.cname, clevel=spec.codec.clevel, shuffle=spec.codec.shuffle)
+    codec = spec.storage_codec
+    return BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle)
 
 
 class TargetCache:
@@ -269,7 +271,8 @@ class TargetCache:
         arrays = [("targets", values, (t, d), quant.zarr_dtype(spec.dtype))]
         if scale is not None:
             arrays.append(("scale", scale, (t,), "float32"))
-        codec = shardfile.blosc_codec(spec.codec.cname, spec.codec.clevel, spec.codec.shuffle)
+        chosen = spec.storage_codec
+        codec = shardfile.blosc_codec(chosen.cname, chosen.clevel, chosen.shuffle)
         for name, data, row_shape, dtype in arrays:
             # zarr-python writes the metadata; the objects are encoded directly (shardfile.py: ~4x faster)
             group.create_array(

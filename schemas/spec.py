@@ -23,11 +23,33 @@ class CodecSpec:
     """Compression of the stored targets (Blosc inside Zarr's sharding codec)."""
 
     cname: str = "zstd"
-    """Blosc compressor. zstd measured best on teacher features (design.md)."""
+    """Blosc compressor: 'lz4', 'zstd', ... (new specs: `default_codec(dtype)`; docs/BENCHMARKS.md "Codecs")."""
     clevel: int = 3
-    """Compression level; above 3 costs write speed for ~1% of size."""
+    """Compression level (0 = stored uncompressed in Blosc frames); zstd above 3 costs write speed for ~1% of size."""
     shuffle: str = "shuffle"
     """Blosc filter: 'shuffle' (byte), 'bitshuffle' or 'noshuffle'. Byte shuffle beat bitshuffle on fp16."""
+    # These field defaults are the codec of caches written before issue 14 (and of a recorded spec without
+    # a codec); a new spec that names no codec takes `default_codec(dtype)` instead.
+
+
+DEFAULT_CODECS = {
+    "float16": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "bfloat16": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "int8": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
+}
+"""Codec of a new cache per storage dtype, measured by `ola bench codecs` (docs/BENCHMARKS.md, "Codecs").
+On feature-like targets zstd saves 7 % of float16, 21-25 % of bfloat16 and 18 % of int8 bytes for
+1.2-5 ms more decode per sample on one core: it pays only where storage delivers under ~100-250 MB/s
+per core, while the loader's 200 samples/s need ~300-600 MB/s. lz4 + byte shuffle decodes at copy
+speed where it finds nothing (float16, int8) and saves 9 % of bfloat16 for ~0.6-0.9 ms. Cost: caches
+are larger on disk than with zstd; pass `codec=CodecSpec(cname="zstd", ...)` where disk matters more."""
+
+
+def default_codec(dtype: str) -> CodecSpec:
+    """The codec a new spec of this storage dtype gets when none is given."""
+    if dtype not in DEFAULT_CODECS:
+        raise ValueError(f"dtype {dtype!r} is not one of {STORAGE_DTYPES}")
+    return DEFAULT_CODECS[dtype]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +76,10 @@ class TeacherSpec:
     """Target shape per image: (tokens T, width D)."""
     dtype: str = "float16"
     """Storage dtype: float16, bfloat16 (exact), or int8 (lossy, per-token scale)."""
-    codec: CodecSpec = field(default_factory=CodecSpec)
-    """Compression of the stored arrays."""
+    codec: CodecSpec | None = None
+    """Compression of the stored arrays; None = `default_codec(dtype)`, resolved when read (`storage_codec`)
+    and written out in `to_dict`, so the fingerprint and cache.json record the codec actually used, and a
+    `dataclasses.replace(spec, dtype=...)` gets the new dtype's default."""
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -65,8 +89,14 @@ class TeacherSpec:
         if len(self.shape) != 2 or min(self.shape) < 1:
             raise ValueError(f"teacher {self.name!r}: shape {self.shape!r} must be (tokens, width), both >= 1")
 
+    @property
+    def storage_codec(self) -> CodecSpec:
+        """The codec the arrays are (to be) stored with."""
+        return self.codec if self.codec is not None else default_codec(self.dtype)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["codec"] = dataclasses.asdict(self.storage_codec)
         out["layers"] = list(self.layers)
         out["shape"] = list(self.shape)
         return out
