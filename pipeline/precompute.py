@@ -53,6 +53,7 @@ Design choices and their cost:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -183,12 +184,27 @@ def precompute(config: PrecomputeConfig) -> Summary:
                 ray.kill(worker)
 
 
+def keep_stored_codec(spec: TeacherSpec, stored: TeacherSpec | None) -> TeacherSpec:
+    """A cache goes on with the codec it was started with.
+
+    The default codec follows the storage dtype and changed once (zstd -> lz4, issue 14); a spec
+    that differs from the stored one *only* in its codec takes the stored codec, so resuming such a
+    cache neither refuses the run nor mixes codecs. Any other difference is left for `register` to refuse.
+    """
+    if stored is None or stored.fingerprint == spec.fingerprint:
+        return spec
+    adopted = dataclasses.replace(spec, codec=stored.storage_codec)
+    return adopted if adopted.fingerprint == stored.fingerprint else spec
+
+
 def _register_and_run(ray, config, cache, shards, workers, task_cpus) -> Summary:
     all_specs = ray.get([w.specs.remote() for w in workers])  # also waits for every actor to load
     specs = {name: TeacherSpec.from_dict(d) for name, d in all_specs[0].items()}
     for other in all_specs[1:]:
         if {n: TeacherSpec.from_dict(d).fingerprint for n, d in other.items()} != {n: s.fingerprint for n, s in specs.items()}:
             raise RuntimeError("teacher actors disagree on the teacher specs (different weights on different nodes?)")
+    stored = cache.specs()
+    specs = {name: keep_stored_codec(spec, stored.get(name)) for name, spec in specs.items()}
     for spec in specs.values():
         cache.register(spec, overwrite=config.overwrite)  # refuses a different spec unless overwrite
         cache.clean_staging(spec.name)  # leftovers of killed runs; no writer of ours runs yet

@@ -96,3 +96,20 @@ def test_bench_loader_runs_per_codec_and_dtype():
     assert [r["target_dtype"] for r in results] == ["int8", "int8"]
     assert "lz4" in results[0]["codec"] and "zstd" in results[1]["codec"]
     assert all(r["samples_per_s_one_core"] > 0 and r["stage_sum_samples_per_s"] > 0 for r in results)
+
+
+def test_precompute_resumes_a_cache_under_its_stored_codec():
+    """A cache started under the old default (zstd) is resumed with zstd, not refused; any other
+    difference is still left to `register` to refuse."""
+    import dataclasses
+
+    from olavlm.pipeline.precompute import keep_stored_codec
+    from olavlm.schemas.spec import CodecSpec, TeacherSpec
+
+    new = TeacherSpec(name="depth", kind="synthetic", model="m", shape=(4, 8), dtype="float16")
+    old = dataclasses.replace(new, codec=CodecSpec())  # zstd 3 + shuffle, the former default
+    assert new.fingerprint != old.fingerprint and new.storage_codec != old.storage_codec
+    assert keep_stored_codec(new, old).fingerprint == old.fingerprint
+    assert keep_stored_codec(new, None) is new and keep_stored_codec(new, new) is new
+    other = dataclasses.replace(old, model="other weights")
+    assert keep_stored_codec(new, other) is new  # not only the codec differs: register refuses it

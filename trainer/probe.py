@@ -212,7 +212,7 @@ def train_probes(probes: nn.ModuleDict, todo, batches, states_of, *, steps: int,
         optimizer.step()
         step += 1
         if progress is not None:
-            progress(step, steps, float(loss) / len(todo))
+            progress(step, steps, float(loss.detach()) / len(todo))
         if step >= steps:
             break
     return step
