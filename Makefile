@@ -36,6 +36,7 @@ test-fast: install
 bench: install
 	mkdir -p out
 	$(OLA) bench cache --json | tee out/bench-cache.json
+	$(OLA) bench codecs --json | tee out/bench-codecs.json
 	$(OLA) bench precompute --json | tee out/bench-precompute.json
 	$(OLA) bench loader --json | tee out/bench-loader.json
 	$(OLA) bench train --json | tee out/bench-train.json
