@@ -128,7 +128,8 @@ def test_s3_crash_between_any_two_writes_leaves_no_half_committed_shard(s3_optio
         s3_writes.armed = False
         assert_nothing_half_visible(cache)
         assert not TargetCache(cache.root.url, storage_options=s3_options).is_committed("depth", "s0"), names[k - 1]
-        assert_rerun_completes(cache)
+        if k in (1, total // 2, total):  # a rerun over the debris: first write, mid-data, commit.json (~1 s each)
+            assert_rerun_completes(cache)
 
 
 # -- local file system ------------------------------------------------------------------------------
