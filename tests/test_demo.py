@@ -52,12 +52,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     first_figures, fresh_figures = figures(result.output, out), figures(third.output, fresh)
     assert len(first_figures) > 50 and fresh_figures == first_figures
     rerun = json.loads((fresh / "summary.json").read_text())
-    # Unprinted digits: losses and probe scores agree to ~1e-7, not bit for bit (float reduction order).
+    # Unprinted digits: losses and probe scores agree to ~1e-7, not bit for bit (float reduction order);
+    # one probe score in 72 was once seen to differ by more than 1e-6 when other tests ran first in the
+    # same process, so the bound below is 1e-5, ten times under the printed precision.
     assert rows(rerun) == rows(summary)
     for name in ("ola", "baseline"):
         assert rerun["runs"][name]["losses"] == pytest.approx(summary["runs"][name]["losses"], rel=1e-5)
     assert [r["score"] for r in rerun["probe"]["rows"]] == pytest.approx([r["score"] for r in summary["probe"]["rows"]],
-                                                                          abs=1e-6)
+                                                                          abs=1e-5)
 
 
 def rows(summary: dict) -> list[tuple]:
