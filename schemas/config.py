@@ -282,7 +282,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
         data = yaml.safe_load(text) or {}
     elif path.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+            import tomli as tomllib
 
         data = tomllib.loads(text)
     elif path.suffix == ".json":
