@@ -10,8 +10,6 @@ from pathlib import Path
 
 import typer
 
-from olavlm.schemas.errors import ConfigError
-
 from .cache_cmds import STORAGE_OPTIONS_HELP, parse_storage_options
 from .errors import user_errors
 from .groups import Groups
@@ -51,10 +49,7 @@ def build_probe():
         with user_errors(), Progress(TextColumn("{task.description}"), BarColumn(),
                                      TextColumn("{task.completed}/{task.total}"),
                                      TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()) as bar:
-            try:
-                config = ProbeConfig(**overrides)
-            except ValueError as exc:  # ProbeConfig checks its values with plain ValueErrors
-                raise ConfigError(str(exc)) from None
+            config = ProbeConfig(**overrides)  # its checks raise ConfigError: one red line
             tasks: dict[str, int] = {}
 
             def progress(name: str, step: int, total: int, loss: float) -> None:

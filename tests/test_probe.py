@@ -129,3 +129,17 @@ def test_probe_reads_the_prompt_not_the_answer(probe_setup):
     with_prompt = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     without = model.tokenizer.apply_chat_template(messages, tokenize=False)
     assert text.endswith(with_prompt[len(without):])
+
+
+def test_probe_user_errors_are_one_red_line(probe_setup, demo_corpus, tmp_path):
+    """A bad option or a teacher the cache lacks: exit 2 and the message, never a traceback."""
+    from typer.testing import CliRunner
+
+    from olavlm.cli.app import app
+
+    _, cache, checkpoints = probe_setup
+    for extra, message in ((["--seeds", "0"], "seeds must be >= 1"), (["--teachers", "seg"], "no targets for teachers")):
+        result = CliRunner().invoke(app, ["probe", checkpoints[0], "--data", demo_corpus, "--cache", cache,
+                                          "--out", str(tmp_path / "p"), "--steps", "1", *extra])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output

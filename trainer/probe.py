@@ -47,6 +47,7 @@ from torch import nn
 
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.config import IMAGE_ASPECT_RATIOS, DataConfig
+from olavlm.schemas.errors import ConfigError
 
 from .checkpoint import model_dir
 from .collate import to_device
@@ -95,9 +96,9 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio {self.image_aspect_ratio!r}: one of {IMAGE_ASPECT_RATIOS}")
+            raise ConfigError(f"image_aspect_ratio {self.image_aspect_ratio!r}: one of {IMAGE_ASPECT_RATIOS}")
         if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
 
     @property
     def budget(self) -> dict:
@@ -145,11 +146,11 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
     teachers = config.teachers or tuple(specs)
     missing = [t for t in teachers if t not in specs]
     if missing:
-        raise ValueError(f"{cache}: no targets for teachers {missing} (has {sorted(specs)})")
+        raise ConfigError(f"{cache}: no targets for teachers {missing} (has {sorted(specs)})")
     layers = tuple(sorted(set(config.layers))) or tuple(range(1, model.num_layers + 1))
     bad = [layer for layer in layers if not 1 <= layer <= model.num_layers]
     if bad:
-        raise ValueError(f"layers {bad} outside the LLM's 1..{model.num_layers} (paper numbering)")
+        raise ConfigError(f"layers {bad} outside the LLM's 1..{model.num_layers} (paper numbering)")
     seeds = range(config.seed, config.seed + config.seeds)
     todo = [(t, layer, s) for t in teachers for layer in layers for s in seeds if (t, layer, s) not in done]
     if not todo:
@@ -188,7 +189,7 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
     train_probes(probes, todo, split(heldout=False), states_of, steps=config.steps, lr=config.lr, progress=progress)
     scores, count = score_probes(probes, todo, split(heldout=True), states_of)
     if count == 0:
-        raise ValueError(f"no held-out images in {data} ({config.heldout_percent}% of keys): use more data")
+        raise ConfigError(f"no held-out images in {data} ({config.heldout_percent}% of keys): use more data")
     distilled = {t: set(model.layers.get(t, ())) for t in teachers}
     return [{"checkpoint": name, "teacher": t, "layer": layer, "seed": s, "score": scores[(t, layer, s)],
              "heldout_images": count, "distilled": layer in distilled[t]} for t, layer, s in todo]
@@ -251,7 +252,7 @@ def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config
     rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
     names = list(names) if names else _names(checkpoints)
     if len(set(names)) != len(names):
-        raise ValueError(f"checkpoint names must differ: {names}")
+        raise ConfigError(f"checkpoint names must differ: {names}")
     # A kept score must come from the same weights, data and probe budget; layers, teachers and the
     # number of seeds may differ (a rerun adds rows). Anything else under the same name is recomputed.
     for path, name in zip(checkpoints, names):
