@@ -52,11 +52,6 @@ EXTRAS_FILE = "olavlm.safetensors"
 LLAVA_DIR = "llava"
 
 
-def target_shapes(targets: dict[str, TeacherSpec]) -> dict[str, tuple[int, int]]:
-    """{task: TeacherSpec} -> {task: (T, D)}."""
-    return {task: (int(spec.shape[0]), int(spec.shape[1])) for task, spec in targets.items()}
-
-
 def resolve_layers(config: ModelConfig, num_layers: int) -> dict[str, tuple[int, ...]]:
     """Distilled layers per task (paper numbering, 1..num_layers): the config's, else the paper's scaled."""
     default = scaled_layers(num_layers)
