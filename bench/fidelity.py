@@ -84,12 +84,9 @@ def _train(corpus: Path, cache: Path, out: Path, *, distill: bool, seed: int, co
     from olavlm.trainer import checkpoint
     from olavlm.trainer.train import train
 
-    try:
-        found = checkpoint.find(out)
-        if json.loads((found / checkpoint.TRAINER).read_text())["step"] >= config.steps:
-            return str(found)
-    except FileNotFoundError:
-        pass
+    resume, done = checkpoint.latest_and_done(out, config.steps)
+    if done:
+        return resume
     run = RunConfig(
         model=ModelConfig(preset="tiny"),
         # Both arms read the cache, so both have the task tokens in the sequence and see identical batches:
@@ -97,7 +94,8 @@ def _train(corpus: Path, cache: Path, out: Path, *, distill: bool, seed: int, co
         # probe 24 fewer tokens to read, which moves its score by itself).
         data=DataConfig(data=str(corpus), cache=str(cache), batch_size=config.batch_size, num_workers=1, seed=seed),
         train=TrainConfig(stage="pt", distill=distill, steps=config.steps, lr=config.lr, out=str(out),
-                          save_every=config.steps, log_every=max(1, config.steps // 10), seed=seed),
+                          save_every=max(1, config.steps // 3), log_every=max(1, config.steps // 10), seed=seed,
+                          resume=resume),  # an interrupted run goes on from its latest checkpoint
     )
     return train(run)["checkpoint"]
 

@@ -38,14 +38,9 @@ def _train_once(corpus: str, cache: str, out: Path, *, distill: bool, steps: int
     from olavlm.trainer import checkpoint
     from olavlm.trainer.train import train
 
-    resume = ""
-    try:
-        found = checkpoint.find(out)
-        if json.loads((found / checkpoint.TRAINER).read_text())["step"] >= steps:
-            return {"checkpoint": str(found), "losses": _last_losses(out), "resumed": "done"}
-        resume = str(found)
-    except FileNotFoundError:
-        pass
+    resume, done = checkpoint.latest_and_done(out, steps)
+    if done:
+        return {"checkpoint": resume, "losses": _last_losses(out), "resumed": "done"}
     config = RunConfig(
         model=ModelConfig(preset="tiny"),
         # Both runs read the cache: the baseline is the same student (task tokens included) with the

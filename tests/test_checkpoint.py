@@ -45,3 +45,17 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     assert first == second and (second / checkpoint.MODEL / "marker.txt").read_text() == "new"
     leftovers = [p.name for p in (tmp_path / checkpoint.CHECKPOINTS).iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no staging or set-aside folder left behind
+
+
+def test_latest_and_done(tmp_path):
+    """What the demo and `ola bench fidelity` ask of a run folder: its latest checkpoint and whether it is finished."""
+    import json
+
+    from olavlm.trainer import checkpoint
+
+    assert checkpoint.latest_and_done(tmp_path / "none", 10) == ("", False)
+    step = tmp_path / "run" / checkpoint.CHECKPOINTS / checkpoint.step_name(4)
+    step.mkdir(parents=True)
+    (step / checkpoint.TRAINER).write_text(json.dumps({"step": 4}))
+    assert checkpoint.latest_and_done(tmp_path / "run", 10) == (str(step), False)
+    assert checkpoint.latest_and_done(tmp_path / "run", 4) == (str(step), True)

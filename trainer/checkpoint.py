@@ -57,6 +57,16 @@ def find(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint here (expected {TRAINER}, or {CHECKPOINTS}/{LATEST})")
 
 
+def latest_and_done(out: str | Path, steps: int) -> tuple[str, bool]:
+    """A run folder's latest checkpoint ('' if none) and whether it reached `steps`: what a driver that
+    trains, resumes or skips a run needs (the demo, `ola bench fidelity`)."""
+    try:
+        found = find(out)
+    except FileNotFoundError:
+        return "", False
+    return str(found), json.loads((found / TRAINER).read_text())["step"] >= steps
+
+
 def model_dir(path: str | Path) -> Path:
     """An OlaVlm model folder as given, or a checkpoint / run folder -> its (latest) model folder.
 
