@@ -245,6 +245,18 @@ class Loader:
             yield item, state
 
 
+def rank_state(saved: list[dict], rank: int, world: int) -> dict | None:
+    """This rank's loader state from the states every rank of the saved run wrote (one per rank).
+
+    The interface a resume uses (train.py); the policy for a run saved at another world size lives
+    here, beside the state format it depends on. Today: the same world size only.
+    """
+    if len(saved) != world:
+        raise ConfigError(f"the checkpoint was written by {len(saved)} ranks, this run has {world}: "
+                          "an exact resume needs the same world size")
+    return saved[rank]
+
+
 def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transform: ImageTransform,
                  tasks=(), rank: int = 0, world: int = 1, state: dict | LoaderState | None = None,
                  pin_memory: bool = False, storage_options: dict | None = None) -> Loader:

@@ -53,7 +53,7 @@ from olavlm.schemas.errors import ConfigError, OlaError
 from . import checkpoint
 from .collate import to_device
 from .images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
-from .loader import build_loader
+from .loader import build_loader, rank_state
 from .losses import Normalisers
 from .parallel import Dist, full_states, gather, init_distributed, sync_ignored, wrap
 from .presets import TINY_MARKER
@@ -133,13 +133,13 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     resumed = checkpoint.load(run.resume)
-    states = resumed["trainer"]["loader"]
-    if len(states) != d.world:
-        raise ConfigError(f"{resumed['path']} was written by {len(states)} ranks, this run has {d.world}: "
-                         "an exact resume needs the same world size")
+    try:
+        loader_state = rank_state(resumed["trainer"]["loader"], d.rank, d.world)
+    except ConfigError as exc:
+        raise ConfigError(f"{resumed['path']}: {exc}") from None
     set_optimizer_state_dict(wrapped, optimizer, resumed["optimizer"], options=StateDictOptions(full_state_dict=True))
     checkpoint.set_rng_state(resumed["trainer"]["rng"][d.rank])
-    return resumed["step"], states[d.rank]
+    return resumed["step"], loader_state
 
 
 class Metrics:
