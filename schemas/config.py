@@ -150,7 +150,11 @@ class TrainConfig:
     fsdp: bool = False
     """FSDP2 (fully_shard) instead of DDP, for full fine-tuning of large LLMs."""
     tensorboard: bool = False
-    """Also write TensorBoard event files."""
+    """Also write TensorBoard event files to OUT/tensorboard (needs `pip install 'olavlm[tensorboard]'`)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install 'olavlm[wandb]'`; WANDB_MODE=offline is honoured)."""
+    wandb_project: str = "olavlm"
+    """The wandb project the run logs to (with `wandb`); the run is named after OUT."""
 
 
 @dataclass(frozen=True, kw_only=True)

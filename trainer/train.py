@@ -55,13 +55,13 @@ from .collate import to_device
 from .images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
 from .loader import build_loader, rank_state
 from .losses import Normalisers
+from .metrics import METRICS, Metrics
 from .parallel import Dist, full_states, gather, init_distributed, sync_ignored, wrap
 from .presets import TINY_MARKER
 from .run import Run, resolve_run
 from .stages import apply_stage
 
 log = logging.getLogger(__name__)
-METRICS = "metrics.jsonl"
 
 
 class NonFiniteLossError(OlaError, FloatingPointError):
@@ -142,55 +142,6 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
     return resumed["step"], loader_state
 
 
-class Metrics:
-    """metrics.jsonl (+ TensorBoard, + a progress bar) on rank 0; nothing on the other ranks."""
-
-    def __init__(self, run: Run, d: Dist, step: int) -> None:
-        tcfg = run.config.train
-        self.main, self.every, self.total = d.main, tcfg.log_every, tcfg.steps
-        self.file = self.tensorboard = self.bar = None
-        if not d.main:
-            return
-        out = Path(tcfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(run.config), indent=2, sort_keys=True))
-        self.file = open(out / METRICS, "a")
-        if tcfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ConfigError("--tensorboard needs the `tensorboard` package (pip install tensorboard)") from exc
-            self.tensorboard = SummaryWriter(str(out / "tensorboard"))
-        self.stage = tcfg.stage
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {tcfg.stage}", unit="step",
-                            dynamic_ncols=True)
-
-    def log(self, record: dict, terms: list[str]) -> None:
-        if not self.main:
-            return
-        step = record["step"]
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
-        if step % self.every == 0 or step == self.total:
-            if self.bar is None:  # not a terminal: plain lines
-                print(f"train {self.stage}: step {step}/{self.total} loss {record['loss']:.4f} "
-                      f"lr {record['lr']:.3g} samples/s {record['samples_per_s']:.1f}", file=sys.stderr, flush=True)
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.tensorboard is not None:
-                for name in terms + ["lr", "samples_per_s", "tokens_per_s"]:
-                    self.tensorboard.add_scalar(f"train/{name}", record[name], step)
-
-    def close(self) -> None:
-        for handle in (self.bar, self.file, self.tensorboard):
-            if handle is not None:
-                handle.close()
-
-
 def _normalisers(model, micro_batches: list[dict], d: Dist) -> Normalisers:
     """The step's global label-token and image counts (all micro-batches, all ranks): one all-reduce."""
     counts = [model.count_items(batch) for batch in micro_batches]  # CPU batches: no device sync
@@ -263,7 +214,7 @@ def train(config: RunConfig, *, given=None) -> dict:
     loader = build_loader(run.config.data, tokenizer=model.tokenizer, layout=model.layout,
                           transform=ImageTransform.from_processor(model.image_processor), tasks=tuple(run.targets),
                           rank=d.rank, world=d.world, state=loader_state, pin_memory=d.device.type == "cuda")
-    metrics = Metrics(run, d, step)
+    metrics = Metrics(run.config, main=d.main, step=step)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tcfg.bf16 and d.device.type == "cuda"
                 else contextlib.nullcontext())
     last_checkpoint, record = run.resume, {}
