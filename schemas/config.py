@@ -141,6 +141,8 @@ class TrainConfig:
     """Output folder: checkpoints and metrics.jsonl."""
     save_every: int = 500
     """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 0
+    """Keep only the newest N checkpoints (0 = keep all); the one LATEST names is never removed."""
     log_every: int = 10
     """Metrics line every N steps."""
     seed: int = 0

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from olavlm.schemas.errors import ConfigError
 from olavlm.trainer import checkpoint
 
 
@@ -59,3 +60,42 @@ def test_latest_and_done(tmp_path):
     (step / checkpoint.TRAINER).write_text(json.dumps({"step": 4}))
     assert checkpoint.latest_and_done(tmp_path / "run", 10) == (str(step), False)
     assert checkpoint.latest_and_done(tmp_path / "run", 4) == (str(step), True)
+
+
+def _save_empty(out, step: int, keep_last: int):
+    def save_model(path):
+        path.mkdir(parents=True)
+
+    return checkpoint.save(out, step, save_model=save_model, optimizer_full={"state": {}, "param_groups": []},
+                           loader_states=[{}], rng_states=[{}], config={}, fingerprints={}, keep_last=keep_last)
+
+
+def test_keep_last_removes_only_older_complete_step_folders(tmp_path):
+    base = tmp_path / checkpoint.CHECKPOINTS
+    for step in (1, 2, 3):
+        _save_empty(tmp_path, step, keep_last=0)
+    assert sorted(p.name for p in base.glob("step-*")) == [checkpoint.step_name(s) for s in (1, 2, 3)]
+    # things prune must leave alone: a staging folder, a half-written step, a foreign folder, a file
+    staging = base / ".step-00000009.tmp-abc"
+    staging.mkdir()
+    half = base / checkpoint.step_name(0)
+    (half / checkpoint.MODEL).mkdir(parents=True)  # no trainer.json: being written (or a crashed writer's)
+    (base / "notes").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    _save_empty(tmp_path, 4, keep_last=2)
+    assert sorted(p.name for p in base.glob("step-*")) == [checkpoint.step_name(s) for s in (0, 3, 4)]
+    assert staging.is_dir() and (base / "notes").is_dir() and (tmp_path / "metrics.jsonl").exists()
+    assert not [p for p in base.iterdir() if ".removing-" in p.name]
+    assert checkpoint.find(tmp_path).name == checkpoint.step_name(4)
+
+
+def test_keep_last_never_removes_latest_nor_newer_folders(tmp_path):
+    """A run restarted from an earlier step: LATEST names an older folder than one already on disk."""
+    base = tmp_path / checkpoint.CHECKPOINTS
+    for step in (1, 2, 7):
+        _save_empty(tmp_path, step, keep_last=0)
+    _save_empty(tmp_path, 3, keep_last=1)
+    assert (base / checkpoint.LATEST).read_text() == checkpoint.step_name(3)
+    assert sorted(p.name for p in base.glob("step-*")) == [checkpoint.step_name(s) for s in (3, 7)]
+    with pytest.raises(ConfigError, match="keep_last"):
+        checkpoint.prune(tmp_path, -1)

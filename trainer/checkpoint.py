@@ -8,6 +8,10 @@
         config.json               the effective RunConfig (what `--config` would need to reproduce it)
     OUT/checkpoints/LATEST        name of the newest complete checkpoint
 
+`train.keep_last` N > 0: once LATEST names a new checkpoint, the complete `step-*`
+folders older than the newest N are removed (never the one LATEST names, nor a
+staging or newer folder, nor anything outside OUT/checkpoints).
+
 The folder is written under a temporary name and renamed into place, and LATEST
 is replaced after it, so a crash at any moment leaves the previous checkpoint
 intact and findable. Optimizer state is taken as a full (unsharded, CPU) state
@@ -21,6 +25,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +40,7 @@ MODEL = "model"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
 CONFIG = "config.json"
+STEP_NAME = re.compile(r"step-(\d{8,})")
 
 
 def step_name(step: int) -> str:
@@ -120,10 +127,11 @@ def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dic
 
 # -- save / load ----------------------------------------------------------------------------------
 def save(out: str | Path, step: int, *, save_model, optimizer_full: dict, loader_states: list[dict],
-         rng_states: list[dict], config: dict, fingerprints: dict[str, str]) -> Path:
+         rng_states: list[dict], config: dict, fingerprints: dict[str, str], keep_last: int = 0) -> Path:
     """Write checkpoint `step` under OUT/checkpoints atomically (call on rank 0 only).
 
     `save_model(path)` writes the model folder (OlaVlm.save_pretrained or an equivalent).
+    `keep_last` > 0: once LATEST names the new checkpoint, `prune` the older ones.
     """
     from safetensors.torch import save_file
 
@@ -145,7 +153,42 @@ def save(out: str | Path, step: int, *, save_model, optimizer_full: dict, loader
     latest_tmp = base / f".{LATEST}.tmp-{os.getpid()}"
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, base / LATEST)
+    if keep_last:
+        prune(out, keep_last)
     return final
+
+
+def prune(out: str | Path, keep_last: int) -> list[Path]:
+    """Remove the `step-*` folders of OUT/checkpoints older than its newest `keep_last`; returns those removed.
+
+    Only complete checkpoints named exactly `step-<8 digits>` directly under OUT/checkpoints are
+    candidates, and only those older than the one LATEST names, which is never removed: staging
+    folders (`.step-*.tmp-*`), a folder being written and anything newer than LATEST stay. A folder
+    is renamed aside first and then deleted, so a crash mid-delete leaves no half checkpoint that
+    `find` could pick.
+    """
+    from olavlm.schemas.errors import ConfigError
+
+    if keep_last < 0:
+        raise ConfigError(f"train.keep_last: {keep_last} (must be >= 0; 0 keeps every checkpoint)")
+    base = Path(out) / CHECKPOINTS
+    if keep_last == 0 or not (base / LATEST).exists():
+        return []
+    latest = (base / LATEST).read_text().strip()
+    if not STEP_NAME.fullmatch(latest):
+        return []
+    latest_step = int(STEP_NAME.fullmatch(latest).group(1))
+    steps = sorted((int(m.group(1)), p) for p in base.iterdir() if (m := STEP_NAME.fullmatch(p.name))
+                   and p.is_dir() and not p.is_symlink() and (p / TRAINER).exists() and int(m.group(1)) <= latest_step)
+    removed = []
+    for _, old in steps[:-keep_last]:
+        if old.name == latest:
+            continue
+        aside = base / f".{old.name}.removing-{os.getpid()}"
+        os.replace(old, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 def load(path: str | Path) -> dict:

@@ -279,7 +279,8 @@ def _save(run: Run, model, wrapped, optimizer, loader_state: dict, step: int, d:
                 copy.save_pretrained(path)
         path = str(checkpoint.save(run.config.train.out, step, save_model=save_model, optimizer_full=optim,
                                    loader_states=loader_states, rng_states=rng_states,
-                                   config=to_dict(run.config), fingerprints=run.fingerprints))
+                                   config=to_dict(run.config), fingerprints=run.fingerprints,
+                                   keep_last=run.config.train.keep_last))
     if dist.is_initialized():
         dist.barrier()
     return path
