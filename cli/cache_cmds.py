@@ -7,8 +7,6 @@ buckets with different endpoints need the environment (AWS_* variables, ~/.aws) 
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import sys
 from pathlib import Path
@@ -17,7 +15,6 @@ import typer
 
 from .errors import user_errors
 from .groups import Groups
-
 
 STORAGE_OPTIONS_HELP = ('fsspec options as a JSON object, for the cache and corpus URLs, e.g. '
                         '\'{"endpoint_url": "http://127.0.0.1:9000"}\' (default: the environment\'s).')
@@ -135,29 +132,9 @@ def show(
     from olavlm.pipeline.show import render_sample
 
     with user_errors():
-        options = parse_storage_options(storage_options)
-        # render_sample opens its URLs itself: the options become fsspec's per-protocol defaults meanwhile
-        with _fsspec_defaults(options or {}, cache, *([corpus] if corpus else [])):
-            result = render_sample(cache, key, str(out), corpus=corpus)
+        result = render_sample(cache, key, str(out), corpus=corpus,
+                               storage_options=parse_storage_options(storage_options))
     typer.echo(f"wrote {result['out']} ({', '.join(f'{k}: {v}' for k, v in result['panels'].items())})")
-
-
-@contextlib.contextmanager
-def _fsspec_defaults(options: dict, *urls: str):
-    """`options` as fsspec's defaults (fsspec.config.conf) for the protocols of `urls`, restored after."""
-    import fsspec.config
-    from fsspec.core import split_protocol
-
-    saved = copy.deepcopy(fsspec.config.conf)
-    try:
-        for url in urls:
-            protocol = split_protocol(url)[0]
-            if options and protocol and protocol not in ("file", "local"):
-                fsspec.config.conf.setdefault(protocol, {}).update(options)
-        yield
-    finally:
-        fsspec.config.conf.clear()
-        fsspec.config.conf.update(saved)
 
 
 def register(groups: Groups) -> None:

@@ -1,7 +1,9 @@
 """The plan of a precompute job (`ola precompute --dry-run`): what is done, what is left, what it costs.
 
 `make_plan` compares the teachers' specs with the cache: per teacher, the shards committed under the
-same spec and those to do; sample counts come from the tars' headers only. The driver makes the same
+same spec and those to do; sample counts come from the tars' headers only (a `pipe:` shard has no
+headers to seek between, so its command runs and its whole stream is read once, data dropped: the dry
+run costs one pass over piped shards). The driver makes the same
 plan (without counting remote tars) to pick its shards, so a dry run shows what a run would do.
 Cost: `plan_precompute` loads every teacher once on this machine's CPU, because the spec (and its
 weights hash, printed per teacher with the revision) exists only where the weights are loaded.
@@ -19,7 +21,7 @@ import numpy as np
 
 from olavlm.schemas import quant
 from olavlm.schemas.cache import TargetCache
-from olavlm.schemas.corpus import CorpusShard, list_shards, split_member_name
+from olavlm.schemas.corpus import CorpusShard, list_shards, open_shard, split_member_name
 from olavlm.schemas.spec import TeacherSpec
 
 from .config import PrecomputeConfig
@@ -68,12 +70,12 @@ class Plan:
 
 
 def count_samples(shard: CorpusShard, storage_options: dict | None = None) -> int:
-    """Samples in a tar from its headers only (local files seek past the data)."""
-    import fsspec
-
+    """Samples in a tar from its headers (local files seek past the data; `pipe:` streams read through it).
+    A shard that cannot be read counts what was read before the failure (0 if nothing): the dry run
+    reports, the run itself raises."""
     keys, previous = 0, None
     with contextlib.suppress(tarfile.TarError, EOFError, OSError):
-        with fsspec.open(shard.url, "rb", **(storage_options or {})) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        with open_shard(shard.url, storage_options) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for member in tar:
                 key, ext = split_member_name(member.name)
                 if not member.isfile() or not ext or key.startswith("__"):

@@ -4,6 +4,8 @@ Token grids (depth, seg: T = side x side) are mapped to RGB by their first
 three principal components, so regions the teacher considers alike share a
 colour; a single-token target (gen) is drawn as a bar strip of its values.
 Cost: PCA per image hides absolute scale; the panel title gives norm and dtype.
+Cache and corpus URLs are opened with the caller's `storage_options` (fsspec keyword
+arguments, as every other cache reader takes them), never with process-wide defaults.
 """
 
 from __future__ import annotations
@@ -32,24 +34,27 @@ def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     return rgb.reshape(side, side, 3)
 
 
-def find_image(corpus: str, key: str, shard: str | None = None) -> bytes:
-    for candidate in list_shards(corpus):
+def find_image(corpus: str, key: str, shard: str | None = None, storage_options: dict | None = None) -> bytes:
+    """The image bytes of `key` (in `shard` if given); CorpusError if no sample of the corpus has them."""
+    for candidate in list_shards(corpus, storage_options):
         if shard is not None and candidate.name != shard:
             continue
-        for sample in iter_samples(candidate.url):
+        for sample in iter_samples(candidate.url, storage_options):
             if sample.key == key and getattr(sample, "image_bytes", None) is not None:
                 return sample.image_bytes
     raise CorpusError(f"key {key!r} not found in corpus {corpus}" + (f" shard {shard}" if shard else ""))
 
 
-def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None, dpi: int = 100) -> dict:
-    """Write a PNG of `key`'s image (if `corpus` is given) and targets; returns what was drawn."""
+def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None, dpi: int = 100,
+                  storage_options: dict | None = None) -> dict:
+    """Write a PNG of `key`'s image (if `corpus` is given) and targets; returns what was drawn.
+    `storage_options` (fsspec) open both the cache and the corpus; `out` is a local file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cache = TargetCache(cache_root)
+    cache = TargetCache(cache_root, storage_options)
     specs = cache.specs()
     if not specs:
         raise CacheError(f"{cache_root}: the cache has no teachers")
@@ -64,7 +69,7 @@ def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4), dpi=dpi, squeeze=False)
     axes = list(axes[0])
     if corpus:
-        image = decode_image(find_image(corpus, key, shard))
+        image = decode_image(find_image(corpus, key, shard, storage_options))
         axes[0].imshow(np.asarray(image))
         axes[0].set_title(f"{key}\n{image.width}x{image.height}", fontsize=8)
         axes.pop(0)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fsspec
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from olavlm.cli.app import app
-from olavlm.pipeline.show import pca_rgb
+from olavlm.pipeline.show import pca_rgb, render_sample
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.corpus import iter_samples, list_shards
 
@@ -36,3 +38,21 @@ def test_show_writes_png(tmp_path, demo_corpus):
     assert image.format == "PNG" and image.width > image.height > 100
     missing = CliRunner().invoke(app, ["cache", "show", str(cache.root.path), "nope", "--out", str(out)])
     assert missing.exit_code == 2 and "nope" in missing.output
+
+
+@pytest.mark.timeout(120)
+def test_render_sample_reads_cache_and_corpus_with_storage_options(tmp_path, demo_corpus, s3_options):
+    """On the local S3 server, whose endpoint and keys exist only in the options (not in fsspec's defaults)."""
+    shards = {s.name: [x.key for x in iter_samples(s.url)] for s in list_shards(demo_corpus)}
+    cache = TargetCache(tmp_path / "cache")
+    write_random_teacher(cache, "depth", shards, shape=(64, 16))
+    fs = fsspec.filesystem("s3", **s3_options)
+    fs.put(str(tmp_path / "cache"), "olavlm/show/cache", recursive=True)
+    fs.put(demo_corpus, "olavlm/show/corpus", recursive=True)
+    out = tmp_path / "s3.png"
+    result = render_sample("s3://olavlm/show/cache", "demo-000009", str(out), corpus="s3://olavlm/show/corpus",
+                           storage_options=s3_options)
+    assert result["panels"] == {"depth": "pca-grid"} and result["shard"] in shards
+    image = Image.open(out)
+    assert image.format == "PNG" and image.width > image.height  # image + target side by side
+    assert "s3" not in fsspec.config.conf
