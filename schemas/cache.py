@@ -10,6 +10,7 @@ Layout (documented for outside readers in schemas/README.md):
     CACHE/<teacher>/<shard>/errors.parquet        key, shard, teacher, stage, reason
     CACHE/<teacher>/<shard>/commit.json           written last; a shard without it does not exist
     CACHE/<teacher>/.staging/                     local roots: shards being written
+    CACHE/<teacher>/.keyindex/<state>/            local roots: the key index (keyindex.py), derived, rebuildable
 
 Design choices and their cost:
 - The corpus shard is the unit of work, ownership, commit and resume: one writer
@@ -29,6 +30,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +41,9 @@ from .errors import OlaError
 from .manifest import ERROR_SCHEMA, ERROR_STAGES, MANIFEST_SCHEMA
 from .spec import TeacherSpec
 from .storage import Root, check_safe_name, staging_name
+
+if TYPE_CHECKING:
+    from .keyindex import KeyIndex
 
 FORMAT_NAME = "olavlm-target-cache"
 FORMAT_VERSION = 2
@@ -118,7 +123,7 @@ class TargetCache:
 
     def __init__(self, root: str | os.PathLike[str], storage_options: dict | None = None):
         self.root = Root(root, storage_options)
-        self._indexes: dict[str, dict[str, tuple[str, int, str]]] = {}  # per teacher; dropped on every write
+        self._indexes: dict[str, KeyIndex] = {}  # per teacher; dropped on every write
 
     # -- metadata ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -335,12 +340,16 @@ class TargetCache:
         with self.root.fs.open(self.root.join(teacher, shard, name), "rb") as f:
             return pq.read_table(f, columns=columns)
 
-    def index(self, teacher: str) -> dict[str, tuple[str, int, str]]:
-        """key -> (shard, row, sha256) for one teacher, built once per instance. Memory: ~150 B per key."""
+    def index(self, teacher: str, shards: Sequence[str] | None = None, *, build: bool = True) -> KeyIndex:
+        """key -> (shard, row, sha256) of one teacher: `.get(key)` on the on-disk key index (keyindex.py).
+
+        Opened once per instance for the committed state seen then (`shards`, listed if None); built
+        if that state has no index yet and `build`. Memory: the pages lookups touch, not the keys.
+        """
         if teacher not in self._indexes:
-            table = self.manifest(teacher)
-            cols = [table.column(c).to_pylist() for c in ("key", "shard", "row", "sha256")]
-            self._indexes[teacher] = {k: (s, r, h) for k, s, r, h in zip(*cols)}
+            from .keyindex import open_index  # keyindex imports this module (CacheError)
+
+            self._indexes[teacher] = open_index(self, teacher, shards, build=build)
         return self._indexes[teacher]
 
     def get(self, teacher: str, key: str) -> np.ndarray:

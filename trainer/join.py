@@ -5,10 +5,15 @@ Two read paths, chosen per (teacher, training shard):
   (the trainer reads the corpus the cache was computed over). The key -> row map
   comes from that one shard's manifest; rows are read from the shard opened
   once, in near-sequential order (the source shuffles inside blocks only).
-- keyed: any other layout. One global key -> (shard, row, sha256) index per
-  teacher, built from all manifests on first use (~150 B per key); then one
-  inner-chunk read per sample. A key absent from its aligned shard is also
-  looked up here before it counts as missing.
+- keyed: any other layout. The teacher's on-disk key index (schemas/keyindex.py:
+  sorted key hashes, memory-mapped, two binary searches per lookup), opened on
+  first use for the committed shards seen when the join was built, and built
+  then if the cache has none for that state (`ola cache index` or the end of
+  `ola precompute` build it ahead; workers that race to build it waste time,
+  never corrupt it). Resident memory: the index pages lookups touch, shared
+  between workers through the page cache, instead of a ~150 B-per-key dict in
+  every worker. Then one inner-chunk read per sample. A key absent from its
+  aligned shard is also looked up here before it counts as missing.
 
 Checks, each failing with the key and the shard in the message:
 - the cache's teacher fingerprints equal what the run expects
@@ -33,6 +38,7 @@ import torch
 from olavlm.schemas import quant
 from olavlm.schemas.cache import CacheError, ShardReader, TargetCache
 from olavlm.schemas.errors import DataError
+from olavlm.schemas.keyindex import KeyIndex
 
 __all__ = ["BATCH_DTYPES", "DataError", "TargetJoin"]  # DataError lives in schemas/errors.py
 
@@ -61,7 +67,7 @@ class TargetJoin:
         """What the run trained on; recorded in the checkpoint's config."""
         self._committed = {t: set(self.cache.committed_shards(t)) for t in self.tasks}
         self._aligned: dict[tuple[str, str], dict[str, tuple[int, str]]] = {}
-        self._keyed: dict[str, dict[str, tuple[str, int, str]]] = {}
+        self._keyed: dict[str, KeyIndex] = {}
         self._readers: dict[tuple[str, str], ShardReader] = {}
 
     def shapes(self) -> dict[str, tuple[int, int]]:
@@ -83,7 +89,7 @@ class TargetJoin:
             row, sha = aligned[key]
             return shard, row, sha
         if task not in self._keyed:
-            self._keyed[task] = self.cache.index(task)
+            self._keyed[task] = self.cache.index(task, sorted(self._committed[task]))
         return self._keyed[task].get(key)
 
     def _reader(self, task: str, shard: str) -> ShardReader:
