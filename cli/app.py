@@ -14,6 +14,7 @@ from . import (
     bench_cmds,
     bench_fidelity_cmd,
     bench_gpu_cmd,
+    bench_join_cmd,
     cache_cmds,
     corpus_cmds,
     demo_cmd,
@@ -42,7 +43,7 @@ app.add_typer(groups.corpus, name="corpus")
 app.add_typer(groups.cache, name="cache")
 app.add_typer(groups.bench, name="bench")
 for module in (corpus_cmds, cache_cmds, precompute_cmd, train_cmds, probe_cmd, model_cmds, demo_cmd, eval_cmd, bench_cmds,
-               bench_gpu_cmd, bench_fidelity_cmd):
+               bench_gpu_cmd, bench_fidelity_cmd, bench_join_cmd):
     module.register(groups)
 
 

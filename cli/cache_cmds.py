@@ -1,4 +1,4 @@
-"""`ola cache stats|verify|show`, and the `--storage-options` option that every command reading a cache takes.
+"""`ola cache stats|verify|show|index`, and the `--storage-options` option that every command reading a cache takes.
 
 `--storage-options` is one JSON object of fsspec options (endpoint, credentials profile, ...)
 for the cache URL and, where given, the corpus URL. Cost: one set of options for both; two
@@ -137,7 +137,39 @@ def show(
     typer.echo(f"wrote {result['out']} ({', '.join(f'{k}: {v}' for k, v in result['panels'].items())})")
 
 
+def index(
+    cache: str = typer.Argument(..., help="Cache root: folder or fsspec URL."),
+    teacher: list[str] = typer.Option(None, "--teacher", help="Only this teacher (repeatable; default: all)."),
+    memory_budget_mb: int = typer.Option(256, "--memory-budget-mb", min=1,
+                                         help="Records sorted at once while building (bounds the build's memory)."),
+    storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
+) -> None:
+    """Build the key index of each teacher (what the trainer's keyed join reads).
+
+    Sorted key hashes -> (shard, row, sha256), memory-mapped by readers (schemas/keyindex.py). Kept
+    in the cache for local caches, in $OLAVLM_INDEX_DIR (default ~/.cache/olavlm/keyindex) for
+    object-store ones. An index that is current is left as it is; one of an older state is replaced."""
+    import time
+
+    from olavlm.schemas.cache import CacheError, TargetCache
+    from olavlm.schemas.keyindex import open_index
+
+    with user_errors():
+        root = TargetCache(cache, parse_storage_options(storage_options))
+        teachers = list(root.metadata()["teachers"])
+        unknown = sorted(set(teacher or ()) - set(teachers))
+        if unknown:
+            raise CacheError(f"{root.root.url}: no teacher(s) {unknown} (cache has {sorted(teachers)})")
+        for name in teacher or teachers:
+            start = time.perf_counter()
+            shards = root.committed_shards(name)
+            built = open_index(root, name, shards, memory_budget=memory_budget_mb * 2**20)
+            typer.echo(f"{name}: {len(built):,} keys, {len(shards)} shards -> {built.folder} "
+                       f"({time.perf_counter() - start:.1f} s)")
+
+
 def register(groups: Groups) -> None:
     groups.cache.command("stats")(stats)
     groups.cache.command("verify")(verify)
     groups.cache.command("show")(show)
+    groups.cache.command("index")(index)

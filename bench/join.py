@@ -1,0 +1,148 @@
+"""`ola bench join`: the keyed join's key -> (shard, row, sha256) map, old dict against the on-disk index.
+
+Builds a temporary cache of N synthetic keys in S shards (real `write_shard` commits, targets
+of shape 1x1 so that only the manifests weigh), then runs each method in a fresh Python
+subprocess, the way a DataLoader worker meets it:
+- dict: the map the join used before (every manifest concatenated, one Python dict), built in
+  the process, then the lookups;
+- keyindex: `build_index` in one subprocess (what `ola cache index` / `ola precompute` do once),
+  then `open_index` + the lookups in another (what every worker does).
+Figures per method: build and open seconds, lookups/s for random keys and for keys in shard
+order (every (N/L)-th key, as a keyed run over a corpus in cache order meets them), and memory
+from /proc/self/status of the subprocess: peak RSS (VmHWM: includes the memory-mapped index
+pages the lookups touched, which are page cache shared by every worker and evictable), and
+the private anonymous memory the map added over the interpreter with its imports (RssAnon
+after the lookups minus before the build: what each worker pays on its own). The index files
+are warm in the page cache (just built): a cold first lookup costs page reads on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+TEACHER = "bench"
+CHILD_TIMEOUT_S = 3600
+
+
+def key_of(i: int) -> str:
+    return f"sample-{i:010d}"
+
+
+def make_cache(root: str, keys: int, shards: int, seed: int = 0) -> None:
+    """A committed cache of `keys` keys in `shards` contiguous shards, targets 1x1 float16."""
+    from olavlm.schemas.cache import TargetCache
+    from olavlm.schemas.spec import TeacherSpec
+
+    cache = TargetCache(root)
+    cache.register(TeacherSpec(name=TEACHER, kind="synthetic", model="synthetic", shape=(1, 1), dtype="float16"))
+    rng = np.random.default_rng(seed)
+    bounds = np.linspace(0, keys, shards + 1).astype(int)
+    for s in range(shards):
+        n = int(bounds[s + 1] - bounds[s])
+        blob = rng.bytes(32 * n).hex()
+        shas = [blob[64 * i: 64 * (i + 1)] for i in range(n)]
+        cache.write_shard(TEACHER, f"shard-{s:06d}", [key_of(i) for i in range(bounds[s], bounds[s + 1])], shas,
+                          np.zeros((n, 1, 1), np.float16))
+
+
+def _memory() -> dict[str, float]:
+    """MB figures of this process from /proc/self/status (Linux)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                fields[name] = int(value.split()[0]) / 1024
+    return fields
+
+
+def _lookup_keys(keys: int, lookups: int, seed: int) -> dict[str, list[str]]:
+    rng = np.random.default_rng(seed + 1)
+    return {"random": [key_of(int(i)) for i in rng.integers(0, keys, lookups)],
+            "shard_order": [key_of(int(i)) for i in np.linspace(0, keys - 1, lookups).astype(int)]}
+
+
+def _child(method: str, root: str, keys: int, lookups: int, seed: int) -> dict:
+    """One measurement in this (fresh) process; `method`: dict, keyindex-build or keyindex-lookup."""
+    from olavlm.schemas.cache import TargetCache
+    from olavlm.schemas.keyindex import build_index, open_index
+
+    cache = TargetCache(root)
+    wanted = _lookup_keys(keys, lookups, seed) if method != "keyindex-build" else {}
+    before = _memory()
+    start = time.perf_counter()
+    if method == "dict":
+        table = cache.manifest(TEACHER)
+        cols = [table.column(c).to_pylist() for c in ("key", "shard", "row", "sha256")]
+        index = {k: (s, r, h) for k, s, r, h in zip(*cols)}
+        del table, cols
+    elif method == "keyindex-build":
+        index = build_index(cache, TEACHER)
+    else:
+        index = open_index(cache, TEACHER, build=False)
+    out = {"seconds": time.perf_counter() - start, "rows": len(index)}
+    hits = 0
+    for kind, batch in wanted.items():
+        start = time.perf_counter()
+        found = [index.get(k) for k in batch]
+        out[f"{kind}_lookups_per_s"] = len(batch) / (time.perf_counter() - start)
+        hits += sum(f is not None for f in found)
+    after = _memory()
+    out.update(hits=hits, lookups=sum(map(len, wanted.values())), peak_rss_mb=after["VmHWM"],
+               anon_added_mb=after["RssAnon"] - before["RssAnon"], file_rss_mb=after["RssFile"],
+               anon_before_mb=before["RssAnon"])
+    if method == "keyindex-build":
+        out["index_bytes"] = sum(os.path.getsize(os.path.join(index.folder, n)) for n in os.listdir(index.folder))
+    return out
+
+
+def _run_child(method: str, root: str, keys: int, lookups: int, seed: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "olavlm.bench.join", method, root, str(keys), str(lookups), str(seed)],
+                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench join child {method!r} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_join(keys: int = 1_000_000, shards: int = 100, lookups: int = 100_000, seed: int = 0,
+               root: str | None = None) -> dict:
+    if keys < 1 or shards < 1 or lookups < 1 or shards > keys:
+        raise ValueError(f"need keys >= shards >= 1 and lookups >= 1 (got keys={keys}, shards={shards}, "
+                         f"lookups={lookups})")
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cache_root = os.path.join(tmp, "cache")
+        start = time.perf_counter()
+        make_cache(cache_root, keys, shards, seed)
+        made_s = time.perf_counter() - start
+        manifest_bytes = sum(os.path.getsize(os.path.join(cache_root, TEACHER, s, "manifest.parquet"))
+                             for s in os.listdir(os.path.join(cache_root, TEACHER)) if s.startswith("shard-"))
+        old = _run_child("dict", cache_root, keys, lookups, seed)
+        built = _run_child("keyindex-build", cache_root, keys, lookups, seed)
+        used = _run_child("keyindex-lookup", cache_root, keys, lookups, seed)
+    methods = {
+        "dict": {"build_s": old["seconds"], "open_s": old["seconds"], **_lookup_figures(old),
+                 "peak_rss_mb": old["peak_rss_mb"], "build_peak_rss_mb": old["peak_rss_mb"], "disk_bytes": 0},
+        "keyindex": {"build_s": built["seconds"], "open_s": used["seconds"], **_lookup_figures(used),
+                     "peak_rss_mb": used["peak_rss_mb"], "build_peak_rss_mb": built["peak_rss_mb"],
+                     "disk_bytes": built["index_bytes"]},
+    }
+    return {"keys": keys, "shards": shards, "lookups_per_kind": lookups, "make_cache_s": made_s,
+            "manifest_bytes": manifest_bytes, "interpreter_anon_mb": old["anon_before_mb"], "methods": methods}
+
+
+def _lookup_figures(child: dict) -> dict:
+    return {key: child[key] for key in ("random_lookups_per_s", "shard_order_lookups_per_s", "hits", "lookups",
+                                        "anon_added_mb", "file_rss_mb")}
+
+
+if __name__ == "__main__":
+    method, root, keys, lookups, seed = sys.argv[1:6]
+    print(json.dumps(_child(method, root, int(keys), int(lookups), int(seed))))
