@@ -1,4 +1,4 @@
-"""`ola bench cache|precompute|loader|codecs|train|heads`: one call each into bench/, then a table or JSON.
+"""`ola bench cache|precompute|loader|codecs|decode|train|heads`: one call each into bench/, then a table or JSON.
 
 The benchmarks themselves live in bench/ (they may import pipeline/ and trainer/ both); this module
 only turns options into a call and prints the figures. `ola bench gpu` and `ola bench fidelity` have
@@ -201,11 +201,37 @@ def bench_heads_command(
         )
 
 
+def bench_decode_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    repeats: int = typer.Option(15, min=1, help="Calls per image and decoder; the fastest is reported."),
+) -> None:
+    """Image decoders: ms per image on one core, and the largest pixel difference from the image processor.
+
+    Each way of turning JPEG bytes into 336x336 CLIP input (PIL full or draft decode, PIL or torch
+    resize; simplejpeg and torchvision when importable), on a 500x375, a 451x300, a 2000x1500 and a
+    1411x1411 photo, crop and pad modes. The data path keeps the fastest within the tests' 0.05."""
+    from olavlm.bench.images import bench_decode
+
+    with user_errors():
+        result = bench_decode(repeats=repeats)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{result['statistic']}, {result['repeats']} calls; load average {result['load_average']}")
+    for name, why in result["unavailable"].items():
+        typer.echo(f"{name}: {why}")
+    typer.echo(f"{'mode':<5} {'image':<20} {'ms':>7} {'max diff':>9} {'grey lv':>8}  decoder")
+    for r in result["rows"]:
+        typer.echo(f"{r['mode']:<5} {r['image']:<20} {r['ms']:>7.2f} {r['max_diff']:>9.4f} "
+                   f"{r['max_diff_grey_levels']:>8.1f}  {r['decoder']}")
+
+
 def register(groups: Groups) -> None:
-    """Add `ola bench cache|precompute|loader|codecs|train|heads`."""
+    """Add `ola bench cache|precompute|loader|codecs|decode|train|heads`."""
     groups.bench.command("cache")(bench_cache_command)
     groups.bench.command("precompute")(bench_precompute_command)
     groups.bench.command("loader")(bench_loader_command)
     groups.bench.command("codecs")(bench_codecs_command)
+    groups.bench.command("decode")(bench_decode_command)
     groups.bench.command("train")(bench_train_command)
     groups.bench.command("heads")(bench_heads_command)

@@ -4,13 +4,18 @@
     input_ids       (B, L) long          right-padded with the tokenizer's pad id
     attention_mask  (B, L) long          1 on real tokens
     labels          (B, L) long          -100 except assistant-turn tokens
-    pixel_values    (B, 3, H, W) float   CLIP-normalised; zeros for text-only samples
+    pixel_values    (B, 3, H, W) uint8   resized and cropped, not normalised; zeros for text-only samples
     has_image       (B,) bool
     targets         {task: (B, T, D)}    storage dtype (float16 / bfloat16 / float32); zeros where absent
 
-Design choice: images travel as uint8 and are normalised here, once per batch;
-targets keep their 16-bit storage dtype until `to_device` casts them to float32
-on the device. Cost: the cast is on the device (free on GPU, ~1 ms per sample on CPU).
+Design choice: images stay uint8 through the loader and the host-to-device copy;
+the model normalises them on its device (`OlaVlm.image_features` ->
+images.normalize_pixels, with its image processor's mean and std). Targets keep
+their 16-bit storage dtype until `to_device` casts them to float32 on the
+device. Cost: both conversions run on the device (free on a GPU; on a CPU-only
+run they cost there what they saved here, ~1-3 ms per sample), and a batch is
+only model input together with the model that normalises it (a float
+`pixel_values`, as the image processor gives, is taken as already normalised).
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ class Example:
 
 
 def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, int],
-            mean: Sequence[float], std: Sequence[float], target_shapes: dict[str, tuple[int, int]],
-            target_dtypes: dict[str, torch.dtype], targets: dict[str, torch.Tensor] | None = None) -> dict:
+            target_shapes: dict[str, tuple[int, int]], target_dtypes: dict[str, torch.dtype],
+            targets: dict[str, torch.Tensor] | None = None,
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict:
     """Right-pad and stack; see the module docstring for the fields.
+
+    `mean`, `std`: unused (normalisation moved to the model); still accepted because the loader
+    passes them.
 
     `targets`: already batched targets (the loader's join decompresses into batch buffers);
     else they are stacked from the examples.
@@ -56,14 +65,10 @@ def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, 
         labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
         attention_mask[i, :n] = 1
     has_image = torch.tensor([e.image is not None for e in examples], dtype=torch.bool)
-    pixels = torch.zeros((b, 3, *image_size), dtype=torch.uint8)
+    pixel_values = torch.zeros((b, 3, *image_size), dtype=torch.uint8)
     for i, e in enumerate(examples):
         if e.image is not None:
-            pixels[i] = torch.from_numpy(e.image)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-    pixel_values = (pixels.float() - mean_t) * inv_std
-    pixel_values[~has_image] = 0.0
+            pixel_values[i] = torch.from_numpy(e.image)
     if targets is not None:
         return {"keys": [e.key for e in examples], "input_ids": input_ids, "attention_mask": attention_mask,
                 "labels": labels, "pixel_values": pixel_values, "has_image": has_image, "targets": targets}

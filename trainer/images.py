@@ -10,18 +10,27 @@ LLaVA-1.5's `--image_aspect_ratio`:
   (transformers' `LlavaImageProcessor(do_pad=True)`; the authors' VPT, IFT and
   probing). The mode travels with the model as its saved image processor
   (`with_aspect_ratio`), so `ola generate` and the exported processor give the
-  model the same pixels as training did. The work is done here in
-PIL + numpy rather than by the processor, because:
-- JPEGs are decoded at reduced scale when they are much larger than the target
-  (`draft`, `decode_image(draft_size=...)`): several times faster for photos;
-- the worker returns uint8 (3, H, W); normalisation to float happens once per
-  batch in `collate` (4x fewer bytes through the loader's shared memory).
-Cost: the draft decode differs from a full decode + resize by a few grey levels
-(a test bounds it); PNG/WebP are decoded in full.
+  model the same pixels as training did.
+
+The work is done here rather than by the processor (docs/BENCHMARKS.md, "Image
+decode", has the figures), because:
+- the resize is torch's antialiased uint8 interpolation (SIMD; the same filter
+  as PIL's, within 1 grey level of it): ~5x faster than PIL's resize, which is
+  most of the time of a LLaVA-size photo;
+- the worker returns uint8 (3, H, W) and nothing else is done per sample:
+  normalisation to float happens on the model's device (`normalize_pixels`,
+  called by the model), so 4x fewer bytes cross the loader's shared memory.
+JPEGs are decoded at full size: decoding at reduced DCT scale (PIL's `draft`)
+is 2-3x faster for photos much larger than 336 but differs from the processor's
+full decode + resize by up to ~50 grey levels on detailed photos, outside the
+tolerance the tests hold the transform to. Cost: large photos take their full
+decode time (~8 ms for 2000x1500 on one core); other resampling filters than
+bilinear/bicubic fall back to PIL's resize.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,44 +87,86 @@ class ImageTransform:
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> uint8 (3, crop_h, crop_w). Raises ValueError on undecodable bytes."""
-        image = decode_image(data, draft_size=self.shortest_edge)
+        pixels = np.asarray(decode_image(data))  # (h, w, 3) uint8, full size: see the module docstring
         if self.pad:
-            image = expand_to_square(image, self.background)
-        width, height = image.size
-        scale = self.shortest_edge / min(width, height)
-        # Same rounding as transformers' get_resize_output_image_size (int of the scaled long edge).
-        new = (self.shortest_edge, int(height * scale)) if width <= height else (int(width * scale), self.shortest_edge)
-        if (width, height) != new:
-            image = image.resize(new, resample=self.resample)
+            pixels = pad_to_square(pixels, self.background)
+        height, width = pixels.shape[:2]
+        new_w, new_h = shortest_edge_size(width, height, self.shortest_edge)
+        resized = resize_chw(pixels, (new_h, new_w), self.resample)  # (3, new_h, new_w), any strides
         ch, cw = self.crop
-        left, top = (new[0] - cw) // 2, (new[1] - ch) // 2
+        left, top = (new_w - cw) // 2, (new_h - ch) // 2
         if left < 0 or top < 0:  # crop larger than the resized image: pad with zeros, as the processor does
-            canvas = np.zeros((ch, cw, 3), np.uint8)
-            array = np.asarray(image)
+            canvas = np.zeros((3, ch, cw), np.uint8)
             y0, x0 = max(0, -top), max(0, -left)
-            sub = array[max(0, top): max(0, top) + ch, max(0, left): max(0, left) + cw]
-            canvas[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]] = sub
-            array = canvas
-        else:
-            array = np.asarray(image.crop((left, top, left + cw, top + ch)))
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
+            sub = resized[:, max(0, top): max(0, top) + ch, max(0, left): max(0, left) + cw]
+            canvas[:, y0:y0 + sub.shape[1], x0:x0 + sub.shape[2]] = sub
+            return canvas
+        return np.ascontiguousarray(resized[:, top:top + ch, left:left + cw])
 
     def blank(self) -> np.ndarray:
         """The input of a text-only sample (zeros after normalisation is what the model ignores anyway)."""
         return np.zeros((3, *self.crop), np.uint8)
 
 
-def expand_to_square(image, background: tuple[int, int, int]):
-    """Centre `image` on a square canvas of its long side filled with `background` (LLaVA's expand2square)."""
-    from PIL import Image
+def shortest_edge_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+    """(width, height) after resizing the short side to `shortest_edge`: transformers'
+    get_resize_output_image_size rounding (int of the scaled long edge)."""
+    scale = shortest_edge / min(width, height)
+    return (shortest_edge, int(height * scale)) if width <= height else (int(width * scale), shortest_edge)
 
-    width, height = image.size
+
+TORCH_FILTERS = {2: "bilinear", 3: "bicubic"}
+"""PIL filter number -> torch's antialiased mode that reproduces it (others go through PIL)."""
+
+
+def resize_chw(pixels: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """uint8 (h, w, 3) -> uint8 (3, height, width) with PIL filter `resample` (antialiased when shrinking).
+
+    Bilinear and bicubic run as torch's uint8 antialiased interpolation, whose kernels are PIL's
+    (within 1 grey level: its rounding differs). The result is a view with channels-last strides.
+    """
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return pixels.transpose(2, 0, 1)
+    mode = TORCH_FILTERS.get(resample)
+    if mode is None:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(pixels).resize((width, height), resample=resample)).transpose(2, 0, 1)
+    import torch
+
+    with warnings.catch_warnings():  # PIL's arrays are read-only; the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last: torch's SIMD path
+    out = torch.nn.functional.interpolate(source, size=(height, width), mode=mode, antialias=True)
+    return out[0].numpy()
+
+
+def pad_to_square(pixels: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Centre (h, w, 3) `pixels` on a square canvas of the long side filled with `background` (LLaVA's expand2square)."""
+    height, width = pixels.shape[:2]
     if width == height:
-        return image
+        return pixels
     side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = np.asarray(background, np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top:top + height, left:left + width] = pixels
     return canvas
+
+
+def normalize_pixels(pixels, mean, std):
+    """uint8 pixels [B, 3, H, W] (torch, any device) -> float32 (x / 255 - mean) / std, per channel.
+
+    The one place the data path's uint8 becomes the vision tower's input: the model calls it on its
+    device (trainer/model.py). Computed as (x - 255 mean) * (1 / (255 std)) in float32.
+    """
+    import torch
+
+    shape = (1, 3, 1, 1)
+    mean_255 = torch.tensor(mean, dtype=torch.float32).view(shape).mul_(255.0).to(pixels.device)
+    inv_std_255 = torch.tensor(std, dtype=torch.float32).view(shape).mul_(255.0).reciprocal_().to(pixels.device)
+    return (pixels.float() - mean_255).mul_(inv_std_255)
 
 
 def resolve_aspect_ratio(ratio: str, stage: str) -> str:

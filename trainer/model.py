@@ -26,6 +26,12 @@ Design choices and their cost:
   as transformers' `hidden_states[-1]` is.
 - One sample holds at most one image (LLaVA-1.5 data); a row's image-token count
   must be 0 or `num_image_tokens`.
+- Pixels may arrive as uint8 (the data loader's batches) and are normalised in
+  `image_features`, on the model's device, with the saved image processor's
+  mean and std: the loader then moves a quarter of the bytes and does no float
+  work per sample. Cost: the model, not the batch, knows the normalisation, so
+  a batch is only meaningful with the model whose processor matches the loader's
+  transform (train.py and probe.py build the transform from that processor).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import TeacherSpec
 
 from .heads import ResamplerHead
+from .images import normalize_pixels
 from .losses import Normalisers, embedding_loss, gather_targets, label_count, next_token_loss
 from .tokens import TokenLayout, ordered_tasks
 
@@ -281,8 +288,17 @@ class OlaVlm(nn.Module):
         return embeds
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[b, 3, H, W] -> projected patch features [b, N, D] (LLaVA: layer -2, CLS dropped)."""
+        """[b, 3, H, W] -> projected patch features [b, N, D] (LLaVA: layer -2, CLS dropped).
+
+        uint8 pixels (the data path's batches, collate.py) are normalised here, on the device, with
+        the image processor's mean and std; float pixels (the image processor's output: generate,
+        tests) are taken as normalised already.
+        """
         tower = self.llava.model.vision_tower
+        if pixel_values.dtype == torch.uint8:
+            if self.image_processor is None:
+                raise ValueError("uint8 pixel_values need the model's image processor (its mean and std)")
+            pixel_values = normalize_pixels(pixel_values, self.image_processor.image_mean, self.image_processor.image_std)
         pixel_values = pixel_values.to(tower.dtype)
         out = tower(pixel_values, output_hidden_states=True)
         patches = out.hidden_states[self.llava.config.vision_feature_layer][:, 1:]  # [b, N, D_vision]
