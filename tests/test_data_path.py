@@ -80,18 +80,22 @@ def test_keyed_path_equals_aligned(setup, tmp_path):
             np.testing.assert_array_equal(batch["targets"]["depth"][i].float().numpy(), truth["depth"][key])
 
 
-def test_order_is_deterministic_epoch_dependent_and_worker_independent(setup, corpus):
-    d = corpus[0]
+def test_order_is_deterministic_and_epoch_dependent(setup, corpus):
+    """The order depends on the number of workers (each reads its own units): see tests/test_worker_loader.py."""
+    d, samples, _ = corpus
     keys = lambda ldr, n: [b["keys"] for b, _ in take(ldr, n)]  # noqa: E731
     base = keys(loader(setup, d), 10)
     assert base == keys(loader(setup, d), 10)
     assert base[:5] != base[5:10]  # epoch 1 is shuffled differently
-    assert sorted(sum(base[:5], [])) == sorted(sum(base[5:10], []))
-    assert base == keys(loader(setup, d, num_workers=2), 10)
+    assert sorted(sum(base[:5], [])) == sorted(sum(base[5:10], [])) == sorted(samples)
     assert base != keys(loader(setup, d, seed=1), 10)
+    two = take(loader(setup, d, num_workers=2), 10)
+    assert [b["keys"] for b, _ in two] == keys(loader(setup, d, num_workers=2), 10)
+    epoch0 = sorted(k for b, s in two if s["epoch"] == 0 for k in b["keys"])
+    assert epoch0 == sorted(samples)  # two workers: each key of the epoch once
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 2, 3])
 def test_loader_state_resume_is_exact(setup, corpus, workers):
     """Read N batches, save the state, rebuild, and the next K batches equal an uninterrupted run's."""
     d = corpus[0]

@@ -1,22 +1,50 @@
 """Stage 5 of the data path: the loader. Puts stages 1-4 together and yields (batch, state).
 
-Per rank, the batch sequence is a pure function of (seed, epoch, world size,
-batch size): raw samples of the rank's stream (source.py) are cut into chunks
-of `batch_size`; chunk j becomes batch j. DataLoader worker w builds the chunks
-with index = w mod num_workers (counted from where this loader started), and the
-DataLoader collects from its workers round-robin, so the order does not depend
-on the number of workers. The loader runs over epochs without end; training is
-counted in steps.
+Per rank and DataLoader worker, the batch sequence is a pure function of (seed,
+epoch, world size, number of workers, batch size): worker w reads only its own
+units (source.py: `split_by_worker`; num_workers=0 is one worker) and cuts its
+raw samples into chunks of `batch_size` (a chunk may span units, never epochs);
+each chunk is a batch. The DataLoader collects from its workers round-robin, in
+order, so the rank's sequence is worker 0's first batch, worker 1's first, ...
+The loader runs over epochs without end; training is counted in steps.
 
-The state after a batch is {"epoch", "batch" (next chunk of that epoch),
-"skipped" (counts per reason, cumulative)}: two integers locate the next batch
-exactly, so a checkpoint stores it as JSON and `build_loader(..., state=...)`
-continues with the very next batch. Samples dropped under on_missing='skip'
-leave their batch smaller (a chunk whose samples were all dropped yields
-nothing); they are counted in the state, hence in the metrics.
+The state after a batch, built in the main process from the batches actually
+handed out (a batch a worker prefetched but the loop has not received counts
+for nothing), is JSON:
+  {"epoch": epoch of that batch, "batch": batches this rank handed out since the
+   run began (both informative), "skipped": counts per reason (cumulative),
+   "world", "rank", "next_worker": the worker whose batch comes next,
+   "workers": [per worker {"pending": [[epoch, shard, part, parts, offset], ...]
+   = its units still to read in its current epoch, the first read up to
+   `offset` samples; "next_epoch": the epoch it reads whole after them}]}.
+`build_loader(..., state=...)` continues from it:
+- same world size and number of workers: each worker resumes at its position
+  and DataLoader worker i plays worker (i + next_worker) % W, so the next batch
+  is exactly the one an uninterrupted run would have handed out;
+- another number of workers: what the saved workers had left (their pending
+  pieces, plus the epochs lagging workers had not begun, up to E = the highest
+  `next_epoch`) is dealt piece by piece to the new workers (source.py `redeal`),
+  who then read whole epochs from E on: no sample of any epoch is repeated or
+  lost, the order differs;
+- another world size (`rank_state`): the same over every saved rank's workers,
+  piece i of an epoch to rank i % world, then to its workers; the pieces name
+  their units, so it works even when the world size changed the unit cut;
+- a state of the earlier format {"epoch", "batch", "skipped"} (batches dealt
+  round-robin over one rank stream): read exactly, as one worker that has read
+  batch x batch_size samples of that stream; the main process counts the samples
+  of the units before that position (reads those tars once) to find it. With one
+  worker the resumed order is the old one; with more, it is re-dealt as above.
+  It assumes the same batch size, as the old format did.
 
-Cost: every worker reads (not decodes) all of its rank's tar bytes; resuming
-mid-epoch re-reads the tar bytes of the batches before the position.
+Samples dropped under on_missing='skip' leave their batch smaller (a chunk whose
+samples were all dropped, or a worker epoch with no sample, yields nothing);
+they are counted in the state, hence in the metrics.
+
+Cost: the state lists each worker's remaining units of its epoch (about units
+per rank, x 40 bytes of JSON per rank); resuming mid-unit re-reads (not decodes)
+that unit's tar bytes before the offset; workers whose units hold more samples
+run ahead into the next epoch, so batches of two epochs interleave near an epoch
+boundary.
 """
 
 from __future__ import annotations
@@ -36,7 +64,7 @@ from olavlm.schemas.errors import ConfigError, DataError
 from .collate import Example, collate
 from .images import ImageTransform
 from .join import BATCH_DTYPES, TargetJoin
-from .source import epoch_units, rank_stream, shards_of, split_by_node, split_by_worker
+from .source import Piece, Unit, WorkerPlan, iter_piece, iter_unit, redeal, remaining, shards_of, worker_units
 from .text import ChatRenderer, TextError, sample_conversation, tokenize
 from .tokens import TokenLayout
 
@@ -83,34 +111,58 @@ SKIP_REASONS = ("read", "bad_json", "bad_image", "missing_target", "sha256_misma
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderState:
-    """Where a rank's loader stands: the next batch is chunk `batch` of epoch `epoch`."""
+    """Where a rank's loader stands after a batch; `to_dict` is the JSON a checkpoint keeps (module docstring)."""
 
     epoch: int = 0
-    """Epoch of the next batch."""
+    """Epoch of the last batch handed out (workers may be in different epochs; informative)."""
     batch: int = 0
-    """Index of the next chunk (of `batch_size` raw samples) within that epoch."""
+    """Batches this rank handed out since the run began (informative)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples dropped so far (on_missing='skip'), per reason."""
+    world: int = 1
+    rank: int = 0
+    next_worker: int = 0
+    """The worker whose batch comes next (the DataLoader asks its workers in turn)."""
+    workers: tuple[dict, ...] = ()
+    """Per worker, `plan_to_json` of what it has left."""
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped), "world": self.world,
+                "rank": self.rank, "next_worker": self.next_worker, "workers": list(self.workers)}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> LoaderState:
-        return cls(epoch=int(data["epoch"]), batch=int(data["batch"]), skipped=dict(data.get("skipped", {})))
+
+def plan_to_json(plan: WorkerPlan) -> dict:
+    return {"pending": [[p.epoch, p.unit.shard.name, p.unit.part, p.unit.parts, p.offset] for p in plan.pending],
+            "next_epoch": plan.next_epoch}
+
+
+def plan_from_json(data: dict, shards: dict, corpus: str) -> WorkerPlan:
+    """The inverse of `plan_to_json`; a shard the corpus no longer has is a ConfigError."""
+    pending = []
+    try:
+        for epoch, name, part, parts, offset in data["pending"]:
+            if name not in shards:
+                raise ConfigError(f"the loader state names shard {name!r}, which {corpus!r} does not have: "
+                                  "resume on the corpus the run was saved with")
+            pending.append(Piece(int(epoch), Unit(shards[name], int(part), int(parts)), int(offset)))
+        return WorkerPlan(tuple(pending), int(data["next_epoch"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"a worker's loader state is malformed ({exc!r}): {data!r:.200}") from None
 
 
 class SampleStream(IterableDataset):
     """Yields collated batches (plus their position) for one rank; see the module docstring."""
 
     def __init__(self, config: DataConfig, *, tokenizer, layout: TokenLayout, transform: ImageTransform,
-                 join: TargetJoin | None, rank: int = 0, world: int = 1, start: LoaderState = LoaderState(),
+                 join: TargetJoin | None, rank: int = 0, world: int = 1, start: dict | None = None,
                  storage_options: dict | None = None):
         if config.on_missing not in ("error", "skip"):
             raise ConfigError(f"on_missing must be 'error' or 'skip', not {config.on_missing!r}")
         self.config, self.tokenizer, self.layout, self.transform, self.join = config, tokenizer, layout, transform, join
-        self.rank, self.world, self.start, self.storage_options = rank, world, start, storage_options
+        self.rank, self.world, self.storage_options = rank, world, storage_options
         self.shards = shards_of(config.data, storage_options)
+        self.start = start or {}
+        self.plans, self.next_worker = self._resume_plans(self.start, max(1, config.num_workers))
         self.render = ChatRenderer(tokenizer)
         self.skips = SkipLog()
         shapes = join.shapes() if join is not None else {}
@@ -168,48 +220,97 @@ class SampleStream(IterableDataset):
         targets = {t: b[: len(examples)] for t, b in buffers.items()}
         return collate(examples, **self._collate_args, targets=targets), skipped
 
+    # -- where each worker starts -------------------------------------------------------------
+    def deal(self, worker: int, workers: int, *, world: int | None = None, rank: int | None = None):
+        """epoch -> the units `worker` of `workers` reads in a whole epoch (of this run, or of a saved one)."""
+        world, rank = (self.world, self.rank) if world is None else (world, rank)
+        return lambda epoch: worker_units(self.shards, seed=self.config.seed, epoch=epoch, world=world, rank=rank,
+                                          workers=workers, worker=worker)
+
+    def _resume_plans(self, state: dict, workers: int) -> tuple[list[WorkerPlan], int]:
+        """(one plan per worker, the worker whose batch comes first) for a start `state` (module docstring)."""
+        if not state:
+            return [WorkerPlan() for _ in range(workers)], 0
+        if "ranks" in state:  # from rank_state: a run saved at another world size
+            saved = state["ranks"]
+            old = [plan for r, rank_saved in enumerate(saved) for plan in self._saved_plans(rank_saved, r, len(saved))]
+            left, next_epoch = remaining(old)
+            count = self.world * workers
+            return [redeal(left, next_epoch, self.rank + self.world * w, count) for w in range(workers)], 0
+        if int(state.get("world", self.world)) != self.world or int(state.get("rank", self.rank)) != self.rank:
+            raise ConfigError(f"this loader state was written by rank {state.get('rank')} of {state.get('world')}, "
+                              f"not rank {self.rank} of {self.world}: pass the saved states through rank_state")
+        old = self._saved_plans(state, self.rank, self.world)
+        if "workers" in state and len(old) == workers:
+            return [plan for plan, _ in old], int(state.get("next_worker", 0)) % workers
+        left, next_epoch = remaining(old)
+        return [redeal(left, next_epoch, w, workers) for w in range(workers)], 0
+
+    def _saved_plans(self, state: dict, rank: int, world: int) -> list[tuple[WorkerPlan, object]]:
+        """The (plan, deal) of each worker of one saved rank."""
+        if "workers" not in state:
+            return [self._legacy_plan(state, rank, world)]
+        by_name = {shard.name: shard for shard in self.shards}
+        saved = state["workers"]
+        return [(plan_from_json(data, by_name, self.config.data), self.deal(w, len(saved), world=world, rank=rank))
+                for w, data in enumerate(saved)]
+
+    def _legacy_plan(self, state: dict, rank: int, world: int) -> tuple[WorkerPlan, object]:
+        """A state {"epoch", "batch"} of the earlier loader: `batch` chunks of this rank's one stream were read.
+
+        That stream is what one worker reads now, so it is one worker's plan; finding the unit and
+        offset of the position counts the samples of the units before it (reads those tars).
+        """
+        try:
+            epoch, consumed = int(state["epoch"]), int(state["batch"]) * self.config.batch_size
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the loader state has neither 'workers' nor 'epoch' and 'batch' ({exc!r}): "
+                              f"{state!r:.200}") from None
+        deal = self.deal(0, 1, world=world, rank=rank)
+        units = deal(epoch)
+        for index, unit in enumerate(units):
+            size = sum(1 for _ in iter_unit(unit, seed=self.config.seed, epoch=epoch, block=self.config.shuffle_block,
+                                            storage_options=self.storage_options))
+            if consumed < size:
+                pending = [Piece(epoch, unit, consumed)] + [Piece(epoch, u) for u in units[index + 1:]]
+                return WorkerPlan(tuple(pending), epoch + 1), deal
+            consumed -= size
+        return WorkerPlan((), epoch + 1), deal
+
     # -- the stream ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        process, processes = (info.id, info.num_workers) if info is not None else (0, 1)
+        if processes != len(self.plans):
+            raise ConfigError(f"this stream was planned for {len(self.plans)} workers, the DataLoader has {processes}")
         if info is not None:  # one worker = one core: Blosc's own threads would only oversubscribe
             import numcodecs.blosc
 
             numcodecs.blosc.use_threads = False
         cfg = self.config
-        epoch, first = self.start.epoch, self.start.batch
-        counter = 0  # chunks since this loader started: decides the worker
-        while True:
-            units = split_by_node(epoch_units(self.shards, seed=cfg.seed, epoch=epoch, world=self.world),
-                                  self.rank, self.world)
-            stream = rank_stream(units, seed=cfg.seed, epoch=epoch, block=cfg.shuffle_block,
-                                 storage_options=self.storage_options)
-            index, chunk, any_sample = 0, [], False
-            for sample in stream:
-                any_sample = True
-                chunk.append(sample)
-                if len(chunk) < cfg.batch_size:
-                    continue
-                if index >= first:
-                    if split_by_worker(counter, worker, workers):
-                        yield self._emit(chunk, epoch, index)
-                    counter += 1
-                index, chunk = index + 1, []
-            if chunk and index >= first:
-                if split_by_worker(counter, worker, workers):
-                    yield self._emit(chunk, epoch, index)
-                counter += 1
+        worker = (process + self.next_worker) % processes  # the worker whose batch the DataLoader asks for first
+        for epoch, pieces in self.plans[worker].epochs(self.deal(worker, processes)):
+            chunk, any_sample = [], False
+            for index, piece in enumerate(pieces):
+                offset = piece.offset
+                for sample in iter_piece(piece, seed=cfg.seed, block=cfg.shuffle_block,
+                                         storage_options=self.storage_options):
+                    offset += 1
+                    any_sample = True
+                    chunk.append(sample)
+                    if len(chunk) == cfg.batch_size:
+                        yield self._emit(chunk, worker, (epoch, index, offset))
+                        chunk = []
+            # An epoch without any sample still reports, else a worker with only empty units would never
+            # answer the DataLoader's turn; a resumed epoch with nothing left does not (the run it resumes did not).
+            if chunk or (not any_sample and not any(piece.offset for piece in pieces)):
+                yield self._emit(chunk, worker, (epoch, len(pieces), 0))
             self.skips.flush(f"up to the end of epoch {epoch} (this worker)")
-            if not any_sample:
-                raise CorpusError(f"rank {self.rank} of {self.world} got no sample in epoch {epoch} of "
-                                  f"{cfg.data!r}: the corpus has fewer samples than ranks")
-            epoch, first = epoch + 1, 0
 
-    def _emit(self, chunk, epoch: int, index: int) -> dict:
-        batch, skipped = self.build_batch(chunk)
+    def _emit(self, chunk, worker: int, position: tuple[int, int, int]) -> dict:
+        batch, skipped = self.build_batch(chunk) if chunk else (None, Counter())
         out = batch if batch is not None else {}
-        out["_position"] = (epoch, index + 1)
-        out["_skipped"] = dict(skipped)
+        out["_worker"], out["_position"], out["_skipped"] = worker, position, dict(skipped)
         return out
 
 
@@ -224,37 +325,63 @@ class Loader:
         return dict(self.stream.join.fingerprints) if self.stream.join is not None else {}
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        stream = self.stream
+        plans = stream.plans
+        workers = len(plans)
+        if max(1, self.num_workers) != workers:
+            raise ConfigError(f"the stream was planned for {workers} workers, the loader has {self.num_workers}")
         # Its own generator: a DataLoader draws its workers' base seed from the generator it is given,
         # else from the global RNG, and a resumed run would take that draw at another step than the
         # uninterrupted run did, shifting every later dropout mask (tests/test_resume.py).
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=2 if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(self.stream.config.seed))
-        skipped = Counter(self.stream.start.skipped)
-        last_epoch_with_batch = self.stream.start.epoch
+                            generator=torch.Generator().manual_seed(stream.config.seed))
+        start = stream.start
+        skipped = Counter(start.get("skipped", {}))
+        handed_out = int(start.get("batch", 0))
+        saved = [plan_to_json(plan) for plan in plans]
+        epoch_of = [plan.pending[0].epoch if plan.pending else plan.next_epoch for plan in plans]
+        last_epoch_with_batch = min(epoch_of)
+        pieces: dict[int, tuple[int, list]] = {}  # worker -> (epoch, the pieces its plan reads in that epoch)
         for item in loader:
-            epoch, batch_index = item.pop("_position")
+            worker, (epoch, index, offset) = item.pop("_worker"), item.pop("_position")
             skipped.update(item.pop("_skipped"))
-            state = LoaderState(epoch=epoch, batch=batch_index, skipped=dict(skipped)).to_dict()
-            if "input_ids" not in item:  # every sample of this chunk was skipped
-                if epoch > last_epoch_with_batch + 1:
-                    raise CorpusError(f"a whole epoch of {self.stream.config.data!r} yielded no usable sample "
-                                      f"(skipped: {dict(skipped)})")
+            if pieces.get(worker, (None,))[0] != epoch:
+                pieces[worker] = epoch, plans[worker].pieces(epoch, stream.deal(worker, workers))
+            # Positions count from the plan the worker started with; only this worker's entry changes.
+            saved[worker] = plan_to_json(plans[worker].after(epoch, pieces[worker][1], index, offset))
+            epoch_of[worker] = epoch
+            if "input_ids" not in item:  # every sample of this chunk was skipped, or the worker's epoch was empty
+                if min(epoch_of) > last_epoch_with_batch + 1:
+                    raise CorpusError(f"rank {stream.rank} of {stream.world}: a whole epoch of {stream.config.data!r} "
+                                      f"yielded no usable sample (skipped: {dict(skipped)}; a corpus with fewer "
+                                      "samples than ranks gives some rank none)")
                 continue
-            last_epoch_with_batch = epoch
-            yield item, state
+            last_epoch_with_batch = max(last_epoch_with_batch, epoch)
+            handed_out += 1
+            state = LoaderState(epoch=epoch, batch=handed_out, skipped=dict(skipped), world=stream.world,
+                                rank=stream.rank, next_worker=(worker + 1) % workers, workers=tuple(saved))
+            yield item, state.to_dict()
 
 
 def rank_state(saved: list[dict], rank: int, world: int) -> dict | None:
     """This rank's loader state from the states every rank of the saved run wrote (one per rank).
 
     The interface a resume uses (train.py); the policy for a run saved at another world size lives
-    here, beside the state format it depends on. Today: the same world size only.
+    here, beside the state format it depends on. The same world size: the rank's own state (an
+    exact resume). Another: every rank gets all saved states and reads its share of what they had
+    left (module docstring); the skipped counts so far go to rank 0, so the ranks' sum stays the
+    run's total. Cost: every rank plans from every saved state (JSON, no tar read, except for
+    states of the earlier format, whose position is found by counting samples).
     """
-    if len(saved) != world:
-        raise ConfigError(f"the checkpoint was written by {len(saved)} ranks, this run has {world}: "
-                          "an exact resume needs the same world size")
-    return saved[rank]
+    if len(saved) == world:
+        return saved[rank]
+    total: Counter = Counter()
+    for state in saved:
+        total.update(state.get("skipped", {}))
+    return {"epoch": min((int(s.get("epoch", 0)) for s in saved), default=0),
+            "batch": int(saved[rank].get("batch", 0)) if rank < len(saved) else 0,
+            "skipped": dict(total) if rank == 0 else {}, "ranks": list(saved)}
 
 
 def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transform: ImageTransform,
@@ -265,8 +392,8 @@ def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transfor
     Fails before any worker starts if the cache's teacher fingerprints differ from
     `config.expect_fingerprints` or a task has no targets in the cache.
     """
-    if isinstance(state, dict):
-        state = LoaderState.from_dict(state)
+    if isinstance(state, LoaderState):
+        state = state.to_dict()
     if storage_options is None:  # default: the config's (DataConfig.storage_options, --storage-options)
         storage_options = dict(config.storage_options) or None
     join = None
@@ -276,5 +403,5 @@ def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transfor
         join = TargetJoin(config.cache, tasks, expect_fingerprints=config.expect_fingerprints,
                           storage_options=storage_options)
     stream = SampleStream(config, tokenizer=tokenizer, layout=layout, transform=transform, join=join, rank=rank,
-                          world=world, start=state or LoaderState(), storage_options=storage_options)
+                          world=world, start=state, storage_options=storage_options)
     return Loader(stream, num_workers=config.num_workers, pin_memory=pin_memory)

@@ -1,31 +1,49 @@
-"""Stage 1 of the data path: the source. Which raw samples a rank reads, in which order.
+"""Stage 1 of the data path: the source. Which raw samples a rank, and each of its DataLoader workers, reads.
 
-The order of an epoch is a pure function of (seed, epoch, world size):
+The order of an epoch is a pure function of (seed, epoch, world size, number of workers):
 1. the corpus shards are cut into `units` (a whole shard, or every m-th sample
    of a shard when there are fewer shards than ranks);
 2. the unit list is shuffled with a generator seeded by (seed, epoch), BEFORE
    any split, so every rank computes the same global order;
 3. `split_by_node` gives rank r the units r, r + world, ...;
-4. each unit streams its tar sequentially and shuffles samples inside blocks of
+4. `split_by_worker` gives DataLoader worker w of W the rank's units w, w + W, ...
+   (num_workers=0 is one worker); a rank with fewer units than workers first cuts
+   each of its units into k = ceil(W / units) interleaved sub-units (every k-th
+   sample of the unit), the `parts` mechanism of step 1 one level down;
+5. each unit streams its tar sequentially and shuffles samples inside blocks of
    `block` consecutive samples (seeded by seed, epoch, shard, part, block).
+
+What one worker reads is a `WorkerPlan`: `Piece`s (a unit of an epoch, from a
+sample offset on) still to read, then from `next_epoch` on the standard deal of
+every epoch. A fresh run has no pieces; a resume has the rest of the epoch it
+stopped in (the loader's state, loader.py); a resume with another worker count
+or world size has the remaining pieces of the saved run dealt anew (`redeal`).
 
 Design choices and their cost:
 - Shuffling is shard-order + block-local, like WebDataset's shard shuffle plus a
   shuffle buffer: reads stay sequential (tar and cache shard side by side).
   Cost: samples from one shard stay near each other within an epoch.
-- Sample positions in the stream are counted over raw samples, before any
-  decode or join, so a position identifies the same sample on every rerun;
-  resume skips by position. Cost: resuming mid-shard re-reads (not decodes) the
-  tar bytes before the position, because a tar cannot be seeked without an index.
-- Units with m > 1 (tiny corpora, many ranks) read the whole tar and keep every
-  m-th sample. Cost: m times the tar bytes; irrelevant once shards >= ranks.
+- Workers read disjoint units, so each tar byte is read once per epoch, not once
+  per worker. Cost: the rank's order depends on the number of workers (a resume
+  with the same number continues exactly; with another number it continues
+  without repeats or losses, but in another order), and workers whose units hold
+  different sample counts run out of step: one worker may start epoch e + 1 while
+  another still reads epoch e (each batch carries its own epoch).
+- Sub-units (a rank with fewer units than workers) read the whole unit and keep
+  every k-th sample. Cost: k times that unit's tar bytes, the same trade as the
+  rank-level parts; irrelevant once each rank has >= num_workers shards.
+- Sample positions are counted over raw samples of a unit, in its block-shuffled
+  order, before any decode or join, so (unit, offset) identifies the same samples
+  on every rerun; resume skips by offset. Cost: resuming mid-unit re-reads (not
+  decodes) the unit's tar bytes before the offset, as a tar has no index.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from olavlm.schemas.corpus import CorpusShard, ReadFailure, iter_samples, list_shards
@@ -38,6 +56,15 @@ class Unit:
     shard: CorpusShard
     part: int = 0
     parts: int = 1
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Unit `unit` of epoch `epoch`, from its sample `offset` (in the unit's block-shuffled order) on."""
+
+    epoch: int
+    unit: Unit
+    offset: int = 0
 
 
 @dataclass
@@ -70,15 +97,87 @@ def split_by_node(units: Sequence[Unit], rank: int, world: int) -> list[Unit]:
     return list(units[rank::world])
 
 
-def split_by_worker(index: int, worker: int, num_workers: int) -> bool:
-    """Whether DataLoader worker `worker` builds batch number `index` (counted from the loader's start).
+def cut_for_workers(units: Sequence[Unit], workers: int) -> list[Unit]:
+    """The rank's units, each cut into k = ceil(workers / len(units)) interleaved sub-units when fewer than workers.
 
-    Batches, not units, are dealt round-robin: the DataLoader collects from its
-    workers round-robin too, so the rank's batch order does not depend on the
-    number of workers and a resume needs one position only. Cost: every worker
-    reads the rank's tar bytes (it decodes only its own batches).
+    Sub-unit j of (part, parts) keeps the samples i with i % (parts * k) == part + parts * j: the
+    k sub-units partition their unit's samples.
     """
-    return index % num_workers == worker
+    if not units or len(units) >= workers:
+        return list(units)
+    k = math.ceil(workers / len(units))
+    return [Unit(u.shard, u.part + u.parts * j, u.parts * k) for u in units for j in range(k)]
+
+
+def split_by_worker(units: Sequence[Unit], worker: int, workers: int) -> list[Unit]:
+    """DataLoader worker w of W takes the (cut) units w, w + W, ... of its rank, in order."""
+    return cut_for_workers(units, workers)[worker::workers]
+
+
+def worker_units(shards: Sequence[CorpusShard], *, seed: int, epoch: int, world: int, rank: int, workers: int,
+                 worker: int) -> list[Unit]:
+    """The units worker `worker` of `workers` on rank `rank` of `world` reads in `epoch` (steps 1-4)."""
+    units = split_by_node(epoch_units(shards, seed=seed, epoch=epoch, world=world), rank, world)
+    return split_by_worker(units, worker, workers)
+
+
+Deal = Callable[[int], list[Unit]]
+"""epoch -> the units one worker reads in that epoch when it starts the epoch afresh."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one worker reads: `pending` pieces in order (grouped by epoch, ascending), then `deal(e)` for e >= next_epoch."""
+
+    pending: tuple[Piece, ...] = ()
+    next_epoch: int = 0
+
+    def epochs(self, deal: Deal) -> Iterator[tuple[int, list[Piece]]]:
+        """(epoch, its pieces) without end: the pending epochs, then every epoch from `next_epoch` on."""
+        for epoch, group in itertools.groupby(self.pending, key=lambda piece: piece.epoch):
+            yield epoch, list(group)
+        for epoch in itertools.count(self.next_epoch):
+            yield epoch, [Piece(epoch, unit) for unit in deal(epoch)]
+
+    def pieces(self, epoch: int, deal: Deal) -> list[Piece]:
+        """The pieces this plan reads in `epoch` (as `epochs` yields them)."""
+        if epoch >= self.next_epoch:
+            return [Piece(epoch, unit) for unit in deal(epoch)]
+        return [piece for piece in self.pending if piece.epoch == epoch]
+
+    def after(self, epoch: int, pieces: Sequence[Piece], index: int, offset: int) -> WorkerPlan:
+        """The plan left once `offset` samples of `pieces[index]` (this plan's pieces of `epoch`) are read."""
+        head = [Piece(epoch, pieces[index].unit, offset), *pieces[index + 1:]] if index < len(pieces) else []
+        later = [piece for piece in self.pending if piece.epoch > epoch]
+        return WorkerPlan(tuple(head + later), max(self.next_epoch, epoch + 1))
+
+
+def remaining(plans: Sequence[tuple[WorkerPlan, Deal]]) -> tuple[dict[int, list[Piece]], int]:
+    """What a set of workers (one rank's, or every rank's) has left: ({epoch: pieces}, E).
+
+    From epoch E (the highest `next_epoch`) on, every worker reads whole epochs, so together they
+    read every unit of every epoch >= E; before E, what is left is their pending pieces plus the
+    epochs that lagging workers have not started yet.
+    """
+    last = max((plan.next_epoch for plan, _ in plans), default=0)
+    left: dict[int, list[Piece]] = {}
+    for plan, deal in plans:
+        for piece in plan.pending:
+            left.setdefault(piece.epoch, []).append(piece)
+        for epoch in range(plan.next_epoch, last):
+            left.setdefault(epoch, []).extend(Piece(epoch, unit) for unit in deal(epoch))
+    return dict(sorted(left.items())), last
+
+
+def redeal(left: dict[int, list[Piece]], next_epoch: int, index: int, count: int) -> WorkerPlan:
+    """Share `index` of `count` of what is left (from `remaining`): pieces index, index + count, ... of each epoch.
+
+    Each piece keeps its unit and offset, so no sample is read twice or skipped, whatever the
+    unit cut of the run that wrote them. Cost: a piece is not split further, so with fewer
+    pieces left than shares some workers idle until `next_epoch` (they read their next epochs).
+    """
+    pending = [piece for epoch in sorted(left) for piece in left[epoch][index::count]]
+    return WorkerPlan(tuple(pending), next_epoch)
 
 
 def iter_unit(unit: Unit, *, seed: int, epoch: int, block: int, storage_options: dict | None = None) -> Iterator[Sample]:
@@ -111,8 +210,7 @@ def iter_unit(unit: Unit, *, seed: int, epoch: int, block: int, storage_options:
         yield from flush()
 
 
-def rank_stream(units: Sequence[Unit], *, seed: int, epoch: int, block: int,
-                storage_options: dict | None = None) -> Iterator[Sample]:
-    """All samples of one rank for one epoch, in order (at this point: raw bytes, keys, shard names)."""
-    for unit in units:
-        yield from iter_unit(unit, seed=seed, epoch=epoch, block=block, storage_options=storage_options)
+def iter_piece(piece: Piece, *, seed: int, block: int, storage_options: dict | None = None) -> Iterator[Sample]:
+    """The samples of a piece: its unit's, from `offset` on (the ones before are read, not yielded)."""
+    samples = iter_unit(piece.unit, seed=seed, epoch=piece.epoch, block=block, storage_options=storage_options)
+    return itertools.islice(samples, piece.offset, None)
