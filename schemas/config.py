@@ -143,6 +143,8 @@ class TrainConfig:
     """Checkpoint every N steps (and at the end)."""
     keep_last: int = 0
     """Keep only the newest N checkpoints (0 = keep all); the one LATEST names is never removed."""
+    save_frozen: bool = False
+    """Save the frozen weights too. Off: when most weights are frozen (PT) a checkpoint holds only the trainable tensors and a reference (paths + hash) to the frozen base it is rebuilt from."""
     log_every: int = 10
     """Metrics line every N steps."""
     seed: int = 0

@@ -101,6 +101,28 @@ def test_export_loads_without_olavlm_and_matches_logits(exported, tmp_path):
     torch.testing.assert_close(got["logits"], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_export_from_a_trainable_only_checkpoint_equals_the_full_one(exported, tmp_path):
+    """A PT checkpoint without the frozen weights exports the same plain LLaVA (rebuilt from its base)."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from olavlm.trainer.build import TRAINABLE_FILE, save_student
+    from olavlm.trainer.stages import apply_stage
+
+    ckpt, out = exported
+    model = OlaVlm.from_pretrained(ckpt)
+    apply_stage(model, "pt")
+    slim = save_student(model, tmp_path / "slim", trainable_only=True)
+    assert (slim / TRAINABLE_FILE).exists() and not (slim / "llava").exists()
+    again = export_llava(slim, tmp_path / "llava")
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in again.glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(out / name), load_file(again / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    LlavaForConditionalGeneration.from_pretrained(again)  # transformers alone loads it
+
+
 def test_export_has_no_heads_and_only_safe_files(exported):
     _, out = exported
     from safetensors import safe_open

@@ -7,12 +7,34 @@
   format), `olavlm.safetensors` (task tokens, heads, logit scales), `olavlm.json`
   (config, target shapes, teacher specs, token layout), tokenizer and image
   processor. Safetensors and JSON only; written atomically.
-Cost: a checkpoint always holds the full LLaVA weights (sharded, trainable-only
-saving is the trainer checkpoint's job).
+- Trainable-only folders (`save_student(..., trainable_only=True)`, what the
+  trainer writes when most weights are frozen, PT): no `llava/` weights but
+  `llava_trainable.safetensors` (the trainable LLaVA tensors, plus any frozen one
+  that differs from the frozen base) and, in `olavlm.json`, `frozen_base`: the
+  ModelConfig the base is built from (CLIP + LLM folders or hub ids, or the
+  LLaVA / olavlm folder it started from; a chain of trainable-only folders
+  records its root), the base's per-tensor digests and their combined `hash`.
+  `load_student` rebuilds the base with `build_student`, overlays the saved
+  tensors and refuses (ConfigError naming folder, base and both hashes) when
+  the rebuilt frozen tensors hash differently or the base cannot be built.
+- The frozen-base hash is sampled, not a full read: per tensor, SHA-256 of its
+  name, shape and DIGEST_SAMPLES evenly strided float32 values; the folder's
+  hash is SHA-256 of the sorted (name, digest) pairs of every tensor it does not
+  hold. Cost: O(number of tensors) (milliseconds for CLIP-L + 8B instead of ~10 s
+  to hash 16 GB), computed once per build / load. Strength: any other base
+  (model, revision, dtype, fine-tune, shape) changes it; an edit confined to
+  values between the samples (e.g. one vocabulary row) goes unnoticed.
+- Vocabulary rows added for the image and task tokens are drawn with a fixed
+  seed (they are frozen and unused in training), so rebuilding a base gives the
+  same tensors bit for bit, whatever the run's seed.
+Cost: a full folder holds the whole LLaVA; a trainable-only one needs its base
+folders (or hub ids) to stay where they were.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,6 +48,13 @@ from .atomic import atomic_dir
 from .model import CONFIG_FILE, EXTRAS_FILE, FORMAT_VERSION, LLAVA_DIR, OlaVlm
 from .tokens import TokenLayout, add_task_tokens, layout_of, ordered_tasks
 
+TRAINABLE_FILE = "llava_trainable.safetensors"
+"""Trainable-only folders: the LLaVA tensors that differ from the frozen base (names as llava.state_dict())."""
+BASE_KEY = "frozen_base"
+"""olavlm.json key of a trainable-only folder: {"source": ModelConfig dict, "hash", "digests"}."""
+DIGEST_SAMPLES = 4096
+"""Values read per tensor by the sampled frozen-base hash (see the module docstring)."""
+
 
 def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[int, int]],
                   *, dtype: torch.dtype | None = None) -> OlaVlm:
@@ -38,7 +67,7 @@ def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[in
     if config.llava_checkpoint:
         path = Path(config.llava_checkpoint)
         if (path / CONFIG_FILE).exists():
-            model = load_student(path, dtype=dtype)
+            model = load_student(path, dtype=dtype)  # its frozen base: this folder, or its recorded root
             if model.layout.tasks != ordered_tasks(config.tasks):
                 raise ConfigError(f"{path}: checkpoint tasks {model.layout.tasks} != configured {config.tasks}")
             if model.shapes != {t: s for t, s in shapes.items() if t in model.shapes}:
@@ -51,10 +80,15 @@ def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[in
         llava, tokenizer, image_processor = _compose_llava(config, dtype)
     layout = add_task_tokens(tokenizer, config.tasks, config.tokens_per_task, llava.config.image_seq_length)
     if len(tokenizer) > llava.get_input_embeddings().num_embeddings:
-        llava.resize_token_embeddings(len(tokenizer))  # new rows: mean of the old ones (+ small noise)
+        with torch.random.fork_rng(devices=[]):  # fixed noise: a rebuilt frozen base is the same bit for bit
+            torch.manual_seed(0)
+            llava.resize_token_embeddings(len(tokenizer))  # new rows: mean of the old ones (+ small noise)
     llava.config.image_token_id = layout.image_token_id
-    return OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
-                  image_processor=image_processor, teacher_specs=specs)
+    model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
+                   image_processor=image_processor, teacher_specs=specs)
+    model.loaded_digests = llava_digests(llava)
+    model.frozen_base = {"source": to_dict(config), "digests": model.loaded_digests}
+    return model
 
 
 def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVlm:
@@ -72,7 +106,10 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     config = from_dict(ModelConfig, meta["model_config"])
     specs = {t: TeacherSpec.from_dict(d) for t, d in meta.get("teacher_specs", {}).items()}
     shapes = {t: tuple(s) for t, s in meta["target_shapes"].items()}
-    llava = LlavaForConditionalGeneration.from_pretrained(path / LLAVA_DIR, dtype=dtype or torch.float32)
+    if BASE_KEY in meta:
+        llava = _rebuild_base(path, meta, shapes, specs)
+    else:
+        llava = LlavaForConditionalGeneration.from_pretrained(path / LLAVA_DIR, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     layout = layout_of(tokenizer, config.tasks, config.tokens_per_task, meta["layout"]["num_image_tokens"])
@@ -84,16 +121,108 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     missing = [k for k in missing if not k.startswith("llava.")]
     if missing or unexpected:
         raise ConfigError(f"{path / EXTRAS_FILE}: missing {missing}, unexpected {unexpected}")
+    model.loaded_digests = llava_digests(llava)
+    # a trainable-only folder's base is its recorded root (so that deleting this folder breaks no later one)
+    model.frozen_base = ({"source": meta[BASE_KEY]["source"], "digests": meta[BASE_KEY]["digests"]}
+                         if BASE_KEY in meta else
+                         {"source": to_dict(dataclasses.replace(config, llava_checkpoint=str(path))),
+                          "digests": model.loaded_digests})
     return model.to(dtype) if dtype is not None else model
 
 
-def save_student(model: OlaVlm, path: str | Path) -> Path:
-    """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor (atomically)."""
+def _rebuild_base(path: Path, meta: dict, shapes: dict, specs: dict):
+    """A trainable-only folder's LLaVA: its frozen base rebuilt in float32, checked, its saved tensors overlaid."""
+    from safetensors.torch import load_file
+
+    base = meta[BASE_KEY]
+    source = from_dict(ModelConfig, base["source"])
+    where = source.llava_checkpoint or f"{source.vision_model} + {source.llm}"
+    try:
+        llava = build_student(source, {**shapes, **specs}).llava
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError too
+        raise ConfigError(f"{path}: its frozen base {where} cannot be built ({exc}); the checkpoint was saved "
+                          f"against base hash {base['hash']}") from None
+    overlay = load_file(path / TRAINABLE_FILE)
+    state = llava.state_dict()
+    wrong = sorted(n for n, t in overlay.items() if n not in state or state[n].shape != t.shape)
+    if wrong:
+        raise ConfigError(f"{path / TRAINABLE_FILE}: tensors {wrong[:5]} do not fit the base {where}")
+    kept = [n for n in state if n not in overlay]
+    rebuilt = frozen_hash(llava_digests(llava), kept)
+    if rebuilt != base["hash"]:
+        raise ConfigError(f"{path}: its frozen base {where} has hash {rebuilt}, the checkpoint was saved against "
+                          f"{base['hash']} (a different or changed base; rebuild it or point the checkpoint at "
+                          "the original)")
+    llava.load_state_dict(overlay, strict=False)
+    return llava
+
+
+# -- frozen base: sampled digests -------------------------------------------------------------------
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """SHA-256 (16 hex) of a tensor's name, shape and DIGEST_SAMPLES evenly strided values as float32."""
+    flat = tensor.detach().reshape(-1)
+    stride = max(1, flat.numel() // DIGEST_SAMPLES)
+    sample = flat[::stride][:DIGEST_SAMPLES].to(device="cpu", dtype=torch.float32).contiguous()
+    digest = hashlib.sha256(f"{name}|{list(tensor.shape)}|".encode())
+    digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def llava_digests(llava) -> dict[str, str]:
+    """{name: tensor_digest} of every tensor of llava.state_dict() (call before FSDP2 shards them)."""
+    return {name: tensor_digest(name, t) for name, t in llava.state_dict().items()}
+
+
+def frozen_hash(digests: dict[str, str], names) -> str:
+    """The frozen-base hash of the tensors `names`: SHA-256 of their sorted (name, digest) lines."""
+    combined = hashlib.sha256("".join(f"{n}={digests[n]}\n" for n in sorted(names)).encode())
+    return f"sampled-sha256:{combined.hexdigest()}"
+
+
+def trainable_only_default(model: OlaVlm) -> bool:
+    """Whether a checkpoint of `model` is trainable-only by default: most of its weights are frozen (PT)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return frozen > trainable and hasattr(model, "frozen_base")
+
+
+def overlay_names(model: OlaVlm) -> list[str]:
+    """State names (as model.state_dict()) a trainable-only folder holds: every non-LLaVA tensor (task tokens,
+    heads, scales: small), each trainable LLaVA tensor, and any frozen one that differs from the frozen base."""
+    base, now = model.frozen_base["digests"], model.loaded_digests
+    names = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        inner = name.removeprefix("llava.")
+        if inner == name or tensor.requires_grad or base.get(inner) is None or base[inner] != now.get(inner):
+            names.append(name)
+    return names
+
+
+def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = False,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor (atomically).
+
+    trainable_only: instead of the LLaVA weights, only `overlay_names(model)` and a reference to the frozen
+    base (module docstring). `tensors`: full tensors by state name to write instead of the model's own (the
+    trainer gathers them when the model is sharded); with trainable_only they must cover overlay_names.
+    """
     from safetensors.torch import save_file
 
+    def cpu(t: torch.Tensor) -> torch.Tensor:  # own storage: safetensors refuses tied (shared) tensors
+        return t.detach().to("cpu", copy=True).contiguous()
+
+    state = tensors if tensors is not None else model.state_dict()
     with atomic_dir(path) as tmp:
-        model.llava.save_pretrained(tmp / LLAVA_DIR)
-        extras = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("llava.")}
+        base = None
+        if trainable_only:
+            names = overlay_names(model)
+            save_file({n.removeprefix("llava."): cpu(state[n]) for n in names if n.startswith("llava.")},
+                      tmp / TRAINABLE_FILE)
+            kept = [n for n in model.frozen_base["digests"] if f"llava.{n}" not in names]
+            base = {**model.frozen_base, "hash": frozen_hash(model.frozen_base["digests"], kept)}
+        else:
+            model.llava.save_pretrained(tmp / LLAVA_DIR)
+        extras = {k: cpu(v) for k, v in state.items() if not k.startswith("llava.")}
         save_file(extras, tmp / EXTRAS_FILE)
         meta = {
             "format": FORMAT_VERSION,
@@ -103,6 +232,8 @@ def save_student(model: OlaVlm, path: str | Path) -> Path:
             "layers": {t: list(v) for t, v in model.layers.items()},
             "layout": _layout_dict(model.layout),
         }
+        if base is not None:
+            meta[BASE_KEY] = base
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)

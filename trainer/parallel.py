@@ -81,8 +81,9 @@ def sync_ignored(model) -> None:
             p.grad /= dist.get_world_size()
 
 
-def full_states(model, optimizer) -> tuple[dict | None, dict]:
-    """(full model state dict or None when the model is plain/DDP, full optimizer state dict keyed by names)."""
+def full_states(model, optimizer, *, with_model: bool = True) -> tuple[dict | None, dict]:
+    """(full model state dict or None when the model is plain/DDP or not `with_model`, full optimizer state
+    dict keyed by names). A collective under FSDP2: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -91,7 +92,7 @@ def full_states(model, optimizer) -> tuple[dict | None, dict]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optim = get_optimizer_state_dict(model, optimizer, options=options)
-    full_model = get_model_state_dict(model, options=options) if is_fsdp(model) else None
+    full_model = get_model_state_dict(model, options=options) if with_model and is_fsdp(model) else None
     return full_model, optim
 
 
@@ -99,6 +100,15 @@ def is_fsdp(model) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensors(model, names: list[str]) -> dict:
+    """{name: full CPU tensor} of the state tensors `names`, gathering only those under FSDP2 (a collective:
+    every rank calls it with the same names)."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    return {n: (state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]).detach().cpu() for n in names}
 
 
 def gather(obj, d: Dist) -> list:

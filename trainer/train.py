@@ -51,12 +51,13 @@ from olavlm.schemas.config import RunConfig, TrainConfig, to_dict
 from olavlm.schemas.errors import ConfigError, OlaError
 
 from . import checkpoint
+from .build import overlay_names, save_student, trainable_only_default
 from .collate import to_device
 from .images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
 from .loader import build_loader, rank_state
 from .losses import Normalisers
 from .metrics import METRICS, Metrics
-from .parallel import Dist, full_states, gather, init_distributed, sync_ignored, wrap
+from .parallel import Dist, full_states, full_tensors, gather, init_distributed, sync_ignored, wrap
 from .presets import TINY_MARKER
 from .run import Run, resolve_run
 from .stages import apply_stage
@@ -263,14 +264,21 @@ def train(config: RunConfig, *, given=None) -> dict:
 
 
 def _save(run: Run, model, wrapped, optimizer, loader_state: dict, step: int, d: Dist) -> str:
-    """A checkpoint of every rank's state, written by rank 0; returns its path there ('' elsewhere)."""
-    full_model, optim = full_states(wrapped, optimizer)
+    """A checkpoint of every rank's state, written by rank 0; returns its path there ('' elsewhere).
+
+    Trainable-only (build.py) when most weights are frozen and not train.save_frozen: then only those tensors
+    (and their optimizer state) are gathered, never the frozen base."""
+    trainable_only = not run.config.train.save_frozen and trainable_only_default(model)
+    full_model, optim = full_states(wrapped, optimizer, with_model=not trainable_only)
+    tensors = full_tensors(model, overlay_names(model)) if trainable_only else None
     loader_states = gather(loader_state, d)
     rng_states = gather(checkpoint.rng_state(), d)
     path = ""
     if d.main:
         def save_model(path):
-            if full_model is None:
+            if trainable_only:
+                save_student(model, path, trainable_only=True, tensors=tensors)
+            elif full_model is None:
                 model.save_pretrained(path)
             else:  # FSDP2: a CPU copy with the gathered full weights
                 with torch.random.fork_rng(devices=[]):  # building the copy draws init values: keep the run's RNG
