@@ -63,6 +63,7 @@ from typing import Any
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.corpus import CorpusShard, list_shards
 from olavlm.schemas.errors import ConfigError
+from olavlm.schemas.keyindex import open_index
 from olavlm.schemas.spec import TeacherSpec
 
 from .config import COMPUTE_DTYPES, PrecomputeConfig
@@ -178,10 +179,25 @@ def precompute(config: PrecomputeConfig) -> Summary:
         check_cache_reachable(config.cache, ray.nodes())
         workers, task_cpus = _start_actors(ray, config, sources)
         try:
-            return _register_and_run(ray, config, cache, shards, workers, task_cpus)
+            summary = _register_and_run(ray, config, cache, shards, workers, task_cpus)
         finally:
             for worker in workers:  # a reused Ray session (tests, notebooks) must not keep our actors
                 ray.kill(worker)
+    build_key_indexes(cache, list(sources))
+    return summary
+
+
+def build_key_indexes(cache: TargetCache, teachers: list[str]) -> None:
+    """Build the key index (schemas/keyindex.py) of each teacher of the run, once, after the last commit.
+
+    A keyed training run then only opens it instead of every worker building it. Local caches only:
+    an object-store cache's index lives on the reading machine's disk (memmap), so its trainers (or
+    `ola cache index` there) build it. Cost: ~1-2 s per million keys (docs/BENCHMARKS.md "Key index")
+    at the end of a job whose teachers spend hours on those images.
+    """
+    if cache.root.is_local:
+        for teacher in teachers:
+            open_index(cache, teacher)
 
 
 def keep_stored_codec(spec: TeacherSpec, stored: TeacherSpec | None) -> TeacherSpec:

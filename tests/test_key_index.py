@@ -170,8 +170,20 @@ def test_bench_join_smoke(tmp_path):
     assert run.exit_code == 0, run.output
     result = json.loads(run.output)
     assert result["keys"] == 10_000 and result["shards"] == 10
-    assert set(result["methods"]) == {"dict", "keyindex"}
+    assert set(result["methods"]) == {"dict", "keyindex", "parquet"}
     for figures in result["methods"].values():
         assert figures["build_s"] > 0 and figures["random_lookups_per_s"] > 0 and figures["shard_order_lookups_per_s"] > 0
         assert figures["hits"] == figures["lookups"]  # every benchmark key is found by both
         assert figures["peak_rss_mb"] > 0
+
+
+def test_precompute_builds_the_index_of_local_caches_only(tmp_path, user_index_dir):
+    from olavlm.pipeline.precompute import build_key_indexes
+
+    local = make(tmp_path / "cache")
+    build_key_indexes(local, ["gen"])
+    assert open_index(TargetCache(tmp_path / "cache"), "gen", build=False).folder.startswith(str(tmp_path / "cache"))
+    remote = TargetCache("memory://keyindex-test/precompute")
+    write_random_teacher(remote, "gen", {"a": ["x"]}, shape=(1, 4))
+    build_key_indexes(remote, ["gen"])
+    assert not user_index_dir.exists()  # the trainer's machine builds its own
