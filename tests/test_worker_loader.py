@@ -134,6 +134,10 @@ def test_batches_come_round_robin_from_the_workers(setup, corpus):
     assert [s["epoch"] for _, s in per_worker[1][:3]] == [0, 0, 1]
     assert_each_key_once(seen(batches), keys, [0])
     assert [s["batch"] for _, s in batches] == list(range(1, 13))
+    done = [s["epochs_done"] for _, s in batches]
+    assert done == sorted(done) and done[0] == 0
+    first = done.index(1)  # from this batch on, epoch 0 is complete: a loop that wants one epoch stops here
+    assert_each_key_once(seen(batches[:first + 1]), keys, [0])
 
 
 # -- resume ---------------------------------------------------------------------------------
@@ -229,3 +233,17 @@ def test_a_state_of_another_rank_or_corpus_is_refused(setup, corpus):
     state["workers"][0]["pending"] = [[0, "gone-000", 0, 1, 0]]
     with pytest.raises(ConfigError, match="'gone-000'"):
         loader(setup, d, rank=1, world=2, state=state)
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_with_nothing_usable_stops_with_two_workers(setup, tmp_path):
+    from olavlm.schemas.corpus import CorpusError, TarShardWriter
+
+    (tmp_path / "corpus").mkdir()
+    for shard in range(2):
+        with TarShardWriter(str(tmp_path / "corpus" / f"train-{shard:03d}.tar")) as writer:
+            for i in range(3):
+                writer.write(f"s{shard}-{i}", {"txt": b"no json"})
+    with pytest.raises(CorpusError, match="a whole epoch .* yielded no usable sample") as err:
+        take(loader(setup, tmp_path, workers=2, on_missing="skip"), 1)
+    assert "'bad_json'" in str(err.value)

@@ -13,7 +13,8 @@ handed out (a batch a worker prefetched but the loop has not received counts
 for nothing), is JSON:
   {"epoch": epoch of that batch, "batch": batches this rank handed out since the
    run began (both informative), "skipped": counts per reason (cumulative),
-   "world", "rank", "next_worker": the worker whose batch comes next,
+   "epochs_done": every epoch below it was handed out whole (a loop that wants
+   exactly one epoch waits for it), "world", "rank", "next_worker": the worker whose batch comes next,
    "workers": [per worker {"pending": [[epoch, shard, part, parts, offset], ...]
    = its units still to read in its current epoch, the first read up to
    `offset` samples; "next_epoch": the epoch it reads whole after them}]}.
@@ -119,6 +120,8 @@ class LoaderState:
     """Batches this rank handed out since the run began (informative)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples dropped so far (on_missing='skip'), per reason."""
+    epochs_done: int = 0
+    """Every epoch below this one has been handed out whole (by every worker); it lags by up to one batch."""
     world: int = 1
     rank: int = 0
     next_worker: int = 0
@@ -127,7 +130,8 @@ class LoaderState:
     """Per worker, `plan_to_json` of what it has left."""
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped), "world": self.world,
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped),
+                "epochs_done": self.epochs_done, "world": self.world,
                 "rank": self.rank, "next_worker": self.next_worker, "workers": list(self.workers)}
 
 
@@ -340,8 +344,8 @@ class Loader:
         skipped = Counter(start.get("skipped", {}))
         handed_out = int(start.get("batch", 0))
         saved = [plan_to_json(plan) for plan in plans]
-        epoch_of = [plan.pending[0].epoch if plan.pending else plan.next_epoch for plan in plans]
-        last_epoch_with_batch = min(epoch_of)
+        reading = [first_epoch(plan) for plan in plans]  # the epoch each worker has not finished yet
+        last_epoch_with_batch = min(reading)
         pieces: dict[int, tuple[int, list]] = {}  # worker -> (epoch, the pieces its plan reads in that epoch)
         for item in loader:
             worker, (epoch, index, offset) = item.pop("_worker"), item.pop("_position")
@@ -349,19 +353,25 @@ class Loader:
             if pieces.get(worker, (None,))[0] != epoch:
                 pieces[worker] = epoch, plans[worker].pieces(epoch, stream.deal(worker, workers))
             # Positions count from the plan the worker started with; only this worker's entry changes.
-            saved[worker] = plan_to_json(plans[worker].after(epoch, pieces[worker][1], index, offset))
-            epoch_of[worker] = epoch
+            left = plans[worker].after(epoch, pieces[worker][1], index, offset)
+            saved[worker], reading[worker] = plan_to_json(left), first_epoch(left)
             if "input_ids" not in item:  # every sample of this chunk was skipped, or the worker's epoch was empty
-                if min(epoch_of) > last_epoch_with_batch + 1:
+                if min(reading) > last_epoch_with_batch + 1:  # every worker finished an epoch with nothing usable
                     raise CorpusError(f"rank {stream.rank} of {stream.world}: a whole epoch of {stream.config.data!r} "
                                       f"yielded no usable sample (skipped: {dict(skipped)}; a corpus with fewer "
                                       "samples than ranks gives some rank none)")
                 continue
             last_epoch_with_batch = max(last_epoch_with_batch, epoch)
             handed_out += 1
-            state = LoaderState(epoch=epoch, batch=handed_out, skipped=dict(skipped), world=stream.world,
-                                rank=stream.rank, next_worker=(worker + 1) % workers, workers=tuple(saved))
+            state = LoaderState(epoch=epoch, batch=handed_out, skipped=dict(skipped), epochs_done=min(reading),
+                                world=stream.world, rank=stream.rank, next_worker=(worker + 1) % workers,
+                                workers=tuple(saved))
             yield item, state.to_dict()
+
+
+def first_epoch(plan: WorkerPlan) -> int:
+    """The lowest epoch a plan still reads from."""
+    return plan.pending[0].epoch if plan.pending else plan.next_epoch
 
 
 def rank_state(saved: list[dict], rank: int, world: int) -> dict | None:
