@@ -1,5 +1,8 @@
 """Resume restores every state: weights, optimizer, loader and RNG, plain, DDP (2 gloo processes) and FSDP2.
 
+The loader state (a position per DataLoader worker) also goes through a real checkpoint with two
+workers here; its other guarantees are tested without training in tests/test_worker_loader.py.
+
 The student here has attention dropout, so the losses after a resume depend on the RNG
 state too; each test compares several steps after the resume (optimizer updates included)
 and the final weights with an uninterrupted run.
@@ -59,11 +62,12 @@ def without_dropout(data):
     return d, dataclasses.replace(student, vision_model=str(plain / "vision"), llm=str(plain / "llm"))
 
 
-def run_config(data, out, **train_options) -> RunConfig:
+def run_config(data, out, num_workers: int = 0, **train_options) -> RunConfig:
     d, student = data
     return RunConfig(
         model=ModelConfig(vision_model=student.vision_model, llm=student.llm, **TINY_HEADS),
-        data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=0, max_length=256),
+        data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=num_workers,
+                        max_length=256),
         train=TrainConfig(stage="pt", steps=4, out=str(out), save_every=2, log_every=1, **train_options),
     )
 
@@ -102,6 +106,18 @@ def test_resume_restores_rng_optimizer_and_weights(data, one_thread):
     train(run_config(data, d / "full"))
     train(resume_config(d / "full", d / "resumed"))
     assert_same_run(d / "full", d / "resumed")
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_two_loader_workers(data, one_thread):
+    """Each worker reads its own shard; the checkpoint holds a position per worker, and the resume
+    continues with the very batches the uninterrupted run read next (workers had prefetched more)."""
+    d, _ = data
+    train(run_config(data, d / "workers", num_workers=2))
+    saved = json.loads((checkpoint.find(d / "workers") / "trainer.json").read_text())["loader"][0]
+    assert len(saved["workers"]) == 2 and saved["batch"] == 4
+    train(resume_config(d / "workers", d / "workers-resumed"))
+    assert_same_run(d / "workers", d / "workers-resumed")
 
 
 @pytest.mark.timeout(300)
