@@ -10,8 +10,8 @@
   an assistant turn is found by rendering the conversation up to each assistant
   message with and without it (a generation prompt before it), so any template
   works, with or without `{% generation %}` markers. The rendered text is then
-  tokenized piece by piece (prompt pieces, assistant pieces) in one batched
-  tokenizer call. Cost: 2 template renders per assistant turn (~50 us each);
+  tokenized piece by piece (prompt pieces, assistant pieces; `ChatRenderer.encode`).
+  Cost: 2 template renders per assistant turn (~15 us each);
   token merges never cross a turn boundary, which is also how generation sees
   the prompt.
 - The `<image>` placeholder (one per sample) becomes image tokens + task tokens
@@ -95,13 +95,21 @@ def sample_conversation(files: dict[str, bytes], *, has_image: bool, caption_pro
 
 
 class ChatRenderer:
-    """`apply_chat_template(..., tokenize=False)` without its per-call overhead.
+    """`apply_chat_template(..., tokenize=False)` and the tokenizer call, without their per-call overhead.
 
     Calls the tokenizer's compiled Jinja template directly (transformers caches the
     compilation); checked once against `apply_chat_template` on a probe conversation
-    and replaced by it if they ever disagree. Cost: relies on a private transformers
-    helper, guarded by that check and the fallback.
+    and replaced by it if they ever disagree. Pieces are encoded one by one by the
+    fast tokenizer's Rust backend (`encode`): a batched call hands 2-4 short pieces
+    to a thread pool, whose hand-off costs more than the work and, on a loaded
+    machine, waits for the pool's threads to be scheduled. Prompt pieces repeat
+    (LLaVA's instructions come from a few templates), so their ids are memoised.
+    Cost: relies on a private transformers helper and the backend tokenizer, both
+    checked against the public API at construction, with it as the fallback.
     """
+
+    MEMO_SIZE = 4096
+    """Distinct prompt pieces kept (then the memo starts again)."""
 
     PROBE = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
 
@@ -120,6 +128,33 @@ class ChatRenderer:
                     self._compiled = None
         except Exception:  # any change of the private helper: use the public API
             self._compiled = None
+        self._backend = getattr(tokenizer, "_tokenizer", None)
+        self._memo: dict[str, list[int]] = {}
+        probe = [self(self.PROBE, False), f"{IMAGE_TOKEN}\n a b", "b<|im_end|>\n"]
+        if self._backend is None or self._encode_fast(probe) != self._encode_slow(probe):
+            self._backend = None
+
+    def _encode_slow(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode_fast(self, texts: list[str]) -> list[list[int]]:
+        return [self._backend.encode(text, add_special_tokens=False).ids for text in texts]
+
+    def encode(self, pieces: list[tuple[str, bool]]) -> list[list[int]]:
+        """Token ids of each (text, is_assistant) piece, without special tokens; do not modify them."""
+        if self._backend is None:
+            return self._encode_slow([text for text, _ in pieces])
+        out = []
+        for text, assistant in pieces:
+            ids = None if assistant else self._memo.get(text)
+            if ids is None:
+                ids = self._backend.encode(text, add_special_tokens=False).ids
+                if not assistant:
+                    if len(self._memo) >= self.MEMO_SIZE:
+                        self._memo.clear()
+                    self._memo[text] = ids
+            out.append(ids)
+        return out
 
     def _slow(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -161,7 +196,7 @@ def tokenize(conversations, tokenizer, layout: TokenLayout, *, has_image: bool, 
     """
     render = render or ChatRenderer(tokenizer)
     pieces = render_pieces(to_messages(conversations, has_image), render)
-    encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
+    encoded = render.encode(pieces)
     ids: list[int] = []
     labels: list[int] = []
     block = layout.image_block()
