@@ -13,13 +13,15 @@ export TOKENIZERS_PARALLELISM := false
 install: $(VENV)/.installed
 
 # torch is pinned first: on these machines 2.13.0 is a local CPU build, while an
-# unpinned torch would download a multi-GB CUDA build. Everything else comes from
-# requirements-lock.txt with --no-deps: exact versions, no resolver backtracking.
-$(VENV)/.installed: pyproject.toml requirements-lock.txt
+# unpinned torch would download a multi-GB CUDA build. Everything else comes from the
+# locks with --no-deps: exact versions, no resolver backtracking. requirements-lock.txt
+# pins olavlm[demo] (what `ola` and `make demo` run on), requirements-dev-lock.txt the
+# test and lint tools; regenerate both with `.venv/bin/python -m tests._locks`.
+$(VENV)/.installed: pyproject.toml requirements-lock.txt requirements-dev-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-deps -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps -r requirements-lock.txt -r requirements-dev-lock.txt
 	$(PY) -m pip install -q --no-deps -e '.[dev]'
 	$(PY) -m pip check
 	touch $@

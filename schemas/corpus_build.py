@@ -3,7 +3,7 @@
 Both builders write the corpus format that corpus.py reads (one tar per shard, a sample's files
 grouped by key, written atomically by `TarShardWriter`), so they live beside it, in the torch-free
 contract that pipeline/ and trainer/ both read. Cost: schemas/ carries the demo's image recipe, and
-imports scikit-image and scikit-learn (lazily) when a demo corpus is built.
+imports scikit-image and scikit-learn (lazily: the `demo` extra, extras.py) when a demo corpus is built.
 
 **The demo corpus** (`build_demo_corpus`): real photographs from scikit-image and scikit-learn.
 No download: `skimage.data` and `sklearn.datasets.load_sample_images` ship their
@@ -83,13 +83,14 @@ class DemoCorpus:
 
 def source_images() -> list[tuple[str, str, np.ndarray]]:
     """(name, caption, uint8 array HxW or HxWx3) for every bundled image."""
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+    from .extras import require
 
+    skimage_data = require("skimage.data", "the demo corpus (its photos)")
+    sklearn_datasets = require("sklearn.datasets", "the demo corpus (its photos)")
     images = []
     for name, caption in SKIMAGE_IMAGES:
-        images.append((name, caption, np.asarray(getattr(skimage.data, name)())))
-    for (name, caption), array in zip(SKLEARN_IMAGES, load_sample_images().images):
+        images.append((name, caption, np.asarray(getattr(skimage_data, name)())))
+    for (name, caption), array in zip(SKLEARN_IMAGES, sklearn_datasets.load_sample_images().images):
         images.append((name, caption, np.asarray(array)))
     return images
 

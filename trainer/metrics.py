@@ -17,7 +17,7 @@ Design choices and their cost:
   histograms) would need its own hook.
 - The optional loggers are imported only when their field is set, so a plain install needs
   neither; a missing one is a ConfigError naming the extra to install (`pip install
-  olavlm[tensorboard]`, `olavlm[wandb]`), raised before the first step. Cost: a typo'd extra
+  olavlm[tensorboard]`, `olavlm[wandb]`; schemas/extras.py), raised before the first step. Cost: a typo'd extra
   is found at start-up of the run, not at install.
 - Only rank 0 opens files or loggers; on the other ranks `Metrics` does nothing. Cost: metrics
   that differ per rank are not logged (the loop already logs the all-reduced terms).
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from olavlm.schemas.config import RunConfig, to_dict
-from olavlm.schemas.errors import ConfigError
+from olavlm.schemas.extras import require
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb-id.txt"
@@ -65,12 +65,8 @@ class TensorBoardSink:
     """OUT/tensorboard event files, one scalar per name under `train/`."""
 
     def __init__(self, out: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ConfigError("train.tensorboard needs the `tensorboard` package: "
-                              "pip install 'olavlm[tensorboard]'") from exc
-        self.writer = SummaryWriter(str(out / "tensorboard"))
+        tensorboard = require("torch.utils.tensorboard", "train.tensorboard")
+        self.writer = tensorboard.SummaryWriter(str(out / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float], record: dict) -> None:
         for name, value in scalars.items():
@@ -84,10 +80,7 @@ class WandbSink:
     """A wandb run named after OUT, with the run config; resumed runs continue it (id in OUT/wandb-id.txt)."""
 
     def __init__(self, out: Path, project: str, config: RunConfig) -> None:
-        try:
-            import wandb
-        except ImportError as exc:
-            raise ConfigError("train.wandb needs the `wandb` package: pip install 'olavlm[wandb]'") from exc
+        wandb = require("wandb", "train.wandb")
         id_file = out / WANDB_ID
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
