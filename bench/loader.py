@@ -4,8 +4,10 @@ Builds, in a temporary folder: a WebDataset corpus of JPEG image-text samples
 (500x375 photos-like images, LLaVA caption conversations) and a target cache
 with the paper's shapes in a storage dtype (depth 576x1024, seg 576x1536, gen 1x1024;
 feature-like values, schemas/synthetic.py), then times the loader: tar read,
-JPEG decode + resize/crop to 336, chat-template tokenization with 576 image +
-24 task tokens, the sha256-checked join with three cache reads, collate.
+JPEG decode + resize/crop to 336 (uint8; the decoder is reported, `ola bench
+decode` compares the alternatives), chat-template tokenization with 576 image +
+24 task tokens, the sha256-checked join with three cache reads, collate (uint8
+pixels: normalisation happens on the model's device, not here).
 
 Reported: samples/s of one process with no DataLoader worker (everything on
 one core: the per-core figure), the same with `workers` DataLoader workers
@@ -52,6 +54,7 @@ def _photo(rng, size=(500, 375)) -> bytes:
 
 
 CODECS = ("default", "none", "lz4", "zstd")
+IMAGE_DECODER = "PIL (libjpeg-turbo) full decode + torch antialiased uint8 bicubic resize (trainer/images.py)"
 
 
 def codec_spec(codec: str, dtype: str):
@@ -170,7 +173,8 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
         t0 = time.perf_counter()
         for i in range(0, len(examples), batch_size):
             part = examples[i:i + batch_size]
-            collate(part, **stream._collate_args, targets={t: b[:len(part)] for t, b in buffers[i // batch_size].items()})
+            batch_pixels = collate(part, **stream._collate_args,
+                                   targets={t: b[:len(part)] for t, b in buffers[i // batch_size].items()})["pixel_values"]
         stages["collate"] = time.perf_counter() - t0
     per_sample_ms = {k: round(v / len(raw) * 1e3, 3) for k, v in stages.items()}
     chosen = codec_spec(codec, dtype)
@@ -179,7 +183,9 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
         "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "targets": {t: list(s) for t, s in SHAPES.items()}, "target_dtype": dtype,
         "codec": f"{codec}: blosc-{chosen.cname} level {chosen.clevel} {chosen.shuffle}",
-        "image": "JPEG 500x375 -> 336x336", "tokens_per_sample": len(texts[0].input_ids),
+        "image": "JPEG 500x375 -> 336x336", "image_decoder": IMAGE_DECODER,
+        "pixel_values": f"{batch_pixels.dtype} (normalised on the model's device)",
+        "tokens_per_sample": len(texts[0].input_ids),
         "samples_per_s_one_core": round(single, 1),
         f"samples_per_s_{workers}_workers": round(parallel, 1) if parallel else None,
         "samples_per_s_per_core_with_workers": round(parallel / min(workers, cores), 1) if parallel else None,

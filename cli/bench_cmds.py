@@ -112,6 +112,7 @@ def bench_loader_command(
         typer.echo(f"{r['target_dtype']:<9} {r['codec']:<44} {r['samples_per_s_one_core']:>9.1f} "
                    + " ".join(f"{r['stage_ms_per_sample'][s]:>11.2f} ms" for s in stages)
                    + f" {r['stage_sum_samples_per_s']:>11.1f}")
+    typer.echo(f"image decoder: {results[-1]['image_decoder']}; pixel_values {results[-1]['pixel_values']}")
     typer.echo(f"load average at the end: {results[-1]['load_average']}")
 
 
