@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 
 from olavlm.schemas.config import DataConfig
+from olavlm.schemas.errors import ConfigError
 from olavlm.trainer import source
 from olavlm.trainer.loader import build_loader, rank_state
 from olavlm.trainer.source import Piece, Unit, WorkerPlan, cut_for_workers, redeal, remaining, shards_of
@@ -187,16 +188,18 @@ def test_rank_state_at_another_world_size(setup, corpus, old_world, new_world):
     saved = [json.loads(json.dumps(b[-1][1])) for b in before]
     counts = sum((seen(b) for b in before), Counter())
     for rank in range(new_world):
-        state = rank_state(saved, rank, new_world)
+        state = rank_state(saved, rank, new_world, other_world=True)
         counts += seen(take(loader(setup, d, rank=rank, world=new_world, state=state), 12))
     assert_each_key_once(counts, keys, [0])
     assert rank_state(saved, 0, old_world) == saved[0]
+    with pytest.raises(ConfigError, match=f"written by {old_world} ranks, this run has {new_world}"):
+        rank_state(saved, 0, new_world)  # what train.py asks: its RNG states are per rank
 
 
 def test_rank_state_gives_the_skipped_total_to_rank_0():
     saved = [{"epoch": 0, "batch": 1, "skipped": {"read": 2}, "workers": []},
              {"epoch": 1, "batch": 3, "skipped": {"read": 1, "too_long": 1}, "workers": []}]
-    states = [rank_state(saved, r, 3) for r in range(3)]
+    states = [rank_state(saved, r, 3, other_world=True) for r in range(3)]
     assert [s["skipped"] for s in states] == [{"read": 3, "too_long": 1}, {}, {}]
     assert all(s["ranks"] == saved and s["epoch"] == 0 for s in states)
 
@@ -224,8 +227,6 @@ def test_a_worker_without_samples_does_not_stall(setup, tmp_path):
 
 
 def test_a_state_of_another_rank_or_corpus_is_refused(setup, corpus):
-    from olavlm.schemas.errors import ConfigError
-
     d = corpus[0]
     _, state = take(loader(setup, d, rank=1, world=2), 1)[0]
     with pytest.raises(ConfigError, match="rank 1 of 2.*rank_state"):

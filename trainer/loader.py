@@ -27,9 +27,10 @@ for nothing), is JSON:
   `next_epoch`) is dealt piece by piece to the new workers (source.py `redeal`),
   who then read whole epochs from E on: no sample of any epoch is repeated or
   lost, the order differs;
-- another world size (`rank_state`): the same over every saved rank's workers,
-  piece i of an epoch to rank i % world, then to its workers; the pieces name
-  their units, so it works even when the world size changed the unit cut;
+- another world size (`rank_state(..., other_world=True)`; train.py does not ask
+  for it, as its RNG states are per rank): the same over every saved rank's
+  workers, piece i of an epoch to rank i % world, then to its workers; the pieces
+  name their units, so it works even when the world size changed the unit cut;
 - a state of the earlier format {"epoch", "batch", "skipped"} (batches dealt
   round-robin over one rank stream): read exactly, as one worker that has read
   batch x batch_size samples of that stream; the main process counts the samples
@@ -374,18 +375,24 @@ def first_epoch(plan: WorkerPlan) -> int:
     return plan.pending[0].epoch if plan.pending else plan.next_epoch
 
 
-def rank_state(saved: list[dict], rank: int, world: int) -> dict | None:
+def rank_state(saved: list[dict], rank: int, world: int, *, other_world: bool = False) -> dict | None:
     """This rank's loader state from the states every rank of the saved run wrote (one per rank).
 
     The interface a resume uses (train.py); the policy for a run saved at another world size lives
     here, beside the state format it depends on. The same world size: the rank's own state (an
-    exact resume). Another: every rank gets all saved states and reads its share of what they had
-    left (module docstring); the skipped counts so far go to rank 0, so the ranks' sum stays the
-    run's total. Cost: every rank plans from every saved state (JSON, no tar read, except for
-    states of the earlier format, whose position is found by counting samples).
+    exact resume). Another: refused unless `other_world`, because a resume also restores each
+    rank's RNG state (train.py `_restore`), which has no counterpart at another world size; the
+    loader itself can continue there: with `other_world`, every rank gets all saved states and
+    reads its share of what they had left (module docstring), without repeating or losing a
+    sample; the skipped counts so far go to rank 0, so the ranks' sum stays the run's total.
+    Cost: every rank plans from every saved state (JSON, no tar read, except for states of the
+    earlier format, whose position is found by counting samples).
     """
     if len(saved) == world:
         return saved[rank]
+    if not other_world:
+        raise ConfigError(f"the checkpoint was written by {len(saved)} ranks, this run has {world}: "
+                          "an exact resume needs the same world size")
     total: Counter = Counter()
     for state in saved:
         total.update(state.get("skipped", {}))
