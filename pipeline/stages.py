@@ -98,6 +98,22 @@ def preprocess_shard(url, recipes, batch_size, storage_options, nice=0):
 
 
 # -- stage 2: teacher actors -------------------------------------------------------------------
+TEST_CRASH_ON_KEY = "OLAVLM_TEST_CRASH_ON_KEY"
+"""Test-only hook (tests/test_ray_restarts.py): 'KEY=MARKER_FILE' in an actor's environment makes
+the first actor whose batch holds KEY create MARKER_FILE and exit at once, as a crashed process
+would; the marker makes it happen once, so the restarted actor computes the retried batch."""
+
+
+def _crash_if_asked(keys: list[str]) -> None:
+    key, _, marker = os.environ.get(TEST_CRASH_ON_KEY, "").partition("=")
+    if key and key in keys:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # atomic: one crash over all actors
+        except FileExistsError:
+            return
+        os._exit(13)
+
+
 class TeacherWorker:
     """Holds the teachers (loaded once) on one device; turns uint8 batches into encoded targets."""
 
@@ -122,6 +138,7 @@ class TeacherWorker:
 
         from .encode import encode_on_device
 
+        _crash_if_asked(batch["keys"])
         start = time.perf_counter()
         results = []
         for name in names:
