@@ -43,7 +43,7 @@ def test_extras_table_matches_pyproject():
 
 
 def test_require_names_the_extra_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "skimage", None)  # `import skimage...` fails as if not installed
+    monkeypatch.setitem(sys.modules, "skimage.data", None)  # the import fails as if not installed
     with pytest.raises(ConfigError, match=r"the demo corpus needs the `scikit-image` package: "
                                           r"pip install 'olavlm\[demo\]'"):
         require("skimage.data", "the demo corpus")
