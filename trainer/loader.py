@@ -37,6 +37,8 @@ for nothing), is JSON:
   of the units before that position (reads those tars once) to find it. With one
   worker the resumed order is the old one; with more, it is re-dealt as above.
   It assumes the same batch size, as the old format did.
+Every case assumes the saved run's seed and corpus (the deal of epochs not yet
+begun is recomputed from the seed; a shard the corpus no longer has is refused).
 
 Samples dropped under on_missing='skip' leave their batch smaller (a chunk whose
 samples were all dropped, or a worker epoch with no sample, yields nothing);
