@@ -17,6 +17,11 @@
   `load_student` rebuilds the base with `build_student`, overlays the saved
   tensors and refuses (ConfigError naming folder, base and both hashes) when
   the rebuilt frozen tensors hash differently or the base cannot be built.
+- Sharded folders (the trainer's FSDP2 saves, checkpoint.py): `llava/config.json`
+  and no weights beside `shards/`, the whole OlaVlm state as one safetensors file
+  per saving rank (global offsets in each header); `load_student` allocates the
+  LLaVA from its config without initialising it and fills every tensor from the
+  shards, whatever number of ranks wrote them.
 - The frozen-base hash is sampled, not a full read: per tensor, SHA-256 of its
   name, shape and DIGEST_SAMPLES evenly strided float32 values; the folder's
   hash is SHA-256 of the sorted (name, digest) pairs of every tensor it does not
@@ -52,6 +57,9 @@ TRAINABLE_FILE = "llava_trainable.safetensors"
 """Trainable-only folders: the LLaVA tensors that differ from the frozen base (names as llava.state_dict())."""
 BASE_KEY = "frozen_base"
 """olavlm.json key of a trainable-only folder: {"source": ModelConfig dict, "hash", "digests"}."""
+SHARDED_KEY = "sharded"
+"""olavlm.json key of a sharded folder (FSDP2 saves): the subfolder of its shard files."""
+SHARDS_DIR = "shards"
 DIGEST_SAMPLES = 4096
 """Values read per tensor by the sampled frozen-base hash (see the module docstring)."""
 
@@ -98,7 +106,8 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
 
     path = Path(path)
     meta = json.loads((path / CONFIG_FILE).read_text())
-    extras = load_file(path / EXTRAS_FILE)
+    sharded = SHARDED_KEY in meta
+    extras = None if sharded else load_file(path / EXTRAS_FILE)
     if meta.get("format") == 1:
         meta, extras = _from_format_1(meta, extras)
     if meta.get("format") != FORMAT_VERSION:
@@ -108,6 +117,8 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     shapes = {t: tuple(s) for t, s in meta["target_shapes"].items()}
     if BASE_KEY in meta:
         llava = _rebuild_base(path, meta, shapes, specs)
+    elif sharded:
+        llava = _skeleton(path / LLAVA_DIR)
     else:
         llava = LlavaForConditionalGeneration.from_pretrained(path / LLAVA_DIR, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -117,10 +128,15 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
         raise ConfigError(f"{path}: tokenizer ids {_layout_dict(layout)} != saved layout {meta['layout']}")
     model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
                    image_processor=image_processor, teacher_specs=specs)
-    missing, unexpected = model.load_state_dict(extras, strict=False)
-    missing = [k for k in missing if not k.startswith("llava.")]
-    if missing or unexpected:
-        raise ConfigError(f"{path / EXTRAS_FILE}: missing {missing}, unexpected {unexpected}")
+    if sharded:  # every tensor, extras included, from the shard files (any number of them)
+        from .checkpoint import load_sharded
+
+        load_sharded(path / meta[SHARDED_KEY], model.state_dict())
+    else:
+        missing, unexpected = model.load_state_dict(extras, strict=False)
+        missing = [k for k in missing if not k.startswith("llava.")]
+        if missing or unexpected:
+            raise ConfigError(f"{path / EXTRAS_FILE}: missing {missing}, unexpected {unexpected}")
     model.loaded_digests = llava_digests(llava)
     # a trainable-only folder's base is its recorded root (so that deleting this folder breaks no later one)
     model.frozen_base = ({"source": meta[BASE_KEY]["source"], "digests": meta[BASE_KEY]["digests"]}
@@ -128,6 +144,17 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
                          {"source": to_dict(dataclasses.replace(config, llava_checkpoint=str(path))),
                           "digests": model.loaded_digests})
     return model.to(dtype) if dtype is not None else model
+
+
+def _skeleton(folder: Path):
+    """A float32 LLaVA of `folder`'s config with its memory allocated but not initialised (shards fill it)."""
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        llava = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(folder))
+    llava.generation_config = GenerationConfig.from_pretrained(folder)
+    return llava.eval()  # as from_pretrained returns it
 
 
 def _rebuild_base(path: Path, meta: dict, shapes: dict, specs: dict):
@@ -199,12 +226,14 @@ def overlay_names(model: OlaVlm) -> list[str]:
 
 
 def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = False,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                 tensors: dict[str, torch.Tensor] | None = None, sharded: bool = False) -> Path:
     """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor (atomically).
 
     trainable_only: instead of the LLaVA weights, only `overlay_names(model)` and a reference to the frozen
     base (module docstring). `tensors`: full tensors by state name to write instead of the model's own (the
     trainer gathers them when the model is sharded); with trainable_only they must cover overlay_names.
+    sharded: no tensors at all, only `llava/config.json` (the skeleton); the trainer's processes write the
+    whole state as shards into `shards/` (checkpoint.save_state), which `load_student` reads.
     """
     from safetensors.torch import save_file
 
@@ -214,7 +243,11 @@ def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = Fals
     state = tensors if tensors is not None else model.state_dict()
     with atomic_dir(path) as tmp:
         base = None
-        if trainable_only:
+        if sharded:
+            model.llava.config.save_pretrained(tmp / LLAVA_DIR)
+            model.llava.generation_config.save_pretrained(tmp / LLAVA_DIR)
+            state = {}  # extras travel in the shards too
+        elif trainable_only:
             names = overlay_names(model)
             save_file({n.removeprefix("llava."): cpu(state[n]) for n in names if n.startswith("llava.")},
                       tmp / TRAINABLE_FILE)
@@ -223,7 +256,8 @@ def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = Fals
         else:
             model.llava.save_pretrained(tmp / LLAVA_DIR)
         extras = {k: cpu(v) for k, v in state.items() if not k.startswith("llava.")}
-        save_file(extras, tmp / EXTRAS_FILE)
+        if not sharded:
+            save_file(extras, tmp / EXTRAS_FILE)
         meta = {
             "format": FORMAT_VERSION,
             "model_config": to_dict(model.config),
@@ -234,6 +268,8 @@ def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = Fals
         }
         if base is not None:
             meta[BASE_KEY] = base
+        if sharded:
+            meta[SHARDED_KEY] = SHARDS_DIR
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)

@@ -1,25 +1,47 @@
 """Checkpoints: one folder per saved step, safe formats only, written atomically.
 
     OUT/checkpoints/step-00000100/
-        model/                    OlaVlm folder (build.py): LLaVA safetensors + extras + JSON + tokenizer,
-                                  or, trainable-only, the trained tensors + a hashed frozen-base reference
-        optimizer.safetensors     AdamW state tensors, keyed "<parameter name>/<state name>"
+        model/                    an OlaVlm folder (build.py) in one of three layouts, below
+        optimizer.safetensors     plain and trainable-only: AdamW state, "<parameter name>/<state name>"
+        optimizer/                sharded: shard-0000R-model-00001-of-00001.safetensors per rank R, same keys
         trainer.json              step, optimizer param groups, loader state per rank, RNG per rank,
                                   teacher fingerprints, time
         config.json               the effective RunConfig (what `--config` would need to reproduce it)
     OUT/checkpoints/LATEST        name of the newest complete checkpoint
 
-Trainable-only saves: when most parameters are frozen (PT) and `train.save_frozen`
-is off, the model folder holds only the trainable tensors (and any frozen one that
-left the base), the extras, config, tokenizer and image processor, plus a reference
-to the frozen base (the ModelConfig it is built from and a sampled hash, build.py);
-everything that loads a checkpoint (`--resume`, `--init-from`, probe, eval,
-generate, `ola export`) goes through `build.load_student`, which rebuilds the base,
-checks the hash and overlays the tensors. Under FSDP2 only those tensors are
-gathered. Measured on the tiny test student (PT, 1 step): checkpoint 2,257,213 B
-full -> 1,023,089 B (model weights 1,559,420 -> 319,868 B); for CLIP-L + Llama-3-8B
-(meta-device counts, bench/heads.py): 8.47 B parameters, 131.6 M trainable in PT:
-33.9 GB of fp32 weights -> 0.53 GB, plus 1.05 GB of AdamW state either way.
+`save_state` (every rank calls it) picks the layout:
+- trainable-only, when most parameters are frozen (PT) and `train.save_frozen` is
+  off: model/ holds llava_trainable.safetensors (the trainable LLaVA tensors and
+  any frozen one that left the base), the extras, config, tokenizer and image
+  processor, and `frozen_base` in olavlm.json (the ModelConfig the base is built
+  from and a sampled hash, build.py). Only these tensors and their AdamW state
+  are gathered to rank 0 (~0.5 + 1 GB for CLIP-L + 8B). Measured on the tiny test
+  student (PT, 1 step): checkpoint 2,257,213 B full -> 1,023,089 B (model weights
+  1,559,420 -> 319,868 B); for CLIP-L + Llama-3-8B (meta-device counts,
+  bench/heads.py): 8.47 B parameters, 131.6 M trainable in PT: 33.9 GB of fp32
+  weights -> 0.53 GB, plus 1.05 GB of AdamW state either way.
+- sharded, under FSDP2 otherwise: every rank writes its own shards of the whole
+  OlaVlm state to model/shards/ and of the AdamW state to optimizer/, through
+  torch.distributed.checkpoint with its Hugging Face safetensors storage writer
+  (`save_distributed=True`); model/ has `llava/config.json` for the skeleton. The
+  default DCP FileSystemWriter pickles its `.metadata`; this writer keeps each
+  tensor's global offsets as JSON in its safetensors header instead, and the
+  reader rebuilds the layout from those headers, so nothing is gathered on save
+  and any number of processes (one plain process too) reads the files back:
+  model weights whole (`build.load_student`), optimizer state re-sharded into the
+  current DTensors (`restore_optimizer`). Cost: the staging folder must be on a
+  filesystem every rank sees; each rank of a resume reads the model weights whole
+  before `fully_shard` (as a fresh run reads its base), only the optimizer state
+  is read shard by shard; DCP's per-file reads are not parallel (thread_count 1).
+- plain, one process or DDP: model/ is a full OlaVlm folder (llava/ safetensors),
+  optimizer.safetensors the full state (torch.distributed.checkpoint.state_dict,
+  keyed by names), written by rank 0.
+Everything that loads a checkpoint (`--resume`, `--init-from`, probe, eval,
+generate, `ola export`) goes through `model_dir` and `build.load_student`, which
+reads all three. A resume at another number of processes restores weights and
+optimizer exactly; the loader's per-rank state comes from `loader.rank_state`, and
+the RNG, which has no exact continuation then, is reseeded per rank from
+(seed, step, rank).
 
 `train.keep_last` N > 0: once LATEST names a new checkpoint, the complete `step-*`
 folders older than the newest N are removed (never the one LATEST names, nor a
@@ -27,10 +49,7 @@ staging or newer folder, nor anything outside OUT/checkpoints).
 
 The folder is written under a temporary name and renamed into place, and LATEST
 is replaced after it, so a crash at any moment leaves the previous checkpoint
-intact and findable. Optimizer state is taken as a full (unsharded, CPU) state
-dict keyed by parameter names (torch.distributed.checkpoint.state_dict), so the
-same files serve a plain, DDP or FSDP2 model. Cost: with FSDP2 rank 0 holds one
-full copy of the weights and optimizer state in CPU memory while saving.
+intact and findable.
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,6 +71,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 MODEL = "model"
 OPTIMIZER = "optimizer.safetensors"
+OPTIMIZER_SHARDS = "optimizer"
+SHARDS = "shards"
 TRAINER = "trainer.json"
 CONFIG = "config.json"
 STEP_NAME = re.compile(r"step-(\d{8,})")
@@ -139,11 +161,14 @@ def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dic
 
 
 # -- save / load ----------------------------------------------------------------------------------
-def save(out: str | Path, step: int, *, save_model, optimizer_full: dict, loader_states: list[dict],
-         rng_states: list[dict], config: dict, fingerprints: dict[str, str], keep_last: int = 0) -> Path:
+def save(out: str | Path, step: int, *, save_model, optimizer_full: dict | None, loader_states: list[dict],
+         rng_states: list[dict], config: dict, fingerprints: dict[str, str], keep_last: int = 0,
+         param_groups: list[dict] | None = None, write_shards=None) -> Path:
     """Write checkpoint `step` under OUT/checkpoints atomically (call on rank 0 only).
 
     `save_model(path)` writes the model folder (OlaVlm.save_pretrained or an equivalent).
+    `optimizer_full`: a full optimizer state dict (optimizer.safetensors), or None with `param_groups` and
+    `write_shards(staging folder)`, which every rank calls (see `save_state`) to write the sharded tensors.
     `keep_last` > 0: once LATEST names the new checkpoint, `prune` the older ones.
     """
     from safetensors.torch import save_file
@@ -153,8 +178,13 @@ def save(out: str | Path, step: int, *, save_model, optimizer_full: dict, loader
     # atomic_dir: a rerun of the same step replaces the old folder by renames, never rmtree-then-write
     with atomic_dir(final) as tmp:
         save_model(tmp / MODEL)
-        tensors, groups = optimizer_tensors(optimizer_full)
-        save_file(tensors, str(tmp / OPTIMIZER))
+        if optimizer_full is not None:
+            tensors, groups = optimizer_tensors(optimizer_full)
+            save_file(tensors, str(tmp / OPTIMIZER))
+        else:
+            groups = json.loads(json.dumps(param_groups))
+        if write_shards is not None:
+            write_shards(tmp)
         trainer = {"step": step, "param_groups": groups, "loader": loader_states, "rng": rng_states,
                    "fingerprints": fingerprints, "time": time.time()}
         (tmp / TRAINER).write_text(json.dumps(trainer, indent=1))
@@ -205,12 +235,127 @@ def prune(out: str | Path, keep_last: int) -> list[Path]:
 
 
 def load(path: str | Path) -> dict:
-    """{"path", "step", "trainer" (trainer.json), "config" (dict), "optimizer" (full state dict)}."""
+    """{"path", "step", "trainer" (trainer.json), "config" (dict), "optimizer" (full state dict, or None when
+    sharded: `restore_optimizer` reads it), "model"}."""
     from safetensors.torch import load_file
 
     path = find(path)
     trainer = json.loads((path / TRAINER).read_text())
     config = json.loads((path / CONFIG).read_text())
-    optimizer = optimizer_state(load_file(str(path / OPTIMIZER)), trainer["param_groups"])
+    optimizer = (optimizer_state(load_file(str(path / OPTIMIZER)), trainer["param_groups"])
+                 if (path / OPTIMIZER).exists() else None)
     return {"path": path, "step": trainer["step"], "trainer": trainer, "config": config, "optimizer": optimizer,
             "model": path / MODEL}
+
+
+# -- every rank: the training state, sharded under FSDP2 ---------------------------------------------
+def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save_frozen: bool, keep_last: int,
+               loader_state: dict, config: dict, fingerprints: dict[str, str]) -> str:
+    """Checkpoint `step` of a training process group (every rank calls it, `d`: parallel.Dist); its path on
+    rank 0, '' elsewhere.
+
+    Three layouts, chosen here: trainable-only (most weights frozen and not `save_frozen`, build.py: only
+    those tensors are gathered to rank 0), sharded (FSDP2: every rank writes its own shards, nothing is
+    gathered) or plain (one process or DDP: rank 0 writes full files).
+    """
+    import torch.distributed as dist
+
+    from .build import overlay_names, save_student, trainable_only_default
+    from .parallel import full_tensors, gather, is_fsdp
+
+    trainable_only = not save_frozen and trainable_only_default(model)
+    sharded = not trainable_only and is_fsdp(model)
+    loader_states = gather(loader_state, d)
+    rng_states = gather(rng_state(), d)
+    options = {}
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        model_state = model.state_dict()  # DTensors: this rank's shards
+        optim = get_optimizer_state_dict(wrapped, optimizer)  # sharded too
+        optim_tensors = {f"{name}/{key}": value for name, entry in optim["state"].items()
+                         for key, value in entry.items()}
+
+        def write_shards(tmp):
+            staging = Path(_broadcast(str(tmp) if tmp is not None else None))
+            save_sharded(staging / MODEL / SHARDS, model_state)
+            save_sharded(staging / OPTIMIZER_SHARDS, optim_tensors)
+
+        def save_model(path):
+            save_student(model, path, sharded=True)
+
+        options = {"optimizer_full": None, "param_groups": optim["param_groups"], "write_shards": write_shards}
+    else:
+        from .parallel import full_optimizer_state
+
+        optim = full_optimizer_state(wrapped, optimizer)
+        tensors = full_tensors(model, overlay_names(model)) if trainable_only else None
+
+        def save_model(path):
+            save_student(model, path, trainable_only=trainable_only, tensors=tensors)
+
+        options = {"optimizer_full": optim}
+    path = ""
+    if d.main:
+        path = str(save(out, step, save_model=save_model, loader_states=loader_states, rng_states=rng_states,
+                        config=config, fingerprints=fingerprints, keep_last=keep_last, **options))
+    elif sharded:
+        options["write_shards"](None)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def restore_optimizer(resumed: dict, wrapped, optimizer) -> None:
+    """Put a loaded checkpoint's (`load`) AdamW state into `optimizer` of `wrapped` (plain, DDP or FSDP2, any
+    number of processes, whatever layout it was saved in; a collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if resumed["optimizer"] is not None:
+        set_optimizer_state_dict(wrapped, optimizer, resumed["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    # sharded: this rank's part of every state tensor, in the layout of the current sharding (initialised
+    # by get_optimizer_state_dict), is read from the shard files whatever the saving world size was
+    current = get_optimizer_state_dict(wrapped, optimizer)
+    tensors = {f"{name}/{key}": value for name, entry in current["state"].items() for key, value in entry.items()}
+    load_sharded(resumed["path"] / OPTIMIZER_SHARDS, tensors)
+    state = optimizer_state(tensors, resumed["trainer"]["param_groups"])
+    set_optimizer_state_dict(wrapped, optimizer, state)
+
+
+def save_sharded(folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` (DTensors: this rank's shards; plain tensors: once) as one safetensors file per rank
+    under `folder`, each tensor's global offsets in the file's JSON header. Every rank calls it."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=dist.is_initialized())
+    dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+
+
+def load_sharded(folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill `tensors` in place from `save_sharded` files: plain tensors whole, DTensors their local part,
+    whatever the number of processes that wrote them (each rank reads on its own: no collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    with warnings.catch_warnings():  # DCP warns that no_dist means one process: intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+

@@ -1,10 +1,11 @@
 """Processes and parallelism: torchrun's environment, DDP / FSDP2 wrapping, full state dicts.
 
 Kept out of the loop and the model (as torchtitan does): the loop calls `wrap`
-once and `full_states` when it saves. FSDP2 (`fully_shard` on every decoder
-block and on the root, which holds the vision tower: a separately sharded CLIP
-loses transformers' hidden-state capture) is for full fine-tuning of large LLMs;
-its checkpoints gather full weights to rank 0. DDP runs with
+once; checkpoint.save_state calls the gathers here. FSDP2 (`fully_shard` on every
+decoder block and on the root, which holds the vision tower: a separately sharded
+CLIP loses transformers' hidden-state capture) is for full fine-tuning of large
+LLMs; its full checkpoints are written shard by shard, never gathered (only the
+trainable tensors of a trainable-only checkpoint are, `full_tensors`). DDP runs with
 find_unused_parameters=True: a micro-batch without images leaves the projector
 without gradient. Cost: one graph traversal per backward.
 """
@@ -81,19 +82,12 @@ def sync_ignored(model) -> None:
             p.grad /= dist.get_world_size()
 
 
-def full_states(model, optimizer, *, with_model: bool = True) -> tuple[dict | None, dict]:
-    """(full model state dict or None when the model is plain/DDP or not `with_model`, full optimizer state
-    dict keyed by names). A collective under FSDP2: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+def full_optimizer_state(model, optimizer) -> dict:
+    """The full optimizer state dict keyed by parameter names, on CPU (under FSDP2 a collective: every rank
+    calls it, rank 0 gets it; the trainer uses it only when the optimizer state is small or unsharded)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optim = get_optimizer_state_dict(model, optimizer, options=options)
-    full_model = get_model_state_dict(model, options=options) if with_model and is_fsdp(model) else None
-    return full_model, optim
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def is_fsdp(model) -> bool:

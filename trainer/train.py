@@ -24,8 +24,8 @@ Design choices and their cost:
   the projector without gradient. Cost: one graph traversal per backward.
 - FSDP2 (`fully_shard` on every decoder block and on the root, which holds the
   vision tower: a separately sharded CLIP loses transformers' hidden-state capture)
-  is for full fine-tuning of large LLMs; its checkpoints gather full weights to
-  rank 0 (see checkpoint.py).
+  is for full fine-tuning of large LLMs; its checkpoints are written shard by shard
+  by every rank (see checkpoint.py).
 - Progress: a tqdm bar only when stderr is a terminal; otherwise (a file, a CI log,
   a pipe) one plain line per `log_every` steps, since a bar written to a file repeats
   every update (transformers' own load/save bars are turned off then too). Cost: off a
@@ -51,13 +51,12 @@ from olavlm.schemas.config import RunConfig, TrainConfig, to_dict
 from olavlm.schemas.errors import ConfigError, OlaError
 
 from . import checkpoint
-from .build import overlay_names, save_student, trainable_only_default
 from .collate import to_device
 from .images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
 from .loader import build_loader, rank_state
 from .losses import Normalisers
 from .metrics import METRICS, Metrics
-from .parallel import Dist, full_states, full_tensors, gather, init_distributed, sync_ignored, wrap
+from .parallel import Dist, init_distributed, sync_ignored, wrap
 from .presets import TINY_MARKER
 from .run import Run, resolve_run
 from .stages import apply_stage
@@ -131,15 +130,17 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
     """(step, this rank's loader state) of the resumed checkpoint, with optimizer and RNG restored."""
     if not run.resume:
         return 0, None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     resumed = checkpoint.load(run.resume)
     try:
         loader_state = rank_state(resumed["trainer"]["loader"], d.rank, d.world)
     except ConfigError as exc:
         raise ConfigError(f"{resumed['path']}: {exc}") from None
-    set_optimizer_state_dict(wrapped, optimizer, resumed["optimizer"], options=StateDictOptions(full_state_dict=True))
-    checkpoint.set_rng_state(resumed["trainer"]["rng"][d.rank])
+    checkpoint.restore_optimizer(resumed, wrapped, optimizer)
+    saved_rngs = resumed["trainer"]["rng"]
+    if len(saved_rngs) == d.world:
+        checkpoint.set_rng_state(saved_rngs[d.rank])
+    else:  # another world size: no exact continuation exists; distinct, reproducible streams per rank
+        torch.manual_seed(run.config.train.seed + 1_000_003 * resumed["step"] + d.rank)
     return resumed["step"], loader_state
 
 
@@ -264,31 +265,8 @@ def train(config: RunConfig, *, given=None) -> dict:
 
 
 def _save(run: Run, model, wrapped, optimizer, loader_state: dict, step: int, d: Dist) -> str:
-    """A checkpoint of every rank's state, written by rank 0; returns its path there ('' elsewhere).
-
-    Trainable-only (build.py) when most weights are frozen and not train.save_frozen: then only those tensors
-    (and their optimizer state) are gathered, never the frozen base."""
-    trainable_only = not run.config.train.save_frozen and trainable_only_default(model)
-    full_model, optim = full_states(wrapped, optimizer, with_model=not trainable_only)
-    tensors = full_tensors(model, overlay_names(model)) if trainable_only else None
-    loader_states = gather(loader_state, d)
-    rng_states = gather(checkpoint.rng_state(), d)
-    path = ""
-    if d.main:
-        def save_model(path):
-            if trainable_only:
-                save_student(model, path, trainable_only=True, tensors=tensors)
-            elif full_model is None:
-                model.save_pretrained(path)
-            else:  # FSDP2: a CPU copy with the gathered full weights
-                with torch.random.fork_rng(devices=[]):  # building the copy draws init values: keep the run's RNG
-                    copy = type(model).from_config(run.config.model, {**run.target_shapes, **run.teacher_specs})
-                copy.load_state_dict(full_model)
-                copy.save_pretrained(path)
-        path = str(checkpoint.save(run.config.train.out, step, save_model=save_model, optimizer_full=optim,
-                                   loader_states=loader_states, rng_states=rng_states,
-                                   config=to_dict(run.config), fingerprints=run.fingerprints,
-                                   keep_last=run.config.train.keep_last))
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+    """A checkpoint of every rank's state (checkpoint.save_state picks the layout); its path on rank 0."""
+    tcfg = run.config.train
+    return checkpoint.save_state(tcfg.out, step, model, wrapped, optimizer, d, save_frozen=tcfg.save_frozen,
+                                 keep_last=tcfg.keep_last, loader_state=loader_state, config=to_dict(run.config),
+                                 fingerprints=run.fingerprints)

@@ -1,0 +1,151 @@
+"""Sharded checkpoints (FSDP2): every rank writes its own safetensors shards, nothing is gathered, and any
+number of processes reads them back; the plain single-process layout round-trips too. Exact equality.
+
+The 2-process run gathers a full copy of what it saved (for the test only) to compare against.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from olavlm.schemas.config import ModelConfig, RunConfig, TrainConfig
+from olavlm.trainer import checkpoint
+from olavlm.trainer.model import OlaVlm
+from olavlm.trainer.parallel import Dist, wrap
+from olavlm.trainer.presets import TINY_HEADS
+from olavlm.trainer.stages import apply_stage
+from olavlm.trainer.train import train
+from tests._student import SPECS, tiny_folders
+from tests._trainer_data import make_cache, make_corpus
+from tests.test_losses import spawn_two
+from tests.test_resume import SHAPES, assert_same_run, resume_config, run_config
+
+
+def _config() -> ModelConfig:
+    s = tiny_folders()
+    return ModelConfig(vision_model=s.vision_model, llm=s.llm, **TINY_HEADS)
+
+
+def _trained(config: ModelConfig, d: Dist, *, fsdp: bool):
+    """A VPT student (LLM + projector train) after two AdamW steps on fixed gradients: moments are non-zero."""
+    torch.manual_seed(0)
+    model = OlaVlm.from_config(config, SPECS)
+    apply_stage(model, "vpt")
+    wrapped = wrap(model, RunConfig(model=config, train=TrainConfig(fsdp=fsdp)), d)
+    optimizer = torch.optim.AdamW(apply_stage(model, "vpt", lr=1e-3, weight_decay=0.1))
+    for scale in (0.1, -0.3):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = p.detach() * scale + 0.01
+        optimizer.step()
+    return model, wrapped, optimizer
+
+
+def _full_copy(model, wrapped, optimizer) -> dict[str, torch.Tensor]:
+    """Model and optimizer state as full CPU tensors ("model/<name>", "optim/<name>/<state>")."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from olavlm.trainer.parallel import full_optimizer_state
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(wrapped, options=options)
+    optim = full_optimizer_state(wrapped, optimizer)
+    if "state" not in optim:  # cpu_offload: ranks other than 0 get nothing back
+        return {}
+    flat, _ = checkpoint.optimizer_tensors(optim)
+    out = {f"model/{k}": v.detach().cpu().clone() for k, v in state.items()}
+    return {**out, **{f"optim/{k}": v.clone() for k, v in flat.items()}}
+
+
+def _save(out, model, wrapped, optimizer, d: Dist) -> str:
+    return checkpoint.save_state(out, 1, model, wrapped, optimizer, d, save_frozen=True, keep_last=0,
+                                 loader_state={"epoch": 0}, config={}, fingerprints={})
+
+
+def _save_worker(rank: int, world: int, port: int, config: ModelConfig, out: str, reference: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        d = Dist(rank, world, rank, torch.device("cpu"))
+        model, wrapped, optimizer = _trained(config, d, fsdp=True)
+        _save(out, model, wrapped, optimizer, d)
+        copy = _full_copy(model, wrapped, optimizer)  # a collective: every rank
+        if rank == 0:
+            save_file(copy, reference)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_one_process_copy(out) -> dict[str, torch.Tensor]:
+    """Resume at world size 1 under FSDP2 (in this process, as tests/test_resume.py does): model from the
+    shards, optimizer state re-sharded into DTensors."""
+    model = OlaVlm.from_pretrained(checkpoint.model_dir(out))
+    apply_stage(model, "vpt")
+    wrapped = wrap(model, RunConfig(model=model.config, train=TrainConfig(fsdp=True)), Dist(0, 1, 0, torch.device("cpu")))
+    optimizer = torch.optim.AdamW(apply_stage(model, "vpt", lr=1e-3, weight_decay=0.1))
+    checkpoint.restore_optimizer(checkpoint.load(out), wrapped, optimizer)
+    return _full_copy(model, wrapped, optimizer)
+
+
+def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    different = [k for k in expected if got[k].shape != expected[k].shape or not torch.equal(got[k], expected[k])]
+    assert not different, different[:5]
+
+
+def _loaded_copy(out) -> dict[str, torch.Tensor]:
+    """One plain process: model through the public loading path, optimizer through restore_optimizer."""
+    model = OlaVlm.from_pretrained(checkpoint.model_dir(out))
+    optimizer = torch.optim.AdamW(apply_stage(model, "vpt", lr=1e-3, weight_decay=0.1))
+    checkpoint.restore_optimizer(checkpoint.load(out), model, optimizer)
+    return _full_copy(model, model, optimizer)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers
+@pytest.mark.timeout(400)
+def test_two_process_fsdp2_shards_load_exactly_in_one_process_plain_and_fsdp2(tmp_path):
+    config, out = _config(), tmp_path / "run"
+    reference = str(tmp_path / "saved.safetensors")
+    spawn_two(_save_worker, config, str(out), reference, seconds=180)
+    saved = load_file(reference)
+    assert any(k.endswith("/exp_avg") and v.abs().sum() > 0 for k, v in saved.items())  # teeth: real moments
+
+    step = checkpoint.find(out)
+    model_shards = sorted((step / checkpoint.MODEL / checkpoint.SHARDS).glob("*.safetensors"))
+    optim_shards = sorted((step / checkpoint.OPTIMIZER_SHARDS).glob("*.safetensors"))
+    assert len(model_shards) == 2 and len(optim_shards) == 2  # one file per rank, nothing gathered
+    assert not (step / checkpoint.OPTIMIZER).exists() and not list((step / checkpoint.MODEL / "llava").glob("*.safetensors"))
+    assert not [p for p in step.rglob("*") if p.is_file() and p.suffix not in (".json", ".safetensors", ".jinja", ".txt")]
+
+    _assert_equal(_loaded_copy(out), saved)  # world size 2 -> 1 plain process
+
+    _assert_equal(_fsdp_one_process_copy(out), saved)  # world size 2 -> 1 FSDP2 process (DTensors)
+
+
+def test_single_process_layout_round_trips_exactly(tmp_path):
+    model, wrapped, optimizer = _trained(_config(), Dist(0, 1, 0, torch.device("cpu")), fsdp=False)
+    path = _save(tmp_path, model, wrapped, optimizer, Dist(0, 1, 0, torch.device("cpu")))
+    assert (checkpoint.find(tmp_path) / checkpoint.OPTIMIZER).exists() and path
+    assert list((checkpoint.model_dir(tmp_path) / "llava").glob("*.safetensors"))
+    saved = _full_copy(model, wrapped, optimizer)
+    assert any(k.endswith("/exp_avg_sq") and v.abs().sum() > 0 for k, v in saved.items())
+    _assert_equal(_loaded_copy(tmp_path), saved)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_training_resumes_exactly_from_sharded_checkpoints(tmp_path, one_thread):
+    """The loop end to end: FSDP2 with the frozen weights saved (sharded layout), resumed at step 2."""
+    from olavlm.trainer.presets import build_tiny_student
+
+    samples = make_corpus(tmp_path / "corpus", shards=2, per_shard=6, text_only_every=5)
+    make_cache(tmp_path / "cache", samples, shapes=SHAPES)
+    data = (tmp_path, build_tiny_student(tmp_path / "student", seed=0))
+    full, resumed = tmp_path / "sharded", tmp_path / "sharded-resumed"
+    train(run_config(data, full, fsdp=True, save_frozen=True))
+    assert (checkpoint.find(full) / checkpoint.OPTIMIZER_SHARDS).is_dir()
+    train(resume_config(full, resumed, fsdp=True))
+    assert_same_run(full, resumed)
