@@ -149,3 +149,14 @@ def test_fsdp2_training_resumes_exactly_from_sharded_checkpoints(tmp_path, one_t
     assert (checkpoint.find(full) / checkpoint.OPTIMIZER_SHARDS).is_dir()
     train(resume_config(full, resumed, fsdp=True))
     assert_same_run(full, resumed)
+
+    # ola export of a sharded checkpoint: a plain LLaVA with the trained weights
+    from transformers import LlavaForConditionalGeneration
+
+    from olavlm.trainer.export import export_llava
+
+    trained = OlaVlm.from_pretrained(checkpoint.model_dir(resumed))
+    exported = LlavaForConditionalGeneration.from_pretrained(export_llava(checkpoint.model_dir(resumed),
+                                                                          tmp_path / "export"))
+    got, expected = exported.state_dict(), trained.merged_llava().state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
