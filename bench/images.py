@@ -40,9 +40,11 @@ def _jpeg(array: np.ndarray, quality: int = 90) -> bytes:
 def bench_images(seed: int = 0, only: tuple[str, ...] = ()) -> dict[str, bytes]:
     """{name: JPEG bytes} of the photos described in the module docstring (`only`: these names)."""
     from PIL import Image
-    from skimage import data
 
     from olavlm.bench.loader import _photo
+    from olavlm.schemas.extras import require
+
+    data = require("skimage.data", "ola bench decode (its photos)")
 
     def coffee() -> bytes:
         upscaled = np.asarray(Image.fromarray(data.coffee()).resize((2000, 1500), Image.BICUBIC)).astype(np.int16)
