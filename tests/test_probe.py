@@ -143,3 +143,14 @@ def test_probe_user_errors_are_one_red_line(probe_setup, demo_corpus, tmp_path):
                                           "--out", str(tmp_path / "p"), "--steps", "1", *extra])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.timeout(300)
+def test_probe_with_loader_workers_scores_every_heldout_image_once(probe_setup, demo_corpus):
+    """Loader workers drift apart by epochs; the held-out pass must still cover exactly epoch 0's images."""
+    root, cache, checkpoints = probe_setup
+    config = ProbeConfig(layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30,
+                         num_workers=2)
+    rows = run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(root / "probe-workers"), config=config,
+                     device="cpu")
+    assert [r["heldout_images"] for r in rows] == [sum(is_heldout(f"demo-{i:06d}", 30) for i in range(24))]

@@ -175,16 +175,20 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
 
     def split(heldout: bool):
         """The loader's image batches of one split, on the device. Held out: one pass, then stop."""
-        seen = set()
-        for batch, _state in loader():
-            if heldout:  # the loader runs epochs without end; the first repeated key ends the pass
-                if any(k in seen for k in batch["keys"]):
+        for batch, state in loader():
+            # The loader runs epochs without end and its workers drift apart (one may hand out epoch 1
+            # while another is still in epoch 0): the held-out pass takes epoch 0's batches only and ends
+            # once every worker has handed out the whole of it.
+            if heldout and state["epoch"] > 0:
+                if state["epochs_done"] >= 1:
                     return
-                seen.update(batch["keys"])
+                continue
             keep = [bool(h) and is_heldout(k, config.heldout_percent) == heldout
                     for k, h in zip(batch["keys"], batch["has_image"])]  # text-only samples carry no target
             if any(keep):
                 yield to_device(_rows(batch, keep), device)
+            if heldout and state["epochs_done"] >= 1:
+                return
 
     train_probes(probes, todo, split(heldout=False), states_of, steps=config.steps, lr=config.lr, progress=progress)
     scores, count = score_probes(probes, todo, split(heldout=True), states_of)
