@@ -15,8 +15,8 @@ LLaVA-1.5's `--image_aspect_ratio`:
 The work is done here rather than by the processor (docs/BENCHMARKS.md, "Image
 decode", has the figures), because:
 - the resize is torch's antialiased uint8 interpolation (SIMD; the same filter
-  as PIL's, within 1 grey level of it): ~5x faster than PIL's resize, which is
-  most of the time of a LLaVA-size photo;
+  as PIL's, within 2 grey levels of it, one rounding per pass): ~5x faster than
+  PIL's resize, which was most of the time of a LLaVA-size photo;
 - the worker returns uint8 (3, H, W) and nothing else is done per sample:
   normalisation to float happens on the model's device (`normalize_pixels`,
   called by the model), so 4x fewer bytes cross the loader's shared memory.
@@ -24,8 +24,8 @@ JPEGs are decoded at full size: decoding at reduced DCT scale (PIL's `draft`)
 is 2-3x faster for photos much larger than 336 but differs from the processor's
 full decode + resize by up to ~50 grey levels on detailed photos, outside the
 tolerance the tests hold the transform to. Cost: large photos take their full
-decode time (~8 ms for 2000x1500 on one core); other resampling filters than
-bilinear/bicubic fall back to PIL's resize.
+decode time (2000x1500: ~10 ms of ~17 ms in all on one loaded core); other
+resampling filters than bilinear/bicubic fall back to PIL's resize.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def resize_chw(pixels: np.ndarray, size: tuple[int, int], resample: int) -> np.n
     """uint8 (h, w, 3) -> uint8 (3, height, width) with PIL filter `resample` (antialiased when shrinking).
 
     Bilinear and bicubic run as torch's uint8 antialiased interpolation, whose kernels are PIL's
-    (within 1 grey level: its rounding differs). The result is a view with channels-last strides.
+    (within 2 grey levels: its rounding differs, once per pass). The result is a view with
+    channels-last strides.
     """
     height, width = size
     if pixels.shape[:2] == (height, width):
