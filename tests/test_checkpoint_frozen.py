@@ -136,3 +136,14 @@ def test_pt_training_writes_trainable_only_checkpoints_and_keeps_the_last_n(tmp_
     train(config(tmp_path / "pt-full", steps=1, save_frozen=True))
     model = checkpoint.model_dir(tmp_path / "pt-full")
     assert (model / LLAVA_DIR).is_dir() and not (model / TRAINABLE_FILE).exists()
+
+
+def test_relative_base_folders_are_recorded_absolute(tmp_path, monkeypatch):
+    shutil.copytree(Path(tiny_folders().llm).parent, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = _pt_student("base/vision", "base/llm")
+    folder = save_student(model, tmp_path / "ckpt", trainable_only=True)
+    source = json.loads((folder / "olavlm.json").read_text())[BASE_KEY]["source"]
+    assert source["llm"] == str(tmp_path / "base" / "llm") and source["vision_model"] == str(tmp_path / "base" / "vision")
+    monkeypatch.chdir(tmp_path / "base")  # another working directory
+    _assert_same_state(model, OlaVlm.from_pretrained(folder))

@@ -96,7 +96,7 @@ def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[in
     model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
                    image_processor=image_processor, teacher_specs=specs)
     model.loaded_digests = llava_digests(llava)
-    model.frozen_base = {"source": to_dict(config), "digests": model.loaded_digests}
+    model.frozen_base = {"source": _source(config), "digests": model.loaded_digests}
     return model
 
 
@@ -142,7 +142,7 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     # a trainable-only folder's base is its recorded root (so that deleting this folder breaks no later one)
     model.frozen_base = ({"source": meta[BASE_KEY]["source"], "digests": meta[BASE_KEY]["digests"]}
                          if BASE_KEY in meta else
-                         {"source": to_dict(dataclasses.replace(config, llava_checkpoint=str(path))),
+                         {"source": _source(dataclasses.replace(config, llava_checkpoint=str(path))),
                           "digests": model.loaded_digests})
     return model.to(dtype) if dtype is not None else model
 
@@ -183,6 +183,14 @@ def _rebuild_base(path: Path, meta: dict, shapes: dict, specs: dict):
                           "the original)")
     llava.load_state_dict(overlay, strict=False)
     return llava
+
+
+def _source(config: ModelConfig) -> dict:
+    """The config a frozen base is rebuilt from, its local folders made absolute (hub ids stay as they are),
+    so that a checkpoint loads from any working directory."""
+    local = {name: str(Path(value).resolve()) for name in ("vision_model", "llm", "llava_checkpoint")
+             if (value := getattr(config, name)) and Path(value).exists()}
+    return to_dict(dataclasses.replace(config, **local))
 
 
 # -- frozen base: sampled digests -------------------------------------------------------------------
