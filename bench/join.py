@@ -129,7 +129,7 @@ def _lookup_keys(keys: int, lookups: int, seed: int) -> dict[str, list[str]]:
             "shard_order": [key_of(int(i)) for i in np.linspace(0, keys - 1, lookups).astype(int)]}
 
 
-def _child(method: str, root: str, keys: int, lookups: int, seed: int) -> dict:
+def _child(method: str, root: str, keys: int, lookups: int, seed: int, memory_budget_mb: int) -> dict:
     """One measurement in this (fresh) process: dict, keyindex-build, keyindex-lookup, parquet-build, parquet-lookup."""
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.keyindex import build_index, open_index
@@ -145,7 +145,7 @@ def _child(method: str, root: str, keys: int, lookups: int, seed: int) -> dict:
         index = {k: (s, r, h) for k, s, r, h in zip(*cols)}
         del table, cols
     elif method == "keyindex-build":
-        index = build_index(cache, TEACHER)
+        index = build_index(cache, TEACHER, memory_budget=memory_budget_mb * 2**20)
     elif method == "keyindex-lookup":
         index = open_index(cache, TEACHER, build=False)
     elif method == "parquet-build":
@@ -171,9 +171,10 @@ def _child(method: str, root: str, keys: int, lookups: int, seed: int) -> dict:
     return out
 
 
-def _run_child(method: str, root: str, keys: int, lookups: int, seed: int) -> dict:
+def _run_child(method: str, root: str, keys: int, lookups: int, seed: int, memory_budget_mb: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "olavlm.bench.join", method, root, str(keys), str(lookups), str(seed)],
+    args = [method, root, str(keys), str(lookups), str(seed), str(memory_budget_mb)]
+    proc = subprocess.run([sys.executable, "-m", "olavlm.bench.join", *args],
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench join child {method!r} failed:\n{proc.stderr[-4000:]}")
@@ -181,7 +182,8 @@ def _run_child(method: str, root: str, keys: int, lookups: int, seed: int) -> di
 
 
 def bench_join(keys: int = 1_000_000, shards: int = 100, lookups: int = 100_000, seed: int = 0,
-               root: str | None = None) -> dict:
+               root: str | None = None, memory_budget_mb: int = 256) -> dict:
+    """Figures of the three methods (module docstring); `memory_budget_mb`: the key index build's sort budget."""
     if keys < 1 or shards < 1 or lookups < 1 or shards > keys:
         raise ValueError(f"need keys >= shards >= 1 and lookups >= 1 (got keys={keys}, shards={shards}, "
                          f"lookups={lookups})")
@@ -192,17 +194,18 @@ def bench_join(keys: int = 1_000_000, shards: int = 100, lookups: int = 100_000,
         made_s = time.perf_counter() - start
         manifest_bytes = sum(os.path.getsize(os.path.join(cache_root, TEACHER, s, "manifest.parquet"))
                              for s in os.listdir(os.path.join(cache_root, TEACHER)) if s.startswith("shard-"))
-        old = _run_child("dict", cache_root, keys, lookups, seed)
+        old = _run_child("dict", cache_root, keys, lookups, seed, memory_budget_mb)
         methods = {"dict": {"build_s": old["seconds"], "open_s": old["seconds"], **_lookup_figures(old),
                             "peak_rss_mb": old["peak_rss_mb"], "build_peak_rss_mb": old["peak_rss_mb"],
                             "disk_bytes": 0}}
         for name in ("keyindex", "parquet"):  # parquet converts the key index built just before
-            built = _run_child(f"{name}-build", cache_root, keys, lookups, seed)
-            used = _run_child(f"{name}-lookup", cache_root, keys, lookups, seed)
+            built = _run_child(f"{name}-build", cache_root, keys, lookups, seed, memory_budget_mb)
+            used = _run_child(f"{name}-lookup", cache_root, keys, lookups, seed, memory_budget_mb)
             methods[name] = {"build_s": built["seconds"], "open_s": used["seconds"], **_lookup_figures(used),
                              "peak_rss_mb": used["peak_rss_mb"], "build_peak_rss_mb": built["peak_rss_mb"],
                              "disk_bytes": built["index_bytes"]}
-    return {"keys": keys, "shards": shards, "lookups_per_kind": lookups, "make_cache_s": made_s,
+    return {"keys": keys, "shards": shards, "lookups_per_kind": lookups, "memory_budget_mb": memory_budget_mb,
+            "make_cache_s": made_s,
             "manifest_bytes": manifest_bytes, "interpreter_anon_mb": old["anon_before_mb"], "methods": methods}
 
 
@@ -212,5 +215,5 @@ def _lookup_figures(child: dict) -> dict:
 
 
 if __name__ == "__main__":
-    method, root, keys, lookups, seed = sys.argv[1:6]
-    print(json.dumps(_child(method, root, int(keys), int(lookups), int(seed))))
+    method, root, keys, lookups, seed, budget = sys.argv[1:7]
+    print(json.dumps(_child(method, root, int(keys), int(lookups), int(seed), int(budget))))

@@ -87,10 +87,14 @@ class KeyIndexError(CacheError):
     """A key index that is missing, stale or unreadable; the message names the folder and the fix."""
 
 
+def key_digest(key: str) -> bytes:
+    """blake2b-128 of the key's UTF-8 bytes: hi = first 8 bytes, lo = last 8 (big-endian)."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
 def key_hashes(keys: Sequence[str]) -> np.ndarray:
-    """(n, 2) uint64: blake2b-128 of each key's UTF-8 bytes, as (hi, lo)."""
-    digests = b"".join(hashlib.blake2b(k.encode(), digest_size=16).digest() for k in keys)
-    return np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    """(n, 2) uint64 (hi, lo) of each key (see `key_digest`)."""
+    return np.frombuffer(b"".join(map(key_digest, keys)), dtype=">u8").reshape(-1, 2).astype(np.uint64)
 
 
 def state_token(fingerprint: str, shards: Sequence[str]) -> str:
@@ -141,15 +145,16 @@ class KeyIndex:
 
     def get(self, key: str, default=None) -> tuple[str, int, str] | None:
         """(shard, row, sha256 hex) of `key`, or `default`."""
-        hi, lo = key_hashes([key])[0]
-        start = int(self._hi.searchsorted(hi, side="left"))
-        if start == len(self._hi) or self._hi[start] != hi:
+        digest = key_digest(key)
+        hi, lo = int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big")
+        i, found, size = int(self._hi.searchsorted(np.uint64(hi))), -1, len(self._hi)
+        while i < size and int(self._hi[i]) == hi:  # a run of equal hi: usually one entry
+            if int(self._lo[i]) == lo:
+                found = i  # same key in several shards: keep going, the last shard wins
+            i += 1
+        if found < 0:
             return default
-        stop = int(self._hi.searchsorted(hi, side="right"))
-        for i in range(stop - 1, start - 1, -1):  # same key in several shards: the last shard wins
-            if self._lo[i] == lo:
-                return self.shards[self._shard[i]], int(self._row[i]), self._sha[i].tobytes().hex()
-        return default
+        return self.shards[self._shard[found]], int(self._row[found]), self._sha[found].tobytes().hex()
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
@@ -290,26 +295,28 @@ def _build_into(cache, teacher: str, shards: Sequence[str], folder: str, memory_
     finally:
         for f in files:
             f.close()
-    out = {
-        "hash_hi": np.lib.format.open_memmap(os.path.join(folder, "hash_hi.npy"), "w+", np.uint64, (total,)),
-        "hash_lo": np.lib.format.open_memmap(os.path.join(folder, "hash_lo.npy"), "w+", np.uint64, (total,)),
-        "shard": np.lib.format.open_memmap(os.path.join(folder, "shard.npy"), "w+", np.uint32, (total,)),
-        "row": np.lib.format.open_memmap(os.path.join(folder, "row.npy"), "w+", np.uint32, (total,)),
-        "sha256": np.lib.format.open_memmap(os.path.join(folder, "sha256.npy"), "w+", np.uint8, (total, 32)),
-    }
-    start = 0
-    for path in paths:  # pass 2: buckets are hi ranges in order, so sorted buckets concatenate sorted
-        records = np.fromfile(path, RECORD)
-        os.remove(path)
-        records = records[np.lexsort((records["shard"], records["lo"], records["hi"]))]
-        stop = start + len(records)
-        for name, field in (("hash_hi", "hi"), ("hash_lo", "lo"), ("shard", "shard"), ("row", "row"),
-                            ("sha256", "sha256")):
-            out[name][start:stop] = records[field]
-        start = stop
-    if start != total:
+    # plain appends, not open_memmap: written pages stay in the page cache, out of the builder's RSS
+    columns = (("hash_hi", "hi", np.uint64, ()), ("hash_lo", "lo", np.uint64, ()), ("shard", "shard", np.uint32, ()),
+               ("row", "row", np.uint32, ()), ("sha256", "sha256", np.uint8, (32,)))
+    outputs = {}
+    try:
+        for name, _, dtype, tail in columns:
+            outputs[name] = open(os.path.join(folder, f"{name}.npy"), "wb")  # noqa: SIM115 (closed below)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": (total, *tail)}
+            np.lib.format.write_array_header_1_0(outputs[name], header)
+        written = 0
+        for path in paths:  # pass 2: buckets are hi ranges in order, so sorted buckets concatenate sorted
+            records = np.fromfile(path, RECORD)
+            os.remove(path)
+            records = records[np.lexsort((records["shard"], records["lo"], records["hi"]))]
+            for name, field, dtype, _ in columns:
+                outputs[name].write(np.ascontiguousarray(records[field], dtype=dtype).tobytes())
+            written += len(records)
+    finally:
+        for f in outputs.values():
+            f.close()
+    if written != total:
         raise KeyIndexError(f"{cache.root.url}/{teacher}: manifests changed while the index was built "
-                            f"({start} rows read, footers said {total}); build again")
-    for array in out.values():
-        array.flush()
+                            f"({written} rows read, footers said {total}); build again")
     return total

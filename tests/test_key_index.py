@@ -165,7 +165,8 @@ def test_bench_join_smoke(tmp_path):
 
     from olavlm.cli.app import app
 
-    args = ["bench", "join", "--keys", "10000", "--shards", "10", "--lookups", "2000", "--json", "--tmp", str(tmp_path)]
+    args = ["bench", "join", "--keys", "10000", "--shards", "10", "--lookups", "2000", "--memory-budget-mb", "1",
+            "--json", "--tmp", str(tmp_path)]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     result = json.loads(run.output)
@@ -173,8 +174,9 @@ def test_bench_join_smoke(tmp_path):
     assert set(result["methods"]) == {"dict", "keyindex", "parquet"}
     for figures in result["methods"].values():
         assert figures["build_s"] > 0 and figures["random_lookups_per_s"] > 0 and figures["shard_order_lookups_per_s"] > 0
-        assert figures["hits"] == figures["lookups"]  # every benchmark key is found by both
+        assert figures["hits"] == figures["lookups"]  # every benchmark key is found by every method
         assert figures["peak_rss_mb"] > 0
+    assert 56 * 10_000 <= result["methods"]["keyindex"]["disk_bytes"] < 56 * 10_000 + 10_000
 
 
 def test_precompute_builds_the_index_of_local_caches_only(tmp_path, user_index_dir):
