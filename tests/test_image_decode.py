@@ -126,3 +126,15 @@ def test_bench_decode_ranks_the_decoders_against_the_processor():
         assert rows["pad", "PIL decode + numpy pad + torch resize (ImageTransform pad)", image]["max_diff"] < TOLERANCE
     # the reduced-scale decode it replaced does not, on a detailed photo much larger than 336
     assert rows["crop", "PIL draft(336) + PIL resize (former ImageTransform)", "retina 1411x1411"]["max_diff"] > TOLERANCE
+
+
+@pytest.mark.parametrize("height,width", [(37, 50), (50, 37), (7, 4), (3, 8), (6, 6)])
+def test_pad_to_square_is_llavas_expand2square(height, width):
+    from olavlm.trainer.images import pad_to_square
+
+    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    background = (122, 116, 104)
+    side = max(height, width)
+    want = Image.new("RGB", (side, side), background)  # LLaVA's expand2square, as written there
+    want.paste(Image.fromarray(pixels), ((side - width) // 2, (side - height) // 2))
+    np.testing.assert_array_equal(pad_to_square(pixels, background), np.asarray(want))

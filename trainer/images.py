@@ -149,9 +149,13 @@ def pad_to_square(pixels: np.ndarray, background: tuple[int, int, int]) -> np.nd
     if width == height:
         return pixels
     side = max(width, height)
-    canvas = np.empty((side, side, 3), np.uint8)
-    canvas[:] = np.asarray(background, np.uint8)
     top, left = (side - height) // 2, (side - width) // 2
+    # Only the bands get the colour, from one ready row: broadcasting a 3-vector over every
+    # pixel costs more than the whole resize.
+    row = np.tile(np.asarray(background, np.uint8), side).reshape(side, 3)
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:top], canvas[top + height:] = row, row
+    canvas[top:top + height, :left], canvas[top:top + height, left + width:] = row[:left], row[left + width:]
     canvas[top:top + height, left:left + width] = pixels
     return canvas
 
