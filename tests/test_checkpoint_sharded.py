@@ -97,10 +97,10 @@ def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
     assert not different, different[:5]
 
 
-def _loaded_copy(out) -> dict[str, torch.Tensor]:
+def _loaded_copy(out, stage: str = "vpt") -> dict[str, torch.Tensor]:
     """One plain process: model through the public loading path, optimizer through restore_optimizer."""
     model = OlaVlm.from_pretrained(checkpoint.model_dir(out))
-    optimizer = torch.optim.AdamW(apply_stage(model, "vpt", lr=1e-3, weight_decay=0.1))
+    optimizer = torch.optim.AdamW(apply_stage(model, stage, lr=1e-3, weight_decay=0.1))
     checkpoint.restore_optimizer(checkpoint.load(out), model, optimizer)
     return _full_copy(model, model, optimizer)
 
@@ -136,14 +136,19 @@ def test_single_process_layout_round_trips_exactly(tmp_path):
     _assert_equal(_loaded_copy(tmp_path), saved)
 
 
+def _run_data(folder):
+    """(folder, tiny student) with a corpus and a cache in `folder`: what tests/test_resume.run_config takes."""
+    from olavlm.trainer.presets import build_tiny_student
+
+    samples = make_corpus(folder / "corpus", shards=2, per_shard=6, text_only_every=5)
+    make_cache(folder / "cache", samples, shapes=SHAPES)
+    return folder, build_tiny_student(folder / "student", seed=0)
+
+
 @pytest.mark.timeout(300)
 def test_fsdp2_training_resumes_exactly_from_sharded_checkpoints(tmp_path, one_thread):
     """The loop end to end: FSDP2 with the frozen weights saved (sharded layout), resumed at step 2."""
-    from olavlm.trainer.presets import build_tiny_student
-
-    samples = make_corpus(tmp_path / "corpus", shards=2, per_shard=6, text_only_every=5)
-    make_cache(tmp_path / "cache", samples, shapes=SHAPES)
-    data = (tmp_path, build_tiny_student(tmp_path / "student", seed=0))
+    data = _run_data(tmp_path)
     full, resumed = tmp_path / "sharded", tmp_path / "sharded-resumed"
     train(run_config(data, full, fsdp=True, save_frozen=True))
     assert (checkpoint.find(full) / checkpoint.OPTIMIZER_SHARDS).is_dir()
@@ -160,3 +165,64 @@ def test_fsdp2_training_resumes_exactly_from_sharded_checkpoints(tmp_path, one_t
                                                                           tmp_path / "export"))
     got, expected = exported.state_dict(), trained.merged_llava().state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+TRAIN_SCRIPT = """
+import json, sys
+from olavlm.schemas.config import RunConfig, from_dict
+from olavlm.trainer.train import train
+
+train(from_dict(RunConfig, json.loads(open(sys.argv[1]).read())))
+"""
+
+
+@pytest.mark.slow  # torchrun with 2 fresh interpreters importing torch + transformers
+@pytest.mark.timeout(400)
+def test_fsdp2_run_of_two_processes_resumes_in_one(tmp_path, one_thread):
+    """train() end to end at another world size: the resumed weights and AdamW state are the saved ones."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from olavlm.schemas.config import to_dict
+    from olavlm.trainer.train import read_metrics
+    from tests.test_resume import ROOT
+
+    data = _run_data(tmp_path)
+    two, one = tmp_path / "two", tmp_path / "one"
+    config = tmp_path / "two.json"
+    first = run_config(data, two, fsdp=True, save_frozen=True)
+    first = dataclasses.replace(first, train=dataclasses.replace(first.train, steps=2))  # saves step 2
+    config.write_text(json.dumps(to_dict(first)))
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(script), str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = checkpoint.find(two)
+    assert len(json.loads((saved / checkpoint.TRAINER).read_text())["rng"]) == 2
+    expected = _loaded_copy(two, "pt")
+
+    # one process resumes: what it restored is exactly what the two saved (checked before its first step)
+    import olavlm.trainer.train as loop
+
+    restored = {}
+    real = loop._restore
+
+    def spy(run, wrapped, optimizer, d):
+        out = real(run, wrapped, optimizer, d)
+        restored.update(_full_copy(wrapped, wrapped, optimizer))
+        return out
+
+    loop._restore = spy
+    try:
+        train(resume_config(two, one, fsdp=True))
+    finally:
+        loop._restore = real
+    _assert_equal(restored, expected)
+    assert [m["step"] for m in read_metrics(one)] == [3, 4]
+    assert len(json.loads((checkpoint.find(one) / checkpoint.TRAINER).read_text())["rng"]) == 1

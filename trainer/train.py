@@ -131,16 +131,20 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
     if not run.resume:
         return 0, None
     resumed = checkpoint.load(run.resume)
-    try:
-        loader_state = rank_state(resumed["trainer"]["loader"], d.rank, d.world)
+    saved_world = len(resumed["trainer"]["rng"])
+    try:  # another world size: the loader re-deals what the saved ranks had left (loader.py)
+        loader_state = rank_state(resumed["trainer"]["loader"], d.rank, d.world, other_world=True)
     except ConfigError as exc:
         raise ConfigError(f"{resumed['path']}: {exc}") from None
     checkpoint.restore_optimizer(resumed, wrapped, optimizer)
-    saved_rngs = resumed["trainer"]["rng"]
-    if len(saved_rngs) == d.world:
-        checkpoint.set_rng_state(saved_rngs[d.rank])
-    else:  # another world size: no exact continuation exists; distinct, reproducible streams per rank
+    if saved_world == d.world:
+        checkpoint.set_rng_state(resumed["trainer"]["rng"][d.rank])
+    else:  # no exact continuation exists: distinct, reproducible streams per rank
         torch.manual_seed(run.config.train.seed + 1_000_003 * resumed["step"] + d.rank)
+        if d.main:
+            log.warning("%s: saved by %d processes, resumed by %d: weights and optimizer state are restored "
+                        "exactly; sample order and RNG streams differ from an uninterrupted run",
+                        resumed["path"], saved_world, d.world)
     return resumed["step"], loader_state
 
 
