@@ -7,6 +7,7 @@ Ray starts. Cost: a teacher name is checked against the preset only in `sources(
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,9 @@ class PrecomputeConfig:
     """fsspec options of the corpus."""
     progress: bool = True
     """Show a progress bar (images/s, ETA) on stderr."""
+    jpeg_draft: bool = False
+    """Decode JPEGs at a reduced DCT scale per teacher (faster on large photos; the targets then differ
+    from the authors' full decode, docs/FIDELITY.md item 7; recorded in each teacher's spec)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -86,4 +90,4 @@ class PrecomputeConfig:
         if missing:
             raise ConfigError(f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
                              "nor added with --teacher NAME=KIND:PATH_OR_ID")
-        return {t: sources[t] for t in self.teachers}
+        return {t: dataclasses.replace(sources[t], jpeg_draft=self.jpeg_draft) for t in self.teachers}

@@ -14,11 +14,12 @@ Design choices and their cost:
 - Only geometry happens here (decode, resize, crop) and the result stays uint8:
   a quarter of the bytes of float32 through Ray's object store, and the
   normalisation runs on the teacher's device (`teachers.normalise`).
-- JPEGs are decoded with PIL's draft mode at the smallest scale that still
-  covers the teacher's input (`decode_image(draft_size=...)`), several times
-  faster for large photos. Cost: the pixels differ slightly from a full-size
-  decode; the draft size is part of the spec so that the targets stay a
-  function of the spec alone. Teachers with different draft sizes decode the
+- JPEGs are decoded at full size, as the authors do, unless the job opted into
+  PIL's draft mode (`--jpeg-draft`: the smallest DCT scale that still covers
+  the teacher's input, several times faster for large photos, but pixels up to
+  tens of grey levels off on detailed photos). Cost of the default: full
+  decodes of large photos on the host. The draft size (0 = full) is part of
+  the spec, so the targets stay a function of the spec alone. Teachers with different draft sizes decode the
   image separately (memoised by draft size).
 - The seg recipe resizes twice, both in PIL on uint8 (768 x 768 squash with
   PIL's default bicubic, as the authors' `img.resize((768, 768))`, then the

@@ -31,6 +31,10 @@ class TeacherSource:
     once more to its own `size`. CLIP reads its resize and crop from its processor."""
     grid: int = 0
     """Seg only: the stage-4 map is resized to grid x grid (0 = the paper's 24)."""
+    jpeg_draft: bool = False
+    """Decode JPEGs at the smallest DCT scale that still covers this teacher's input (PIL `draft`):
+    several times faster on large photos, but not the authors' full decode + resize, so the targets
+    differ (docs/FIDELITY.md, item 7). Recorded in the spec: it changes the fingerprint."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -208,7 +208,9 @@ class ClipImageEmbedsTeacher(Teacher):
 
 
 def _spec(source: TeacherSource, module: nn.Module, preprocess: dict, layers, shape) -> TeacherSpec:
-    preprocess = {**preprocess, "channel_order": "RGB", "jpeg_draft": draft_size(preprocess)}
+    # 0 = full decode, the authors' path; a draft size only when the user traded fidelity for speed
+    preprocess = {**preprocess, "channel_order": "RGB",
+                  "jpeg_draft": draft_size(preprocess) if source.jpeg_draft else 0}
     return TeacherSpec(
         name=source.name, kind=source.kind, model=source.model, subfolder=source.subfolder,
         revision=source.revision, weights_sha256=weights_sha256(module), preprocess=preprocess,

@@ -46,7 +46,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PHOTOS = (0, 1)
 """astronaut (512 x 512) and coffee (400 x 600): one square, one not, so the squash matters."""
-MIN_COSINE = 0.999
+MIN_COSINE = 0.999999
+"""float16 storage alone costs ~4e-8 of cosine; the opt-in JPEG draft decode cost 1.1e-5 on astronaut (gen)."""
 
 # preprocessor_config.json files as the three hub repositories ship them (values from the hub files
 # and from the transformers conversion scripts that wrote them; the 2022 OneFormer layout keeps

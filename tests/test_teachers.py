@@ -339,3 +339,26 @@ def test_empty_batch_gives_empty_targets(tiny):
     teacher = load_teacher(tiny["depth"])
     height, width = preprocess.input_shape(teacher.spec.preprocess)
     assert teacher(torch.zeros((0, height, width, 3), dtype=torch.uint8)).shape == (0, 64, 32)
+
+
+def test_jpeg_draft_is_opt_in_and_recorded_in_the_spec():
+    """Default: full decode (the authors' path), whose pixels equal a plain PIL decode + resize;
+    --jpeg-draft records a draft size, so its cache has another fingerprint."""
+    from olavlm.pipeline.config import PrecomputeConfig
+
+    default = PrecomputeConfig(corpus="c", cache="k", preset="tiny", teachers=("depth", "gen")).sources()
+    drafted = PrecomputeConfig(corpus="c", cache="k", preset="tiny", teachers=("depth", "gen"), jpeg_draft=True).sources()
+    for name in ("depth", "gen"):
+        full, fast = load_teacher(default[name]).spec, load_teacher(drafted[name]).spec
+        assert full.preprocess["jpeg_draft"] == 0
+        assert fast.preprocess["jpeg_draft"] == preprocess.draft_size(fast.preprocess) > 0
+        assert full.fingerprint != fast.fingerprint
+    # A photo 4x the depth input: the default pixels are PIL's full decode + bicubic squash, exactly;
+    # the draft decode's are not (the reason it is opt-in).
+    recipe = load_teacher(default["depth"]).spec.preprocess
+    height, width = recipe["resize"]
+    data = jpeg(photo(0).convert("RGB").resize((4 * width, 4 * height), Image.BICUBIC))
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((width, height), Image.BICUBIC))
+    assert np.array_equal(preprocess.prepare_all(data, {"depth": recipe})["depth"], expected)
+    fast = load_teacher(drafted["depth"]).spec.preprocess
+    assert not np.array_equal(preprocess.prepare_all(data, {"depth": fast})["depth"], expected)
