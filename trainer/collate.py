@@ -44,12 +44,8 @@ class Example:
 
 def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, int],
             target_shapes: dict[str, tuple[int, int]], target_dtypes: dict[str, torch.dtype],
-            targets: dict[str, torch.Tensor] | None = None,
-            mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict:
+            targets: dict[str, torch.Tensor] | None = None) -> dict:
     """Right-pad and stack; see the module docstring for the fields.
-
-    `mean`, `std`: unused (normalisation moved to the model); still accepted because the loader
-    passes them.
 
     `targets`: already batched targets (the loader's join decompresses into batch buffers);
     else they are stacked from the examples.

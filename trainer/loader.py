@@ -174,8 +174,7 @@ class SampleStream(IterableDataset):
         self.skips = SkipLog()
         shapes = join.shapes() if join is not None else {}
         dtypes = {t: BATCH_DTYPES[s.dtype] for t, s in join.specs.items()} if join is not None else {}
-        self._collate_args = dict(pad_id=layout.pad_token_id, image_size=transform.crop, mean=transform.mean,
-                                  std=transform.std, target_shapes=shapes, target_dtypes=dtypes)
+        self._collate_args = dict(pad_id=layout.pad_token_id, image_size=transform.crop, target_shapes=shapes, target_dtypes=dtypes)
 
     # -- one sample ----------------------------------------------------------------------------
     def prepare(self, sample, buffers: dict[str, torch.Tensor] | None = None, row: int = 0) -> Example:
