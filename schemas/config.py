@@ -94,7 +94,7 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     seed: int = 0
-    """Shuffle seed; the order is a function of (seed, epoch) only."""
+    """Shuffle seed; the order is a function of (seed, epoch, world size, num_workers) only."""
     image_aspect_ratio: str = ""
     """'crop' (resize the short side, centre crop: LLaVA's default) or 'pad' (pad to a square with the processor's mean colour, then the processor: LLaVA-1.5's expand2square); '' = the stage default, crop for PT and pad for VPT and IFT."""
     shuffle_block: int = 64
