@@ -27,7 +27,7 @@ def bench_join_command(
     """Key map build time, memory and lookups/s: old dict vs on-disk key index.
 
     Each method runs in a fresh subprocess (as a DataLoader worker would meet it); memory is that
-    process's peak RSS and the private memory the map added (docs/BENCHMARKS.md "Key index")."""
+    process's peak RSS and the private memory the map added (docs/BENCHMARKS.md "Keyed-join key index")."""
     from olavlm.bench.join import bench_join
     from olavlm.schemas.errors import ConfigError
 

@@ -192,7 +192,7 @@ def build_key_indexes(cache: TargetCache, teachers: list[str]) -> None:
 
     A keyed training run then only opens it instead of every worker building it. Local caches only:
     an object-store cache's index lives on the reading machine's disk (memmap), so its trainers (or
-    `ola cache index` there) build it. Cost: ~1-2 s per million keys (docs/BENCHMARKS.md "Key index")
+    `ola cache index` there) build it. Cost: 1.4-2.6 s per million keys (docs/BENCHMARKS.md "Keyed-join key index")
     at the end of a job whose teachers spend hours on those images.
     """
     if cache.root.is_local:

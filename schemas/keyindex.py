@@ -1,8 +1,9 @@
 """The key index of a cache: sample key -> (shard, row, image sha256), on disk, memory-mapped.
 
 The keyed join (training shards that are not the cache's corpus shards) needs every key of
-a teacher's cache. A Python dict of them costs ~150 B per key in every DataLoader worker, so
-a billion-image cache cannot hold it. This index keeps the map on disk and reads only the
+a teacher's cache. A Python dict of them costs ~650 B of private memory per key in every
+DataLoader worker (measured, docs/BENCHMARKS.md "Keyed-join key index"), so a billion-image
+cache cannot hold it. This index keeps the map on disk and reads only the
 pages a lookup touches.
 
 Layout: one folder per (teacher, committed state), `<location>/<token>/`:
@@ -43,11 +44,14 @@ writes it into the output arrays (open_memmap), which are the concatenation of t
 buckets. B is the smallest power of two that keeps one bucket under `memory_budget` (default
 256 MiB, ~2.4 M keys per bucket), so build memory is bounded whatever the cache size; B = 1
 below that. Cost: the records are written and read twice (56 B per key each time) and
-hashing is one blake2b call per key in Python (~1 us).
+hashing is one blake2b call per key in Python; measured 1.4-2.6 s per million keys, peak
+161 MB at a 16 MB budget.
 
-Chosen over a sorted Parquet index read by row-group range: a lookup here is two binary
-searches on a memmap (a handful of page reads, ~10 us warm, no decode) where Parquet needs a
-row-group decode per miss in its page cache; measured in docs/BENCHMARKS.md ("Key index").
+Chosen over a sorted Parquet index read by row-group range, by measurement (`ola bench join`,
+1 M keys, docs/BENCHMARKS.md "Keyed-join key index"): a lookup here is a blake2b and two binary
+searches on a memmap, 4-10 us warm (98-244 k lookups/s on 2 shared cores, against 0.9-1.2 M/s
+for the dict), where Parquet decodes a row group per lookup, ~1 ms (860-1250/s) for the same
+bytes on disk.
 Cost of the choice: 56 B per key on disk beside the manifests, and numpy's .npy instead of a
 format DuckDB reads (the manifests stay the readable source of truth).
 """

@@ -11,8 +11,9 @@ Two read paths, chosen per (teacher, training shard):
   then if the cache has none for that state (`ola cache index` or the end of
   `ola precompute` build it ahead; workers that race to build it waste time,
   never corrupt it). Resident memory: the index pages lookups touch, shared
-  between workers through the page cache, instead of a ~150 B-per-key dict in
-  every worker. Then one inner-chunk read per sample. A key absent from its
+  between workers through the page cache, instead of a dict of every key in
+  every worker (~650 B per key, measured). Cost: 4-10 us per lookup against
+  ~1 us for the dict (docs/BENCHMARKS.md "Keyed-join key index"). Then one inner-chunk read per sample. A key absent from its
   aligned shard is also looked up here before it counts as missing.
 
 Checks, each failing with the key and the shard in the message:
