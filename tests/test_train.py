@@ -235,6 +235,10 @@ def test_resume_keeps_explicit_options_equal_to_their_default(pt_run, data, tmp_
     assert inferred.config.train.steps == 6  # built in code: only values that differ from the default count
     with pytest.raises(ValueError, match="the saved run defines train.lr"):
         resolve_run(RunConfig(train=TrainConfig(resume=ckpt, lr=0.5)), given={"train.resume", "train.lr"})
+    # Retention and logging sinks are not part of the recipe: a resume may change them.
+    changed = resolve_run(RunConfig(train=TrainConfig(resume=ckpt, keep_last=2, wandb=True)),
+                          given={"train.resume", "train.keep_last", "train.wandb"})
+    assert (changed.config.train.keep_last, changed.config.train.wandb) == (2, True)
 
 
 def test_fsdp2_single_process_trains_saves_and_resumes(data):

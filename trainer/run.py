@@ -37,7 +37,7 @@ from . import checkpoint
 from .presets import TINY_HEADS, TINY_STUDENT_DIR
 from .stages import STAGE_LR, uses_embedding_losses
 
-RESUMABLE = ("steps", "out", "save_every", "log_every")
+RESUMABLE = ("steps", "out", "save_every", "log_every", "keep_last", "tensorboard", "wandb", "wandb_project")
 """TrainConfig fields a resumed run may change; the saved config defines every other field."""
 MODEL_META = "olavlm.json"
 """A saved student's metadata file (trainer/model.py CONFIG_FILE): its config and target shapes."""
