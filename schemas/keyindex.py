@@ -79,7 +79,8 @@ INDEX_DIR_ENV = "OLAVLM_INDEX_DIR"
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Bytes of records sorted at once by the builder (one bucket)."""
 MAX_BUCKETS = 512
-"""Open bucket files in pass 1; past 512 (~57 GB of records at the default budget) buckets outgrow the budget."""
+"""Bucket files open at once in pass 1. Beyond 512 x budget / 2 of records (~1.2 billion keys at the
+default budget) a bucket outgrows the budget: raise the budget for larger caches."""
 ABANDONED_AFTER_S = 24 * 3600
 """A builder's temporary folder untouched this long is a killed builder's leftover."""
 RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("shard", "<u4"), ("row", "<u4"), ("sha256", "u1", (32,))])
