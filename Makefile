@@ -41,6 +41,8 @@ bench: install
 	$(OLA) bench codecs --json | tee out/bench-codecs.json
 	$(OLA) bench precompute --json | tee out/bench-precompute.json
 	$(OLA) bench loader --json | tee out/bench-loader.json
+	$(OLA) bench decode --json | tee out/bench-decode.json
+	$(OLA) bench join --json | tee out/bench-join.json
 	$(OLA) bench train --json | tee out/bench-train.json
 	$(OLA) bench heads --json | tee out/bench-heads.json
 

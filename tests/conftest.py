@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Key indexes of object-store caches go to a local folder (schemas/keyindex.py): keep the tests' out of ~/.cache.
+os.environ.setdefault("OLAVLM_INDEX_DIR", tempfile.mkdtemp(prefix="olavlm-keyindex-"))
 
 
 @pytest.fixture(scope="session")
