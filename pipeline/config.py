@@ -68,6 +68,10 @@ class PrecomputeConfig:
     jpeg_draft: bool = False
     """Decode JPEGs at a reduced DCT scale per teacher (faster on large photos; the targets then differ
     from the authors' full decode, docs/FIDELITY.md item 7; recorded in each teacher's spec)."""
+    device_resize: bool = False
+    """Resize and crop on the teachers' device: the host only decodes and ships uint8 images (its cost per
+    image falls to the decode); antialiased torch filters instead of PIL's, a fraction of a grey level apart
+    (docs/FIDELITY.md item 9; recorded in each teacher's spec as resize_on device, so never mixed with a host cache)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -90,4 +94,4 @@ class PrecomputeConfig:
         if missing:
             raise ConfigError(f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
                              "nor added with --teacher NAME=KIND:PATH_OR_ID")
-        return {t: dataclasses.replace(sources[t], jpeg_draft=self.jpeg_draft) for t in self.teachers}
+        return {t: dataclasses.replace(sources[t], jpeg_draft=self.jpeg_draft, device_resize=self.device_resize) for t in self.teachers}

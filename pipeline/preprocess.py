@@ -30,6 +30,16 @@ Design choices and their cost:
   worker still ships uint8 (800 x 800 x 3 = 1.9 MB per image, a quarter of float32).
   `processor_output_size` reproduces the processor's output-size rule
   (shortest/longest edge) for any input, not only the square one used here.
+- `--device-resize` (a recipe with "resize_on": "device") moves the geometry to
+  the teacher's device: `prepare_all` then only decodes (one array per draft
+  size, shared by the teachers that use it) and `device_prepare` runs the same
+  squash / processor resize / shortest side + centre crop there, with torch's
+  antialiased filters, rounding to uint8 after each resize as PIL's uint8 path
+  does. Host cost per image falls to the decode (measured in
+  docs/BENCHMARKS.md); costs: a fraction of a grey level away from PIL's pixels
+  (docs/FIDELITY.md item 9), full-size images through Ray's object store and the
+  host-to-device copy, and the resizes' time on the device. torch is imported
+  inside `device_prepare` only, so the CPU tasks never pay its import.
 """
 
 from __future__ import annotations
@@ -122,13 +132,100 @@ def prepare(image: Image.Image, preprocess: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + crop_w, top + crop_h)), dtype=np.uint8)
 
 
+def resizes_on_device(preprocess: Mapping[str, Any]) -> bool:
+    """True when the recipe leaves resize and crop to the teacher's device (`--device-resize`)."""
+    return preprocess.get("resize_on") == "device"
+
+
+def check_geometry(width: int, height: int, preprocess: Mapping[str, Any]) -> None:
+    """The ValueError `prepare` would raise for this image size, raised on the host for a device recipe,
+    so that a bad image is still a recorded sample error and never fails a teacher's batch."""
+    if "resize" in preprocess:
+        return
+    new_w, new_h = shortest_side_size(width, height, preprocess["resize_shortest"])
+    crop_h, crop_w = preprocess["center_crop"]
+    if new_h < crop_h or new_w < crop_w:
+        raise ValueError(f"image {new_w}x{new_h} is smaller than the crop {crop_w}x{crop_h}")
+
+
 def prepare_all(data: bytes, recipes: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Image bytes -> {teacher: uint8 (H, W, 3)}. Raises ValueError (undecodable, too large, ...)."""
+    """Image bytes -> {teacher: uint8 (H, W, 3)}. Raises ValueError (undecodable, too large, ...).
+
+    A device recipe gets the decoded image itself, one array object per draft size shared by the
+    teachers that decode at that size (Ray's pickling then ships it once per batch)."""
     decoded: dict[int, Image.Image] = {}
+    full: dict[int, np.ndarray] = {}
     out = {}
     for name, preprocess in recipes.items():
         size = int(preprocess.get("jpeg_draft", 0))
         if size not in decoded:
             decoded[size] = decode_image(data, draft_size=size or None)
-        out[name] = prepare(decoded[size], preprocess)
+        if resizes_on_device(preprocess):
+            check_geometry(*decoded[size].size, preprocess)
+            if size not in full:
+                full[size] = np.asarray(decoded[size], dtype=np.uint8)
+            out[name] = full[size]
+        else:
+            out[name] = prepare(decoded[size], preprocess)
     return out
+
+
+INTERPOLATE_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+"""PIL filter names -> F.interpolate modes; other filters (lanczos, box, hamming) fall back to bicubic."""
+
+
+def _device_resize(x, size: tuple[int, int], resample: str):
+    """float (N, 3, H, W) -> (N, 3, *size), antialiased as PIL filters, rounded and clamped to the uint8 range."""
+    import torch.nn.functional as F
+
+    mode = INTERPOLATE_MODES.get(resample, "bicubic")
+    if mode == "nearest":
+        x = F.interpolate(x, size=size, mode=mode)
+    else:  # antialiased bicubic uses PIL's a = -0.5 kernel and support scaling (torch's AA path)
+        x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255)
+
+
+def _device_geometry(x, recipe: Mapping[str, Any]):
+    """float (N, 3, H, W) of equal-size images -> float (N, 3, h, w): the recipe's geometry, as `prepare`."""
+    if "resize" in recipe:
+        x = _device_resize(x, tuple(recipe["resize"]), recipe["resample"])
+        if "processor_resize" in recipe and tuple(recipe["processor_resize"]) != tuple(recipe["resize"]):
+            x = _device_resize(x, tuple(recipe["processor_resize"]), recipe["processor_resample"])
+        return x
+    height, width = x.shape[-2:]
+    new_w, new_h = shortest_side_size(width, height, recipe["resize_shortest"])
+    x = _device_resize(x, (new_h, new_w), recipe["resample"])
+    crop_h, crop_w = recipe["center_crop"]
+    top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2  # as `prepare`
+    if top < 0 or left < 0:
+        raise ValueError(f"image {new_w}x{new_h} is smaller than the crop {crop_w}x{crop_h}")
+    return x[:, :, top:top + crop_h, left:left + crop_w]
+
+
+def device_prepare(images: list[np.ndarray], recipe: Mapping[str, Any], device: str):
+    """uint8 (H, W, 3) images of any sizes -> uint8 torch (B, h, w, 3) on `device`: `prepare`'s geometry run there.
+
+    Images of equal size are resized together (one batched call per distinct size), the rest one
+    by one, then stacked in the given order. Float32 antialiased `F.interpolate`, rounded to uint8
+    after each resize as PIL's uint8 path does, so the teacher's normalisation runs unchanged.
+    Read-only arrays (Ray's object store) are wrapped without a copy: nothing here writes to them.
+    """
+    import warnings
+
+    import torch
+
+    if not len(images):
+        return torch.zeros((0, *input_shape(recipe), 3), dtype=torch.uint8, device=device)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, array in enumerate(images):
+        groups.setdefault(array.shape, []).append(index)
+    out: list = [None] * len(images)
+    with warnings.catch_warnings():  # "non-writable array": only read, copied by .to() / .float()
+        warnings.simplefilter("ignore", UserWarning)
+        for indices in groups.values():
+            x = torch.stack([torch.from_numpy(images[i]).to(device, non_blocking=True) for i in indices])
+            x = _device_geometry(x.permute(0, 3, 1, 2).float(), recipe).to(torch.uint8).permute(0, 2, 3, 1)
+            for row, index in enumerate(indices):
+                out[index] = x[row]
+    return torch.stack(out)

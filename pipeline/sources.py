@@ -35,6 +35,10 @@ class TeacherSource:
     """Decode JPEGs at the smallest DCT scale that still covers this teacher's input (PIL `draft`):
     several times faster on large photos, but not the authors' full decode + resize, so the targets
     differ (docs/FIDELITY.md, item 7). Recorded in the spec: it changes the fingerprint."""
+    device_resize: bool = False
+    """The host only decodes; the teacher actor runs the recipe's resizes and crop on its device (torch,
+    antialiased): the host's preprocessing cost falls to the decode, the pixels move a fraction of a grey
+    level from PIL's (docs/FIDELITY.md, item 9). Recorded in the spec ("resize_on": "device")."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

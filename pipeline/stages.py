@@ -1,6 +1,7 @@
 """The three stages of the precompute job, in the order a batch goes through them.
 
     1. preprocess_shard  CPU task, streaming generator: tar -> decode -> resize -> uint8 batches
+                         (--device-resize: tar -> decode -> lists of uint8 images; the actor resizes)
     2. TeacherWorker     actor (one GPU each where GPUs exist): normalise, forward, encode
                          (int8 quantised on the device) -> one result per teacher and batch
     3. write_shard_task  CPU task: the shard's results -> `TargetCache.write_shard` (atomic commit)
@@ -27,7 +28,7 @@ from olavlm.schemas import quant
 from olavlm.schemas.cache import SampleError, TargetCache
 from olavlm.schemas.corpus import ReadFailure, iter_samples, sha256_hex
 
-from .preprocess import input_shape, prepare_all
+from .preprocess import device_prepare, input_shape, prepare_all, resizes_on_device
 from .presets import TeacherSource
 
 
@@ -35,6 +36,9 @@ from .presets import TeacherSource
 def _batch(keys, sha256s, errors, inputs, recipes) -> dict[str, Any]:
     arrays = {}
     for name, recipe in recipes.items():
+        if resizes_on_device(recipe):  # decoded images of any sizes: the actor resizes, then stacks
+            arrays[name] = list(inputs[name])
+            continue
         height, width = input_shape(recipe)
         arrays[name] = np.stack(inputs[name]) if inputs[name] else np.zeros((0, height, width, 3), np.uint8)
     return {"keys": list(keys), "sha256s": list(sha256s), "errors": list(errors), "inputs": arrays}
@@ -142,9 +146,13 @@ class TeacherWorker:
         start = time.perf_counter()
         results = []
         for name in names:
-            images = torch.from_numpy(np.require(batch["inputs"][name], requirements="W"))  # store arrays are read-only
-            if self.device == "cuda":
-                images = images.pin_memory()
+            recipe = self.teachers[name].spec.preprocess
+            if resizes_on_device(recipe):  # --device-resize: a list of decoded images, resized here
+                images = device_prepare(batch["inputs"][name], recipe, self.device)
+            else:
+                images = torch.from_numpy(np.require(batch["inputs"][name], requirements="W"))  # store arrays are read-only
+                if self.device == "cuda":
+                    images = images.pin_memory()
             targets, keys, sha256s, errors = drop_non_finite(name, self.teachers[name](images), batch)
             encoded = encode_on_device(targets, self.storage_dtype)
             results.append({"keys": keys, "sha256s": sha256s, "errors": errors,

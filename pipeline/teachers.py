@@ -211,6 +211,8 @@ def _spec(source: TeacherSource, module: nn.Module, preprocess: dict, layers, sh
     # 0 = full decode, the authors' path; a draft size only when the user traded fidelity for speed
     preprocess = {**preprocess, "channel_order": "RGB",
                   "jpeg_draft": draft_size(preprocess) if source.jpeg_draft else 0}
+    if source.device_resize:  # only when chosen: default specs, and the caches they fingerprint, stay as they were
+        preprocess["resize_on"] = "device"
     return TeacherSpec(
         name=source.name, kind=source.kind, model=source.model, subfolder=source.subfolder,
         revision=source.revision, weights_sha256=weights_sha256(module), preprocess=preprocess,
