@@ -14,6 +14,12 @@ conservative when other jobs load the machine. On a CPU the random `small`
 preset is used: its teachers cost enough per image that the comparison is
 about the pipeline, not about Python overhead. Cost: preprocessing shares the CPU cores with the teachers here,
 which a GPU node does not, so a CPU figure is a lower bound.
+
+Host preprocessing cost: before Ray starts, stage 1 (`preprocess_batches`: tar read, decode, resize,
+stack) runs in this process over the same corpus with and without `--device-resize`, at the preset's
+input sizes and at the paper's (336 squash; 768 squash then 800; shortest side 224 + crop), and the
+process CPU time per image is reported (one core; CPU time, so other load on the machine inflates it
+little). `--device-resize` also runs the timed pipeline job with the resizes on the teachers' device.
 """
 
 from __future__ import annotations
@@ -41,10 +47,51 @@ class BenchConfig:
     teacher_threads: int = 0
     """torch threads of the teachers in both measurements; 0 = all cores (as `precompute` does on a CPU).
     Fewer threads leave cores to decoding, as a GPU node does: the GPU-like reading of the busy fraction."""
+    device_resize: bool = False
+    """Run the timed pipeline job with `--device-resize` (the host only decodes; the actor resizes)."""
 
 
-def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) -> float:
-    """Forward the teachers over pre-decoded batches (the shards' own batches), timed after one warm-up."""
+def paper_recipes() -> dict[str, dict]:
+    """The paper teachers' geometry (what their specs' preprocess holds), without loading any weights."""
+    from olavlm.pipeline.preprocess import processor_output_size
+    from olavlm.pipeline.teachers import (
+        ONEFORMER_PROCESSOR_DEFAULTS,
+        PAPER_DEPTH_SIZE,
+        PAPER_SEG_SIZE,
+        SEG_SQUASH_RESAMPLE,
+    )
+
+    seg = processor_output_size(PAPER_SEG_SIZE, PAPER_SEG_SIZE, ONEFORMER_PROCESSOR_DEFAULTS["size"])
+    return {
+        "depth": {"resize": [PAPER_DEPTH_SIZE] * 2, "resample": "bicubic"},
+        "seg": {"resize": [PAPER_SEG_SIZE] * 2, "resample": SEG_SQUASH_RESAMPLE, "processor_resize": list(seg),
+                "processor_resample": "bilinear"},
+        "gen": {"resize_shortest": 224, "center_crop": [224, 224], "resample": "bicubic"},
+    }
+
+
+def host_ms_per_image(corpus: str, recipes: dict[str, dict], batch_size: int) -> float:
+    """Process CPU ms per image of stage 1 (`preprocess_batches`) over every shard of `corpus`, in this process."""
+    from olavlm.pipeline.precompute import preprocess_batches
+    from olavlm.schemas.corpus import list_shards
+
+    images, start = 0, time.process_time()
+    for shard in list_shards(corpus):
+        for batch in preprocess_batches(shard.url, recipes, batch_size):
+            images += len(batch["keys"])
+    return round((time.process_time() - start) / max(1, images) * 1e3, 2)
+
+
+def host_costs(corpus: str, recipes: dict[str, dict], batch_size: int) -> dict[str, float]:
+    """Host ms per image with the resizes on the host (the default) and with `--device-resize` (decode only)."""
+    on_device = {n: {**r, "resize_on": "device"} for n, r in recipes.items()}
+    return {"host_resize": host_ms_per_image(corpus, recipes, batch_size),
+            "device_resize": host_ms_per_image(corpus, on_device, batch_size)}
+
+
+def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) -> tuple[float, dict[str, dict]]:
+    """Forward the teachers over pre-decoded batches (the shards' own batches), timed after one warm-up;
+    -> (images/s, the teachers' preprocess recipes)."""
     import torch
 
     from olavlm.pipeline.precompute import preprocess_batches
@@ -68,7 +115,7 @@ def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) 
         for name, teacher in teachers.items():
             teacher(batch[name])
     seconds = time.perf_counter() - start
-    return sum(len(b[config.teachers[0]]) for b in batches) / seconds
+    return sum(len(b[config.teachers[0]]) for b in batches) / seconds, recipes
 
 
 def run_precompute_bench(config: BenchConfig) -> dict:
@@ -82,14 +129,17 @@ def run_precompute_bench(config: BenchConfig) -> dict:
         warmup = os.path.join(tmp, "warmup")
         build_demo_corpus(warmup, samples=config.batch_size, shard_size=config.batch_size)
         job = {"teachers": config.teachers, "preset": config.preset, "batch_size": config.batch_size,
-               "progress": False, "cpu_threads": threads}
-        before = bare_loop_images_per_second(corpus, config, threads)
+               "progress": False, "cpu_threads": threads, "device_resize": config.device_resize}
+        before, recipes = bare_loop_images_per_second(corpus, config, threads)
+        paper = paper_recipes()
+        host = {"preset_sizes": host_costs(corpus, recipes, config.batch_size),
+                "paper_sizes": host_costs(corpus, {n: paper[n] for n in recipes if n in paper}, config.batch_size)}
         with ray_session(None):
             # warm-up: Ray starts and imports its task worker processes once per session (seconds each
             # on 2 cores); a long job pays that once, so it is kept out of the steady-state figure
             precompute(PrecomputeConfig(corpus=warmup, cache=os.path.join(tmp, "warmup-cache"), **job))
             summary = precompute(PrecomputeConfig(corpus=corpus, cache=os.path.join(tmp, "cache"), **job))
-        after = bare_loop_images_per_second(corpus, config, threads)
+        after, _ = bare_loop_images_per_second(corpus, config, threads)
     bare = max(before, after)  # the faster of the two: a conservative busy fraction on a noisy machine
     pipeline = summary.images_per_second
     return {
@@ -99,4 +149,5 @@ def run_precompute_bench(config: BenchConfig) -> dict:
         "bare_images_per_s_before_after": [round(before, 2), round(after, 2)],
         "busy_fraction": round(pipeline / bare, 3) if bare else 0.0, "target": 0.90,
         "actor_compute_share": round(summary.teacher_busy, 3), "pipeline_seconds": round(summary.seconds, 1),
+        "device_resize": config.device_resize, "host_cpu_ms_per_image": host,
     }

@@ -62,13 +62,19 @@ def bench_precompute_command(
     teachers: str = typer.Option("depth,seg,gen", "--teachers", help="Comma-separated teachers."),
     teacher_threads: int = typer.Option(0, "--teacher-threads", help="torch threads of the teachers (0 = all cores). "
                                         "1 on a 2-core machine leaves a core to decoding, as a GPU node does."),
+    device_resize: bool = typer.Option(False, "--device-resize", help="Run the timed job with ola precompute's "
+                                       "--device-resize (host decodes only; the teachers' device resizes)."),
 ) -> None:
-    """Teacher busy fraction: pipeline images/s over a bare batched forward loop on pre-decoded inputs."""
+    """Teacher busy fraction: pipeline images/s over a bare batched forward loop on pre-decoded inputs.
+
+    Also the host's CPU ms per image of preprocessing with the resizes on the host and with
+    --device-resize (decode only), at the preset's and at the paper's input sizes."""
     with user_errors():
         from olavlm.bench.precompute import BenchConfig, run_precompute_bench
 
         result = run_precompute_bench(BenchConfig(
             preset=preset, images=images, shards=shards, batch_size=batch_size, teacher_threads=teacher_threads,
+            device_resize=device_resize,
             teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
         ))
         typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))

@@ -62,6 +62,9 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     assert job["images"] == 16 and job["errors"] == 0 and positive(job["images_per_s"])
     assert 0 < job["busy_fraction"] < 1.5 and 0 < job["actor_compute_share"] <= 1.0
     assert job["bare_images_per_s"] == bare["all_images_per_s"] and job["peak_device_memory_gb"] is None
+    moved = data["pipeline"]["float32"]["all_device_resize"]  # the --device-resize arm, against the same bare loop
+    assert moved["images"] == 16 and moved["errors"] == 0 and positive(moved["images_per_s"])
+    assert 0 < moved["busy_fraction"] < 1.5 and moved["bare_images_per_s"] == bare["all_images_per_s"]
 
     train = data["train"]
     assert train["backend"] == "gloo" and train["world_size"] == 1 and train["batch_size"] == 2
@@ -72,6 +75,7 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
 
     table = gpu.format_table(data)
     assert "all three" in table and "gpu_preprocess" in table and "cached / in-memory" in table
+    assert "all three, device resize" in table
 
 
 def test_defaults_of_the_full_and_the_smoke_run():

@@ -134,7 +134,7 @@ class Setup:
     def corpus(self) -> str:
         return os.path.join(self.tmp, "corpus")
 
-    def job(self, names: tuple[str, ...], dtype: str, corpus: str, cache: str):
+    def job(self, names: tuple[str, ...], dtype: str, corpus: str, cache: str, device_resize: bool = False):
         from olavlm.pipeline.precompute import PrecomputeConfig
 
         if self.teacher_folder is None:
@@ -144,7 +144,7 @@ class Setup:
         return PrecomputeConfig(
             corpus=corpus, cache=cache, teachers=names, preset=preset, overrides=overrides,
             dtype=self.config.storage_dtype, compute_dtype=dtype, batch_size=self.config.batch_size,
-            shards_in_flight=self.config.shards_in_flight, progress=False,
+            shards_in_flight=self.config.shards_in_flight, progress=False, device_resize=device_resize,
         )
 
     def sources(self, dtype: str = "float32"):

@@ -47,6 +47,9 @@ class GpuBenchConfig:
     """torch.compile backend (the smoke run uses 'eager': tracing without code generation)."""
     gpu_preprocess: bool = True
     """Lever row: resize and crop on the device from host-decoded uint8 images."""
+    pipeline_device_resize: bool = True
+    """Pipeline: a second arm of the three-teacher job at the first compute dtype with `--device-resize`
+    (the host only decodes, the actor resizes): its busy fraction beside the host-resize job's."""
     train: bool = True
     """Run the training-step section."""
     train_steps: int = 20

@@ -13,6 +13,7 @@ import numpy as np
 
 from olavlm.bench.gpu.bare import bare_rates
 from olavlm.bench.gpu.common import Setup, sync
+from olavlm.pipeline.preprocess import device_prepare  # the pipeline's --device-resize path; re-exported here
 
 
 # -- 4. levers ------------------------------------------------------------------------------------
@@ -33,51 +34,6 @@ def compile_blocks(module, backend: str) -> int:
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
-
-
-INTERPOLATE_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
-"""PIL filter names -> F.interpolate modes; other filters (lanczos, box, hamming) fall back to bicubic."""
-
-
-def _resize(x, size: tuple[int, int], resample: str):
-    import torch.nn.functional as F
-
-    mode = INTERPOLATE_MODES.get(resample, "bicubic")
-    if mode == "nearest":
-        return F.interpolate(x, size=size, mode=mode)
-    return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-
-
-def device_prepare(images: list[np.ndarray], recipe: dict, device: str):
-    """uint8 (H, W, 3) images of any size -> uint8 (B, h, w, 3) on `device`: the geometry of
-    `preprocess.prepare` (squash [+ the processor's second resize], or shortest side + centre crop) run there.
-
-    Antialiased `F.interpolate` in float32, rounded back to uint8 after each resize as PIL's
-    uint8 path does, so that the teacher's own normalisation runs unchanged.
-    Cost: a few uint8 levels away from PIL's filters (reported by the lever).
-    """
-    import torch
-
-    from olavlm.pipeline.preprocess import shortest_side_size
-
-    def resize(x, size, resample):
-        return _resize(x, size, resample).round_().clamp_(0, 255)
-
-    out = []
-    for array in images:
-        x = torch.from_numpy(array).to(device, non_blocking=True).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
-        if "resize" in recipe:
-            x = resize(x, tuple(recipe["resize"]), recipe["resample"])
-            if "processor_resize" in recipe and tuple(recipe["processor_resize"]) != tuple(recipe["resize"]):
-                x = resize(x, tuple(recipe["processor_resize"]), recipe["processor_resample"])
-        else:
-            new_w, new_h = shortest_side_size(array.shape[1], array.shape[0], recipe["resize_shortest"])
-            x = resize(x, (new_h, new_w), recipe["resample"])
-            crop_h, crop_w = recipe["center_crop"]
-            top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2  # as preprocess.prepare
-            x = x[:, :, top:top + crop_h, left:left + crop_w]
-        out.append(x.to(torch.uint8))
-    return torch.cat(out).permute(0, 2, 3, 1)  # [B, h, w, 3]
 
 
 def decoded_batches(setup: Setup, recipes: dict, count: int) -> tuple[list[list[np.ndarray]], float]:

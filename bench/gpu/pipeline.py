@@ -9,14 +9,17 @@ import time
 from olavlm.bench.gpu.common import DevicePeak, Report, Setup
 from olavlm.bench.gpu.config import TEACHERS
 
+DEVICE_RESIZE_ARM = "all_device_resize"
+"""Label of the three-teacher job run with `--device-resize` (resize and crop on the teachers' device)."""
+
 
 # -- 5. the pipeline ------------------------------------------------------------------------------
-def run_job(setup: Setup, names: tuple[str, ...], dtype: str, cache: str) -> dict:
+def run_job(setup: Setup, names: tuple[str, ...], dtype: str, cache: str, device_resize: bool = False) -> dict:
     """One `precompute` job over the benchmark corpus -> its figures."""
     from olavlm.pipeline.precompute import precompute
 
     with DevicePeak(setup.device) as peak:
-        summary = precompute(setup.job(names, dtype, setup.corpus, cache))
+        summary = precompute(setup.job(names, dtype, setup.corpus, cache, device_resize=device_resize))
     return {
         "images": summary.images, "errors": summary.errors, "seconds": round(summary.seconds, 2),
         "images_per_s": round(summary.images_per_second, 2), "actor_compute_share": round(summary.teacher_busy, 3),
@@ -49,15 +52,20 @@ def run_pipeline(setup: Setup, report: Report) -> str:
             report.log(f"pipeline: Ray warm-up job {time.perf_counter() - start:.1f} s")
         for index, dtype in enumerate(config.compute_dtypes):
             # one job per teacher at the first dtype only: each costs an actor start and a model load
-            sets = [TEACHERS] + ([(n,) for n in TEACHERS] if config.per_teacher and index == 0 else [])
-            for names in sets:
-                label = "all" if len(names) > 1 else names[0]
+            # (teachers, label, device_resize): the --device-resize arm at the first dtype, beside the host one
+            arms = [(TEACHERS, "all", False)]
+            if config.pipeline_device_resize and index == 0:
+                arms.append((TEACHERS, DEVICE_RESIZE_ARM, True))
+            if config.per_teacher and index == 0:
+                arms += [((n,), n, False) for n in TEACHERS]
+            for names, label, device_resize in arms:
                 cache = os.path.join(setup.tmp, f"cache-{dtype}-{label}")
-                report.log(f"pipeline {dtype} {'+'.join(names)}: running")
-                figures = run_job(setup, names, dtype, cache)
-                figures.update(busy_fraction(report.data.get("bare", {}).get(dtype), label, figures["images_per_s"]))
+                report.log(f"pipeline {dtype} {label}: running")
+                figures = run_job(setup, names, dtype, cache, device_resize)
+                figures.update(busy_fraction(report.data.get("bare", {}).get(dtype), "all" if len(names) > 1 else label,
+                                             figures["images_per_s"]))
                 pipeline.setdefault(dtype, {})[label] = figures
-                report.log(f"pipeline {dtype} {'+'.join(names)}: {figures['images_per_s']:.1f} images/s, busy "
+                report.log(f"pipeline {dtype} {label}: {figures['images_per_s']:.1f} images/s, busy "
                            f"{figures.get('busy_fraction')}, actor {figures['actor_compute_share']}, "
                            f"peak {figures['peak_device_memory_gb']} GB, {figures['errors']} errors")
                 report.save()

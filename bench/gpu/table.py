@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from olavlm.bench.gpu.config import TEACHERS
+from olavlm.bench.gpu.pipeline import DEVICE_RESIZE_ARM
 
 
 def format_table(data: dict) -> str:
@@ -22,11 +23,15 @@ def format_table(data: dict) -> str:
     rows = []
     for dtype, bare in data.get("bare", {}).items():
         pipe = data.get("pipeline", {}).get(dtype, {})
-        for label in ("all", *TEACHERS):
-            b = bare["all_images_per_s"] if label == "all" else bare["per_teacher"][label]["images_per_s"]
-            peak = bare["peak_memory_gb"] if label == "all" else bare["per_teacher"][label]["peak_memory_gb"]
+        for label in ("all", DEVICE_RESIZE_ARM, *TEACHERS):
             p = pipe.get(label, {})
-            rows.append((dtype, "all three" if label == "all" else label, f"{b:.1f}",
+            if label == DEVICE_RESIZE_ARM and not p:
+                continue  # the arm runs at the first dtype only, when asked
+            three = label in ("all", DEVICE_RESIZE_ARM)
+            b = bare["all_images_per_s"] if three else bare["per_teacher"][label]["images_per_s"]
+            peak = bare["peak_memory_gb"] if three else bare["per_teacher"][label]["peak_memory_gb"]
+            name = {"all": "all three", DEVICE_RESIZE_ARM: "all three, device resize"}.get(label, label)
+            rows.append((dtype, name, f"{b:.1f}",
                          f"{p['images_per_s']:.1f}" if p else "-", str(p.get("busy_fraction", "-")),
                          str(p.get("actor_compute_share", "-")), gb(peak), gb(p.get("peak_device_memory_gb"))))
     if rows:
