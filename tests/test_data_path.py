@@ -341,3 +341,19 @@ def test_bench_loader_runs():
     assert result["samples_per_s_one_core"] > 0 and result["tokens_per_sample"] > 576 + 24
     assert set(result["stage_ms_per_sample"]) == {"tar_read", "jpeg_decode_resize", "tokenize",
                                                   "join_sha256_and_cache_read", "collate"}
+
+
+def test_keyed_corpus_opens_one_key_index_before_workers_start(setup, tmp_path):
+    """Training shards that are no cache shards: the loader's main process builds the key index, and its two
+    workers use that one (no worker builds its own: one published index, no build leftovers)."""
+    samples = make_corpus(tmp_path / "corpus", shards=2, per_shard=4)
+    _, truth = make_cache(tmp_path / "cache", samples, shard_names={"train-000": "other-a", "train-001": "other-b"})
+    ldr = loader(setup, tmp_path, num_workers=2)
+    for task in TASKS:
+        indexes = list((tmp_path / "cache" / task / ".keyindex").iterdir())
+        assert len(indexes) == 1 and (indexes[0] / "index.json").exists()  # built before the first batch
+    for batch, _ in take(ldr, 2):
+        for i, key in enumerate(batch["keys"]):
+            np.testing.assert_array_equal(batch["targets"]["depth"][i].float().numpy(), truth["depth"][key])
+    for task in TASKS:
+        assert len(list((tmp_path / "cache" / task / ".keyindex").iterdir())) == 1

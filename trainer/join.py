@@ -6,11 +6,14 @@ Two read paths, chosen per (teacher, training shard):
   comes from that one shard's manifest; rows are read from the shard opened
   once, in near-sequential order (the source shuffles inside blocks only).
 - keyed: any other layout. The teacher's on-disk key index (schemas/keyindex.py:
-  sorted key hashes, memory-mapped, two binary searches per lookup), opened on
-  first use for the committed shards seen when the join was built, and built
-  then if the cache has none for that state (`ola cache index` or the end of
-  `ola precompute` build it ahead; workers that race to build it waste time,
-  never corrupt it). Resident memory: the index pages lookups touch, shared
+  sorted key hashes, memory-mapped, two binary searches per lookup) for the
+  committed shards seen when the join was built. When some training shard is
+  no cache shard, the loader opens it in its main process before any worker
+  starts (`open_keyed`; built then if the cache has none for that state, and
+  train.py lets local rank 0 go first), so workers inherit a reference to one
+  index instead of each building its own copy (56 B per key, 1-3 s per million
+  keys). Otherwise it is opened on first use (a key missing from its aligned
+  shard); `ola cache index` or the end of `ola precompute` build it ahead. Resident memory: the index pages lookups touch, shared
   between workers through the page cache, instead of a dict of every key in
   every worker (~650 B per key, measured). Cost: 4-10 us per lookup against
   ~1 us for the dict (docs/BENCHMARKS.md "Keyed-join key index"). Then one inner-chunk read per sample. A key absent from its
@@ -31,7 +34,7 @@ loader's shared memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +73,19 @@ class TargetJoin:
         self._aligned: dict[tuple[str, str], dict[str, tuple[int, str]]] = {}
         self._keyed: dict[str, KeyIndex] = {}
         self._readers: dict[tuple[str, str], ShardReader] = {}
+
+    def open_keyed(self, training_shards: Iterable[str]) -> list[str]:
+        """Open now (building it if the cache has none) the key index of every task that some of
+        `training_shards` is no committed cache shard of: the keyed path is certain for those. Call it
+        before DataLoader workers start, so that they share this one index. Returns those tasks."""
+        names = set(training_shards)
+        opened = []
+        for task in self.tasks:
+            if names - self._committed[task]:
+                if task not in self._keyed:
+                    self._keyed[task] = self.cache.index(task, sorted(self._committed[task]))
+                opened.append(task)
+        return opened
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {t: tuple(spec.shape) for t, spec in self.specs.items()}

@@ -422,4 +422,6 @@ def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transfor
                           storage_options=storage_options)
     stream = SampleStream(config, tokenizer=tokenizer, layout=layout, transform=transform, join=join, rank=rank,
                           world=world, start=state, storage_options=storage_options)
+    if join is not None:  # in this process, before the workers fork: they inherit one index, not build one each
+        join.open_keyed(shard.name for shard in stream.shards)
     return Loader(stream, num_workers=config.num_workers, pin_memory=pin_memory)

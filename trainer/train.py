@@ -148,6 +148,27 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
     return resumed["step"], loader_state
 
 
+def _loader_local_rank_0_first(run: Run, model, loader_state: dict | None, d: Dist):
+    """The rank's loader; local rank 0 builds its own first, so that a missing key index (trainer/join.py)
+    is built once per node and then opened by the node's other ranks, not built by each of them."""
+    def build():
+        return build_loader(run.config.data, tokenizer=model.tokenizer, layout=model.layout,
+                            transform=ImageTransform.from_processor(model.image_processor), tasks=tuple(run.targets),
+                            rank=d.rank, world=d.world, state=loader_state, pin_memory=d.device.type == "cuda")
+
+    loader, error = None, None
+    if d.local_rank == 0:
+        try:
+            loader = build()
+        except Exception as exc:  # noqa: BLE001 - raised after the barrier: the other ranks must not wait for it
+            error = exc
+    if dist.is_initialized() and d.world > 1:
+        dist.barrier()
+    if error is not None:
+        raise error
+    return loader if loader is not None else build()  # the others meet the same error, if any, themselves
+
+
 def _normalisers(model, micro_batches: list[dict], d: Dist) -> Normalisers:
     """The step's global label-token and image counts (all micro-batches, all ranks): one all-reduce."""
     counts = [model.count_items(batch) for batch in micro_batches]  # CPU batches: no device sync
@@ -217,9 +238,7 @@ def train(config: RunConfig, *, given=None) -> dict:
     # The stage's crop | pad travels with the model as its image processor (saved, exported, generated with).
     model.image_processor = with_aspect_ratio(model.image_processor,
                                               resolve_aspect_ratio(run.config.data.image_aspect_ratio, tcfg.stage))
-    loader = build_loader(run.config.data, tokenizer=model.tokenizer, layout=model.layout,
-                          transform=ImageTransform.from_processor(model.image_processor), tasks=tuple(run.targets),
-                          rank=d.rank, world=d.world, state=loader_state, pin_memory=d.device.type == "cuda")
+    loader = _loader_local_rank_0_first(run, model, loader_state, d)
     metrics = Metrics(run.config, main=d.main, step=step)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tcfg.bf16 and d.device.type == "cuda"
                 else contextlib.nullcontext())
