@@ -126,6 +126,39 @@ def test_two_process_fsdp2_shards_load_exactly_in_one_process_plain_and_fsdp2(tm
     _assert_equal(_fsdp_one_process_copy(out), saved)  # world size 2 -> 1 FSDP2 process (DTensors)
 
 
+def _tied_config(folder) -> ModelConfig:
+    """The tiny student with its LLM's lm_head tied to embed_tokens (as Qwen2-0.5B / Llama-3.2-1B ship)."""
+    import json
+    import shutil
+
+    llm = folder / "tied-llm"
+    shutil.copytree(tiny_folders().llm, llm)
+    llm_config = json.loads((llm / "config.json").read_text())
+    (llm / "config.json").write_text(json.dumps({**llm_config, "tie_word_embeddings": True}))
+    return ModelConfig(vision_model=tiny_folders().vision_model, llm=str(llm), **TINY_HEADS)
+
+
+def _tied(model) -> bool:
+    return model.llava.lm_head.weight is model.llava.get_input_embeddings().weight
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + transformers
+@pytest.mark.timeout(400)
+def test_two_process_fsdp2_shards_of_a_tied_llm_load_tied_and_exact(tmp_path):
+    config, out = _tied_config(tmp_path), tmp_path / "run"
+    assert _tied(OlaVlm.from_config(config, SPECS))  # teeth: the test model is tied
+    reference = str(tmp_path / "saved.safetensors")
+    spawn_two(_save_worker, config, str(out), reference, seconds=180)  # safetensors refused shared storage
+    saved = load_file(reference)
+    assert any(k.endswith("/exp_avg") and v.abs().sum() > 0 for k, v in saved.items())
+
+    loaded = OlaVlm.from_pretrained(checkpoint.model_dir(out))
+    assert _tied(loaded)  # the skeleton ties as from_pretrained does
+    assert len(list(loaded.parameters())) == len(list(OlaVlm.from_config(config, SPECS).parameters()))
+    _assert_equal(_loaded_copy(out), saved)  # weights and AdamW state, both names of the tied tensor
+    _assert_equal(_fsdp_one_process_copy(out), saved)
+
+
 def test_single_process_layout_round_trips_exactly(tmp_path):
     model, wrapped, optimizer = _trained(_config(), Dist(0, 1, 0, torch.device("cpu")), fsdp=False)
     path = _save(tmp_path, model, wrapped, optimizer, Dist(0, 1, 0, torch.device("cpu")))

@@ -130,9 +130,9 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
                    image_processor=image_processor, teacher_specs=specs)
     if sharded:  # every tensor, extras included, from the shard files (any number of them)
-        from .checkpoint import load_sharded
+        from .checkpoint import load_sharded, without_aliases
 
-        load_sharded(path / meta[SHARDED_KEY], model.state_dict())
+        load_sharded(path / meta[SHARDED_KEY], without_aliases(model.state_dict(), model))
     else:
         missing, unexpected = model.load_state_dict(extras, strict=False)
         missing = [k for k in missing if not k.startswith("llava.")]
@@ -154,6 +154,9 @@ def _skeleton(folder: Path):
 
     with no_init_weights():
         llava = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(folder))
+    # no_init_weights also skips tie_weights (transformers 5): a tied LLM (Qwen2-0.5B, Llama-3.2-1B) would load
+    # with lm_head as a separate, never-filled parameter and a resume's optimizer would miss its state
+    llava.tie_weights()
     llava.generation_config = GenerationConfig.from_pretrained(folder)
     return llava.eval()  # as from_pretrained returns it
 

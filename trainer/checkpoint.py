@@ -271,10 +271,10 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
     if sharded:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        model_state = model.state_dict()  # DTensors: this rank's shards
+        model_state = without_aliases(model.state_dict(), model)  # DTensors: this rank's shards
         optim = get_optimizer_state_dict(wrapped, optimizer)  # sharded too
-        optim_tensors = {f"{name}/{key}": value for name, entry in optim["state"].items()
-                         for key, value in entry.items()}
+        optim_tensors = without_aliases({f"{name}/{key}": value for name, entry in optim["state"].items()
+                                         for key, value in entry.items()}, model)
 
         def write_shards(tmp):
             staging = Path(_broadcast(str(tmp) if tmp is not None else None))
@@ -323,9 +323,32 @@ def restore_optimizer(resumed: dict, wrapped, optimizer) -> None:
     # by get_optimizer_state_dict), is read from the shard files whatever the saving world size was
     current = get_optimizer_state_dict(wrapped, optimizer)
     tensors = {f"{name}/{key}": value for name, entry in current["state"].items() for key, value in entry.items()}
-    load_sharded(resumed["path"] / OPTIMIZER_SHARDS, tensors)
+    load_sharded(resumed["path"] / OPTIMIZER_SHARDS, without_aliases(tensors, wrapped))
+    for alias, first in aliases(wrapped).items():  # a tied parameter's state, saved under its first name
+        for key in [k for k in tensors if k.rsplit("/", 1)[0] == alias]:
+            tensors[key] = tensors[f"{first}/{key.rsplit('/', 1)[1]}"]
     state = optimizer_state(tensors, resumed["trainer"]["param_groups"])
     set_optimizer_state_dict(wrapped, optimizer, state)
+
+
+def aliases(model) -> dict[str, str]:
+    """{alias: first name} of parameters known under several names (tied weights: a tied LLM's
+    `lm_head.weight` is its `embed_tokens.weight`). The same on every rank (named from the modules, not from
+    storage, which an FSDP2 shard may leave empty)."""
+    model = getattr(model, "module", model)  # DDP: the names the state dicts use
+    first: dict[int, str] = {}
+    found = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            found[name] = first[id(param)]
+    return found
+
+
+def without_aliases(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """`tensors` (keyed by parameter name, or "<parameter name>/<state>") without the entries of `aliases`:
+    safetensors refuses two names for one storage, and the first name restores the shared tensor."""
+    skip = aliases(model)
+    return {key: t for key, t in tensors.items() if key not in skip and key.rsplit("/", 1)[0] not in skip}
 
 
 def save_sharded(folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
