@@ -193,7 +193,7 @@ def test_rank_state_at_another_world_size(setup, corpus, old_world, new_world):
     assert_each_key_once(counts, keys, [0])
     assert rank_state(saved, 0, old_world) == saved[0]
     with pytest.raises(ConfigError, match=f"written by {old_world} ranks, this run has {new_world}"):
-        rank_state(saved, 0, new_world)  # what train.py asks: its RNG states are per rank
+        rank_state(saved, 0, new_world)  # without other_world=True: the strict default
 
 
 def test_rank_state_gives_the_skipped_total_to_rank_0():

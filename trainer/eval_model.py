@@ -44,7 +44,7 @@ import torch
 from olavlm.schemas.errors import ConfigError
 
 from .eval_data import EvalDataError
-from .images import ImageTransform
+from .images import ImageTransform, normalize_pixels
 
 
 class EvalModel(Protocol):
@@ -129,10 +129,9 @@ class LlavaEvalModel:
         """Encoded images -> normalised pixel values [B, 3, H, W] on the device."""
         import numpy as np
 
-        batch = torch.from_numpy(np.stack([self.transform(image) for image in images])).float()  # [B, 3, H, W]
-        mean = torch.tensor(self.transform.mean).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.transform.std).view(1, 3, 1, 1) * 255.0
-        return ((batch - mean) / std).to(self.device, self.dtype)
+        batch = torch.from_numpy(np.stack([self.transform(image) for image in images]))  # uint8 [B, 3, H, W]
+        # the training path's normalisation (same float32 arithmetic), on the device
+        return normalize_pixels(batch.to(self.device), self.transform.mean, self.transform.std).to(self.dtype)
 
     def _pad(self, rows: list[list[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         length = max(len(r) for r in rows)

@@ -27,8 +27,8 @@ for nothing), is JSON:
   `next_epoch`) is dealt piece by piece to the new workers (source.py `redeal`),
   who then read whole epochs from E on: no sample of any epoch is repeated or
   lost, the order differs;
-- another world size (`rank_state(..., other_world=True)`; train.py does not ask
-  for it, as its RNG states are per rank): the same over every saved rank's
+- another world size (`rank_state(..., other_world=True)`, which train.py's
+  resume asks for, reseeding the per-rank RNG): the same over every saved rank's
   workers, piece i of an epoch to rank i % world, then to its workers; the pieces
   name their units, so it works even when the world size changed the unit cut;
 - a state of the earlier format {"epoch", "batch", "skipped"} (batches dealt
