@@ -121,6 +121,17 @@ class TeacherSpec:
         return f"{where} @ {revision}, weights sha256 {self.weights_sha256 or 'unknown'}"
 
     def diff(self, other: TeacherSpec) -> list[str]:
-        """Field names whose values differ, for error messages."""
+        """Field names whose values differ, for error messages; inside `preprocess`, the keys with
+        both values (e.g. "preprocess.jpeg_draft: 224 -> 0"), since that is where recipes differ."""
         a, b = self.to_dict(), other.to_dict()
-        return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        out = []
+        for k in sorted(a.keys() | b.keys()):
+            if a.get(k) == b.get(k):
+                continue
+            if k == "preprocess" and isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                pa, pb = a[k], b[k]
+                out += [f"preprocess.{p}: {pa.get(p)!r} -> {pb.get(p)!r}" for p in sorted(pa.keys() | pb.keys())
+                        if pa.get(p) != pb.get(p)]
+            else:
+                out.append(k)
+        return out
