@@ -125,6 +125,53 @@ def test_two_process_fsdp2_shards_load_exactly_in_one_process_plain_and_fsdp2(tm
 
     _assert_equal(_fsdp_one_process_copy(out), saved)  # world size 2 -> 1 FSDP2 process (DTensors)
 
+    _assert_missing_shards_refused(out, tmp_path)
+
+
+def _assert_missing_shards_refused(out, tmp_path) -> None:
+    """A 2-rank checkpoint with either rank's model or optimizer shard file deleted: ConfigError naming the
+    folder, from the recorded world size and, without it, from the chunks' coverage (DCP alone loaded rank 1's
+    loss silently with wrong values, or failed with a raw ValueError on rank 2's)."""
+    import shutil
+
+    from olavlm.schemas.errors import ConfigError
+
+    for rank in (0, 1):
+        for part in (checkpoint.MODEL + "/" + checkpoint.SHARDS, checkpoint.OPTIMIZER_SHARDS):
+            broken = tmp_path / f"broken-{rank}-{part.replace('/', '-')}"
+            shutil.copytree(checkpoint.find(out), broken)
+            folder = broken / part
+            checkpoint.shard_file(folder, rank).unlink()
+            with pytest.raises(ConfigError, match=rf"{folder}: incomplete sharded checkpoint.*ranks \[{rank}\]"):
+                _loaded_copy(broken)  # the model, then the optimizer state
+            complete = checkpoint.find(out) / part
+            state = load_file(checkpoint.shard_file(complete, rank))  # a tensor only this rank's file held
+            name = next(n for n in state if state[n].numel() > 0)
+            shape = _global_shape(complete, name)
+            with pytest.raises(ConfigError, match=rf"{folder}: incomplete sharded checkpoint: tensor {name} "):
+                checkpoint.load_sharded(folder, {name: torch.zeros(shape)})  # no recorded count: coverage
+
+
+def _global_shape(folder, name: str) -> tuple[int, ...]:
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    return tuple(HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata[name].size)
+
+
+def test_a_shard_file_rank_0_does_not_see_is_refused_on_save(tmp_path, monkeypatch):
+    """A staging folder that is not shared: rank 0 finds no file of another rank, refuses before publishing."""
+    import torch.distributed as dist
+
+    from olavlm.schemas.errors import ConfigError
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    checkpoint.save_sharded(tmp_path / "good", {"w": torch.ones(3)})
+    assert checkpoint.shard_file(tmp_path / "good", 0) is not None
+    monkeypatch.setattr(checkpoint, "shard_file", lambda folder, rank: None)  # as on another machine's disk
+    with pytest.raises(ConfigError, match=r"sees no shard file of ranks \[0\].*filesystem every rank shares"):
+        checkpoint.save_sharded(tmp_path / "lost", {"w": torch.ones(3)})
+
 
 def _tied_config(folder) -> ModelConfig:
     """The tiny student with its LLM's lm_head tied to embed_tokens (as Qwen2-0.5B / Llama-3.2-1B ship)."""

@@ -61,6 +61,8 @@ BASE_KEY = "frozen_base"
 SHARDED_KEY = "sharded"
 """olavlm.json key of a sharded folder (FSDP2 saves): the subfolder of its shard files."""
 SHARDS_DIR = "shards"
+SHARD_FILES_KEY = "shard_files"
+"""olavlm.json key of a sharded folder: the number of ranks that wrote it, each of whose files must be there."""
 DIGEST_SAMPLES = 4096
 """Values read per tensor by the sampled frozen-base hash (see the module docstring)."""
 
@@ -132,7 +134,8 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     if sharded:  # every tensor, extras included, from the shard files (any number of them)
         from .checkpoint import load_sharded, without_aliases
 
-        load_sharded(path / meta[SHARDED_KEY], without_aliases(model.state_dict(), model))
+        load_sharded(path / meta[SHARDED_KEY], without_aliases(model.state_dict(), model),
+                     files=meta.get(SHARD_FILES_KEY))
     else:
         missing, unexpected = model.load_state_dict(extras, strict=False)
         missing = [k for k in missing if not k.startswith("llava.")]
@@ -247,6 +250,7 @@ def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = Fals
     sharded: no tensors at all, only `llava/config.json` (the skeleton); the trainer's processes write the
     whole state as shards into `shards/` (checkpoint.save_state), which `load_student` reads.
     """
+    import torch.distributed
     from safetensors.torch import save_file
 
     def cpu(t: torch.Tensor) -> torch.Tensor:  # own storage: safetensors refuses tied (shared) tensors
@@ -282,6 +286,8 @@ def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = Fals
             meta[BASE_KEY] = base
         if sharded:
             meta[SHARDED_KEY] = SHARDS_DIR
+            if torch.distributed.is_initialized():  # else one file, named model-00001-of-00001 by torch
+                meta[SHARD_FILES_KEY] = torch.distributed.get_world_size()
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
