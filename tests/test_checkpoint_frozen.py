@@ -147,3 +147,22 @@ def test_relative_base_folders_are_recorded_absolute(tmp_path, monkeypatch):
     assert source["llm"] == str(tmp_path / "base" / "llm") and source["vision_model"] == str(tmp_path / "base" / "vision")
     monkeypatch.chdir(tmp_path / "base")  # another working directory
     _assert_same_state(model, OlaVlm.from_pretrained(folder))
+
+
+def test_keep_last_keeps_the_full_checkpoint_that_kept_trainable_only_ones_need(tmp_path):
+    """A PT run resumed from a full checkpoint of its own OUT records that folder as the frozen base of its
+    next (trainable-only) checkpoints: keep_last=1 removes the checkpoints in between, never that base."""
+    from olavlm.trainer import checkpoint
+
+    common = dict(optimizer_full={"state": {}, "param_groups": []}, loader_states=[{}], rng_states=[{}],
+                  config={}, fingerprints={})
+    model = _pt_student()
+    checkpoint.save(tmp_path, 1, save_model=lambda p: save_student(model, p), **common)  # full (save_frozen)
+    resumed = OlaVlm.from_pretrained(checkpoint.model_dir(tmp_path))  # --resume
+    apply_stage(resumed, "pt")
+    for step in (2, 3):
+        checkpoint.save(tmp_path, step, save_model=lambda p: save_student(resumed, p, trainable_only=True),
+                        keep_last=1, **common)
+    left = sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).glob("step-*"))
+    assert left == [checkpoint.step_name(1), checkpoint.step_name(3)]  # step 2 pruned, its base kept
+    _assert_same_state(OlaVlm.from_pretrained(checkpoint.model_dir(tmp_path)), resumed)

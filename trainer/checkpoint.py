@@ -53,7 +53,9 @@ the RNG, which has no exact continuation then, is reseeded per rank from
 
 `train.keep_last` N > 0: once LATEST names a new checkpoint, the complete `step-*`
 folders older than the newest N are removed (never the one LATEST names, nor a
-staging or newer folder, nor anything outside OUT/checkpoints).
+staging or newer folder, nor anything outside OUT/checkpoints, nor a full
+checkpoint that a kept trainable-only one records as its frozen base: a PT run
+resumed from a full checkpoint of its own OUT).
 
 The folder is written under a temporary name and renamed into place, and LATEST
 is replaced after it, so a crash at any moment leaves the previous checkpoint
@@ -216,7 +218,8 @@ def prune(out: str | Path, keep_last: int) -> list[Path]:
     candidates, and only those older than the one LATEST names, which is never removed: staging
     folders (`.step-*.tmp-*`), a folder being written and anything newer than LATEST stay. A folder
     is renamed aside first and then deleted, so a crash mid-delete leaves no half checkpoint that
-    `find` could pick.
+    `find` could pick. A folder that a kept trainable-only checkpoint names as its frozen base stays
+    (it is needed to load that one).
     """
     from olavlm.schemas.errors import ConfigError
 
@@ -231,15 +234,33 @@ def prune(out: str | Path, keep_last: int) -> list[Path]:
     latest_step = int(STEP_NAME.fullmatch(latest).group(1))
     steps = sorted((int(m.group(1)), p) for p in base.iterdir() if (m := STEP_NAME.fullmatch(p.name))
                    and p.is_dir() and not p.is_symlink() and (p / TRAINER).exists() and int(m.group(1)) <= latest_step)
+    needed = {name for _, kept in steps[-keep_last:] if (name := _frozen_base_step(kept, base))}
     removed = []
     for _, old in steps[:-keep_last]:
-        if old.name == latest:
+        if old.name == latest or old.name in needed:
             continue
         aside = base / f".{old.name}.removing-{os.getpid()}"
         os.replace(old, aside)
         shutil.rmtree(aside, ignore_errors=True)
         removed.append(old)
     return removed
+
+
+def _frozen_base_step(step: Path, base: Path) -> str | None:
+    """The name of the checkpoint folder under `base` that the trainable-only checkpoint `step` records as its
+    frozen base (a PT run resumed from a full checkpoint of its own OUT), or None."""
+    from .build import BASE_KEY
+    from .model import CONFIG_FILE
+
+    try:
+        meta = json.loads((step / MODEL / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    source = (meta.get(BASE_KEY) or {}).get("source", {}).get("llava_checkpoint")
+    if not source:
+        return None
+    source, base = Path(source).resolve(), base.resolve()
+    return source.relative_to(base).parts[0] if source.is_relative_to(base) and source != base else None
 
 
 def load(path: str | Path) -> dict:
