@@ -99,3 +99,14 @@ def test_keep_last_never_removes_latest_nor_newer_folders(tmp_path):
     assert sorted(p.name for p in base.glob("step-*")) == [checkpoint.step_name(s) for s in (3, 7)]
     with pytest.raises(ConfigError, match="keep_last"):
         checkpoint.prune(tmp_path, -1)
+
+
+def test_a_negative_keep_last_is_refused_before_training(tmp_path):
+    """By resolve_run, before any checkpoint is written (prune used to refuse it after the first one, and
+    on rank 0 only, which left the other ranks of a torchrun at the checkpoint's barrier)."""
+    from olavlm.schemas.config import RunConfig, TrainConfig
+    from olavlm.trainer.run import resolve_run
+
+    with pytest.raises(ConfigError, match=r"train\.keep_last: -1"):
+        resolve_run(RunConfig(train=TrainConfig(keep_last=-1, out=str(tmp_path / "run"))))
+    assert not (tmp_path / "run").exists()

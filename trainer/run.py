@@ -79,6 +79,8 @@ def resolve_run(config: RunConfig, *, given: Collection[str] | None = None) -> R
         raise ConfigError(f"train.stage: unknown stage {tcfg.stage!r} (one of {tuple(STAGE_LR)})")
     if tcfg.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', not {tcfg.on_nonfinite!r}")
+    if tcfg.keep_last < 0:  # here, not at the first checkpoint: that would have been written already
+        raise ConfigError(f"train.keep_last: {tcfg.keep_last} (must be >= 0; 0 keeps every checkpoint)")
     distill = tcfg.distill and uses_embedding_losses(tcfg.stage)
 
     cache_specs: dict[str, TeacherSpec] = {}
