@@ -25,7 +25,9 @@ object, `"complete": false` until the end), so a partial run still tells somethi
              job costs an actor start and a model load), in one Ray session after a warm-up
              job. busy fraction = pipeline images/s / bare images/s of the same teachers and
              dtype (as `ola bench precompute` computes it); the actor's own compute share;
-             device-wide peak memory polled during the job.
+             device-wide peak memory polled during the job. At the first dtype a second
+             three-teacher job runs with `--device-resize` (label all_device_resize; the host
+             only decodes, the actor resizes), divided by the same bare loop.
 6. train     A mid-size student (CLIP-L-width vision tower at 336 px + a 16-layer 2048-wide
              Llama, ~0.9 B) in bf16 autocast, PT stage, DDP over a 1-process group (nccl on
              CUDA, gloo on CPU): step time with the streaming loader over the pipeline's
@@ -44,9 +46,10 @@ Design choices and their cost:
 - The online step uses the pipeline's own teachers (the same weights as the cache), so
   cached and online targets are the same values; `ola bench train` (CPU) builds its own
   teacher-like models instead, which do not fit the smoke path's 60 s on 2 cores.
-- The GPU preprocessing lever resizes each image with `F.interpolate(antialias=True)`, which
-  differs from PIL's resize by a few uint8 levels (reported): adopting it changes the
-  teachers' spec (a different recipe), hence the cache fingerprint.
+- The GPU preprocessing lever runs the pipeline's own `preprocess.device_prepare` (what
+  `ola precompute --device-resize` runs), `F.interpolate(antialias=True)`, which differs from
+  PIL's resize by a fraction of a uint8 level on average (reported); the pipeline records that
+  choice in the teachers' spec (`resize_on`), hence another cache fingerprint.
 
 Layout: a subpackage (listed in pyproject.toml's packages), one module per part of the run, each
 under ~400 lines; this file only re-exports, so `from olavlm.bench.gpu import ...` keeps working.
@@ -54,7 +57,7 @@ under ~400 lines; this file only re-exports, so `from olavlm.bench.gpu import ..
   common.py    Report (the JSON written after each section), device memory helpers, Setup
   teachers.py  1. paper_configs (the one copy; tests import it), build/save of the random teachers
   bare.py      2. predecode (inputs)  3. forward_rate, bare_rates (the bare loop)
-  levers.py    4. run_levers and one function per lever; compile_blocks, device_prepare
+  levers.py    4. run_levers and one function per lever; compile_blocks (device_prepare: pipeline.preprocess)
   pipeline.py  5. run_job, busy_fraction, run_pipeline
   train.py     6. train_bench and its steps
   run.py       the driver: run_gpu_bench, run_sections, environment
