@@ -170,3 +170,14 @@ def test_the_bench_gpu_arm_is_on_by_default_and_runs_the_job_with_the_option(tmp
     assert [j.device_resize for j in jobs] == [False, True]
     assert all(s.device_resize for s in jobs[1].sources().values())
     assert dataclasses.replace(jobs[1], device_resize=False) == jobs[0]
+
+
+def test_with_jpeg_draft_the_host_ships_the_draft_decode():
+    """--device-resize --jpeg-draft: the host decodes at the draft scale and ships that, smaller than a full decode."""
+    recipe = paper_recipes()["depth"]
+    data = jpeg(photo(0).convert("RGB").resize((2048, 2048)))
+    full = preprocess.prepare_all(data, {"d": {**recipe, "resize_on": "device", "jpeg_draft": 0}})["d"]
+    draft = preprocess.prepare_all(data, {"d": {**recipe, "resize_on": "device", "jpeg_draft": 336}})["d"]
+    assert full.shape == (2048, 2048, 3) and draft.shape[0] < 2048 and min(draft.shape[:2]) >= 336
+    resized = preprocess.device_prepare([draft], {**recipe, "resize_on": "device"}, "cpu")
+    assert tuple(resized.shape) == (1, 336, 336, 3)
