@@ -6,6 +6,9 @@ The 2-process run gathers a full copy of what it saved (for the test only) to co
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -76,8 +79,37 @@ def _save_worker(rank: int, world: int, port: int, config: ModelConfig, out: str
         copy = _full_copy(model, wrapped, optimizer)  # a collective: every rank
         if rank == 0:
             save_file(copy, reference)
+        failures = _rank_0_failures(model, wrapped, optimizer, d, out + "-failing")
+        Path(f"{reference}.rank{rank}.json").write_text(json.dumps(failures))
     finally:
         dist.destroy_process_group()
+
+
+def _rank_0_failures(model, wrapped, optimizer, d: Dist, out: str) -> list[str]:
+    """Rank 0 fails alone, before its shards (the model folder) and after them (pruning): every rank must
+    raise, none may wait forever in a collective. The exception type each rank saw, then a save that works."""
+    import olavlm.trainer.build as build
+
+    seen = []
+    for step, target, name in ((2, build, "save_student"), (3, checkpoint, "prune")):
+        real = getattr(target, name)
+
+        def broken(*args, **kwargs):
+            raise OSError("No space left on device")
+
+        if d.main:
+            setattr(target, name, broken)
+        try:
+            checkpoint.save_state(out, step, model, wrapped, optimizer, d, save_frozen=True, keep_last=1,
+                                  loader_state={}, config={}, fingerprints={})
+            seen.append("none")
+        except Exception as exc:
+            seen.append(type(exc).__name__)
+        finally:
+            setattr(target, name, real)
+    checkpoint.save_state(out, 4, model, wrapped, optimizer, d, save_frozen=True, keep_last=1, loader_state={},
+                          config={}, fingerprints={})  # the group is still in step
+    return seen
 
 
 def _fsdp_one_process_copy(out) -> dict[str, torch.Tensor]:
@@ -126,6 +158,11 @@ def test_two_process_fsdp2_shards_load_exactly_in_one_process_plain_and_fsdp2(tm
     _assert_equal(_fsdp_one_process_copy(out), saved)  # world size 2 -> 1 FSDP2 process (DTensors)
 
     _assert_missing_shards_refused(out, tmp_path)
+
+    # rank 0 failing alone: it raises the cause, rank 1 a CheckpointError, nobody hangs (spawn_two's limit)
+    failures = [json.loads(Path(f"{reference}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert failures == [["OSError", "OSError"], ["CheckpointError", "CheckpointError"]]
+    assert checkpoint.find(f"{out}-failing").name == checkpoint.step_name(4)
 
 
 def _assert_missing_shards_refused(out, tmp_path) -> None:

@@ -75,6 +75,8 @@ from pathlib import Path
 
 import torch
 
+from olavlm.schemas.errors import OlaError
+
 from .atomic import atomic_dir
 
 CHECKPOINTS = "checkpoints"
@@ -86,6 +88,10 @@ SHARDS = "shards"
 TRAINER = "trainer.json"
 CONFIG = "config.json"
 STEP_NAME = re.compile(r"step-(\d{8,})")
+
+
+class CheckpointError(OlaError, RuntimeError):
+    """Raised on the other ranks when rank 0 failed to write a checkpoint (rank 0 raises the cause)."""
 
 
 def step_name(step: int) -> str:
@@ -287,13 +293,12 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
     those tensors are gathered to rank 0), sharded (FSDP2: every rank writes its own shards, nothing is
     gathered) or plain (one process or DDP: rank 0 writes full files).
     """
-    import torch.distributed as dist
-
     from .build import overlay_names, save_student, trainable_only_default
     from .parallel import full_tensors, gather, is_fsdp
 
     trainable_only = not save_frozen and trainable_only_default(model)
     sharded = not trainable_only and is_fsdp(model)
+    phase = ["before"]  # the sharded layout: how far rank 0 got ("before", "shards", "after" its shards)
     loader_states = gather(loader_state, d)
     rng_states = gather(rng_state(), d)
     options = {}
@@ -306,9 +311,13 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
                                          for key, value in entry.items()}, model)
 
         def write_shards(tmp):
-            staging = Path(_broadcast(str(tmp) if tmp is not None else None))
-            save_sharded(staging / MODEL / SHARDS, model_state)
-            save_sharded(staging / OPTIMIZER_SHARDS, optim_tensors)
+            staging = _broadcast(str(tmp) if tmp is not None else None)
+            if staging is None:  # rank 0 failed before its staging folder existed (it raises the cause)
+                raise CheckpointError(f"checkpoint {step_name(step)}: rank 0 failed before writing shards")
+            phase[0] = "shards"  # from here every failure is raised on every rank (dcp.save, save_sharded)
+            save_sharded(Path(staging) / MODEL / SHARDS, model_state)
+            save_sharded(Path(staging) / OPTIMIZER_SHARDS, optim_tensors)
+            phase[0] = "after"
 
         def save_model(path):
             save_student(model, path, sharded=True)
@@ -324,14 +333,27 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
             save_student(model, path, trainable_only=trainable_only, tensors=tensors)
 
         options = {"optimizer_full": optim}
-    path = ""
+    # Rank 0 writes alone, but the other ranks wait for it in collectives (the sharded layout's staging
+    # folder and shards, then the final status): a failure on rank 0 is broadcast so that they raise too
+    # instead of waiting forever.
+    path, failure = "", None
     if d.main:
-        path = str(save(out, step, save_model=save_model, loader_states=loader_states, rng_states=rng_states,
-                        config=config, fingerprints=fingerprints, keep_last=keep_last, **options))
+        try:
+            path = str(save(out, step, save_model=save_model, loader_states=loader_states, rng_states=rng_states,
+                            config=config, fingerprints=fingerprints, keep_last=keep_last, **options))
+        except Exception as exc:
+            if sharded and phase[0] == "before":
+                _broadcast(None)  # the others wait for the staging folder's name: none comes
+            if sharded and phase[0] != "after":
+                raise  # before: the others raise on None; during the shards: every rank raised already
+            failure = exc
     elif sharded:
         options["write_shards"](None)
-    if dist.is_initialized():
-        dist.barrier()
+    status = _broadcast(f"{type(failure).__name__}: {failure}" if failure is not None else "")
+    if failure is not None:
+        raise failure
+    if status:
+        raise CheckpointError(f"checkpoint {step_name(step)}: rank 0 failed to write it ({status})")
     return path
 
 
