@@ -285,61 +285,103 @@ def test_fsdp2_training_resumes_exactly_from_sharded_checkpoints(tmp_path, one_t
 
 
 TRAIN_SCRIPT = """
-import json, sys
+import json, os, sys
+sys.path.insert(0, os.getcwd())  # the repository root, for tests.test_checkpoint_sharded
+import torch.distributed as dist
+from safetensors.torch import save_file
+import olavlm.trainer.train as loop
 from olavlm.schemas.config import RunConfig, from_dict
-from olavlm.trainer.train import train
+from tests.test_checkpoint_sharded import _full_copy
 
-train(from_dict(RunConfig, json.loads(open(sys.argv[1]).read())))
+config, reference, keys_dir = sys.argv[1:4]
+real_save, real_accumulate = loop._save, loop._accumulate
+
+def save(run, model, wrapped, optimizer, loader_state, step, d):  # and a full copy gathered in this run
+    path = real_save(run, model, wrapped, optimizer, loader_state, step, d)
+    copy = _full_copy(wrapped, wrapped, optimizer)  # a collective: every rank
+    if d.main:
+        save_file(copy, reference)
+    return path
+
+def accumulate(*args, **kwargs):  # each rank's sample keys, one line per step
+    out = real_accumulate(*args, **kwargs)
+    with open(os.path.join(keys_dir, f"rank{dist.get_rank()}.jsonl"), "a") as f:
+        f.write(json.dumps(out[1]) + "\\n")
+    return out
+
+loop._save, loop._accumulate = save, accumulate
+loop.train(from_dict(RunConfig, json.loads(open(config).read())))
 """
+
+
+def _keys_sha256(keys: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]  # as the loop's metrics record them
 
 
 @pytest.mark.slow  # torchrun with 2 fresh interpreters importing torch + transformers
 @pytest.mark.timeout(400)
-def test_fsdp2_run_of_two_processes_resumes_in_one(tmp_path, one_thread):
-    """train() end to end at another world size: the resumed weights and AdamW state are the saved ones."""
+def test_fsdp2_run_of_two_processes_resumes_in_one(tmp_path, one_thread, monkeypatch):
+    """train() end to end at another world size: the resumed weights and AdamW state are those the two
+    processes had when they saved, and the resumed steps read only samples not read before the checkpoint."""
     import dataclasses
-    import json
     import os
     import subprocess
     import sys
 
+    import olavlm.trainer.train as loop
     from olavlm.schemas.config import to_dict
     from olavlm.trainer.train import read_metrics
     from tests.test_resume import ROOT
 
     data = _run_data(tmp_path)
     two, one = tmp_path / "two", tmp_path / "one"
-    config = tmp_path / "two.json"
+    config, reference, keys_dir = tmp_path / "two.json", tmp_path / "saved.safetensors", tmp_path / "keys"
+    keys_dir.mkdir()
     first = run_config(data, two, fsdp=True, save_frozen=True)
     first = dataclasses.replace(first, train=dataclasses.replace(first.train, steps=2))  # saves step 2
     config.write_text(json.dumps(to_dict(first)))
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(script), str(config)]
+               str(script), str(config), str(reference), str(keys_dir)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     saved = checkpoint.find(two)
     assert len(json.loads((saved / checkpoint.TRAINER).read_text())["rng"]) == 2
-    expected = _loaded_copy(two, "pt")
+    expected = load_file(reference)  # gathered by the two processes, not read back through the shards
+    assert any(k.endswith("/exp_avg") and v.abs().sum() > 0 for k, v in expected.items())
+    read_before = {rank: [json.loads(line) for line in (keys_dir / f"rank{rank}.jsonl").read_text().splitlines()]
+                   for rank in (0, 1)}
+    assert [_keys_sha256(keys) for keys in read_before[0]] == [m["keys_sha256"] for m in read_metrics(two)]
 
-    # one process resumes: what it restored is exactly what the two saved (checked before its first step)
-    import olavlm.trainer.train as loop
+    # one process resumes: what it restored is exactly what the two had (checked before its first step)
+    restored, read_after = {}, []
+    real_restore, real_accumulate = loop._restore, loop._accumulate
 
-    restored = {}
-    real = loop._restore
-
-    def spy(run, wrapped, optimizer, d):
-        out = real(run, wrapped, optimizer, d)
+    def restore(run, wrapped, optimizer, d):
+        out = real_restore(run, wrapped, optimizer, d)
         restored.update(_full_copy(wrapped, wrapped, optimizer))
         return out
 
-    loop._restore = spy
-    try:
-        train(resume_config(two, one, fsdp=True))
-    finally:
-        loop._restore = real
+    def accumulate(*args, **kwargs):
+        out = real_accumulate(*args, **kwargs)
+        read_after.append(out[1])
+        return out
+
+    monkeypatch.setattr(loop, "_restore", restore)
+    monkeypatch.setattr(loop, "_accumulate", accumulate)
+    train(resume_config(two, one, fsdp=True))
     _assert_equal(restored, expected)
-    assert [m["step"] for m in read_metrics(one)] == [3, 4]
+    metrics = read_metrics(one)
+    assert [m["step"] for m in metrics] == [3, 4]
     assert len(json.loads((checkpoint.find(one) / checkpoint.TRAINER).read_text())["rng"]) == 1
+
+    # the loader re-dealt what the two ranks had left (loader.rank_state, other_world): no sample again
+    assert [_keys_sha256(keys) for keys in read_after] == [m["keys_sha256"] for m in metrics]
+    before = [k for steps in read_before.values() for keys in steps for k in keys]
+    after = [k for keys in read_after for k in keys]
+    assert len(before) == len(set(before)) == 8 and len(after) == len(set(after)) == 4
+    assert not set(before) & set(after)
