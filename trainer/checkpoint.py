@@ -3,7 +3,8 @@
     OUT/checkpoints/step-00000100/
         model/                    an OlaVlm folder (build.py) in one of three layouts, below
         optimizer.safetensors     plain and trainable-only: AdamW state, "<parameter name>/<state name>"
-        optimizer/                sharded: shard-0000R-model-00001-of-00001.safetensors per rank R, same keys
+        optimizer/                sharded: shard-{R+1:05d}-model-00001-of-00001.safetensors per rank R
+                                  (torch's name), same keys; model/shards/ alike
         trainer.json              step, optimizer param groups, loader state per rank, RNG per rank,
                                   teacher fingerprints, time
         config.json               the effective RunConfig (what `--config` would need to reproduce it)
