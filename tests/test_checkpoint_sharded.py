@@ -211,14 +211,17 @@ def test_a_shard_file_rank_0_does_not_see_is_refused_on_save(tmp_path, monkeypat
 
 
 def _tied_config(folder) -> ModelConfig:
-    """The tiny student with its LLM's lm_head tied to embed_tokens (as Qwen2-0.5B / Llama-3.2-1B ship)."""
-    import json
+    """The tiny student with its LLM's lm_head tied to embed_tokens, saved as Qwen2-0.5B / Llama-3.2-1B ship
+    (no lm_head.weight in the file)."""
     import shutil
 
     llm = folder / "tied-llm"
     shutil.copytree(tiny_folders().llm, llm)
     llm_config = json.loads((llm / "config.json").read_text())
     (llm / "config.json").write_text(json.dumps({**llm_config, "tie_word_embeddings": True}))
+    weights = load_file(llm / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, llm / "model.safetensors",
+              metadata={"format": "pt"})
     return ModelConfig(vision_model=tiny_folders().vision_model, llm=str(llm), **TINY_HEADS)
 
 
