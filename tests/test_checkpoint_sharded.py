@@ -201,13 +201,18 @@ def test_a_shard_file_rank_0_does_not_see_is_refused_on_save(tmp_path, monkeypat
 
     from olavlm.schemas.errors import ConfigError
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()  # (an FSDP2 test of this process may have left one)
+    if created:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    checkpoint.save_sharded(tmp_path / "good", {"w": torch.ones(3)})
-    assert checkpoint.shard_file(tmp_path / "good", 0) is not None
-    monkeypatch.setattr(checkpoint, "shard_file", lambda folder, rank: None)  # as on another machine's disk
-    with pytest.raises(ConfigError, match=r"sees no shard file of ranks \[0\].*filesystem every rank shares"):
-        checkpoint.save_sharded(tmp_path / "lost", {"w": torch.ones(3)})
+    try:
+        checkpoint.save_sharded(tmp_path / "good", {"w": torch.ones(3)})
+        assert checkpoint.shard_file(tmp_path / "good", 0) is not None
+        monkeypatch.setattr(checkpoint, "shard_file", lambda folder, rank: None)  # as on another machine's disk
+        with pytest.raises(ConfigError, match=r"sees no shard file of ranks \[0\].*filesystem every rank shares"):
+            checkpoint.save_sharded(tmp_path / "lost", {"w": torch.ones(3)})
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def _tied_config(folder) -> ModelConfig:
