@@ -19,7 +19,9 @@ Host preprocessing cost: before Ray starts, stage 1 (`preprocess_batches`: tar r
 stack) runs in this process over the same corpus with and without `--device-resize`, at the preset's
 input sizes and at the paper's (336 squash; 768 squash then 800; shortest side 224 + crop), and the
 process CPU time per image is reported (one core; CPU time, so other load on the machine inflates it
-little). `--device-resize` also runs the timed pipeline job with the resizes on the teachers' device.
+little), and the wall time per image of the resizes that `--device-resize` moves into the actor, run
+here on the CPU with the teachers' thread count (a GPU's figure comes from `ola bench gpu`'s lever).
+`--device-resize` also runs the timed pipeline job with the resizes on the teachers' device.
 """
 
 from __future__ import annotations
@@ -82,11 +84,32 @@ def host_ms_per_image(corpus: str, recipes: dict[str, dict], batch_size: int) ->
     return round((time.process_time() - start) / max(1, images) * 1e3, 2)
 
 
-def host_costs(corpus: str, recipes: dict[str, dict], batch_size: int) -> dict[str, float]:
-    """Host ms per image with the resizes on the host (the default) and with `--device-resize` (decode only)."""
+def actor_resize_ms_per_image(corpus: str, recipes: dict[str, dict], batch_size: int, threads: int) -> float:
+    """Wall ms per image of `device_prepare` for every teacher (what `--device-resize` adds to the actor), on this
+    machine's CPU with the teachers' torch thread count, over the decoded batches of `corpus`."""
+    import torch
+
+    from olavlm.pipeline.precompute import preprocess_batches
+    from olavlm.pipeline.preprocess import device_prepare
+    from olavlm.schemas.corpus import list_shards
+
+    torch.set_num_threads(threads)
+    batches = [b for shard in list_shards(corpus) for b in preprocess_batches(shard.url, recipes, batch_size) if b["keys"]]
+    images, start = 0, time.perf_counter()
+    for batch in batches:
+        for name, recipe in recipes.items():
+            device_prepare(batch["inputs"][name], recipe, "cpu")
+        images += len(batch["keys"])
+    return round((time.perf_counter() - start) / max(1, images) * 1e3, 2)
+
+
+def host_costs(corpus: str, recipes: dict[str, dict], batch_size: int, threads: int) -> dict[str, float]:
+    """Host ms per image with the resizes on the host (the default) and with `--device-resize` (decode only),
+    and what `--device-resize` moves into the actor when its device is this CPU."""
     on_device = {n: {**r, "resize_on": "device"} for n, r in recipes.items()}
     return {"host_resize": host_ms_per_image(corpus, recipes, batch_size),
-            "device_resize": host_ms_per_image(corpus, on_device, batch_size)}
+            "device_resize": host_ms_per_image(corpus, on_device, batch_size),
+            "device_resize_actor_cpu_wall": actor_resize_ms_per_image(corpus, on_device, batch_size, threads)}
 
 
 def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) -> tuple[float, dict[str, dict]]:
@@ -132,8 +155,9 @@ def run_precompute_bench(config: BenchConfig) -> dict:
                "progress": False, "cpu_threads": threads, "device_resize": config.device_resize}
         before, recipes = bare_loop_images_per_second(corpus, config, threads)
         paper = paper_recipes()
-        host = {"preset_sizes": host_costs(corpus, recipes, config.batch_size),
-                "paper_sizes": host_costs(corpus, {n: paper[n] for n in recipes if n in paper}, config.batch_size)}
+        host = {"preset_sizes": host_costs(corpus, recipes, config.batch_size, threads),
+                "paper_sizes": host_costs(corpus, {n: paper[n] for n in recipes if n in paper}, config.batch_size,
+                                          threads)}
         with ray_session(None):
             # warm-up: Ray starts and imports its task worker processes once per session (seconds each
             # on 2 cores); a long job pays that once, so it is kept out of the steady-state figure
