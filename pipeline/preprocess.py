@@ -55,6 +55,7 @@ import numpy as np
 from PIL import Image
 
 from olavlm.schemas.corpus import decode_image
+from olavlm.schemas.errors import ConfigError
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
@@ -174,8 +175,18 @@ def prepare_all(data: bytes, recipes: Mapping[str, Mapping[str, Any]]) -> dict[s
     return out
 
 
-INTERPOLATE_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
-"""PIL filter names -> F.interpolate modes; other filters (lanczos, box, hamming) fall back to bicubic."""
+INTERPOLATE_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
+"""PIL filter names -> F.interpolate modes (PIL's NEAREST samples pixel centres: torch's "nearest-exact").
+Other PIL filters (lanczos, box, hamming) have no torch equivalent: `check_device_resample` refuses them."""
+
+
+def check_device_resample(teacher: str, recipe: Mapping[str, Any]) -> None:
+    """Raise a ConfigError naming the teacher and filter when a recipe resizes with a filter the device
+    path cannot reproduce (called when the spec is built, before any image is read)."""
+    for key in ("resample", "processor_resample"):
+        if key in recipe and recipe[key] not in INTERPOLATE_MODES:
+            raise ConfigError(f"teacher {teacher!r}: --device-resize cannot reproduce PIL's {recipe[key]!r} filter "
+                             f"({key}); torch resizes with {', '.join(INTERPOLATE_MODES)} only: run without it")
 
 
 def _device_resize(x, size: tuple[int, int], resample: str):
@@ -188,8 +199,8 @@ def _device_resize(x, size: tuple[int, int], resample: str):
     import torch
     import torch.nn.functional as F
 
-    mode = INTERPOLATE_MODES.get(resample, "bicubic")
-    options = {} if mode == "nearest" else {"antialias": True, "align_corners": False}  # AA bicubic: PIL's a = -0.5
+    mode = INTERPOLATE_MODES[resample]  # check_device_resample refused any other filter
+    options = {} if mode == "nearest-exact" else {"antialias": True, "align_corners": False}  # AA bicubic: PIL's a = -0.5
     if x.dtype == torch.uint8:
         return F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode=mode, **options)
     return F.interpolate(x, size=size, mode=mode, **options).round_().clamp_(0, 255)

@@ -65,6 +65,7 @@ from .preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PIL_RESAMPLE_NAMES,
+    check_device_resample,
     draft_size,
     processor_output_size,
 )
@@ -212,6 +213,7 @@ def _spec(source: TeacherSource, module: nn.Module, preprocess: dict, layers, sh
     preprocess = {**preprocess, "channel_order": "RGB",
                   "jpeg_draft": draft_size(preprocess) if source.jpeg_draft else 0}
     if source.device_resize:  # only when chosen: default specs, and the caches they fingerprint, stay as they were
+        check_device_resample(source.name, preprocess)
         preprocess["resize_on"] = "device"
     return TeacherSpec(
         name=source.name, kind=source.kind, model=source.model, subfolder=source.subfolder,

@@ -16,6 +16,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from olavlm.bench.precompute import paper_recipes
@@ -195,3 +196,24 @@ def test_with_jpeg_draft_the_host_ships_the_draft_decode():
     assert full.shape == (2048, 2048, 3) and draft.shape[0] < 2048 and min(draft.shape[:2]) >= 336
     resized = preprocess.device_prepare([draft], {**recipe, "resize_on": "device"}, "cpu")
     assert tuple(resized.shape) == (1, 336, 336, 3)
+
+
+def test_device_resize_refuses_filters_torch_cannot_reproduce():
+    """lanczos / box / hamming have no torch kernel: refused when the spec is built, naming teacher and filter
+    (they were silently resized with bicubic); PIL's nearest maps to torch's nearest-exact."""
+    from olavlm.pipeline.preprocess import INTERPOLATE_MODES, check_device_resample
+    from olavlm.schemas.errors import ConfigError
+
+    for name in ("lanczos", "box", "hamming"):
+        with pytest.raises(ConfigError, match=f"teacher 'gen'.*{name}"):
+            check_device_resample("gen", {"resize_shortest": 224, "center_crop": [224, 224], "resample": name})
+    with pytest.raises(ConfigError, match="processor_resample"):
+        check_device_resample("seg", {"resize": [768, 768], "resample": "bicubic", "processor_resample": "lanczos"})
+    check_device_resample("seg", {"resize": [768, 768], "resample": "bicubic", "processor_resample": "bilinear"})
+    assert INTERPOLATE_MODES["nearest"] == "nearest-exact"
+    from olavlm.pipeline.preprocess import _device_resize
+
+    image = np.random.default_rng(0).integers(0, 255, (97, 131, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(image).resize((50, 40), Image.NEAREST))
+    torch_out = _device_resize(torch.from_numpy(image).permute(2, 0, 1)[None], (40, 50), "nearest")
+    assert np.array_equal(torch_out[0].permute(1, 2, 0).numpy(), pil)  # "nearest" was off by up to 253 levels
