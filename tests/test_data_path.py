@@ -13,7 +13,8 @@ import torch
 from olavlm.schemas.cache import SpecMismatchError
 from olavlm.schemas.config import DataConfig
 from olavlm.schemas.corpus import TarShardWriter
-from olavlm.trainer.join import DataError
+from olavlm.trainer.collate import to_device
+from olavlm.trainer.join import DataError, scale_key
 from olavlm.trainer.loader import build_loader
 from olavlm.trainer.source import epoch_units, shards_of, split_by_node
 from olavlm.trainer.text import IGNORE, TextError, tokenize
@@ -327,11 +328,17 @@ def test_other_storage_dtypes_reach_the_batch_exactly(setup, tmp_path, dtype):
     samples = make_corpus(tmp_path / "corpus", shards=1, per_shard=3)
     _, truth = make_cache(tmp_path / "cache", samples, dtype=dtype)
     batch, _ = take(loader(setup, tmp_path), 1)[0]
-    want = {"bfloat16": torch.bfloat16, "int8": torch.float32}[dtype]
+    want = {"bfloat16": torch.bfloat16, "int8": torch.int8}[dtype]  # the stored form crosses the loader
     for task in TASKS:
         assert batch["targets"][task].dtype == want
+        if dtype == "int8":  # its per-token scale beside it, dequantised on the device
+            assert batch["targets"][scale_key(task)].shape == batch["targets"][task].shape[:2]
+    on_device = to_device(batch, "cpu")
+    assert set(on_device["targets"]) == set(TASKS)
+    for task in TASKS:
+        assert on_device["targets"][task].dtype == torch.float32
         for i, key in enumerate(batch["keys"]):
-            np.testing.assert_array_equal(batch["targets"][task][i].float().numpy(), truth[task][key])
+            np.testing.assert_array_equal(on_device["targets"][task][i].numpy(), truth[task][key])
 
 
 def test_bench_loader_runs():

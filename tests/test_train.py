@@ -248,3 +248,16 @@ def test_fsdp2_single_process_trains_saves_and_resumes(data):
                                                 out=str(d / "fsdp-resumed"), steps=3, fsdp=True)))
     assert history(resumed)[0]["keys_sha256"] == history(first)[2]["keys_sha256"]
     assert history(resumed)[0]["loss"] == pytest.approx(history(first)[2]["loss"], rel=1e-6)
+
+
+def test_int8_cache_trains_like_the_16_bit_one(data, pt_run, tmp_path):
+    """int8 targets cross the loader as int8 + per-token scale and are dequantised on the device: the first
+    step's embedding terms equal the float16 cache's to within the quantisation error (a missing scale would
+    put the targets in int8 units, ~100x off)."""
+    d, samples = data
+    make_cache(tmp_path / "cache", samples, shapes=SHAPES, dtype="int8")
+    (tmp_path / "corpus").symlink_to(d / "corpus")
+    summary = train(run_config(tmp_path, tmp_path / "pt-int8", steps=1, save_every=1))
+    first, reference = history(summary)[0], history(pt_run)[0]
+    for term in ("depth", "seg", "gen"):
+        assert first[term] == pytest.approx(reference[term], rel=2e-2), term

@@ -6,13 +6,14 @@
     labels          (B, L) long          -100 except assistant-turn tokens
     pixel_values    (B, 3, H, W) uint8   resized and cropped, not normalised; zeros for text-only samples
     has_image       (B,) bool
-    targets         {task: (B, T, D)}    storage dtype (float16 / bfloat16 / float32); zeros where absent
+    targets         {task: (B, T, D)}    storage dtype (float16 / bfloat16 / int8); zeros where absent;
+                                         int8 with its per-token scale {task + ".scale": (B, T) float32}
 
 Design choice: images stay uint8 through the loader and the host-to-device copy;
 the model normalises them on its device (`OlaVlm.image_features` ->
 images.normalize_pixels, with its image processor's mean and std). Targets keep
-their 16-bit storage dtype until `to_device` casts them to float32 on the
-device. Cost: both conversions run on the device (free on a GPU; on a CPU-only
+their storage dtype until `to_device` casts them to float32 on the device
+(int8: times its scale there). Cost: both conversions run on the device (free on a GPU; on a CPU-only
 run they cost there what they saved here, ~1-3 ms per sample), and a batch is
 only model input together with the model that normalises it (a float
 `pixel_values`, as the image processor gives, is taken as already normalised).
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .join import SCALE_SUFFIX
 from .text import IGNORE
 
 
@@ -80,14 +82,25 @@ def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, 
 
 
 def to_device(batch: dict, device: torch.device | str, target_dtype: torch.dtype = torch.float32) -> dict:
-    """Move a batch to `device`; targets become `target_dtype` there (the 16-bit -> 32-bit cast runs on the device)."""
+    """Move a batch to `device`; targets become `target_dtype` there (the 16-bit -> 32-bit cast, and int8
+    values times their per-token scale (trainer/join.py `scale_key`), run on the device)."""
     non_blocking = torch.device(device).type == "cuda"  # pinned host memory -> async copy
     out = {}
     for name, value in batch.items():
         if name == "targets":
-            out[name] = {t: v.to(device, non_blocking=non_blocking).to(target_dtype) for t, v in value.items()}
+            moved = {t: v.to(device, non_blocking=non_blocking) for t, v in value.items()}
+            out[name] = {t: dequantised(v, moved.get(t + SCALE_SUFFIX), target_dtype)
+                         for t, v in moved.items() if not t.endswith(SCALE_SUFFIX)}
         elif isinstance(value, torch.Tensor):
             out[name] = value.to(device, non_blocking=non_blocking)
         else:
             out[name] = value
     return out
+
+
+def dequantised(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Stored targets -> `dtype`: a plain cast, or int8 [B, T, D] times its per-token scale [B, T]
+    (schemas/quant.py's dequantize_int8, in float32 on the tensor's device)."""
+    if scale is None:
+        return values.to(dtype)
+    return (values.float() * scale.float().unsqueeze(-1)).to(dtype)

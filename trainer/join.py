@@ -27,9 +27,12 @@ Checks, each failing with the key and the shard in the message:
 - a target exists for every enabled teacher.
 
 Targets stay in their storage dtype (float16, or bfloat16 bits viewed as
-bfloat16; int8 is dequantised here to float32): the float32 cast happens on the
-device. Cost of keeping 16 bits: none in precision, half the bytes through the
-loader's shared memory.
+bfloat16; int8 values with their float32 per-token scale beside them, under
+`scale_key(task)`): the float32 cast, and int8's multiplication by its scale,
+happen on the device (collate.to_device). Cost of keeping the stored form: none
+in precision; a quarter (int8) or half (16-bit) of float32's bytes through the
+loader's shared memory, and no dequantisation on the loader's CPU (int8's join
+cost 4.6 ms per paper-size sample with it, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -44,10 +47,17 @@ from olavlm.schemas.cache import CacheError, ShardReader, TargetCache
 from olavlm.schemas.errors import DataError
 from olavlm.schemas.keyindex import KeyIndex
 
-__all__ = ["BATCH_DTYPES", "DataError", "TargetJoin"]  # DataError lives in schemas/errors.py
+__all__ = ["BATCH_DTYPES", "DataError", "TargetJoin", "scale_key"]  # DataError lives in schemas/errors.py
 
 BATCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
-"""Batch dtype per storage dtype: 16-bit stays 16-bit (exact), int8 is dequantised."""
+"""Dtype of a target stacked from per-sample tensors (`TargetJoin.__call__`): 16-bit stays 16-bit (exact),
+int8 arrives dequantised. The batch buffers (`TargetJoin.buffers`) keep int8 as int8 + scale instead."""
+SCALE_SUFFIX = ".scale"
+"""A batch's targets hold int8 values under the task's name and their per-token scales under name + this."""
+
+
+def scale_key(task: str) -> str:
+    return task + SCALE_SUFFIX
 MAX_OPEN_READERS = 16
 """Open shard readers kept per teacher (keyed reads jump between shards)."""
 
@@ -118,7 +128,14 @@ class TargetJoin:
 
     def buffers(self, rows: int) -> dict[str, torch.Tensor]:
         """Uninitialised batch buffers {task: (rows, T, D)} in the batch dtype (see `to_tensor`)."""
-        return {t: torch.empty((rows, *spec.shape), dtype=BATCH_DTYPES[spec.dtype]) for t, spec in self.specs.items()}
+        out = {}
+        for t, spec in self.specs.items():
+            if spec.dtype == "int8":  # values and per-token scales: dequantised on the device (collate.to_device)
+                out[t] = torch.empty((rows, *spec.shape), dtype=torch.int8)
+                out[scale_key(t)] = torch.empty((rows, spec.shape[0]), dtype=torch.float32)
+            else:
+                out[t] = torch.empty((rows, *spec.shape), dtype=BATCH_DTYPES[spec.dtype])
+        return out
 
     def read_into(self, buffers: dict[str, torch.Tensor], row: int, shard: str, key: str, image_sha256: str) -> None:
         """Write the sample's targets into row `row` of `buffers`, decompressing in place (16-bit storage).
@@ -133,8 +150,10 @@ class TargetJoin:
                 reader.read_stored(cache_row, out=dest.numpy())
             elif dtype == "bfloat16":
                 reader.read_stored(cache_row, out=dest.view(torch.int16).numpy().view(np.uint16))
-            else:
-                dest.copy_(to_tensor(*reader.read_stored(cache_row), dtype))
+            else:  # int8: values and scale as stored
+                values, scale = reader.read_stored(cache_row)
+                dest.copy_(torch.from_numpy(values))
+                buffers[scale_key(task)][row].copy_(torch.from_numpy(scale))
 
     def _checked(self, task: str, shard: str, key: str, image_sha256: str) -> tuple[str, int]:
         found = self.locate(task, shard, key)
