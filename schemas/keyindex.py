@@ -33,9 +33,9 @@ Where it lives: local caches hold it in `CACHE/<teacher>/.keyindex/<token>/` (hi
 `committed_shards`); object-store caches (memmap needs a local file) and local caches this
 process cannot write build it in `$OLAVLM_INDEX_DIR` (default `~/.cache/olavlm/keyindex`)
 under a hash of the cache URL. Builders write to a private temporary folder and rename it into
-place; a builder that loses the race drops its copy, so concurrent ranks and workers never
-corrupt it (they may each spend the build time, hence `ola cache index` and the build at the
-end of `ola precompute`).
+place; a builder that loses the race drops its copy, so concurrent builders never corrupt it.
+The trainer opens it in the loader's main process, local rank 0 first, so its workers share one
+index and a node builds it once (`ola cache index` and the end of `ola precompute` build it ahead).
 
 Build: two streaming passes, never all keys as Python objects. Pass 1 reads one shard's
 manifest at a time (key, row, sha256 columns), hashes the keys and appends 56-byte records

@@ -2,15 +2,15 @@
 
 The constants (shortest-edge resize, centre crop, mean, std, resampling filter,
 padding) come from the image processor saved with the model, so the student
-sees exactly what that processor would give it. Two aspect-ratio modes, as
+sees what that processor would give it, within 2 grey levels (the resize below). Two aspect-ratio modes, as
 LLaVA-1.5's `--image_aspect_ratio`:
 - crop: resize the short side, centre crop (CLIPImageProcessor; LLaVA's PT);
 - pad: first pad to a square with the processor's mean colour
   (`int(mean * 255)`, LLaVA-1.5's expand2square), then the same resize and crop
   (transformers' `LlavaImageProcessor(do_pad=True)`; the authors' VPT, IFT and
   probing). The mode travels with the model as its saved image processor
-  (`with_aspect_ratio`), so `ola generate` and the exported processor give the
-  model the same pixels as training did.
+  (`with_aspect_ratio`), so `ola generate` and the exported processor use the
+  same mode and constants as training (their pixels within 2 grey levels of it).
 
 The work is done here rather than by the processor (docs/BENCHMARKS.md, "Image
 decode", has the figures), because:
