@@ -236,9 +236,9 @@ def prune(out: str | Path, keep_last: int) -> list[Path]:
     if keep_last == 0 or not (base / LATEST).exists():
         return []
     latest = (base / LATEST).read_text().strip()
-    if not STEP_NAME.fullmatch(latest):
+    if not (latest_match := STEP_NAME.fullmatch(latest)):
         return []
-    latest_step = int(STEP_NAME.fullmatch(latest).group(1))
+    latest_step = int(latest_match.group(1))
     steps = sorted((int(m.group(1)), p) for p in base.iterdir() if (m := STEP_NAME.fullmatch(p.name))
                    and p.is_dir() and not p.is_symlink() and (p / TRAINER).exists() and int(m.group(1)) <= latest_step)
     needed = {name for _, kept in steps[-keep_last:] if (name := _frozen_base_step(kept, base))}
