@@ -56,7 +56,7 @@ class FidelityConfig:
 def run_fidelity(out: Path, config: FidelityConfig, *, log=print) -> dict:
     from olavlm.pipeline.precompute import PrecomputeConfig, precompute
     from olavlm.schemas.corpus_build import build_demo_corpus
-    from olavlm.trainer.probe import ProbeConfig, run_probe
+    from olavlm.trainer.eval.probe import ProbeConfig, run_probe
 
     out.mkdir(parents=True, exist_ok=True)
     corpus, cache = out / "corpus", out / "cache"

@@ -18,9 +18,10 @@ import time
 import torch
 
 from olavlm.schemas.config import ModelConfig
-from olavlm.trainer.model import OlaVlm
-from olavlm.trainer.stages import apply_stage, parts
-from olavlm.trainer.tokens import TokenLayout
+from olavlm.trainer.freeze import apply_stage, parts
+from olavlm.trainer.student.build import build_student
+from olavlm.trainer.student.model import OlaVlm
+from olavlm.trainer.student.tokens import TokenLayout
 
 PAPER_TARGETS = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
 
@@ -126,14 +127,14 @@ SIZES = {
 
 def head_overhead(size: str, *, repeats: int = 3, text_tokens: int = 48) -> dict[str, float | int | str]:
     """Minimum fwd+bwd seconds of a PT step with and without the heads, and their ratio."""
-    from olavlm.trainer.presets import build_tiny_student
+    from olavlm.trainer.student.presets import build_tiny_student
 
     spec = SIZES[size]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folders = build_tiny_student(tmp, **spec["student"])
         config = ModelConfig(vision_model=folders.vision_model, llm=folders.llm, **spec["head"])
-        model = OlaVlm.from_config(config, spec["targets"])
+        model = build_student(config, spec["targets"])
     apply_stage(model, "pt")
     b, n = spec["batch"], folders.num_image_tokens
     ids = [model.layout.image_token_id] + torch.randint(10, 400, (text_tokens,)).tolist()

@@ -61,7 +61,7 @@ def bench_images(seed: int = 0, only: tuple[str, ...] = ()) -> dict[str, bytes]:
 
 
 def _resize_crop_pil(image, resample: int = 3, reducing_gap: float | None = None) -> np.ndarray:
-    from olavlm.trainer.images import shortest_edge_size
+    from olavlm.trainer.data.images import shortest_edge_size
 
     new = shortest_edge_size(*image.size, SHORTEST_EDGE)
     resized = image.resize(new, resample=resample, reducing_gap=reducing_gap)
@@ -71,8 +71,8 @@ def _resize_crop_pil(image, resample: int = 3, reducing_gap: float | None = None
 
 
 def _resize_crop_torch(pixels: np.ndarray) -> np.ndarray:
-    """(h, w, 3) uint8 -> the transform's resize + crop (trainer/images.py)."""
-    from olavlm.trainer.images import resize_chw, shortest_edge_size
+    """(h, w, 3) uint8 -> the transform's resize + crop (trainer/data/images.py)."""
+    from olavlm.trainer.data.images import resize_chw, shortest_edge_size
 
     new_w, new_h = shortest_edge_size(pixels.shape[1], pixels.shape[0], SHORTEST_EDGE)
     resized = resize_chw(pixels, (new_h, new_w), 3)
@@ -91,7 +91,7 @@ def _pil_open(data: bytes, draft: int | None = None):
 
 def decoders() -> tuple[dict, dict[str, str]]:
     """({name: bytes -> uint8 (3, 336, 336)}, {name: why unavailable}) for the crop mode."""
-    from olavlm.trainer.images import ImageTransform
+    from olavlm.trainer.data.images import ImageTransform
 
     found = {
         "PIL decode + PIL resize (the processor's path)": lambda d: _resize_crop_pil(_pil_open(d)),
@@ -138,7 +138,7 @@ def bench_decode(repeats: int = 15, seed: int = 0, only: tuple[str, ...] = ()) -
     import torch
     from transformers import CLIPImageProcessor
 
-    from olavlm.trainer.images import ImageTransform, with_aspect_ratio
+    from olavlm.trainer.data.images import ImageTransform, with_aspect_ratio
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")  # the processor's backend notice
     torch.set_num_threads(1)

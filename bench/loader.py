@@ -54,7 +54,7 @@ def _photo(rng, size=(500, 375)) -> bytes:
 
 
 CODECS = ("default", "none", "lz4", "zstd")
-IMAGE_DECODER = "PIL (libjpeg-turbo) full decode + torch antialiased uint8 bicubic resize (trainer/images.py)"
+IMAGE_DECODER = "PIL (libjpeg-turbo) full decode + torch antialiased uint8 bicubic resize (trainer/data/images.py)"
 
 
 def codec_spec(codec: str, dtype: str):
@@ -123,13 +123,13 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
 
     from olavlm.schemas.config import DataConfig
     from olavlm.schemas.corpus import iter_samples, sha256_hex
-    from olavlm.trainer.collate import Example, collate
-    from olavlm.trainer.images import ImageTransform
-    from olavlm.trainer.loader import SampleStream, build_loader
-    from olavlm.trainer.presets import build_tokenizer
-    from olavlm.trainer.source import shards_of
-    from olavlm.trainer.text import tokenize
-    from olavlm.trainer.tokens import add_task_tokens
+    from olavlm.trainer.data.collate import Example, collate
+    from olavlm.trainer.data.images import ImageTransform
+    from olavlm.trainer.data.loader import SampleStream, build_loader
+    from olavlm.trainer.data.source import shards_of
+    from olavlm.trainer.data.text import tokenize
+    from olavlm.trainer.student.presets import build_tokenizer
+    from olavlm.trainer.student.tokens import add_task_tokens
 
     torch.set_num_threads(1)
     tokenizer = build_tokenizer()

@@ -85,12 +85,12 @@ def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_st
     from olavlm.bench.loader import build_bench_data
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.config import DataConfig, ModelConfig
-    from olavlm.trainer.collate import to_device
-    from olavlm.trainer.images import ImageTransform
-    from olavlm.trainer.loader import build_loader
-    from olavlm.trainer.model import OlaVlm
-    from olavlm.trainer.presets import TINY_HEADS, build_tiny_student
-    from olavlm.trainer.stages import apply_stage
+    from olavlm.trainer.data.collate import to_device
+    from olavlm.trainer.data.images import ImageTransform
+    from olavlm.trainer.data.loader import build_loader
+    from olavlm.trainer.freeze import apply_stage
+    from olavlm.trainer.student.build import build_student
+    from olavlm.trainer.student.presets import TINY_HEADS, build_tiny_student
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -104,7 +104,7 @@ def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_st
         tiny = build_tiny_student(os.path.join(root, "student"), seed=seed)
         specs = TargetCache(os.path.join(root, "cache")).specs()
         torch.manual_seed(seed)
-        model = OlaVlm.from_config(ModelConfig(vision_model=tiny.vision_model, llm=tiny.llm, **TINY_HEADS), specs)
+        model = build_student(ModelConfig(vision_model=tiny.vision_model, llm=tiny.llm, **TINY_HEADS), specs)
         model.to(device)
         optimizer = torch.optim.AdamW(apply_stage(model, "pt"), fused=device.type == "cuda")
         cfg = DataConfig(data=os.path.join(root, "corpus"), cache=os.path.join(root, "cache"),

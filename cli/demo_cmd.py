@@ -72,7 +72,7 @@ def run_demo(out: Path, *, samples: int = 256, steps: int = 60, batch_size: int 
     from olavlm.schemas.corpus import list_shards
     from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.schemas.inspect import verify_cache
-    from olavlm.trainer.probe import ProbeConfig, plot_size, print_scores, run_probe
+    from olavlm.trainer.eval.probe import ProbeConfig, plot_size, print_scores, run_probe
 
     from .cache_cmds import stats
 

@@ -45,7 +45,7 @@ def eval_command(
         TimeRemainingColumn,
     )
 
-    from olavlm.trainer.eval import format_comparison, format_table, run_eval
+    from olavlm.trainer.eval.benchmark import format_comparison, format_table, run_eval
 
     checkpoints = [checkpoint] + ([compare] if compare else [])
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -19,7 +19,7 @@ def export(
     Task tokens as added vocabulary with their trained
     embeddings, heads dropped, tokenizer + LlavaProcessor) that loads without olavlm."""
     from olavlm.trainer.checkpoint import model_dir
-    from olavlm.trainer.export import export_llava
+    from olavlm.trainer.student.export import export_llava
 
     with user_errors():
         if not checkpoint.is_dir():
@@ -38,7 +38,7 @@ def generate(
     from PIL import Image
 
     from olavlm.trainer.checkpoint import model_dir
-    from olavlm.trainer.generate import generate as run
+    from olavlm.trainer.eval.generate import generate as run
 
     with user_errors():
         if not checkpoint.is_dir():

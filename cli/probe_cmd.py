@@ -1,7 +1,7 @@
 """`ola probe`: layer-wise probes of one or more checkpoints on the same split and budget.
 
 One option per `ProbeConfig` field (cli/options.py), generated when the command runs:
-trainer/probe.py imports torch, which `ola --help` must not.
+trainer/eval/probe.py imports torch, which `ola --help` must not.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ PROBE_HELP = "Layer-wise probes of one or more checkpoints (the paper's visual-q
 
 
 def build_probe():
-    """The command, with one option per ProbeConfig field (imported here: trainer/probe.py imports torch)."""
-    from olavlm.trainer.probe import ProbeConfig
+    """The command, with one option per ProbeConfig field (imported here: trainer/eval/probe.py imports torch)."""
+    from olavlm.trainer.eval.probe import ProbeConfig
 
     @config_options({"": ProbeConfig})
     def probe(
@@ -44,7 +44,7 @@ def build_probe():
         (--layers '8,20' or '1-32'; --teachers depth,seg)."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from olavlm.trainer.probe import print_scores, run_probe
+        from olavlm.trainer.eval.probe import print_scores, run_probe
 
         with user_errors(), Progress(TextColumn("{task.description}"), BarColumn(),
                                      TextColumn("{task.completed}/{task.total}"),

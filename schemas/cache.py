@@ -30,29 +30,20 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import quant, shardfile
-from .errors import OlaError
+from .errors import CacheError, SpecMismatchError
+from .keyindex import KeyIndex, open_index
 from .manifest import ERROR_SCHEMA, ERROR_STAGES, MANIFEST_SCHEMA
 from .spec import TeacherSpec
 from .storage import Root, check_safe_name, staging_name
 
-if TYPE_CHECKING:
-    from .keyindex import KeyIndex
-
 FORMAT_NAME = "olavlm-target-cache"
 FORMAT_VERSION = 2
-REFUSED_VERSIONS = {
-    1: "version 1 caches were written before the seg target followed the checkpoint's OneFormer image "
-       "processor (the 768x768 squash went straight into Swin; per-image cosine 0.88-0.92 against the "
-       "authors' recipe, issue 9), so their seg targets are not the paper's",
-}
-"""Why an older format version is refused: the change that made its targets wrong or unreadable."""
 ROWS_PER_OBJECT = 64
 """Rows per storage object (the outer chunk of Zarr's sharding codec)."""
 
@@ -61,14 +52,6 @@ COMMIT_JSON = "commit.json"
 MANIFEST_PARQUET = "manifest.parquet"
 ERRORS_PARQUET = "errors.parquet"
 STAGING = ".staging"
-
-
-class CacheError(OlaError, RuntimeError):
-    """A cache that cannot be read or written as asked; the message names the path."""
-
-
-class SpecMismatchError(CacheError):
-    """A teacher spec differs from the one the cache was written with."""
 
 
 @dataclass(frozen=True)
@@ -136,12 +119,9 @@ class TargetCache:
         if meta.get("format") != FORMAT_NAME:
             raise CacheError(f"{self.root.url_of(CACHE_JSON)}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
         if meta.get("format_version") != FORMAT_VERSION:
-            why = REFUSED_VERSIONS.get(meta.get("format_version"))
             raise CacheError(
-                f"{self.root.url_of(CACHE_JSON)}: format version {meta.get('format_version')} "
-                f"is not supported (this olavlm reads version {FORMAT_VERSION})"
-                + (f": {why}. Recompute the targets into a new cache with `ola precompute`." if why else "")
-            )
+                f"{self.root.url_of(CACHE_JSON)}: format version {meta.get('format_version')} is not supported "
+                f"(this olavlm reads version {FORMAT_VERSION} only): recompute it with `ola precompute`")
         return meta
 
     def specs(self) -> dict[str, TeacherSpec]:
@@ -347,8 +327,6 @@ class TargetCache:
         if that state has no index yet and `build`. Memory: the pages lookups touch, not the keys.
         """
         if teacher not in self._indexes:
-            from .keyindex import open_index  # keyindex imports this module (CacheError)
-
             self._indexes[teacher] = open_index(self, teacher, shards, build=build)
         return self._indexes[teacher]
 

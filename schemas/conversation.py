@@ -1,6 +1,6 @@
 """One validation of a LLaVA conversation, shared by conversion and training.
 
-`ola corpus from-llava` (corpus_build.py) and the trainer's text stage (trainer/text.py)
+`ola corpus from-llava` (corpus_build.py) and the trainer's text stage (trainer/data/text.py)
 both call `validate_conversation`, so an entry that conversion writes is one that training
 accepts: roles, types, empty values, at least one assistant turn, and the number of
 `<image>` placeholders against the presence of an image (at most one, only when the sample

@@ -41,3 +41,11 @@ class DataError(CorpusError):
 
     def __reduce__(self):  # DataLoader workers send exceptions through pickle
         return DataError, (self.reason, self.key, self.shard, self.detail)
+
+
+class CacheError(OlaError, RuntimeError):
+    """A cache that cannot be read or written as asked; the message names the path."""
+
+
+class SpecMismatchError(CacheError):
+    """A teacher spec differs from the one the cache was written with."""

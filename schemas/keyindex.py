@@ -69,7 +69,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from .cache import CacheError
+from .errors import CacheError
 
 INDEX_FORMAT = "olavlm-key-index"
 INDEX_VERSION = 1

@@ -8,6 +8,7 @@ import tempfile
 import torch
 
 from olavlm.schemas.config import ModelConfig
+from olavlm.trainer.student.build import build_student
 
 SPECS = {"gen": (1, 24), "depth": (64, 32), "seg": (64, 48)}
 """Tiny target shapes {task: (T, D)}: depth/seg one query per image token, gen one query."""
@@ -15,7 +16,7 @@ SPECS = {"gen": (1, 24), "depth": (64, 32), "seg": (64, 48)}
 
 @functools.cache
 def tiny_folders():
-    from olavlm.trainer.presets import build_tiny_student
+    from olavlm.trainer.student.presets import build_tiny_student
 
     return build_tiny_student(tempfile.mkdtemp(prefix="ola-tiny-"), seed=0)
 
@@ -27,11 +28,10 @@ def tiny_config(**changes) -> ModelConfig:
 
 
 def tiny_model(seed: int = 0, specs=SPECS, **changes):
-    from olavlm.trainer.model import OlaVlm
 
     config = tiny_config(**changes)  # first: building the folders reseeds the RNG
     torch.manual_seed(seed)
-    return OlaVlm.from_config(config, specs)
+    return build_student(config, specs)
 
 
 def sample_ids(model, prompt: str, answer: str, *, image: bool = True) -> tuple[list[int], list[int]]:

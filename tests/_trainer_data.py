@@ -94,9 +94,9 @@ def make_cache(root, samples: dict[str, dict], tasks=("gen", "depth", "seg"), dt
 def tiny_text_setup(tasks=("gen", "depth", "seg"), tokens_per_task: int = 2, num_image_tokens: int = 4,
                     image_size: int = 8):
     """(tokenizer, layout, transform) of a tiny student without building its model."""
-    from olavlm.trainer.images import ImageTransform
-    from olavlm.trainer.presets import build_tokenizer
-    from olavlm.trainer.tokens import add_task_tokens
+    from olavlm.trainer.data.images import ImageTransform
+    from olavlm.trainer.student.presets import build_tokenizer
+    from olavlm.trainer.student.tokens import add_task_tokens
 
     tokenizer = build_tokenizer()
     layout = add_task_tokens(tokenizer, tasks, tokens_per_task, num_image_tokens)

@@ -20,6 +20,7 @@ import torch
 
 from olavlm.schemas.config import TrainConfig
 from olavlm.trainer.parallel import Dist
+from olavlm.trainer.student.build import build_student
 from olavlm.trainer.train import _accumulate, _finite, _param_groups
 from tests._student import SPECS, make_batch, tiny_config
 from tests.test_losses import spawn_two
@@ -42,10 +43,9 @@ RTOL, ATOL = 1e-4, 1e-6
 
 
 def _model(config):
-    from olavlm.trainer.model import OlaVlm
 
     torch.manual_seed(0)
-    model = OlaVlm.from_config(config, SPECS)
+    model = build_student(config, SPECS)
     _param_groups(model, TrainConfig(stage="pt"), distill=True)  # PT's trainable set
     return model
 
@@ -130,7 +130,7 @@ def test_ntp_with_uneven_label_counts_is_averaged_over_the_step(setup):
 
 
 def test_info_nce_runs_in_float32_under_bf16_autocast():
-    from olavlm.trainer.losses import gather_targets, info_nce
+    from olavlm.trainer.student.losses import gather_targets, info_nce
 
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(4, 3, 5, generator=g)

@@ -16,9 +16,16 @@ import torch
 from safetensors import safe_open
 
 from olavlm.schemas.errors import ConfigError
-from olavlm.trainer.build import BASE_KEY, TRAINABLE_FILE, save_student
-from olavlm.trainer.model import LLAVA_DIR, OlaVlm
-from olavlm.trainer.stages import apply_stage
+from olavlm.trainer.freeze import apply_stage
+from olavlm.trainer.student.build import (
+    BASE_KEY,
+    LLAVA_DIR,
+    TRAINABLE_FILE,
+    build_student,
+    load_student,
+    save_student,
+)
+from olavlm.trainer.student.model import OlaVlm
 from tests._student import SPECS, tiny_config, tiny_folders
 
 
@@ -27,7 +34,7 @@ def _pt_student(vision_model: str | None = None, llm: str | None = None) -> OlaV
     changes = {k: v for k, v in (("vision_model", vision_model), ("llm", llm)) if v}
     config = tiny_config(**changes)
     torch.manual_seed(0)
-    model = OlaVlm.from_config(config, SPECS)
+    model = build_student(config, SPECS)
     apply_stage(model, "pt")
     with torch.no_grad():
         for p in model.parameters():
@@ -59,26 +66,26 @@ def test_trainable_only_round_trip_is_exact_and_chains_keep_the_root_base(tmp_pa
     base = json.loads((first / "olavlm.json").read_text())[BASE_KEY]
     assert base["source"]["llm"] == tiny_folders().llm and base["hash"].startswith("sampled-sha256:")
 
-    loaded = OlaVlm.from_pretrained(first)
+    loaded = load_student(first)
     _assert_same_state(model, loaded)
     # a resume's next checkpoint: loaded from `first`, saved again; it must not depend on `first`
     apply_stage(loaded, "pt")
     second = save_student(loaded, tmp_path / "second", trainable_only=True)
     assert json.loads((second / "olavlm.json").read_text())[BASE_KEY]["source"] == base["source"]
     shutil.rmtree(first)
-    _assert_same_state(model, OlaVlm.from_pretrained(second))
+    _assert_same_state(model, load_student(second))
 
 
 def test_a_frozen_tensor_that_left_the_base_is_saved_too(tmp_path):
     """E.g. a stage that trained the LLM, then one that freezes it: the trained values travel in the overlay."""
     model = _pt_student()
-    first = OlaVlm.from_pretrained(save_student(model, tmp_path / "full"))
+    first = load_student(save_student(model, tmp_path / "full"))
     with torch.no_grad():
         first.llava.model.language_model.norm.weight.mul_(2)  # changed, then frozen
-    again = OlaVlm.from_pretrained(save_student(first, tmp_path / "full2"))  # its base: this full folder
+    again = load_student(save_student(first, tmp_path / "full2"))  # its base: this full folder
     apply_stage(again, "pt")
     folder = save_student(again, tmp_path / "tro", trainable_only=True)
-    _assert_same_state(again, OlaVlm.from_pretrained(folder))
+    _assert_same_state(again, load_student(folder))
 
 
 def test_a_changed_or_missing_base_is_refused_naming_both_hashes(tmp_path):
@@ -95,14 +102,14 @@ def test_a_changed_or_missing_base_is_refused_naming_both_hashes(tmp_path):
         lm.model.layers[0].mlp.up_proj.weight.add_(0.5)  # another base: a fine-tune of the same LLM
     lm.save_pretrained(llm)
     with pytest.raises(ConfigError) as refused:
-        OlaVlm.from_pretrained(folder)
+        load_student(folder)
     message = str(refused.value)
     assert str(folder) in message and str(llm) in message and saved_hash in message
     assert message.count("sampled-sha256:") == 2
 
     shutil.rmtree(llm)
     with pytest.raises(ConfigError, match="cannot be built") as missing:
-        OlaVlm.from_pretrained(folder)
+        load_student(folder)
     assert str(folder) in str(missing.value) and str(llm) in str(missing.value) and saved_hash in str(missing.value)
 
 
@@ -110,7 +117,7 @@ def test_a_changed_or_missing_base_is_refused_naming_both_hashes(tmp_path):
 def test_pt_training_writes_trainable_only_checkpoints_and_keeps_the_last_n(tmp_path, one_thread):
     from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from olavlm.trainer import checkpoint
-    from olavlm.trainer.presets import TINY_HEADS, build_tiny_student
+    from olavlm.trainer.student.presets import TINY_HEADS, build_tiny_student
     from olavlm.trainer.train import train
     from tests._trainer_data import make_cache, make_corpus
 
@@ -131,7 +138,7 @@ def test_pt_training_writes_trainable_only_checkpoints_and_keeps_the_last_n(tmp_
     model = checkpoint.model_dir(tmp_path / "pt")
     assert (model / TRAINABLE_FILE).exists() and not (model / LLAVA_DIR).exists()
     assert json.loads((model / "olavlm.json").read_text())[BASE_KEY]["source"]["llm"] == student.llm
-    OlaVlm.from_pretrained(model)  # rebuilds from the student folders
+    load_student(model)  # rebuilds from the student folders
 
     train(config(tmp_path / "pt-full", steps=1, save_frozen=True))
     model = checkpoint.model_dir(tmp_path / "pt-full")
@@ -146,7 +153,7 @@ def test_relative_base_folders_are_recorded_absolute(tmp_path, monkeypatch):
     source = json.loads((folder / "olavlm.json").read_text())[BASE_KEY]["source"]
     assert source["llm"] == str(tmp_path / "base" / "llm") and source["vision_model"] == str(tmp_path / "base" / "vision")
     monkeypatch.chdir(tmp_path / "base")  # another working directory
-    _assert_same_state(model, OlaVlm.from_pretrained(folder))
+    _assert_same_state(model, load_student(folder))
 
 
 def test_keep_last_keeps_the_full_checkpoint_that_kept_trainable_only_ones_need(tmp_path):
@@ -158,11 +165,11 @@ def test_keep_last_keeps_the_full_checkpoint_that_kept_trainable_only_ones_need(
                   config={}, fingerprints={})
     model = _pt_student()
     checkpoint.save(tmp_path, 1, save_model=lambda p: save_student(model, p), **common)  # full (save_frozen)
-    resumed = OlaVlm.from_pretrained(checkpoint.model_dir(tmp_path))  # --resume
+    resumed = load_student(checkpoint.model_dir(tmp_path))  # --resume
     apply_stage(resumed, "pt")
     for step in (2, 3):
         checkpoint.save(tmp_path, step, save_model=lambda p: save_student(resumed, p, trainable_only=True),
                         keep_last=1, **common)
     left = sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).glob("step-*"))
     assert left == [checkpoint.step_name(1), checkpoint.step_name(3)]  # step 2 pruned, its base kept
-    _assert_same_state(OlaVlm.from_pretrained(checkpoint.model_dir(tmp_path)), resumed)
+    _assert_same_state(load_student(checkpoint.model_dir(tmp_path)), resumed)

@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from olavlm.schemas.config import ModelConfig, RunConfig, TrainConfig
 from olavlm.trainer import checkpoint
-from olavlm.trainer.model import OlaVlm
+from olavlm.trainer.freeze import apply_stage
 from olavlm.trainer.parallel import Dist, wrap
-from olavlm.trainer.presets import TINY_HEADS
-from olavlm.trainer.stages import apply_stage
+from olavlm.trainer.student import sharded
+from olavlm.trainer.student.build import build_student, load_student
+from olavlm.trainer.student.presets import TINY_HEADS
 from olavlm.trainer.train import train
 from tests._student import SPECS, tiny_folders
 from tests._trainer_data import make_cache, make_corpus
@@ -34,7 +35,7 @@ def _config() -> ModelConfig:
 def _trained(config: ModelConfig, d: Dist, *, fsdp: bool):
     """A VPT student (LLM + projector train) after two AdamW steps on fixed gradients: moments are non-zero."""
     torch.manual_seed(0)
-    model = OlaVlm.from_config(config, SPECS)
+    model = build_student(config, SPECS)
     apply_stage(model, "vpt")
     wrapped = wrap(model, RunConfig(model=config, train=TrainConfig(fsdp=fsdp)), d)
     optimizer = torch.optim.AdamW(apply_stage(model, "vpt", lr=1e-3, weight_decay=0.1))
@@ -88,7 +89,7 @@ def _save_worker(rank: int, world: int, port: int, config: ModelConfig, out: str
 def _rank_0_failures(model, wrapped, optimizer, d: Dist, out: str) -> list[str]:
     """Rank 0 fails alone, before its shards (the model folder) and after them (pruning): every rank must
     raise, none may wait forever in a collective. The exception type each rank saw, then a save that works."""
-    import olavlm.trainer.build as build
+    import olavlm.trainer.student.build as build
 
     seen = []
     for step, target, name in ((2, build, "save_student"), (3, checkpoint, "prune")):
@@ -115,7 +116,7 @@ def _rank_0_failures(model, wrapped, optimizer, d: Dist, out: str) -> list[str]:
 def _fsdp_one_process_copy(out) -> dict[str, torch.Tensor]:
     """Resume at world size 1 under FSDP2 (in this process, as tests/test_resume.py does): model from the
     shards, optimizer state re-sharded into DTensors."""
-    model = OlaVlm.from_pretrained(checkpoint.model_dir(out))
+    model = load_student(checkpoint.model_dir(out))
     apply_stage(model, "vpt")
     wrapped = wrap(model, RunConfig(model=model.config, train=TrainConfig(fsdp=True)), Dist(0, 1, 0, torch.device("cpu")))
     optimizer = torch.optim.AdamW(apply_stage(model, "vpt", lr=1e-3, weight_decay=0.1))
@@ -131,7 +132,7 @@ def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 def _loaded_copy(out, stage: str = "vpt") -> dict[str, torch.Tensor]:
     """One plain process: model through the public loading path, optimizer through restore_optimizer."""
-    model = OlaVlm.from_pretrained(checkpoint.model_dir(out))
+    model = load_student(checkpoint.model_dir(out))
     optimizer = torch.optim.AdamW(apply_stage(model, stage, lr=1e-3, weight_decay=0.1))
     checkpoint.restore_optimizer(checkpoint.load(out), model, optimizer)
     return _full_copy(model, model, optimizer)
@@ -178,15 +179,15 @@ def _assert_missing_shards_refused(out, tmp_path) -> None:
             broken = tmp_path / f"broken-{rank}-{part.replace('/', '-')}"
             shutil.copytree(checkpoint.find(out), broken)
             folder = broken / part
-            checkpoint.shard_file(folder, rank).unlink()
+            sharded.shard_file(folder, rank).unlink()
             with pytest.raises(ConfigError, match=rf"{folder}: incomplete sharded checkpoint.*ranks \[{rank}\]"):
                 _loaded_copy(broken)  # the model, then the optimizer state
             complete = checkpoint.find(out) / part
-            state = load_file(checkpoint.shard_file(complete, rank))  # a tensor only this rank's file held
+            state = load_file(sharded.shard_file(complete, rank))  # a tensor only this rank's file held
             name = next(n for n in state if state[n].numel() > 0)
             shape = _global_shape(complete, name)
             with pytest.raises(ConfigError, match=rf"{folder}: incomplete sharded checkpoint: tensor {name} "):
-                checkpoint.load_sharded(folder, {name: torch.zeros(shape)})  # no recorded count: coverage
+                sharded.load_sharded(folder, {name: torch.zeros(shape)})  # no recorded count: coverage
 
 
 def _global_shape(folder, name: str) -> tuple[int, ...]:
@@ -205,11 +206,11 @@ def test_a_shard_file_rank_0_does_not_see_is_refused_on_save(tmp_path, monkeypat
     if created:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        checkpoint.save_sharded(tmp_path / "good", {"w": torch.ones(3)})
-        assert checkpoint.shard_file(tmp_path / "good", 0) is not None
-        monkeypatch.setattr(checkpoint, "shard_file", lambda folder, rank: None)  # as on another machine's disk
+        sharded.save_sharded(tmp_path / "good", {"w": torch.ones(3)})
+        assert sharded.shard_file(tmp_path / "good", 0) is not None
+        monkeypatch.setattr(sharded, "shard_file", lambda folder, rank: None)  # as on another machine's disk
         with pytest.raises(ConfigError, match=r"sees no shard file of ranks \[0\].*filesystem every rank shares"):
-            checkpoint.save_sharded(tmp_path / "lost", {"w": torch.ones(3)})
+            sharded.save_sharded(tmp_path / "lost", {"w": torch.ones(3)})
     finally:
         if created:
             dist.destroy_process_group()
@@ -238,15 +239,15 @@ def _tied(model) -> bool:
 @pytest.mark.timeout(400)
 def test_two_process_fsdp2_shards_of_a_tied_llm_load_tied_and_exact(tmp_path):
     config, out = _tied_config(tmp_path), tmp_path / "run"
-    assert _tied(OlaVlm.from_config(config, SPECS))  # teeth: the test model is tied
+    assert _tied(build_student(config, SPECS))  # teeth: the test model is tied
     reference = str(tmp_path / "saved.safetensors")
     spawn_two(_save_worker, config, str(out), reference, seconds=180)  # safetensors refused shared storage
     saved = load_file(reference)
     assert any(k.endswith("/exp_avg") and v.abs().sum() > 0 for k, v in saved.items())
 
-    loaded = OlaVlm.from_pretrained(checkpoint.model_dir(out))
+    loaded = load_student(checkpoint.model_dir(out))
     assert _tied(loaded)  # the skeleton ties as from_pretrained does
-    assert len(list(loaded.parameters())) == len(list(OlaVlm.from_config(config, SPECS).parameters()))
+    assert len(list(loaded.parameters())) == len(list(build_student(config, SPECS).parameters()))
     _assert_equal(_loaded_copy(out), saved)  # weights and AdamW state, both names of the tied tensor
     _assert_equal(_fsdp_one_process_copy(out), saved)
 
@@ -263,7 +264,7 @@ def test_single_process_layout_round_trips_exactly(tmp_path):
 
 def _run_data(folder):
     """(folder, tiny student) with a corpus and a cache in `folder`: what tests/test_resume.run_config takes."""
-    from olavlm.trainer.presets import build_tiny_student
+    from olavlm.trainer.student.presets import build_tiny_student
 
     samples = make_corpus(folder / "corpus", shards=2, per_shard=6, text_only_every=5)
     make_cache(folder / "cache", samples, shapes=SHAPES)
@@ -283,9 +284,9 @@ def test_fsdp2_training_resumes_exactly_from_sharded_checkpoints(tmp_path, one_t
     # ola export of a sharded checkpoint: a plain LLaVA with the trained weights
     from transformers import LlavaForConditionalGeneration
 
-    from olavlm.trainer.export import export_llava
+    from olavlm.trainer.student.export import export_llava
 
-    trained = OlaVlm.from_pretrained(checkpoint.model_dir(resumed))
+    trained = load_student(checkpoint.model_dir(resumed))
     exported = LlavaForConditionalGeneration.from_pretrained(export_llava(checkpoint.model_dir(resumed),
                                                                           tmp_path / "export"))
     got, expected = exported.state_dict(), trained.merged_llava().state_dict()

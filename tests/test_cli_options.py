@@ -17,7 +17,7 @@ def invoke(*args: str):
 
 def test_help_lists_every_config_field():
     from olavlm.pipeline.precompute import PrecomputeConfig
-    from olavlm.trainer.probe import ProbeConfig
+    from olavlm.trainer.eval.probe import ProbeConfig
 
     for command, cls, skip in (("precompute", PrecomputeConfig, {"corpus", "cache", "overrides"}),
                                ("probe", ProbeConfig, set())):
@@ -64,8 +64,8 @@ def test_user_errors_of_the_data_path_and_storage_are_ola_errors():
     import pickle
 
     from olavlm.schemas.errors import DataError, OlaError, UnsafeNameError
-    from olavlm.trainer.join import DataError as JoinDataError
-    from olavlm.trainer.text import TextError
+    from olavlm.trainer.data.join import DataError as JoinDataError
+    from olavlm.trainer.data.text import TextError
 
     assert JoinDataError is DataError  # re-exported where it was
     assert issubclass(TextError, OlaError) and issubclass(UnsafeNameError, OlaError)

@@ -48,7 +48,7 @@ def test_accepted_conversations_become_messages():
 
 def test_trainer_refuses_exactly_what_conversion_refuses():
     """The text stage raises TextError with the validator's reason and message for every bad case."""
-    from olavlm.trainer.text import TextError, tokenize
+    from olavlm.trainer.data.text import TextError, tokenize
 
     tokenizer, layout, _ = tiny_text_setup()
     for case, (conversations, has_image, words) in BAD.items():
@@ -60,7 +60,7 @@ def test_trainer_refuses_exactly_what_conversion_refuses():
 def test_from_llava_refuses_what_training_would_and_counts_reconcile(tmp_path):
     from olavlm.schemas.corpus import iter_samples
     from olavlm.schemas.corpus_build import LLAVA_REPORT, convert_llava
-    from olavlm.trainer.text import tokenize
+    from olavlm.trainer.data.text import tokenize
 
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(jpeg(1))
@@ -93,7 +93,7 @@ def test_skipped_samples_are_summarised_per_reason_not_logged_one_by_one(tmp_pat
 
     from olavlm.schemas.config import DataConfig
     from olavlm.schemas.corpus import TarShardWriter
-    from olavlm.trainer.loader import build_loader
+    from olavlm.trainer.data.loader import build_loader
 
     with TarShardWriter(str(tmp_path / "s-000.tar")) as writer:
         for i in range(12):
@@ -102,7 +102,7 @@ def test_skipped_samples_are_summarised_per_reason_not_logged_one_by_one(tmp_pat
     tokenizer, layout, transform = tiny_text_setup()
     loader = build_loader(DataConfig(data=str(tmp_path), batch_size=4, num_workers=0, on_missing="skip"),
                           tokenizer=tokenizer, layout=layout, transform=transform)
-    with caplog.at_level(logging.WARNING, logger="olavlm.trainer.loader"):
+    with caplog.at_level(logging.WARNING, logger="olavlm.trainer.data.loader"):
         for _batch, state in loader:  # 3 kept samples per epoch, up to the first batch of epoch 1
             if state["epoch"] >= 1 and state["batch"] > 0:
                 break

@@ -13,11 +13,11 @@ import torch
 from olavlm.schemas.cache import SpecMismatchError
 from olavlm.schemas.config import DataConfig
 from olavlm.schemas.corpus import TarShardWriter
-from olavlm.trainer.collate import to_device
-from olavlm.trainer.join import DataError, scale_key
-from olavlm.trainer.loader import build_loader
-from olavlm.trainer.source import epoch_units, shards_of, split_by_node
-from olavlm.trainer.text import IGNORE, TextError, tokenize
+from olavlm.trainer.data.collate import to_device
+from olavlm.trainer.data.join import DataError, scale_key
+from olavlm.trainer.data.loader import build_loader
+from olavlm.trainer.data.source import epoch_units, shards_of, split_by_node
+from olavlm.trainer.data.text import IGNORE, TextError, tokenize
 from tests._trainer_data import jpeg, make_cache, make_corpus, tiny_text_setup
 
 TASKS = ("gen", "depth", "seg")
@@ -253,7 +253,7 @@ def test_image_transform_matches_clip_processor(tmp_path):
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from olavlm.trainer.images import ImageTransform, normalize_pixels
+    from olavlm.trainer.data.images import ImageTransform, normalize_pixels
 
     processor = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
     transform = ImageTransform.from_processor(processor)

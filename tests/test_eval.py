@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from olavlm.trainer.eval import (
+from olavlm.trainer.eval.benchmark import (
     PREDICTIONS,
     EvalSettings,
     compare,
@@ -29,7 +29,8 @@ from olavlm.trainer.eval import (
     read_predictions,
     score,
 )
-from olavlm.trainer.eval_data import LETTERS, load_cvbench, load_mc, load_questions, parse_answer
+from olavlm.trainer.eval.questions import LETTERS, load_cvbench, load_mc, load_questions, parse_answer
+from olavlm.trainer.student.build import load_student, save_student
 
 # (task, source, index of the correct option). Correct letters per source:
 #   ADE20K: A B C A B   -> 2 of 5 are A
@@ -420,14 +421,14 @@ def test_compare_paired_bootstrap(cvbench, tmp_path):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    from olavlm.trainer.export import export_llava
+    from olavlm.trainer.student.export import export_llava
     from tests._student import tiny_model
 
     root = tmp_path_factory.mktemp("student")
     model = tiny_model()
     with torch.no_grad():  # trained task tokens differ from their vocabulary rows
         model.task_embeddings.add_(torch.randn_like(model.task_embeddings))
-    ckpt = model.save_pretrained(root / "ckpt")
+    ckpt = save_student(model, root / "ckpt")
     return ckpt, export_llava(ckpt, root / "llava")
 
 
@@ -470,7 +471,7 @@ def test_tiny_student_end_to_end_both_modes_and_export(student, cvbench, tmp_pat
 
 def test_tiny_student_scores_do_not_depend_on_batching(student, cvbench):
     """Right-padded likelihood rows are exact; the multi-token path agrees with the one-token path."""
-    from olavlm.trainer.eval_model import LlavaEvalModel
+    from olavlm.trainer.eval.adapter import LlavaEvalModel
 
     model = LlavaEvalModel(student[0], device="cpu", max_new_tokens=4)
     qs = load_cvbench(cvbench)[:5]
@@ -490,17 +491,16 @@ def test_tiny_student_scores_do_not_depend_on_batching(student, cvbench):
 
 def test_images_are_padded_or_cropped_as_the_model_was_trained(student, cvbench, tmp_path):
     """The mode comes from the model's saved image processor (export included); --image-aspect-ratio overrides."""
-    from olavlm.trainer.eval_model import LlavaEvalModel
-    from olavlm.trainer.export import export_llava
-    from olavlm.trainer.images import with_aspect_ratio
-    from olavlm.trainer.model import OlaVlm
+    from olavlm.trainer.data.images import with_aspect_ratio
+    from olavlm.trainer.eval.adapter import LlavaEvalModel
+    from olavlm.trainer.student.export import export_llava
 
     image = [load_cvbench(cvbench)[0].image]  # 96 x 64: padding and cropping differ
     cropped = LlavaEvalModel(student[0], device="cpu")
     assert cropped.image_aspect_ratio == "crop" and cropped.pixels(image).shape == (1, 3, 32, 32)
-    model = OlaVlm.from_pretrained(student[0])
+    model = load_student(student[0])
     model.image_processor = with_aspect_ratio(model.image_processor, "pad")
-    padded_ckpt = model.save_pretrained(tmp_path / "padded")
+    padded_ckpt = save_student(model, tmp_path / "padded")
     for folder in (padded_ckpt, export_llava(padded_ckpt, tmp_path / "padded-llava")):
         padded = LlavaEvalModel(folder, device="cpu")
         assert padded.image_aspect_ratio == "pad"
@@ -512,7 +512,7 @@ def test_images_are_padded_or_cropped_as_the_model_was_trained(student, cvbench,
 
 
 def test_labels_name_subfolders():
-    from olavlm.trainer.eval import labels
+    from olavlm.trainer.eval.benchmark import labels
 
     assert labels(["runs/pt", "runs/pt-baseline"]) == ["pt", "pt-baseline"]
     assert labels(["/a/ola/model", "b/base/model"]) == ["a_ola_model", "b_base_model"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from olavlm.trainer.export import export_llava
-from olavlm.trainer.generate import generate, load_for_generation
-from olavlm.trainer.model import OlaVlm
+from olavlm.trainer.eval.generate import generate, load_for_generation
+from olavlm.trainer.student.build import build_student, load_student, save_student
+from olavlm.trainer.student.export import export_llava
 from tests._student import tiny_model
 
 # Runs with olavlm made unimportable: the export must be a standard LLaVA checkpoint.
@@ -53,7 +53,7 @@ def exported(tmp_path_factory):
     model = tiny_model()
     with torch.no_grad():  # trained task tokens differ from their initial vocabulary rows
         model.task_embeddings.add_(torch.randn_like(model.task_embeddings))
-    ckpt = model.save_pretrained(root / "ckpt")
+    ckpt = save_student(model, root / "ckpt")
     out = export_llava(ckpt, root / "llava")
     return ckpt, out
 
@@ -68,7 +68,7 @@ def test_export_matches_logits_and_prompt_ids(exported):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=_image(), text=text, return_tensors="pt")
-    model = OlaVlm.from_pretrained(ckpt).eval()
+    model = load_student(ckpt).eval()
     _, prepare, _, _ = load_for_generation(ckpt)
     assert inputs["input_ids"].tolist() == prepare(_image(), "What is in the image?")["input_ids"].tolist()
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_export_loads_without_olavlm_and_matches_logits(exported, tmp_path):
     from safetensors.torch import load_file
 
     got = load_file(result)
-    model = OlaVlm.from_pretrained(ckpt).eval()
+    model = load_student(ckpt).eval()
     # The processor's prompt equals the one olavlm builds (chat template + image block with task tokens).
     _, prepare, _, _ = load_for_generation(ckpt)
     ours = prepare(_image(), "What is in the image?")
@@ -106,11 +106,11 @@ def test_export_from_a_trainable_only_checkpoint_equals_the_full_one(exported, t
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
-    from olavlm.trainer.build import TRAINABLE_FILE, save_student
-    from olavlm.trainer.stages import apply_stage
+    from olavlm.trainer.freeze import apply_stage
+    from olavlm.trainer.student.build import TRAINABLE_FILE, save_student
 
     ckpt, out = exported
-    model = OlaVlm.from_pretrained(ckpt)
+    model = load_student(ckpt)
     apply_stage(model, "pt")
     slim = save_student(model, tmp_path / "slim", trainable_only=True)
     assert (slim / TRAINABLE_FILE).exists() and not (slim / "llava").exists()
@@ -147,8 +147,8 @@ def test_student_from_plain_llava_checkpoint(exported):
     from tests._student import SPECS, tiny_config
 
     ckpt, out = exported
-    trained = OlaVlm.from_pretrained(ckpt).eval()
-    fresh = OlaVlm.from_config(tiny_config(llava_checkpoint=str(out)), SPECS).eval()
+    trained = load_student(ckpt).eval()
+    fresh = build_student(tiny_config(llava_checkpoint=str(out)), SPECS).eval()
     assert fresh.layout == trained.layout
     torch.testing.assert_close(fresh.task_embeddings, trained.task_embeddings)
     ids = torch.tensor([trained.layout.expand([5, trained.layout.image_token_id, 7, 9])])
@@ -164,19 +164,19 @@ def test_pad_trained_model_gets_the_same_pixels_in_training_generate_and_export(
     processor all give it the padded image (LLaVA-1.5's expand2square with the mean colour)."""
     import io
 
-    from olavlm.trainer.images import ImageTransform, with_aspect_ratio
+    from olavlm.trainer.data.images import ImageTransform, with_aspect_ratio
 
     model = tiny_model(seed=3)
     crop_transform = ImageTransform.from_processor(model.image_processor)
     model.image_processor = with_aspect_ratio(model.image_processor, "pad")  # what train() does for VPT/IFT
-    checkpoint = model.save_pretrained(tmp_path / "ckpt")
+    checkpoint = save_student(model, tmp_path / "ckpt")
     export_llava(checkpoint, tmp_path / "export")
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (30, 60, 3), dtype=np.uint8))  # wide: pad adds bands
     png = io.BytesIO()
     image.save(png, format="PNG")
 
-    loaded = OlaVlm.from_pretrained(checkpoint)
+    loaded = load_student(checkpoint)
     transform = ImageTransform.from_processor(loaded.image_processor)
     assert transform.pad and not crop_transform.pad
 

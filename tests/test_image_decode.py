@@ -1,4 +1,4 @@
-"""Image decode + resize (trainer/images.py) against the image processors, and uint8 pixels through the model.
+"""Image decode + resize (trainer/data/images.py) against the image processors, and uint8 pixels through the model.
 
 The tolerance is the one the other transform tests use: 0.05 on the normalised scale
 (~3 grey levels), the uint8 rounding of the resized image.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from olavlm.trainer.images import ImageTransform, normalize_pixels, with_aspect_ratio
+from olavlm.trainer.data.images import ImageTransform, normalize_pixels, with_aspect_ratio
 
 TOLERANCE = 0.05
 
@@ -130,7 +130,7 @@ def test_bench_decode_ranks_the_decoders_against_the_processor():
 
 @pytest.mark.parametrize("height,width", [(37, 50), (50, 37), (7, 4), (3, 8), (6, 6)])
 def test_pad_to_square_is_llavas_expand2square(height, width):
-    from olavlm.trainer.images import pad_to_square
+    from olavlm.trainer.data.images import pad_to_square
 
     pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
     background = (122, 116, 104)

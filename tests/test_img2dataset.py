@@ -59,8 +59,8 @@ def one_epoch(loader, n: int) -> list[dict]:
 
 @pytest.mark.parametrize("how", ["pipe", "brace"])
 def test_captions_become_a_prompt_and_an_answer(corpus, how):
-    from olavlm.trainer.loader import build_loader
-    from olavlm.trainer.text import IGNORE
+    from olavlm.trainer.data.loader import build_loader
+    from olavlm.trainer.data.text import IGNORE
 
     folder, keys = corpus
     tokenizer, layout, transform = tiny_text_setup()
@@ -79,7 +79,7 @@ def test_captions_become_a_prompt_and_an_answer(corpus, how):
 
 
 def test_caption_prompt_off_refuses_caption_only_samples(corpus):
-    from olavlm.trainer.loader import build_loader
+    from olavlm.trainer.data.loader import build_loader
 
     folder, _ = corpus
     tokenizer, layout, transform = tiny_text_setup()

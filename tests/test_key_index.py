@@ -86,7 +86,7 @@ def test_hi_collisions_are_resolved_by_the_second_hash(tmp_path, monkeypatch):
 
 
 def test_join_keyed_path_uses_the_index(tmp_path):
-    from olavlm.trainer.join import TargetJoin
+    from olavlm.trainer.data.join import TargetJoin
 
     cache = make(tmp_path / "cache")
     reference = dict_rule(cache, "gen")

@@ -11,7 +11,13 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from olavlm.trainer.losses import embedding_loss, gather_targets, info_nce, label_count, next_token_loss
+from olavlm.trainer.student.losses import (
+    embedding_loss,
+    gather_targets,
+    info_nce,
+    label_count,
+    next_token_loss,
+)
 
 T, D, IN = 3, 5, 7
 # Rank 0 gets 3 samples, rank 1 gets 2 (uneven last batch); samples 1 and 4 have no image.

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from olavlm.schemas.config import scaled_layers
-from olavlm.trainer.model import Encoded
+from olavlm.schemas.errors import ConfigError
+from olavlm.trainer.student.build import load_student, save_student
+from olavlm.trainer.student.model import Encoded
 from tests._student import SAMPLES, SPECS, make_batch, sample_ids, tiny_model
 
 
@@ -171,11 +173,10 @@ def test_labels_on_image_and_task_tokens_are_ignored(model):
 def test_save_load_round_trip(model, tmp_path):
     model.eval()
     batch = make_batch(model, SAMPLES)
-    path = model.save_pretrained(tmp_path / "ckpt")
+    path = save_student(model, tmp_path / "ckpt")
     assert not list(tmp_path.glob(".ckpt.tmp-*"))
-    from olavlm.trainer.model import OlaVlm
 
-    loaded = OlaVlm.from_pretrained(path).eval()
+    loaded = load_student(path).eval()
     with torch.no_grad():
         a, b = model(batch), loaded(batch)
     for name in a:
@@ -184,7 +185,7 @@ def test_save_load_round_trip(model, tmp_path):
     assert meta["target_shapes"] == {t: list(s) for t, s in SPECS.items()}
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # safetensors + JSON only
     # Overwriting an existing checkpoint is atomic too.
-    model.save_pretrained(path)
+    save_student(model, path)
     assert (path / "olavlm.safetensors").exists()
     model.train()
 
@@ -222,33 +223,10 @@ def test_paper_layers_and_the_scaling_rule():
     assert scaled_layers(1) == {"depth": (1,), "seg": (1,), "gen": (1,)}
 
 
-def test_format_1_checkpoint_loads_with_layers_renumbered(model, tmp_path):
-    """Format 1 counted from 0: its head on block k (0-based) is layer k + 1 now, same weights, same outputs."""
-    from safetensors.torch import load_file, save_file
-
-    from olavlm.trainer.model import OlaVlm
-
-    model.save_pretrained(tmp_path / "v2")
-    meta = json.loads((tmp_path / "v2" / "olavlm.json").read_text())
-    old_layers = {t: [k - 1 for k in ks] for t, ks in meta["layers"].items()}
-    extras = load_file(tmp_path / "v2" / "olavlm.safetensors")
-    old = {}
-    for name, tensor in extras.items():
-        if name.startswith("heads."):
-            key, tail = name[len("heads."):].split(".", 1)
-            task, layer = key.rsplit("_l", 1)
-            name = f"heads.{task}_l{int(layer) - 1}.{tail}"
-        old[name] = tensor
-    save_file(old, tmp_path / "v2" / "olavlm.safetensors")
-    meta.update(format=1, layers=old_layers, model_config={**meta["model_config"], "layers": {}})
-    (tmp_path / "v2" / "olavlm.json").write_text(json.dumps(meta))
-    loaded = OlaVlm.from_pretrained(tmp_path / "v2")
-    assert loaded.layers == model.layers
-    batch = make_batch(model, SAMPLES)
-    model.eval(), loaded.eval()
-    with torch.no_grad():
-        a, b = model.predictions(batch), loaded.predictions(batch)
-    model.train()
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name])
+def test_another_checkpoint_format_is_refused_in_one_line(model, tmp_path):
+    """Only the current olavlm.json format loads; another names the file, both versions and what to do."""
+    save_student(model, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "olavlm.json").read_text())
+    (tmp_path / "old" / "olavlm.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(ConfigError, match=r"olavlm\.json: checkpoint format 1; this olavlm reads format 2 only"):
+        load_student(tmp_path / "old")

@@ -9,13 +9,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from olavlm.cli.app import app
+from olavlm.trainer.student.build import save_student
 from tests._student import tiny_model
 
 runner = CliRunner()
 
 
 def test_export_and_generate_commands(tmp_path):
-    ckpt = tiny_model().save_pretrained(tmp_path / "ckpt")
+    ckpt = save_student(tiny_model(), tmp_path / "ckpt")
     image = tmp_path / "img.png"
     Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(image)
 

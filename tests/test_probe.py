@@ -10,9 +10,9 @@ from PIL import Image
 
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.config import ModelConfig
-from olavlm.trainer.model import OlaVlm
-from olavlm.trainer.presets import build_tiny_student
-from olavlm.trainer.probe import ProbeConfig, is_heldout, run_probe
+from olavlm.trainer.eval.probe import ProbeConfig, is_heldout, run_probe
+from olavlm.trainer.student.build import build_student, load_student, save_student
+from olavlm.trainer.student.presets import build_tiny_student
 
 from .conftest import corpus_keys, write_random_teacher
 
@@ -32,8 +32,8 @@ def probe_setup(tmp_path_factory, demo_corpus):
         import torch
 
         torch.manual_seed(seed)
-        model = OlaVlm.from_config(config, cache.specs())
-        checkpoints.append(str(model.save_pretrained(root / f"ckpt{seed}")))
+        model = build_student(config, cache.specs())
+        checkpoints.append(str(save_student(model, root / f"ckpt{seed}")))
     return root, str(cache.root.path), checkpoints
 
 
@@ -84,7 +84,7 @@ def test_probe_refuses_unknown_teacher_and_layer(probe_setup, demo_corpus):
 
 @pytest.mark.timeout(300)
 def test_probe_seeds_report_spread_and_resume_per_seed(probe_setup, demo_corpus, capsys):
-    from olavlm.trainer.probe_report import paired_difference, print_scores, summarise
+    from olavlm.trainer.eval.probe_report import paired_difference, print_scores, summarise
 
     root, cache, checkpoints = probe_setup
     out = root / "probe-seeds"
@@ -113,10 +113,10 @@ def test_probe_seeds_report_spread_and_resume_per_seed(probe_setup, demo_corpus,
 
 def test_probe_reads_the_prompt_not_the_answer(probe_setup):
     """The probe's text: chat template + image block + task tokens + the fixed prompt + generation prompt."""
-    from olavlm.trainer.text import prompt_ids
+    from olavlm.trainer.data.text import prompt_ids
 
     _, _, checkpoints = probe_setup
-    model = OlaVlm.from_pretrained(checkpoints[0])
+    model = load_student(checkpoints[0])
     ids = prompt_ids(model.tokenizer, model.layout, "Describe the image in two lines.")
     text = model.tokenizer.decode([i for i in ids if i != model.layout.image_token_id])
     assert "Describe the image in two lines." in text

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from olavlm.schemas.spec import TeacherSpec
-from olavlm.trainer.probe import ProbeConfig, _build_probes, score_probes, train_probes
+from olavlm.trainer.eval.probe import ProbeConfig, _build_probes, score_probes, train_probes
 
 LAYERS = (1, 2, 3, 4)
 SIGNAL = 3

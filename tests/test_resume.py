@@ -29,7 +29,7 @@ import torch
 
 from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from olavlm.trainer import checkpoint
-from olavlm.trainer.presets import TINY_HEADS, build_tiny_student
+from olavlm.trainer.student.presets import TINY_HEADS, build_tiny_student
 from olavlm.trainer.train import read_metrics, train
 from tests._trainer_data import make_cache, make_corpus
 

@@ -8,7 +8,8 @@ import torch
 
 from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from olavlm.trainer import checkpoint
-from olavlm.trainer.model import OlaVlm
+from olavlm.trainer.student.build import load_student
+from olavlm.trainer.student.model import OlaVlm
 from olavlm.trainer.train import train
 from tests._trainer_data import make_cache, make_corpus
 
@@ -32,7 +33,7 @@ def _vpt(d, start: str, out: str, **train_fields) -> OlaVlm:
                        data=DataConfig(data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256),
                        train=TrainConfig(stage="vpt", distill=False, steps=1, out=str(d / out), save_every=1,
                                          log_every=1, init_from=start, **train_fields))
-    return OlaVlm.from_pretrained(checkpoint.model_dir(train(config)["checkpoint"]))
+    return load_student(checkpoint.model_dir(train(config)["checkpoint"]))
 
 
 def _vision(model: OlaVlm) -> dict[str, torch.Tensor]:
@@ -42,7 +43,7 @@ def _vision(model: OlaVlm) -> dict[str, torch.Tensor]:
 @pytest.mark.timeout(300)
 def test_pt_crops_vpt_pads_and_freezes_the_vision_tower(pt_checkpoint):
     d, start = pt_checkpoint
-    pt = OlaVlm.from_pretrained(checkpoint.model_dir(start))
+    pt = load_student(checkpoint.model_dir(start))
     assert not getattr(pt.image_processor, "do_pad", False)  # PT: the processor's resize + centre crop
     vpt = _vpt(d, start, "vpt")
     assert vpt.image_processor.do_pad  # VPT: expand2square first, saved with the checkpoint
@@ -62,7 +63,7 @@ def test_image_aspect_ratio_override(pt_checkpoint):
                                        image_aspect_ratio="crop"),
                        train=TrainConfig(stage="ift", distill=False, steps=1, out=str(d / "ift-crop"), save_every=1,
                                          log_every=1, init_from=start))
-    model = OlaVlm.from_pretrained(checkpoint.model_dir(train(config)["checkpoint"]))
+    model = load_student(checkpoint.model_dir(train(config)["checkpoint"]))
     assert not getattr(model.image_processor, "do_pad", False)
     bad = RunConfig(model=config.model, data=DataConfig(data=str(d / "corpus"), image_aspect_ratio="square"),
                     train=TrainConfig(stage="ift", distill=False, steps=1, out=str(d / "bad"), init_from=start))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from olavlm.trainer.stages import PARTS, STAGE_LR, apply_stage, parts, trainable_parts, uses_embedding_losses
+from olavlm.trainer.freeze import PARTS, STAGE_LR, apply_stage, parts, trainable_parts, uses_embedding_losses
 from tests._student import SAMPLES, make_batch, tiny_model
 
 # Never reached by a gradient with vision_feature_layer -2: the CLIP tower's last block and post-layernorm.

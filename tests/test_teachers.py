@@ -193,14 +193,14 @@ def test_spec_provenance_names_revision_and_weights_hash(tiny):
     assert ("e" * 40) in pinned.provenance() and pinned.fingerprint != spec.fingerprint
 
 
-def test_cache_of_the_old_seg_recipe_is_refused_with_the_reason(tmp_path):
+def test_cache_of_another_format_version_is_refused(tmp_path):
     import json
 
     from olavlm.schemas.cache import CacheError, TargetCache
 
     (tmp_path / "cache.json").write_text(json.dumps(
         {"format": "olavlm-target-cache", "format_version": 1, "teachers": {}, "created": 0}))
-    with pytest.raises(CacheError, match="format version 1 is not supported.*OneFormer image processor.*Recompute"):
+    with pytest.raises(CacheError, match=r"format version 1 is not supported \(this olavlm reads version 2 only\): recompute it"):
         TargetCache(tmp_path).metadata()
 
 

@@ -1,9 +1,9 @@
-"""ChatRenderer.encode (trainer/text.py): the per-piece backend encoding and its prompt memo give the
+"""ChatRenderer.encode (trainer/data/text.py): the per-piece backend encoding and its prompt memo give the
 tokenizer's own ids."""
 
 from __future__ import annotations
 
-from olavlm.trainer.text import ChatRenderer, render_pieces, to_messages, tokenize
+from olavlm.trainer.data.text import ChatRenderer, render_pieces, to_messages, tokenize
 from tests._trainer_data import tiny_text_setup
 
 CONVERSATIONS = [

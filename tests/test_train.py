@@ -100,7 +100,7 @@ def test_ntp_only_baseline_and_ift_from_pt(pt_run, data):
 
 
 def test_nonfinite_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(tmp_path):
-    from olavlm.trainer.source import epoch_units, shards_of
+    from olavlm.trainer.data.source import epoch_units, shards_of
 
     samples = make_corpus(tmp_path / "corpus", shards=2, per_shard=4)
     second = epoch_units(shards_of(str(tmp_path / "corpus")), seed=0, epoch=0, world=1)[1].shard.name

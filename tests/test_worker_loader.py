@@ -1,9 +1,9 @@
-"""DataLoader workers read disjoint units; the loader state keeps a position per worker (trainer/loader.py).
+"""DataLoader workers read disjoint units; the loader state keeps a position per worker (trainer/data/loader.py).
 
 Guarantees tested here: each worker reads only its own units (each sample once per epoch, not
 once per worker); a resume with the same number of workers continues with exactly the next
-batch; a resume with another number of workers, another world size, or from a state of the
-earlier {"epoch", "batch"} format neither repeats nor loses a sample of any epoch it touched.
+batch; a resume with another number of workers or another world size neither repeats nor loses a
+sample of any epoch it touched.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 
 from olavlm.schemas.config import DataConfig
 from olavlm.schemas.errors import ConfigError
-from olavlm.trainer import source
-from olavlm.trainer.loader import build_loader, rank_state
-from olavlm.trainer.source import Piece, Unit, WorkerPlan, cut_for_workers, redeal, remaining, shards_of
+from olavlm.trainer.data import source
+from olavlm.trainer.data.loader import build_loader, rank_state
+from olavlm.trainer.data.source import Piece, Unit, WorkerPlan, cut_for_workers, redeal, remaining, shards_of
 from tests._trainer_data import make_cache, make_corpus, tiny_text_setup
 
 # More workers than this machine's cores is the point of some tests (the processes only read tiny tars).
@@ -102,7 +102,7 @@ def test_each_worker_reads_only_its_units(setup, corpus, monkeypatch, workers, r
     for worker in range(workers):
         current["worker"] = worker
         info = type("Info", (), {"id": worker, "num_workers": workers})()
-        monkeypatch.setattr("olavlm.trainer.loader.get_worker_info", lambda info=info: info)
+        monkeypatch.setattr("olavlm.trainer.data.loader.get_worker_info", lambda info=info: info)
         for batch in stream:
             epoch = batch["_position"][0]
             if epoch > 0:
@@ -166,18 +166,10 @@ def test_resume_with_other_workers_neither_repeats_nor_loses(setup, corpus, befo
     assert len(rest[-1][1]["workers"]) == max(1, after)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_state_of_the_earlier_format_is_read_exactly(setup, corpus, workers):
-    """{"epoch", "batch"}: `batch` chunks of the rank's one stream were read; one worker reads that stream now."""
-    d, keys = corpus
-    full = take(loader(setup, d), 12)
-    for epoch, batch, index in [(0, 2, 2), (0, 5, 5), (1, 1, 6)]:  # (0, 5): the end of epoch 0
-        old = {"epoch": epoch, "batch": batch, "skipped": {}}
-        resumed = take(loader(setup, d, workers=workers, state=old), 6)
-        if workers == 0:
-            assert [b["keys"] for b, _ in resumed] == [b["keys"] for b, _ in full[index:index + 6]]
-        else:
-            assert_each_key_once(seen(full[:index]) + seen(resumed), keys, [epoch])
+def test_a_state_without_worker_positions_is_refused(setup, corpus):
+    d, _ = corpus
+    with pytest.raises(ConfigError, match="this loader state has no 'workers'"):
+        take(loader(setup, d, state={"epoch": 0, "batch": 2, "skipped": {}}), 1)
 
 
 @pytest.mark.parametrize("old_world,new_world", [(2, 1), (2, 4), (1, 3)])

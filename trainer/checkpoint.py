@@ -71,14 +71,21 @@ import os
 import re
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from olavlm.schemas.errors import OlaError
-
-from .atomic import atomic_dir
+from olavlm.trainer.atomic import atomic_dir
+from olavlm.trainer.parallel import full_optimizer_state, full_tensors, gather, is_fsdp
+from olavlm.trainer.student.build import (
+    BASE_KEY,
+    CONFIG_FILE,
+    overlay_names,
+    save_student,
+    trainable_only_default,
+)
+from olavlm.trainer.student.sharded import aliases, broadcast, load_sharded, save_sharded, without_aliases
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -256,9 +263,6 @@ def prune(out: str | Path, keep_last: int) -> list[Path]:
 def _frozen_base_step(step: Path, base: Path) -> str | None:
     """The name of the checkpoint folder under `base` that the trainable-only checkpoint `step` records as its
     frozen base (a PT run resumed from a full checkpoint of its own OUT), or None."""
-    from .build import BASE_KEY
-    from .model import CONFIG_FILE
-
     try:
         meta = json.loads((step / MODEL / CONFIG_FILE).read_text())
     except (OSError, ValueError):
@@ -294,9 +298,6 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
     those tensors are gathered to rank 0), sharded (FSDP2: every rank writes its own shards, nothing is
     gathered) or plain (one process or DDP: rank 0 writes full files).
     """
-    from .build import overlay_names, save_student, trainable_only_default
-    from .parallel import full_tensors, gather, is_fsdp
-
     trainable_only = not save_frozen and trainable_only_default(model)
     sharded = not trainable_only and is_fsdp(model)
     phase = ["before"]  # the sharded layout: how far rank 0 got ("before", "shards", "after" its shards)
@@ -312,7 +313,7 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
                                          for key, value in entry.items()}, model)
 
         def write_shards(tmp):
-            staging = _broadcast(str(tmp) if tmp is not None else None)
+            staging = broadcast(str(tmp) if tmp is not None else None)
             if staging is None:  # rank 0 failed before its staging folder existed (it raises the cause)
                 raise CheckpointError(f"checkpoint {step_name(step)}: rank 0 failed before writing shards")
             phase[0] = "shards"  # from here every failure is raised on every rank (dcp.save, save_sharded)
@@ -325,8 +326,6 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
 
         options = {"optimizer_full": None, "param_groups": optim["param_groups"], "write_shards": write_shards}
     else:
-        from .parallel import full_optimizer_state
-
         optim = full_optimizer_state(wrapped, optimizer)
         tensors = full_tensors(model, overlay_names(model)) if trainable_only else None
 
@@ -344,13 +343,13 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
                             config=config, fingerprints=fingerprints, keep_last=keep_last, **options))
         except Exception as exc:
             if sharded and phase[0] == "before":
-                _broadcast(None)  # the others wait for the staging folder's name: none comes
+                broadcast(None)  # the others wait for the staging folder's name: none comes
             if sharded and phase[0] != "after":
                 raise  # before: the others raise on None; during the shards: every rank raised already
             failure = exc
     elif sharded:
         options["write_shards"](None)
-    status = _broadcast(f"{type(failure).__name__}: {failure}" if failure is not None else "")
+    status = broadcast(f"{type(failure).__name__}: {failure}" if failure is not None else "")
     if failure is not None:
         raise failure
     if status:
@@ -382,110 +381,3 @@ def restore_optimizer(resumed: dict, wrapped, optimizer) -> None:
             tensors[key] = tensors[f"{first}/{key.rsplit('/', 1)[1]}"]
     state = optimizer_state(tensors, resumed["trainer"]["param_groups"])
     set_optimizer_state_dict(wrapped, optimizer, state)
-
-
-def aliases(model) -> dict[str, str]:
-    """{alias: first name} of parameters known under several names (tied weights: a tied LLM's
-    `lm_head.weight` is its `embed_tokens.weight`). The same on every rank (named from the modules, not from
-    storage, which an FSDP2 shard may leave empty)."""
-    model = getattr(model, "module", model)  # DDP: the names the state dicts use
-    first: dict[int, str] = {}
-    found = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if first.setdefault(id(param), name) != name:
-            found[name] = first[id(param)]
-    return found
-
-
-def without_aliases(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """`tensors` (keyed by parameter name, or "<parameter name>/<state>") without the entries of `aliases`:
-    safetensors refuses two names for one storage, and the first name restores the shared tensor."""
-    skip = aliases(model)
-    return {key: t for key, t in tensors.items() if key not in skip and key.rsplit("/", 1)[0] not in skip}
-
-
-def shard_file(folder: str | Path, rank: int) -> Path | None:
-    """The safetensors file rank `rank` wrote under `folder` (torch names it `shard-{rank + 1:05d}-model-...`),
-    or None."""
-    found = sorted(Path(folder).glob(f"shard-{rank + 1:05d}-*.safetensors"))
-    return found[0] if found else None
-
-
-def save_sharded(folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` (DTensors: this rank's shards; plain tensors: once) as one safetensors file per rank
-    under `folder`, each tensor's global offsets in the file's JSON header. Every rank calls it; every rank
-    raises ConfigError when rank 0 does not see one file per rank (a staging folder that is not shared)."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-
-    from olavlm.schemas.errors import ConfigError
-
-    writer = HuggingFaceStorageWriter(str(folder), save_distributed=dist.is_initialized())
-    dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
-    if not dist.is_initialized():  # one process: one file, named model-00001-of-00001 by torch
-        return
-    # checked on rank 0, raised on every rank: a raise on rank 0 alone would hang the others at the next collective
-    world = dist.get_world_size()
-    missing = _broadcast([r for r in range(world) if shard_file(folder, r) is None] if dist.get_rank() == 0 else None)
-    if missing:
-        raise ConfigError(f"{folder}: rank 0 sees no shard file of ranks {missing} after saving: the checkpoint "
-                          "folder (train.out) must be on a filesystem every rank shares")
-
-
-def load_sharded(folder: str | Path, tensors: dict[str, torch.Tensor], *, files: int | None = None) -> None:
-    """Fill `tensors` in place from `save_sharded` files: plain tensors whole, DTensors their local part,
-    whatever the number of processes that wrote them (each rank reads on its own: no collective).
-
-    `files`: the number of ranks that wrote them (recorded at save), each of whose files must be there. Then
-    every tensor's saved chunks must tile its global shape exactly (DCP itself would fill a tensor with a
-    missing chunk silently, or infer a smaller shape): ConfigError naming the folder and the first tensor
-    that is not covered.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-    from olavlm.schemas.errors import ConfigError
-
-    missing = [r for r in range(files or 0) if shard_file(folder, r) is None]
-    if missing:
-        raise ConfigError(f"{folder}: incomplete sharded checkpoint: written by {files} processes, the shard "
-                          f"files of ranks {missing} are missing")
-    reader = HuggingFaceStorageReader(str(folder))
-    saved = reader.read_metadata().state_dict_metadata
-    for name, tensor in tensors.items():
-        problem = _coverage_problem(saved.get(name), tuple(tensor.shape))
-        if problem:
-            raise ConfigError(f"{folder}: incomplete sharded checkpoint: tensor {name} {problem} (a shard file is "
-                              "missing or was cut short)")
-    with warnings.catch_warnings():  # DCP warns that no_dist means one process: intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
-
-
-def _coverage_problem(saved, shape: tuple[int, ...]) -> str:
-    """'' when the saved chunks of one tensor (DCP TensorStorageMetadata, or None) tile `shape` exactly."""
-    import math
-
-    if saved is None:
-        return "is in no shard file"
-    if tuple(saved.size) != shape:
-        return f"spans {list(saved.size)} in the shard files, the model's is {list(shape)}"
-    boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in saved.chunks if math.prod(c.sizes) > 0]
-    for i, (offsets, sizes) in enumerate(boxes):
-        for other, other_sizes in boxes[:i]:
-            if all(o < p + q and p < o + s for o, s, p, q in zip(offsets, sizes, other, other_sizes)):
-                return f"has overlapping chunks at offsets {list(other)} and {list(offsets)}"
-    held = sum(math.prod(sizes) for _, sizes in boxes)
-    return "" if held == math.prod(shape) else f"has {held} of its {math.prod(shape)} values in the shard files"
-
-
-def _broadcast(obj):
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-

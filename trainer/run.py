@@ -32,15 +32,14 @@ from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.config import ModelConfig, RunConfig, TrainConfig, from_dict
 from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import TeacherSpec
-
-from . import checkpoint
-from .presets import TINY_HEADS, TINY_STUDENT_DIR
-from .stages import STAGE_LR, uses_embedding_losses
+from olavlm.trainer import checkpoint
+from olavlm.trainer.freeze import STAGE_LR, uses_embedding_losses
+from olavlm.trainer.student.presets import TINY_HEADS, TINY_STUDENT_DIR
 
 RESUMABLE = ("steps", "out", "save_every", "log_every", "keep_last", "tensorboard", "wandb", "wandb_project")
 """TrainConfig fields a resumed run may change; the saved config defines every other field."""
 MODEL_META = "olavlm.json"
-"""A saved student's metadata file (trainer/model.py CONFIG_FILE): its config and target shapes."""
+"""A saved student's metadata file (trainer/student/model.py CONFIG_FILE): its config and target shapes."""
 
 
 @dataclass(frozen=True)

@@ -49,17 +49,17 @@ import torch.distributed as dist
 
 from olavlm.schemas.config import RunConfig, TrainConfig, to_dict
 from olavlm.schemas.errors import ConfigError, OlaError
-
-from . import checkpoint
-from .collate import to_device
-from .images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
-from .loader import build_loader, rank_state
-from .losses import Normalisers
-from .metrics import METRICS, Metrics
-from .parallel import Dist, init_distributed, sync_ignored, wrap
-from .presets import TINY_MARKER
-from .run import Run, resolve_run
-from .stages import apply_stage
+from olavlm.trainer import checkpoint
+from olavlm.trainer.data.collate import to_device
+from olavlm.trainer.data.images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
+from olavlm.trainer.data.loader import build_loader, rank_state
+from olavlm.trainer.freeze import apply_stage
+from olavlm.trainer.metrics import METRICS, Metrics
+from olavlm.trainer.parallel import Dist, init_distributed, sync_ignored, wrap
+from olavlm.trainer.run import Run, resolve_run
+from olavlm.trainer.student.build import build_student
+from olavlm.trainer.student.losses import Normalisers
+from olavlm.trainer.student.presets import TINY_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _param_groups(model, tcfg: TrainConfig, distill: bool) -> list[dict]:
 
 def ensure_tiny_student(folder: str) -> None:
     """Rank 0 builds the tiny preset student once; the other ranks wait for it."""
-    from .presets import build_tiny_student
+    from olavlm.trainer.student.presets import build_tiny_student
 
     if not (Path(folder) / TINY_MARKER).exists():
         if int(os.environ.get("RANK", "0")) == 0:
@@ -111,12 +111,11 @@ def ensure_tiny_student(folder: str) -> None:
 
 def _model_and_optimizer(run: Run, d: Dist):
     """(model, wrapped model, AdamW) for the run's stage; weights from `run.start_from` when set."""
-    from .model import OlaVlm
 
     tcfg = run.config.train
     torch.manual_seed(tcfg.seed)
     # OlaVlm takes {task: TeacherSpec | (T, D)} today; the specs are recorded in saved students.
-    model = OlaVlm.from_config(run.config.model, {**run.target_shapes, **run.teacher_specs})
+    model = build_student(run.config.model, {**run.target_shapes, **run.teacher_specs})
     groups = _param_groups(model, tcfg, run.distill)
     model.to(d.device)
     wrapped = wrap(model, run.config, d)
@@ -149,7 +148,7 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
 
 
 def _loader_local_rank_0_first(run: Run, model, loader_state: dict | None, d: Dist):
-    """The rank's loader; local rank 0 builds its own first, so that a missing key index (trainer/join.py)
+    """The rank's loader; local rank 0 builds its own first, so that a missing key index (trainer/data/join.py)
     is built once per node and then opened by the node's other ranks, not built by each of them."""
     def build():
         return build_loader(run.config.data, tokenizer=model.tokenizer, layout=model.layout,

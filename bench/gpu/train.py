@@ -17,6 +17,7 @@ import numpy as np
 
 from olavlm.bench.gpu.common import Setup, peak_gb, reset_peak, sync
 from olavlm.bench.gpu.config import GpuBenchConfig
+from olavlm.trainer.student.build import build_student
 
 
 def train_bench(setup: Setup, cache: str) -> dict:
@@ -28,7 +29,7 @@ def train_bench(setup: Setup, cache: str) -> dict:
     workers = loader_workers(config.train_workers, cuda)
     destroy = _process_group(setup.device)
     try:
-        model, trainable, step, loader = build_student(setup, cache, workers)
+        model, trainable, step, loader = pt_student_and_loader(setup, cache, workers)
         kept, loader_times, memory_times = timed_steps(step, loader, workers, config.train_steps, setup.device)
         loader_s, memory_s = float(np.mean(loader_times)), float(np.mean(memory_times))
         medians = float(np.median(loader_times)), float(np.median(memory_times))
@@ -66,7 +67,7 @@ def _process_group(device: str):
     return dist.destroy_process_group
 
 
-def build_student(setup: Setup, cache: str, workers: int):
+def pt_student_and_loader(setup: Setup, cache: str, workers: int):
     """The student at the PT stage in DDP, its AdamW and the streaming loader over `cache`;
     -> (model, trainable parameters, step(batch), loader)."""
     import torch
@@ -74,18 +75,17 @@ def build_student(setup: Setup, cache: str, workers: int):
 
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.config import DataConfig, ModelConfig
-    from olavlm.trainer.images import ImageTransform
-    from olavlm.trainer.loader import build_loader
-    from olavlm.trainer.model import OlaVlm
-    from olavlm.trainer.presets import TINY_HEADS, build_tiny_student
-    from olavlm.trainer.stages import apply_stage
+    from olavlm.trainer.data.images import ImageTransform
+    from olavlm.trainer.data.loader import build_loader
+    from olavlm.trainer.freeze import apply_stage
+    from olavlm.trainer.student.presets import TINY_HEADS, build_tiny_student
 
     config, device = setup.config, torch.device(setup.device)
     cuda = device.type == "cuda"
     folders = build_tiny_student(os.path.join(setup.tmp, "student"), seed=config.seed, **config.student)
     heads = {} if config.student else TINY_HEADS  # the mid student has the paper's heads (the defaults)
     torch.manual_seed(config.seed)
-    model = OlaVlm.from_config(ModelConfig(vision_model=folders.vision_model, llm=folders.llm, **heads),
+    model = build_student(ModelConfig(vision_model=folders.vision_model, llm=folders.llm, **heads),
                                TargetCache(cache).specs()).to(device)
     groups = apply_stage(model, "pt")
     trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -104,7 +104,7 @@ def training_step(ddp, optimizer, device: str) -> Callable[[dict], None]:
     """One optimiser step on a batch, bf16 autocast on CUDA (float32 on CPU), ended by a device sync."""
     import torch
 
-    from olavlm.trainer.collate import to_device
+    from olavlm.trainer.data.collate import to_device
 
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)

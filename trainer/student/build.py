@@ -49,11 +49,16 @@ import torch
 from olavlm.schemas.config import ModelConfig, from_dict, to_dict
 from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import TeacherSpec
+from olavlm.trainer.atomic import atomic_dir
+from olavlm.trainer.student.model import OlaVlm
+from olavlm.trainer.student.sharded import load_sharded, without_aliases
+from olavlm.trainer.student.tokens import TokenLayout, add_task_tokens, layout_of, ordered_tasks
 
-from .atomic import atomic_dir
-from .model import CONFIG_FILE, EXTRAS_FILE, FORMAT_VERSION, LLAVA_DIR, OlaVlm
-from .tokens import TokenLayout, add_task_tokens, layout_of, ordered_tasks
-
+FORMAT_VERSION = 2
+"""olavlm.json format; another is refused (no converter: no other format was released)."""
+CONFIG_FILE = "olavlm.json"
+EXTRAS_FILE = "olavlm.safetensors"
+LLAVA_DIR = "llava"
 TRAINABLE_FILE = "llava_trainable.safetensors"
 """Trainable-only folders: the LLaVA tensors that differ from the frozen base (names as llava.state_dict())."""
 BASE_KEY = "frozen_base"
@@ -111,10 +116,9 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     meta = json.loads((path / CONFIG_FILE).read_text())
     sharded = SHARDED_KEY in meta
     extras = None if sharded else load_file(path / EXTRAS_FILE)
-    if meta.get("format") == 1:
-        meta, extras = _from_format_1(meta, extras)
     if meta.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"{path / CONFIG_FILE}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        raise ConfigError(f"{path / CONFIG_FILE}: checkpoint format {meta.get('format')!r}; this olavlm reads "
+                          f"format {FORMAT_VERSION} only: retrain or save it again with the olavlm that wrote it")
     config = from_dict(ModelConfig, meta["model_config"])
     specs = {t: TeacherSpec.from_dict(d) for t, d in meta.get("teacher_specs", {}).items()}
     shapes = {t: tuple(s) for t, s in meta["target_shapes"].items()}
@@ -132,8 +136,6 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
                    image_processor=image_processor, teacher_specs=specs)
     if sharded:  # every tensor, extras included, from the shard files (any number of them)
-        from .checkpoint import load_sharded, without_aliases
-
         load_sharded(path / meta[SHARDED_KEY], without_aliases(model.state_dict(), model),
                      files=meta.get(SHARD_FILES_KEY))
     else:
@@ -294,21 +296,6 @@ def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = Fals
         if model.image_processor is not None:
             model.image_processor.save_pretrained(tmp)
     return Path(path)
-
-
-def _from_format_1(meta: dict, extras: dict) -> tuple[dict, dict]:
-    """Format 1 counted layers from 0 (block k's output); the same tensors are layers k + 1 now."""
-    layers = {t: [k + 1 for k in ks] for t, ks in meta["layers"].items()}
-    renamed = {}
-    for name, tensor in extras.items():
-        head, _, rest = name.partition(".")  # "heads.depth_l7.kv_proj.weight" -> "heads", "depth_l7..."
-        if head == "heads":
-            key, _, tail = rest.partition(".")
-            task, _, k = key.rpartition("_l")
-            name = f"heads.{task}_l{int(k) + 1}.{tail}"
-        renamed[name] = tensor
-    model_config = {**meta["model_config"], "layers": layers}
-    return {**meta, "format": FORMAT_VERSION, "model_config": model_config, "layers": layers}, renamed
 
 
 def _compose_llava(config: ModelConfig, dtype):

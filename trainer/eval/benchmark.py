@@ -1,6 +1,6 @@
 """`ola eval`: score a model on multiple-choice questions, resumably, and aggregate as the benchmark does.
 
-Scoring (`score`): questions go to an `EvalModel` (trainer/eval_model.py) in
+Scoring (`score`): questions go to an `EvalModel` (trainer/eval/adapter.py) in
 batches, in one of two modes:
 - generate: greedy reply, then `parse_answer`; an unparsed reply is wrong and its
   id is listed in results.json (`unparsed`);
@@ -43,9 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from olavlm.schemas.errors import ConfigError
-
-from .eval_data import EvalDataError, Question, parse_answer
-from .eval_model import EvalModel
+from olavlm.trainer.eval.adapter import EvalModel
+from olavlm.trainer.eval.questions import EvalDataError, Question, parse_answer
 
 MODES = ("generate", "likelihood")
 CONTINUATIONS = ("letter", "text")
@@ -367,9 +366,9 @@ def run_eval(checkpoints: Sequence[str], *, bench: str, data: str, out: str | Pa
     Checkpoints: olavlm model / checkpoint / run folders or exported LLaVA folders.
     Returns {"results": {label: results}, "comparison": {...} (two checkpoints only)}.
     """
-    from .checkpoint import model_dir
-    from .eval_data import load_questions
-    from .eval_model import LlavaEvalModel
+    from olavlm.trainer.checkpoint import model_dir
+    from olavlm.trainer.eval.adapter import LlavaEvalModel
+    from olavlm.trainer.eval.questions import load_questions
 
     if not 1 <= len(checkpoints) <= 2:
         raise ConfigError(f"one checkpoint, or two to compare (got {len(checkpoints)})")

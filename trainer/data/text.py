@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 from olavlm.schemas.conversation import ConversationError, caption_conversation, validate_conversation
 from olavlm.schemas.errors import ConfigError, OlaError
-
-from .tokens import IMAGE_TOKEN, TokenLayout
+from olavlm.trainer.student.tokens import IMAGE_TOKEN, TokenLayout
 
 IGNORE = -100
 

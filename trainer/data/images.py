@@ -164,7 +164,7 @@ def normalize_pixels(pixels, mean, std):
     """uint8 pixels [B, 3, H, W] (torch, any device) -> float32 (x / 255 - mean) / std, per channel.
 
     The one place the data path's uint8 becomes the vision tower's input: the model calls it on its
-    device (trainer/model.py). Computed as (x - 255 mean) * (1 / (255 std)) in float32.
+    device (trainer/student/model.py). Computed as (x - 255 mean) * (1 / (255 std)) in float32.
     """
     import torch
 

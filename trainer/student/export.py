@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_dir
-from .model import OlaVlm
-from .tokens import IMAGE_TOKEN, TokenLayout, task_token_strings
+from olavlm.trainer.atomic import atomic_dir
+from olavlm.trainer.student.build import load_student
+from olavlm.trainer.student.model import OlaVlm
+from olavlm.trainer.student.tokens import IMAGE_TOKEN, TokenLayout, task_token_strings
 
 
 def task_token_text(layout: TokenLayout) -> str:
@@ -78,7 +79,7 @@ def build_processor(model: OlaVlm):
 def export_llava(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a plain LLaVA checkpoint of an olavlm checkpoint to `out_dir` (atomically)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    model = OlaVlm.from_pretrained(checkpoint_dir)
+    model = load_student(checkpoint_dir)
     llava = model.merged_llava()
     special = [model.layout.image_token_id, *model.task_token_ids.tolist()]
     llava.generation_config.suppress_tokens = special

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .model import CONFIG_FILE, OlaVlm
-from .text import prompt_ids
+from olavlm.trainer.data.text import prompt_ids
+from olavlm.trainer.student.build import CONFIG_FILE, load_student
 
 
 def load_for_generation(path: str | Path):
     """-> (llava, prepare) where prepare(image, prompt) gives the model's inputs and the tokenizer."""
     path = Path(path)
     if (path / CONFIG_FILE).exists():
-        model = OlaVlm.from_pretrained(path).eval()
+        model = load_student(path).eval()
         llava, tokenizer, layout = model.merged_llava(), model.tokenizer, model.layout
         suppress = [layout.image_token_id, *model.task_token_ids.tolist()]
 

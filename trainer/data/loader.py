@@ -64,13 +64,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from olavlm.schemas.config import DataConfig
 from olavlm.schemas.corpus import IMAGE_EXTENSIONS, CorpusError, sha256_hex
 from olavlm.schemas.errors import ConfigError, DataError
-
-from .collate import Example, collate
-from .images import ImageTransform
-from .join import BATCH_DTYPES, TargetJoin
-from .source import Piece, Unit, WorkerPlan, iter_piece, iter_unit, redeal, remaining, shards_of, worker_units
-from .text import ChatRenderer, TextError, sample_conversation, tokenize
-from .tokens import TokenLayout
+from olavlm.trainer.data.collate import Example, collate
+from olavlm.trainer.data.images import ImageTransform
+from olavlm.trainer.data.join import BATCH_DTYPES, TargetJoin
+from olavlm.trainer.data.source import (
+    Piece,
+    Unit,
+    WorkerPlan,
+    iter_piece,
+    redeal,
+    remaining,
+    shards_of,
+    worker_units,
+)
+from olavlm.trainer.data.text import ChatRenderer, TextError, sample_conversation, tokenize
+from olavlm.trainer.student.tokens import TokenLayout
 
 log = logging.getLogger(__name__)
 
@@ -255,33 +263,12 @@ class SampleStream(IterableDataset):
     def _saved_plans(self, state: dict, rank: int, world: int) -> list[tuple[WorkerPlan, object]]:
         """The (plan, deal) of each worker of one saved rank."""
         if "workers" not in state:
-            return [self._legacy_plan(state, rank, world)]
+            raise ConfigError(f"this loader state has no 'workers' (not written by this olavlm; resume is not "
+                              f"possible, start the run again): {state!r:.200}")
         by_name = {shard.name: shard for shard in self.shards}
         saved = state["workers"]
         return [(plan_from_json(data, by_name, self.config.data), self.deal(w, len(saved), world=world, rank=rank))
                 for w, data in enumerate(saved)]
-
-    def _legacy_plan(self, state: dict, rank: int, world: int) -> tuple[WorkerPlan, object]:
-        """A state {"epoch", "batch"} of the earlier loader: `batch` chunks of this rank's one stream were read.
-
-        That stream is what one worker reads now, so it is one worker's plan; finding the unit and
-        offset of the position counts the samples of the units before it (reads those tars).
-        """
-        try:
-            epoch, consumed = int(state["epoch"]), int(state["batch"]) * self.config.batch_size
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"the loader state has neither 'workers' nor 'epoch' and 'batch' ({exc!r}): "
-                              f"{state!r:.200}") from None
-        deal = self.deal(0, 1, world=world, rank=rank)
-        units = deal(epoch)
-        for index, unit in enumerate(units):
-            size = sum(1 for _ in iter_unit(unit, seed=self.config.seed, epoch=epoch, block=self.config.shuffle_block,
-                                            storage_options=self.storage_options))
-            if consumed < size:
-                pending = [Piece(epoch, unit, consumed)] + [Piece(epoch, u) for u in units[index + 1:]]
-                return WorkerPlan(tuple(pending), epoch + 1), deal
-            consumed -= size
-        return WorkerPlan((), epoch + 1), deal
 
     # -- the stream ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:

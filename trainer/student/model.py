@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,17 +45,16 @@ from torch import nn
 from olavlm.schemas.config import ModelConfig, scaled_layers
 from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.spec import TeacherSpec
-
-from .heads import ResamplerHead
-from .images import normalize_pixels
-from .losses import Normalisers, embedding_loss, gather_targets, label_count, next_token_loss
-from .tokens import TokenLayout, ordered_tasks
-
-FORMAT_VERSION = 2
-"""olavlm.json format. 2: layers in the paper's numbering (1 = first block's output); 1 counted from 0."""
-CONFIG_FILE = "olavlm.json"
-EXTRAS_FILE = "olavlm.safetensors"
-LLAVA_DIR = "llava"
+from olavlm.trainer.data.images import normalize_pixels
+from olavlm.trainer.student.heads import ResamplerHead
+from olavlm.trainer.student.losses import (
+    Normalisers,
+    embedding_loss,
+    gather_targets,
+    label_count,
+    next_token_loss,
+)
+from olavlm.trainer.student.tokens import TokenLayout, ordered_tasks
 
 
 def resolve_layers(config: ModelConfig, num_layers: int) -> dict[str, tuple[int, ...]]:
@@ -153,29 +151,6 @@ class OlaVlm(nn.Module):
         if config.gradient_checkpointing:
             llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.train()  # from_pretrained returns its parts in eval mode; a new module starts in train mode
-
-    # ------------------------------------------------------------------ build / load / save (build.py)
-
-    @classmethod
-    def from_config(cls, config: ModelConfig, targets: dict[str, TeacherSpec | tuple[int, int]],
-                    *, dtype: torch.dtype | None = None) -> OlaVlm:
-        """A new student from `config.vision_model` + `config.llm`, or from `config.llava_checkpoint`."""
-        from .build import build_student
-
-        return build_student(config, targets, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVlm:
-        """Load a folder written by `save_pretrained` (safetensors + JSON only)."""
-        from .build import load_student
-
-        return load_student(path, dtype=dtype)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor (atomically)."""
-        from .build import save_student
-
-        return save_student(self, path)
 
     # ------------------------------------------------------------------ forward
 

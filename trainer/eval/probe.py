@@ -48,16 +48,16 @@ from torch import nn
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.config import IMAGE_ASPECT_RATIOS, DataConfig
 from olavlm.schemas.errors import ConfigError
-
-from .checkpoint import model_dir
-from .collate import to_device
-from .heads import ResamplerHead
-from .images import ImageTransform, with_aspect_ratio
-from .loader import build_loader
-from .losses import per_image_cosine, per_sample_smooth_l1
-from .model import OlaVlm
-from .probe_report import plot_probe, plot_size, print_scores, write_csv
-from .text import prompt_ids
+from olavlm.trainer.checkpoint import model_dir
+from olavlm.trainer.data.collate import to_device
+from olavlm.trainer.data.images import ImageTransform, with_aspect_ratio
+from olavlm.trainer.data.loader import build_loader
+from olavlm.trainer.data.text import prompt_ids
+from olavlm.trainer.eval.probe_report import plot_probe, plot_size, print_scores, write_csv
+from olavlm.trainer.student.build import load_student
+from olavlm.trainer.student.heads import ResamplerHead
+from olavlm.trainer.student.losses import per_image_cosine, per_sample_smooth_l1
+from olavlm.trainer.student.model import OlaVlm
 
 __all__ = ["ProbeConfig", "is_heldout", "plot_probe", "plot_size", "print_scores", "probe_checkpoint", "run_probe",
            "score_probes", "train_probes"]
@@ -263,7 +263,7 @@ def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config
         folder = model_dir(path)
         identity = {"model": str(Path(folder).resolve()), "data": data, "cache": cache, "budget": config.budget}
         rows = [r for r in rows if r["checkpoint"] != name or (r.get("identity") == identity and "seed" in r)]
-        model = OlaVlm.from_pretrained(folder)
+        model = load_student(folder)
         done = {(r["teacher"], r["layer"], r["seed"]) for r in rows if r["checkpoint"] == name}
         start = time.perf_counter()
         new = probe_checkpoint(model, name=name, data=data, cache=cache, config=config, done=done, device=device,

@@ -42,9 +42,9 @@ from typing import Protocol
 import torch
 
 from olavlm.schemas.errors import ConfigError
-
-from .eval_data import EvalDataError
-from .images import ImageTransform, normalize_pixels
+from olavlm.trainer.data.images import ImageTransform, normalize_pixels
+from olavlm.trainer.eval.questions import EvalDataError
+from olavlm.trainer.student.build import CONFIG_FILE, load_student
 
 
 class EvalModel(Protocol):
@@ -58,7 +58,7 @@ class EvalModel(Protocol):
 
 
 def is_olavlm(folder: str | Path) -> bool:
-    from .model import CONFIG_FILE
+
 
     return (Path(folder) / CONFIG_FILE).exists()
 
@@ -68,15 +68,14 @@ class LlavaEvalModel:
 
     def __init__(self, folder: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None,
                  image_aspect_ratio: str = "", max_new_tokens: int = 32):
-        from .tokens import IMAGE_TOKEN
+        from olavlm.trainer.student.tokens import IMAGE_TOKEN
 
         folder = Path(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if is_olavlm(folder):
-            from .model import OlaVlm
 
-            model = OlaVlm.from_pretrained(folder)
+            model = load_student(folder)
             self.llava, self.tokenizer, image_processor = model.merged_llava(), model.tokenizer, model.image_processor
             layout = model.layout
             self.suppress = [layout.image_token_id, *model.task_token_ids.tolist()]

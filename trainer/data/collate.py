@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .join import SCALE_SUFFIX
-from .text import IGNORE
+from olavlm.trainer.data.join import SCALE_SUFFIX
+from olavlm.trainer.data.text import IGNORE
 
 
 @dataclass
@@ -83,7 +83,7 @@ def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, 
 
 def to_device(batch: dict, device: torch.device | str, target_dtype: torch.dtype = torch.float32) -> dict:
     """Move a batch to `device`; targets become `target_dtype` there (the 16-bit -> 32-bit cast, and int8
-    values times their per-token scale (trainer/join.py `scale_key`), run on the device)."""
+    values times their per-token scale (trainer/data/join.py `scale_key`), run on the device)."""
     non_blocking = torch.device(device).type == "cuda"  # pinned host memory -> async copy
     out = {}
     for name, value in batch.items():

@@ -1,0 +1,1 @@
+"""The data path, stage by stage: source -> join -> text/images -> collate -> loader."""

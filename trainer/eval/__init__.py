@@ -1,0 +1,1 @@
+"""Users of a trained student: layer probes, multiple-choice benchmarks, generation."""

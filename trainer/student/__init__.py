@@ -1,0 +1,1 @@
+"""The student: model, heads, losses, task tokens, and how it is built, saved and exported."""
