@@ -52,8 +52,10 @@ bench-gpu: install
 	mkdir -p out
 	$(OLA) bench gpu --json --out out/bench-gpu.json $(BENCH_GPU_ARGS)
 
+# `ruff format` is the formatter; lint fails on unformatted code (run `.venv/bin/ruff format .`).
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) out demo-out .pytest_cache

@@ -40,20 +40,31 @@ class ZarrReader:
         self.scale = group["scale"] if self.spec.dtype == "int8" else None
 
     def read(self, rows):
-        return quant.decode(self.targets[rows], None if self.scale is None else self.scale[rows], self.spec.dtype)
+        return quant.decode(
+            self.targets[rows], None if self.scale is None else self.scale[rows], self.spec.dtype
+        )
 
     def iter_blocks(self, block: int = ROWS_PER_OBJECT):
         for start in range(0, self.targets.shape[0], block):
             yield start, self.read(slice(start, min(start + block, self.targets.shape[0])))
 
 
-def bench_cache(images: int = 64, random_reads: int = 64, seed: int = 0, root: str | None = None,
-                backend: str = "direct") -> dict:
+def bench_cache(
+    images: int = 64, random_reads: int = 64, seed: int = 0, root: str | None = None, backend: str = "direct"
+) -> dict:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    data = {name: feature_like(images, t, d, seed=seed + i) for i, (name, (t, d)) in enumerate(PAPER_SHAPES.items())}
+    data = {
+        name: feature_like(images, t, d, seed=seed + i)
+        for i, (name, (t, d)) in enumerate(PAPER_SHAPES.items())
+    }
     raw16 = sum(t * d * 2 for t, d in PAPER_SHAPES.values())
-    results = {"backend": backend, "images": images, "shapes": {k: list(v) for k, v in PAPER_SHAPES.items()}, "dtypes": {}}
+    results = {
+        "backend": backend,
+        "images": images,
+        "shapes": {k: list(v) for k, v in PAPER_SHAPES.items()},
+        "dtypes": {},
+    }
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         for dtype in STORAGE_DTYPES:
             cache = TargetCache(f"{tmp}/{dtype}")
@@ -67,8 +78,11 @@ def bench_cache(images: int = 64, random_reads: int = 64, seed: int = 0, root: s
                 values, scale = quant.encode(data[name], dtype)
                 cache.write_shard(name, "shard-000000", keys, ["0" * 64] * images, values, scale)
                 write_s += time.perf_counter() - start
-                reader = (cache.open_shard(name, "shard-000000") if backend == "direct"
-                          else ZarrReader(cache, name, "shard-000000"))
+                reader = (
+                    cache.open_shard(name, "shard-000000")
+                    if backend == "direct"
+                    else ZarrReader(cache, name, "shard-000000")
+                )
                 start = time.perf_counter()
                 decoded = np.concatenate([block for _, block in reader.iter_blocks()])
                 read_s += time.perf_counter() - start

@@ -50,7 +50,9 @@ def _rows(samples: int, seed: int, dtype: str) -> list[np.ndarray]:
     return rows
 
 
-def bench_codecs(samples: int = 8, repeats: int = 5, seed: int = 0, dtypes: tuple[str, ...] | None = None) -> dict:
+def bench_codecs(
+    samples: int = 8, repeats: int = 5, seed: int = 0, dtypes: tuple[str, ...] | None = None
+) -> dict:
     """Figures per dtype and codec (see the module docstring)."""
     import numcodecs.blosc
 
@@ -69,8 +71,14 @@ def bench_codecs(samples: int = 8, repeats: int = 5, seed: int = 0, dtypes: tupl
         load = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load = None
-    out: dict = {"samples": samples, "repeats": repeats, "shapes": {k: list(v) for k, v in SHAPES.items()},
-                 "threads": 1, "load_average_before": load, "dtypes": {}}
+    out: dict = {
+        "samples": samples,
+        "repeats": repeats,
+        "shapes": {k: list(v) for k, v in SHAPES.items()},
+        "threads": 1,
+        "load_average_before": load,
+        "dtypes": {},
+    }
     for dtype in dtypes or STORAGE_DTYPES:
         rows = _rows(samples, seed, dtype)
         raw = sum(r.nbytes for r in rows) / samples
@@ -93,16 +101,22 @@ def bench_codecs(samples: int = 8, repeats: int = 5, seed: int = 0, dtypes: tupl
             if not all(np.array_equal(a, b) for a, b in zip(rows, dests)):
                 raise AssertionError(f"{dtype} {label}: decode is not lossless")
             stored = sum(len(f) for f in frames) / samples
-            table[label] = {"cname": cname, "clevel": clevel, "shuffle": shuffle,
-                            "bytes_per_sample": int(round(stored)), "ratio": round(raw / stored, 3),
-                            "decode_ms": round(statistics.median(times), 3), "encode_ms": round(encode_ms, 2),
-                            "default": (cname, clevel, shuffle) == (chosen.cname, chosen.clevel, chosen.shuffle)}
+            table[label] = {
+                "cname": cname,
+                "clevel": clevel,
+                "shuffle": shuffle,
+                "bytes_per_sample": int(round(stored)),
+                "ratio": round(raw / stored, 3),
+                "decode_ms": round(statistics.median(times), 3),
+                "encode_ms": round(encode_ms, 2),
+                "default": (cname, clevel, shuffle) == (chosen.cname, chosen.clevel, chosen.shuffle),
+            }
         base = table["none"]
         for r in table.values():
             saved = base["bytes_per_sample"] - r["bytes_per_sample"]
             extra = r["decode_ms"] - base["decode_ms"]
             r["saved_vs_none_pct"] = round(100 * saved / base["bytes_per_sample"], 1)
-            r["break_even_MBps"] = (round(saved / 1e6 / (extra / 1e3), 1) if extra > 0 and saved > 0 else None)
+            r["break_even_MBps"] = round(saved / 1e6 / (extra / 1e3), 1) if extra > 0 and saved > 0 else None
         out["dtypes"][dtype] = {"raw_bytes_per_sample": int(raw), "codecs": table}
     try:
         out["load_average_after"] = [round(v, 2) for v in os.getloadavg()]

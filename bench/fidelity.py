@@ -64,15 +64,30 @@ def run_fidelity(out: Path, config: FidelityConfig, *, log=print) -> dict:
         build_demo_corpus(corpus, samples=config.images, shard_size=64)
         (corpus / ".complete").write_text("done\n")
     precompute(PrecomputeConfig(corpus=str(corpus), cache=str(cache), preset="tiny", batch_size=16))
-    probe = ProbeConfig(steps=config.probe_steps, batch_size=config.batch_size, width=config.probe_width,
-                        heldout_percent=config.heldout_percent, seeds=config.probe_seeds)
+    probe = ProbeConfig(
+        steps=config.probe_steps,
+        batch_size=config.batch_size,
+        width=config.probe_width,
+        heldout_percent=config.heldout_percent,
+        seeds=config.probe_seeds,
+    )
     rows = []
     for seed in range(config.train_seeds):
-        runs = {arm: _train(corpus, cache, out / f"seed{seed}" / arm, distill=arm == "ola", seed=seed, config=config)
-                for arm in ("ola", "baseline")}
+        runs = {
+            arm: _train(
+                corpus, cache, out / f"seed{seed}" / arm, distill=arm == "ola", seed=seed, config=config
+            )
+            for arm in ("ola", "baseline")
+        }
         log(f"seed {seed}: trained {list(runs)}; probing")
-        probed = run_probe([runs["ola"], runs["baseline"]], names=["ola", "baseline"], data=str(corpus),
-                           cache=str(cache), out=str(out / f"seed{seed}" / "probe"), config=probe)
+        probed = run_probe(
+            [runs["ola"], runs["baseline"]],
+            names=["ola", "baseline"],
+            data=str(corpus),
+            cache=str(cache),
+            out=str(out / f"seed{seed}" / "probe"),
+            config=probe,
+        )
         rows.extend({**r, "train_seed": seed} for r in probed)
     result = {"config": asdict(config), "teachers": summarise(rows)}
     (out / "fidelity.json").write_text(json.dumps({**result, "rows": rows}, indent=2))
@@ -92,10 +107,20 @@ def _train(corpus: Path, cache: Path, out: Path, *, distill: bool, seed: int, co
         # Both arms read the cache, so both have the task tokens in the sequence and see identical batches:
         # the embedding losses are the only difference (a baseline without task tokens would also hand the
         # probe 24 fewer tokens to read, which moves its score by itself).
-        data=DataConfig(data=str(corpus), cache=str(cache), batch_size=config.batch_size, num_workers=1, seed=seed),
-        train=TrainConfig(stage="pt", distill=distill, steps=config.steps, lr=config.lr, out=str(out),
-                          save_every=max(1, config.steps // 3), log_every=max(1, config.steps // 10), seed=seed,
-                          resume=resume),  # an interrupted run goes on from its latest checkpoint
+        data=DataConfig(
+            data=str(corpus), cache=str(cache), batch_size=config.batch_size, num_workers=1, seed=seed
+        ),
+        train=TrainConfig(
+            stage="pt",
+            distill=distill,
+            steps=config.steps,
+            lr=config.lr,
+            out=str(out),
+            save_every=max(1, config.steps // 3),
+            log_every=max(1, config.steps // 10),
+            seed=seed,
+            resume=resume,
+        ),  # an interrupted run goes on from its latest checkpoint
     )
     return train(run)["checkpoint"]
 
@@ -111,9 +136,14 @@ def summarise(rows: list[dict]) -> dict:
         for scope, layers in (("at_distilled", distilled), ("all_layers", {r["layer"] for r in mine})):
             diffs = []
             for seed in sorted({r["train_seed"] for r in mine}):
-                means = {arm: statistics.fmean(r["score"] for r in mine if r["train_seed"] == seed
-                                               and r["checkpoint"] == arm and r["layer"] in layers)
-                         for arm in ("ola", "baseline")}
+                means = {
+                    arm: statistics.fmean(
+                        r["score"]
+                        for r in mine
+                        if r["train_seed"] == seed and r["checkpoint"] == arm and r["layer"] in layers
+                    )
+                    for arm in ("ola", "baseline")
+                }
                 diffs.append(means["ola"] - means["baseline"])
             entry[scope] = _stats(diffs)
         # probe noise: std over probe seeds of one (run, layer), averaged over runs and layers
@@ -123,7 +153,8 @@ def summarise(rows: list[dict]) -> dict:
         spreads = [statistics.stdev(v) for v in groups.values() if len(v) > 1]
         entry["probe_noise_std"] = statistics.fmean(spreads) if spreads else math.nan
         entry["baseline_at_distilled"] = statistics.fmean(
-            r["score"] for r in mine if r["checkpoint"] == "baseline" and r["layer"] in distilled)
+            r["score"] for r in mine if r["checkpoint"] == "baseline" and r["layer"] in distilled
+        )
         out[teacher] = entry
     return out
 
@@ -137,13 +168,17 @@ def _stats(values: list[float]) -> dict:
 
 def describe(result: dict) -> str:
     c = result["config"]
-    lines = [f"OLA - baseline probe cosine, paired by training seed ({c['train_seeds']} seeds, {c['steps']} PT steps, "
-             f"{c['images']} images, {c['probe_seeds']} probe seeds x {c['probe_steps']} steps)",
-             f"{'teacher':<8} {'baseline@dist':>13} {'diff@distilled (mean ± std, t)':>34} "
-             f"{'diff all layers':>26} {'probe noise':>12}"]
+    lines = [
+        f"OLA - baseline probe cosine, paired by training seed ({c['train_seeds']} seeds, {c['steps']} PT steps, "
+        f"{c['images']} images, {c['probe_seeds']} probe seeds x {c['probe_steps']} steps)",
+        f"{'teacher':<8} {'baseline@dist':>13} {'diff@distilled (mean ± std, t)':>34} "
+        f"{'diff all layers':>26} {'probe noise':>12}",
+    ]
     for teacher, e in result["teachers"].items():
         a, b = e["at_distilled"], e["all_layers"]
-        lines.append(f"{teacher:<8} {e['baseline_at_distilled']:>13.4f} "
-                     f"{a['mean']:>+12.4f} ± {a['std']:.4f} (t {a['t']:>5.1f}) "
-                     f"{b['mean']:>+12.4f} ± {b['std']:.4f} {e['probe_noise_std']:>12.4f}")
+        lines.append(
+            f"{teacher:<8} {e['baseline_at_distilled']:>13.4f} "
+            f"{a['mean']:>+12.4f} ± {a['std']:.4f} (t {a['t']:>5.1f}) "
+            f"{b['mean']:>+12.4f} ± {b['std']:.4f} {e['probe_noise_std']:>12.4f}"
+        )
     return "\n".join(lines)

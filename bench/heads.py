@@ -31,12 +31,22 @@ def _paper_llms() -> dict:
 
     return {
         "llama3_8b": LlamaConfig(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=False,
         ),
         "phi3_mini": Phi3Config(
-            hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            tie_word_embeddings=False,
         ),
     }
 
@@ -66,8 +76,13 @@ def paper_param_counts(config: ModelConfig | None = None) -> dict[str, dict[str,
 
     config = config or ModelConfig()
     vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
     )
     out = {}
     for name, text in _paper_llms().items():
@@ -77,11 +92,15 @@ def paper_param_counts(config: ModelConfig | None = None) -> dict[str, dict[str,
         layout = TokenLayout(
             image_token_id=vocab,
             num_image_tokens=576,
-            task_token_ids={t: tuple(next(ids) for _ in range(config.tokens_per_task)) for t in ("gen", "depth", "seg")},
+            task_token_ids={
+                t: tuple(next(ids) for _ in range(config.tokens_per_task)) for t in ("gen", "depth", "seg")
+            },
             pad_token_id=0,
         )
         with torch.device("meta"):
-            llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_seq_length=576))
+            llava = LlavaForConditionalGeneration(
+                LlavaConfig(vision_config=vision, text_config=text, image_seq_length=576)
+            )
             model = OlaVlm(llava, config=config, target_shapes=PAPER_TARGETS, layout=layout)
         counts = {part: sum(p.numel() for _, p in params) for part, params in parts(model).items()}
         head_macs = sum(
@@ -111,13 +130,29 @@ def paper_param_counts(config: ModelConfig | None = None) -> dict[str, dict[str,
 
 SIZES = {
     "tiny": dict(
-        student=dict(image_size=32, patch_size=4, vision_hidden=64, vision_layers=2, llm_hidden=64, llm_layers=4, llm_heads=4),
+        student=dict(
+            image_size=32,
+            patch_size=4,
+            vision_hidden=64,
+            vision_layers=2,
+            llm_hidden=64,
+            llm_layers=4,
+            llm_heads=4,
+        ),
         targets={"gen": (1, 32), "depth": (64, 32), "seg": (64, 48)},
         head=dict(head_width=64, head_num_heads=4, head_ffn_mult=4),
         batch=4,
     ),
     "mid": dict(
-        student=dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=4, llm_hidden=512, llm_layers=8, llm_heads=8),
+        student=dict(
+            image_size=336,
+            patch_size=14,
+            vision_hidden=256,
+            vision_layers=4,
+            llm_hidden=512,
+            llm_layers=8,
+            llm_heads=8,
+        ),
         targets=PAPER_TARGETS,
         head=dict(head_width=1024, head_num_heads=16, head_ffn_mult=4),
         batch=2,

@@ -47,7 +47,9 @@ def bench_images(seed: int = 0, only: tuple[str, ...] = ()) -> dict[str, bytes]:
     data = require("skimage.data", "ola bench decode (its photos)")
 
     def coffee() -> bytes:
-        upscaled = np.asarray(Image.fromarray(data.coffee()).resize((2000, 1500), Image.BICUBIC)).astype(np.int16)
+        upscaled = np.asarray(Image.fromarray(data.coffee()).resize((2000, 1500), Image.BICUBIC)).astype(
+            np.int16
+        )
         grain = np.random.default_rng(seed).integers(-6, 7, upscaled.shape)
         return _jpeg(np.clip(upscaled + grain, 0, 255).astype(np.uint8))
 
@@ -55,8 +57,12 @@ def bench_images(seed: int = 0, only: tuple[str, ...] = ()) -> dict[str, bytes]:
         with open(os.path.join(os.path.dirname(data.__file__), "retina.jpg"), "rb") as f:
             return f.read()
 
-    makers = {"bench photo 500x375": lambda: _photo(np.random.default_rng(seed)),
-              "cat 451x300": lambda: _jpeg(data.chelsea()), "coffee 2000x1500": coffee, "retina 1411x1411": retina}
+    makers = {
+        "bench photo 500x375": lambda: _photo(np.random.default_rng(seed)),
+        "cat 451x300": lambda: _jpeg(data.chelsea()),
+        "coffee 2000x1500": coffee,
+        "retina 1411x1411": retina,
+    }
     return {name: make() for name, make in makers.items() if not only or name in only}
 
 
@@ -66,8 +72,9 @@ def _resize_crop_pil(image, resample: int = 3, reducing_gap: float | None = None
     new = shortest_edge_size(*image.size, SHORTEST_EDGE)
     resized = image.resize(new, resample=resample, reducing_gap=reducing_gap)
     left, top = (new[0] - SHORTEST_EDGE) // 2, (new[1] - SHORTEST_EDGE) // 2
-    return np.ascontiguousarray(np.asarray(resized.crop((left, top, left + SHORTEST_EDGE, top + SHORTEST_EDGE)))
-                                .transpose(2, 0, 1))
+    return np.ascontiguousarray(
+        np.asarray(resized.crop((left, top, left + SHORTEST_EDGE, top + SHORTEST_EDGE))).transpose(2, 0, 1)
+    )
 
 
 def _resize_crop_torch(pixels: np.ndarray) -> np.ndarray:
@@ -77,7 +84,7 @@ def _resize_crop_torch(pixels: np.ndarray) -> np.ndarray:
     new_w, new_h = shortest_edge_size(pixels.shape[1], pixels.shape[0], SHORTEST_EDGE)
     resized = resize_chw(pixels, (new_h, new_w), 3)
     left, top = (new_w - SHORTEST_EDGE) // 2, (new_h - SHORTEST_EDGE) // 2
-    return np.ascontiguousarray(resized[:, top:top + SHORTEST_EDGE, left:left + SHORTEST_EDGE])
+    return np.ascontiguousarray(resized[:, top : top + SHORTEST_EDGE, left : left + SHORTEST_EDGE])
 
 
 def _pil_open(data: bytes, draft: int | None = None):
@@ -95,10 +102,16 @@ def decoders() -> tuple[dict, dict[str, str]]:
 
     found = {
         "PIL decode + PIL resize (the processor's path)": lambda d: _resize_crop_pil(_pil_open(d)),
-        "PIL draft(336) + PIL resize (former ImageTransform)": lambda d: _resize_crop_pil(_pil_open(d, SHORTEST_EDGE)),
+        "PIL draft(336) + PIL resize (former ImageTransform)": lambda d: _resize_crop_pil(
+            _pil_open(d, SHORTEST_EDGE)
+        ),
         "PIL decode + PIL resize reducing_gap=2": lambda d: _resize_crop_pil(_pil_open(d), reducing_gap=2.0),
-        "PIL draft(336) + torch resize": lambda d: _resize_crop_torch(np.asarray(_pil_open(d, SHORTEST_EDGE))),
-        "PIL draft(672) + torch resize": lambda d: _resize_crop_torch(np.asarray(_pil_open(d, 2 * SHORTEST_EDGE))),
+        "PIL draft(336) + torch resize": lambda d: _resize_crop_torch(
+            np.asarray(_pil_open(d, SHORTEST_EDGE))
+        ),
+        "PIL draft(672) + torch resize": lambda d: _resize_crop_torch(
+            np.asarray(_pil_open(d, 2 * SHORTEST_EDGE))
+        ),
         "PIL decode + torch resize (ImageTransform)": ImageTransform(),
     }
     missing = {}
@@ -106,9 +119,11 @@ def decoders() -> tuple[dict, dict[str, str]]:
         import simplejpeg
 
         found["simplejpeg decode + torch resize"] = lambda d: _resize_crop_torch(
-            simplejpeg.decode_jpeg(d, colorspace="RGB"))
+            simplejpeg.decode_jpeg(d, colorspace="RGB")
+        )
         found["simplejpeg scaled decode (>= 336) + torch resize"] = lambda d: _resize_crop_torch(
-            simplejpeg.decode_jpeg(d, colorspace="RGB", min_height=SHORTEST_EDGE, min_width=SHORTEST_EDGE))
+            simplejpeg.decode_jpeg(d, colorspace="RGB", min_height=SHORTEST_EDGE, min_width=SHORTEST_EDGE)
+        )
     except ImportError as exc:
         missing["simplejpeg"] = f"not importable ({exc}); not in the lock"
     try:
@@ -116,7 +131,8 @@ def decoders() -> tuple[dict, dict[str, str]]:
         from torchvision.io import decode_jpeg
 
         found["torchvision decode_jpeg + torch resize"] = lambda d: _resize_crop_torch(
-            decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8)).permute(1, 2, 0).numpy())
+            decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+        )
     except ImportError as exc:
         missing["torchvision"] = f"not importable ({exc}); not in the lock"
     return found, missing
@@ -142,8 +158,11 @@ def bench_decode(repeats: int = 15, seed: int = 0, only: tuple[str, ...] = ()) -
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")  # the processor's backend notice
     torch.set_num_threads(1)
-    processors = {"crop": CLIPImageProcessor(size={"shortest_edge": SHORTEST_EDGE},
-                                             crop_size={"height": SHORTEST_EDGE, "width": SHORTEST_EDGE})}
+    processors = {
+        "crop": CLIPImageProcessor(
+            size={"shortest_edge": SHORTEST_EDGE}, crop_size={"height": SHORTEST_EDGE, "width": SHORTEST_EDGE}
+        )
+    }
     processors["pad"] = with_aspect_ratio(processors["crop"], "pad")
     mean = np.asarray(processors["crop"].image_mean, np.float64).reshape(3, 1, 1)
     std = np.asarray(processors["crop"].image_std, np.float64).reshape(3, 1, 1)
@@ -154,27 +173,60 @@ def bench_decode(repeats: int = 15, seed: int = 0, only: tuple[str, ...] = ()) -
     def row(mode, name, fn, processor, data, image_name):
         key = (mode, image_name)
         if key not in wanted:
-            wanted[key] = processor(images=_pil_open(data), return_tensors="np")["pixel_values"][0]  # normalised
+            wanted[key] = processor(images=_pil_open(data), return_tensors="np")["pixel_values"][
+                0
+            ]  # normalised
         want = wanted[key]
         got = np.asarray(fn(data), np.float64)  # 0-255
         levels = float(np.abs(got - (want * std + mean) * 255).max())
-        rows.append({"mode": mode, "decoder": name, "image": image_name, "ms": round(_min_ms(fn, data, repeats), 2),
-                     "max_diff": round(float(np.abs((got / 255 - mean) / std - want).max()), 4),
-                     "max_diff_grey_levels": round(levels, 1)})
+        rows.append(
+            {
+                "mode": mode,
+                "decoder": name,
+                "image": image_name,
+                "ms": round(_min_ms(fn, data, repeats), 2),
+                "max_diff": round(float(np.abs((got / 255 - mean) / std - want).max()), 4),
+                "max_diff_grey_levels": round(levels, 1),
+            }
+        )
 
     for image_name, data in images.items():
         processor = processors["crop"]
-        row("crop", "transformers CLIPImageProcessor (PIL backend, float output)",
-            lambda d, p=processor: p(images=_pil_open(d), return_tensors="np")["pixel_values"][0] * std * 255 + mean * 255,
-            processor, data, image_name)
+        row(
+            "crop",
+            "transformers CLIPImageProcessor (PIL backend, float output)",
+            lambda d, p=processor: (
+                p(images=_pil_open(d), return_tensors="np")["pixel_values"][0] * std * 255 + mean * 255
+            ),
+            processor,
+            data,
+            image_name,
+        )
         for name, fn in found.items():
             row("crop", name, fn, processor, data, image_name)
         processor = processors["pad"]
-        row("pad", "transformers LlavaImageProcessor(do_pad=True) (PIL backend, float output)",
-            lambda d, p=processor: p(images=_pil_open(d), return_tensors="np")["pixel_values"][0] * std * 255 + mean * 255,
-            processor, data, image_name)
-        row("pad", "PIL decode + numpy pad + torch resize (ImageTransform pad)", ImageTransform(pad=True),
-            processor, data, image_name)
-    return {"repeats": repeats, "statistic": "min ms per image, one core",
-            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "unavailable": missing, "rows": rows}
+        row(
+            "pad",
+            "transformers LlavaImageProcessor(do_pad=True) (PIL backend, float output)",
+            lambda d, p=processor: (
+                p(images=_pil_open(d), return_tensors="np")["pixel_values"][0] * std * 255 + mean * 255
+            ),
+            processor,
+            data,
+            image_name,
+        )
+        row(
+            "pad",
+            "PIL decode + numpy pad + torch resize (ImageTransform pad)",
+            ImageTransform(pad=True),
+            processor,
+            data,
+            image_name,
+        )
+    return {
+        "repeats": repeats,
+        "statistic": "min ms per image, one core",
+        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "unavailable": missing,
+        "rows": rows,
+    }

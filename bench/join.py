@@ -47,15 +47,22 @@ def make_cache(root: str, keys: int, shards: int, seed: int = 0) -> None:
     from olavlm.schemas.spec import TeacherSpec
 
     cache = TargetCache(root)
-    cache.register(TeacherSpec(name=TEACHER, kind="synthetic", model="synthetic", shape=(1, 1), dtype="float16"))
+    cache.register(
+        TeacherSpec(name=TEACHER, kind="synthetic", model="synthetic", shape=(1, 1), dtype="float16")
+    )
     rng = np.random.default_rng(seed)
     bounds = np.linspace(0, keys, shards + 1).astype(int)
     for s in range(shards):
         n = int(bounds[s + 1] - bounds[s])
         blob = rng.bytes(32 * n).hex()
-        shas = [blob[64 * i: 64 * (i + 1)] for i in range(n)]
-        cache.write_shard(TEACHER, f"shard-{s:06d}", [key_of(i) for i in range(bounds[s], bounds[s + 1])], shas,
-                          np.zeros((n, 1, 1), np.float16))
+        shas = [blob[64 * i : 64 * (i + 1)] for i in range(n)]
+        cache.write_shard(
+            TEACHER,
+            f"shard-{s:06d}",
+            [key_of(i) for i in range(bounds[s], bounds[s + 1])],
+            shas,
+            np.zeros((n, 1, 1), np.float16),
+        )
 
 
 def _memory() -> dict[str, float]:
@@ -79,16 +86,30 @@ class ParquetKeyIndex:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        arrays = {name: getattr(index, attr) for name, attr in zip(ParquetKeyIndex.COLUMNS,
-                                                                     ("_hi", "_lo", "_shard", "_row", "_sha"))}
-        schema = pa.schema([("hash_hi", pa.uint64()), ("hash_lo", pa.uint64()), ("shard", pa.uint32()),
-                            ("row", pa.uint32()), ("sha256", pa.binary(32))])
+        arrays = {
+            name: getattr(index, attr)
+            for name, attr in zip(ParquetKeyIndex.COLUMNS, ("_hi", "_lo", "_shard", "_row", "_sha"))
+        }
+        schema = pa.schema(
+            [
+                ("hash_hi", pa.uint64()),
+                ("hash_lo", pa.uint64()),
+                ("shard", pa.uint32()),
+                ("row", pa.uint32()),
+                ("sha256", pa.binary(32)),
+            ]
+        )
         with pq.ParquetWriter(path, schema, compression="none") as writer:
             for start in range(0, len(index), PARQUET_ROW_GROUP):
                 part = slice(start, start + PARQUET_ROW_GROUP)
-                sha = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(arrays["row"][part]),
-                                                           [None, pa.py_buffer(np.ascontiguousarray(arrays["sha256"][part]))])
-                writer.write_table(pa.table([arrays[n][part] for n in ParquetKeyIndex.COLUMNS[:4]] + [sha], schema=schema))
+                sha = pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(32),
+                    len(arrays["row"][part]),
+                    [None, pa.py_buffer(np.ascontiguousarray(arrays["sha256"][part]))],
+                )
+                writer.write_table(
+                    pa.table([arrays[n][part] for n in ParquetKeyIndex.COLUMNS[:4]] + [sha], schema=schema)
+                )
         with open(path + ".shards.json", "w") as f:
             json.dump(index.shards, f)
 
@@ -97,8 +118,9 @@ class ParquetKeyIndex:
 
         self.file = pq.ParquetFile(path, memory_map=True)
         meta = self.file.metadata
-        self.first = np.array([meta.row_group(g).column(0).statistics.min for g in range(meta.num_row_groups)],
-                              np.uint64)
+        self.first = np.array(
+            [meta.row_group(g).column(0).statistics.min for g in range(meta.num_row_groups)], np.uint64
+        )
         with open(path + ".shards.json") as f:
             self.shards = json.load(f)
         self.rows = meta.num_rows
@@ -111,7 +133,9 @@ class ParquetKeyIndex:
 
         digest = key_digest(key)
         hi, lo = np.uint64(int.from_bytes(digest[:8], "big")), np.uint64(int.from_bytes(digest[8:], "big"))
-        group = int(self.first.searchsorted(hi, side="right")) - 1  # (bench keys are unique: no run across groups)
+        group = (
+            int(self.first.searchsorted(hi, side="right")) - 1
+        )  # (bench keys are unique: no run across groups)
         if group < 0:
             return None
         table = self.file.read_row_group(group)
@@ -119,14 +143,19 @@ class ParquetKeyIndex:
         i = int(his.searchsorted(hi))
         if i == len(his) or his[i] != hi or table.column("hash_lo")[i].as_py() != lo:
             return None
-        return (self.shards[table.column("shard")[i].as_py()], table.column("row")[i].as_py(),
-                table.column("sha256")[i].as_py().hex())
+        return (
+            self.shards[table.column("shard")[i].as_py()],
+            table.column("row")[i].as_py(),
+            table.column("sha256")[i].as_py().hex(),
+        )
 
 
 def _lookup_keys(keys: int, lookups: int, seed: int) -> dict[str, list[str]]:
     rng = np.random.default_rng(seed + 1)
-    return {"random": [key_of(int(i)) for i in rng.integers(0, keys, lookups)],
-            "shard_order": [key_of(int(i)) for i in np.linspace(0, keys - 1, lookups).astype(int)]}
+    return {
+        "random": [key_of(int(i)) for i in rng.integers(0, keys, lookups)],
+        "shard_order": [key_of(int(i)) for i in np.linspace(0, keys - 1, lookups).astype(int)],
+    }
 
 
 def _child(method: str, root: str, keys: int, lookups: int, seed: int, memory_budget_mb: int) -> dict:
@@ -161,11 +190,18 @@ def _child(method: str, root: str, keys: int, lookups: int, seed: int, memory_bu
         out[f"{kind}_lookups_per_s"] = len(batch) / (time.perf_counter() - start)
         hits += sum(f is not None for f in found)
     after = _memory()
-    out.update(hits=hits, lookups=sum(map(len, wanted.values())), peak_rss_mb=after["VmHWM"],
-               anon_added_mb=after["RssAnon"] - before["RssAnon"], file_rss_mb=after["RssFile"],
-               anon_before_mb=before["RssAnon"])
+    out.update(
+        hits=hits,
+        lookups=sum(map(len, wanted.values())),
+        peak_rss_mb=after["VmHWM"],
+        anon_added_mb=after["RssAnon"] - before["RssAnon"],
+        file_rss_mb=after["RssFile"],
+        anon_before_mb=before["RssAnon"],
+    )
     if method == "keyindex-build":
-        out["index_bytes"] = sum(os.path.getsize(os.path.join(index.folder, n)) for n in os.listdir(index.folder))
+        out["index_bytes"] = sum(
+            os.path.getsize(os.path.join(index.folder, n)) for n in os.listdir(index.folder)
+        )
     if method == "parquet-build":
         out["index_bytes"] = os.path.getsize(parquet_path)
     return out
@@ -174,44 +210,87 @@ def _child(method: str, root: str, keys: int, lookups: int, seed: int, memory_bu
 def _run_child(method: str, root: str, keys: int, lookups: int, seed: int, memory_budget_mb: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [method, root, str(keys), str(lookups), str(seed), str(memory_budget_mb)]
-    proc = subprocess.run([sys.executable, "-m", "olavlm.bench.join", *args],
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "olavlm.bench.join", *args],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"bench join child {method!r} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_join(keys: int = 1_000_000, shards: int = 100, lookups: int = 100_000, seed: int = 0,
-               root: str | None = None, memory_budget_mb: int = 256) -> dict:
+def bench_join(
+    keys: int = 1_000_000,
+    shards: int = 100,
+    lookups: int = 100_000,
+    seed: int = 0,
+    root: str | None = None,
+    memory_budget_mb: int = 256,
+) -> dict:
     """Figures of the three methods (module docstring); `memory_budget_mb`: the key index build's sort budget."""
     if keys < 1 or shards < 1 or lookups < 1 or shards > keys:
-        raise ValueError(f"need keys >= shards >= 1 and lookups >= 1 (got keys={keys}, shards={shards}, "
-                         f"lookups={lookups})")
+        raise ValueError(
+            f"need keys >= shards >= 1 and lookups >= 1 (got keys={keys}, shards={shards}, lookups={lookups})"
+        )
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         cache_root = os.path.join(tmp, "cache")
         start = time.perf_counter()
         make_cache(cache_root, keys, shards, seed)
         made_s = time.perf_counter() - start
-        manifest_bytes = sum(os.path.getsize(os.path.join(cache_root, TEACHER, s, "manifest.parquet"))
-                             for s in os.listdir(os.path.join(cache_root, TEACHER)) if s.startswith("shard-"))
+        manifest_bytes = sum(
+            os.path.getsize(os.path.join(cache_root, TEACHER, s, "manifest.parquet"))
+            for s in os.listdir(os.path.join(cache_root, TEACHER))
+            if s.startswith("shard-")
+        )
         old = _run_child("dict", cache_root, keys, lookups, seed, memory_budget_mb)
-        methods = {"dict": {"build_s": old["seconds"], "open_s": old["seconds"], **_lookup_figures(old),
-                            "peak_rss_mb": old["peak_rss_mb"], "build_peak_rss_mb": old["peak_rss_mb"],
-                            "disk_bytes": 0}}
+        methods = {
+            "dict": {
+                "build_s": old["seconds"],
+                "open_s": old["seconds"],
+                **_lookup_figures(old),
+                "peak_rss_mb": old["peak_rss_mb"],
+                "build_peak_rss_mb": old["peak_rss_mb"],
+                "disk_bytes": 0,
+            }
+        }
         for name in ("keyindex", "parquet"):  # parquet converts the key index built just before
             built = _run_child(f"{name}-build", cache_root, keys, lookups, seed, memory_budget_mb)
             used = _run_child(f"{name}-lookup", cache_root, keys, lookups, seed, memory_budget_mb)
-            methods[name] = {"build_s": built["seconds"], "open_s": used["seconds"], **_lookup_figures(used),
-                             "peak_rss_mb": used["peak_rss_mb"], "build_peak_rss_mb": built["peak_rss_mb"],
-                             "disk_bytes": built["index_bytes"]}
-    return {"keys": keys, "shards": shards, "lookups_per_kind": lookups, "memory_budget_mb": memory_budget_mb,
-            "make_cache_s": made_s,
-            "manifest_bytes": manifest_bytes, "interpreter_anon_mb": old["anon_before_mb"], "methods": methods}
+            methods[name] = {
+                "build_s": built["seconds"],
+                "open_s": used["seconds"],
+                **_lookup_figures(used),
+                "peak_rss_mb": used["peak_rss_mb"],
+                "build_peak_rss_mb": built["peak_rss_mb"],
+                "disk_bytes": built["index_bytes"],
+            }
+    return {
+        "keys": keys,
+        "shards": shards,
+        "lookups_per_kind": lookups,
+        "memory_budget_mb": memory_budget_mb,
+        "make_cache_s": made_s,
+        "manifest_bytes": manifest_bytes,
+        "interpreter_anon_mb": old["anon_before_mb"],
+        "methods": methods,
+    }
 
 
 def _lookup_figures(child: dict) -> dict:
-    return {key: child[key] for key in ("random_lookups_per_s", "shard_order_lookups_per_s", "hits", "lookups",
-                                        "anon_added_mb", "file_rss_mb")}
+    return {
+        key: child[key]
+        for key in (
+            "random_lookups_per_s",
+            "shard_order_lookups_per_s",
+            "hits",
+            "lookups",
+            "anon_added_mb",
+            "file_rss_mb",
+        )
+    }
 
 
 if __name__ == "__main__":

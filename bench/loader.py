@@ -54,23 +54,34 @@ def _photo(rng, size=(500, 375)) -> bytes:
 
 
 CODECS = ("default", "none", "lz4", "zstd")
-IMAGE_DECODER = "PIL (libjpeg-turbo) full decode + torch antialiased uint8 bicubic resize (trainer/data/images.py)"
+IMAGE_DECODER = (
+    "PIL (libjpeg-turbo) full decode + torch antialiased uint8 bicubic resize (trainer/data/images.py)"
+)
 
 
 def codec_spec(codec: str, dtype: str):
     """The CodecSpec a `codec` name of this bench stands for."""
     from olavlm.schemas.spec import CodecSpec, default_codec
 
-    named = {"default": default_codec(dtype), "none": CodecSpec(cname="lz4", clevel=0, shuffle="noshuffle"),
-             "lz4": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
-             "zstd": CodecSpec(cname="zstd", clevel=3, shuffle="shuffle")}
+    named = {
+        "default": default_codec(dtype),
+        "none": CodecSpec(cname="lz4", clevel=0, shuffle="noshuffle"),
+        "lz4": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
+        "zstd": CodecSpec(cname="zstd", clevel=3, shuffle="shuffle"),
+    }
     if codec not in named:
         raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
     return named[codec]
 
 
-def build_bench_data(root: str, samples: int, shard_size: int = 64, seed: int = 0, codec: str = "default",
-                     dtype: str = "float16") -> dict[str, bytes]:
+def build_bench_data(
+    root: str,
+    samples: int,
+    shard_size: int = 64,
+    seed: int = 0,
+    codec: str = "default",
+    dtype: str = "float16",
+) -> dict[str, bytes]:
     """Corpus under root/corpus, cache under root/cache; returns {key: jpeg bytes}."""
     from olavlm.schemas import quant
     from olavlm.schemas.cache import TargetCache
@@ -82,27 +93,41 @@ def build_bench_data(root: str, samples: int, shard_size: int = 64, seed: int = 
     os.makedirs(os.path.join(root, "corpus"))
     images: dict[str, bytes] = {}
     shards: dict[str, list[str]] = {}
-    captions = ["A photo of a small dog sitting on a wooden table next to a red cup.",
-                "Two people are walking along the beach at sunset, and the sky is orange and purple."]
+    captions = [
+        "A photo of a small dog sitting on a wooden table next to a red cup.",
+        "Two people are walking along the beach at sunset, and the sky is orange and purple.",
+    ]
     for start in range(0, samples, shard_size):
         name = f"bench-{start // shard_size:06d}"
         with TarShardWriter(os.path.join(root, "corpus", f"{name}.tar")) as writer:
             for i in range(start, min(samples, start + shard_size)):
                 key = f"{i:08d}"
                 images[key] = _photo(rng)
-                conv = [{"from": "human", "value": "<image>\nProvide a brief description of the given image."},
-                        {"from": "gpt", "value": captions[i % 2]}]
+                conv = [
+                    {"from": "human", "value": "<image>\nProvide a brief description of the given image."},
+                    {"from": "gpt", "value": captions[i % 2]},
+                ]
                 writer.write(key, {"jpg": images[key], "json": json.dumps({"conversations": conv}).encode()})
                 shards.setdefault(name, []).append(key)
     cache = TargetCache(os.path.join(root, "cache"))
     distinct = 8  # feature-like rows are slow to make; tile a few distinct ones
     for task, shape in SHAPES.items():
-        cache.register(TeacherSpec(name=task, kind="synthetic", model="synthetic", shape=shape, dtype=dtype,
-                                   codec=codec_spec(codec, dtype)))
+        cache.register(
+            TeacherSpec(
+                name=task,
+                kind="synthetic",
+                model="synthetic",
+                shape=shape,
+                dtype=dtype,
+                codec=codec_spec(codec, dtype),
+            )
+        )
         base, base_scale = quant.encode(feature_like(distinct, *shape, seed=seed), dtype)
         for shard, keys in shards.items():
             values = np.stack([base[i % distinct] for i in range(len(keys))])
-            scale = None if base_scale is None else np.stack([base_scale[i % distinct] for i in range(len(keys))])
+            scale = (
+                None if base_scale is None else np.stack([base_scale[i % distinct] for i in range(len(keys))])
+            )
             cache.write_shard(task, shard, keys, [sha256_hex(images[k]) for k in keys], values, scale)
     return images
 
@@ -116,8 +141,14 @@ def _rate(loader, batches: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, seed: int = 0,
-                 codec: str = "default", dtype: str = "float16") -> dict:
+def bench_loader(
+    samples: int = 256,
+    batch_size: int = 16,
+    workers: int = 2,
+    seed: int = 0,
+    codec: str = "default",
+    dtype: str = "float16",
+) -> dict:
     """Run the benchmark; returns the figures as a dict (see the module docstring)."""
     import torch
 
@@ -141,9 +172,17 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
         batches = max(1, samples // batch_size - 2)
 
         def make(num_workers):
-            cfg = DataConfig(data=os.path.join(root, "corpus"), cache=os.path.join(root, "cache"),
-                             batch_size=batch_size, num_workers=num_workers, max_length=2048, seed=seed)
-            return build_loader(cfg, tokenizer=tokenizer, layout=layout, transform=transform, tasks=tuple(SHAPES))
+            cfg = DataConfig(
+                data=os.path.join(root, "corpus"),
+                cache=os.path.join(root, "cache"),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                max_length=2048,
+                seed=seed,
+            )
+            return build_loader(
+                cfg, tokenizer=tokenizer, layout=layout, transform=transform, tasks=tuple(SHAPES)
+            )
 
         single = _rate(make(0), batches)
         parallel = _rate(make(workers), batches) if workers else None
@@ -159,31 +198,50 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
         pixels = [transform(s.image_bytes) for s in raw]
         stages["jpeg_decode_resize"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        texts = [tokenize(json.loads(s.files["json"])["conversations"], tokenizer, layout, has_image=True,
-                          max_length=2048, render=stream.render) for s in raw]
+        texts = [
+            tokenize(
+                json.loads(s.files["json"])["conversations"],
+                tokenizer,
+                layout,
+                has_image=True,
+                max_length=2048,
+                render=stream.render,
+            )
+            for s in raw
+        ]
         stages["tokenize"] = time.perf_counter() - t0
-        shard_of = {s.key: n.name for n in shards_of(os.path.join(root, "corpus")) for s in iter_samples(n.url)}
+        shard_of = {
+            s.key: n.name for n in shards_of(os.path.join(root, "corpus")) for s in iter_samples(n.url)
+        }
         buffers = [stream.join.buffers(batch_size) for _ in range(0, len(raw), batch_size)]
         t0 = time.perf_counter()
         for i, s in enumerate(raw):  # as the loader does: decompress into the batch buffer
-            stream.join.read_into(buffers[i // batch_size], i % batch_size, shard_of[s.key], s.key,
-                                  sha256_hex(s.image_bytes))
+            stream.join.read_into(
+                buffers[i // batch_size], i % batch_size, shard_of[s.key], s.key, sha256_hex(s.image_bytes)
+            )
         stages["join_sha256_and_cache_read"] = time.perf_counter() - t0
         examples = [Example(s.key, t.input_ids, t.labels, p, {}) for s, t, p in zip(raw, texts, pixels)]
         t0 = time.perf_counter()
         for i in range(0, len(examples), batch_size):
-            part = examples[i:i + batch_size]
-            batch_pixels = collate(part, **stream._collate_args,
-                                   targets={t: b[:len(part)] for t, b in buffers[i // batch_size].items()})["pixel_values"]
+            part = examples[i : i + batch_size]
+            batch_pixels = collate(
+                part,
+                **stream._collate_args,
+                targets={t: b[: len(part)] for t, b in buffers[i // batch_size].items()},
+            )["pixel_values"]
         stages["collate"] = time.perf_counter() - t0
     per_sample_ms = {k: round(v / len(raw) * 1e3, 3) for k, v in stages.items()}
     chosen = codec_spec(codec, dtype)
     return {
-        "samples": samples, "batch_size": batch_size, "cores": cores,
+        "samples": samples,
+        "batch_size": batch_size,
+        "cores": cores,
         "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "targets": {t: list(s) for t, s in SHAPES.items()}, "target_dtype": dtype,
+        "targets": {t: list(s) for t, s in SHAPES.items()},
+        "target_dtype": dtype,
         "codec": f"{codec}: blosc-{chosen.cname} level {chosen.clevel} {chosen.shuffle}",
-        "image": "JPEG 500x375 -> 336x336", "image_decoder": IMAGE_DECODER,
+        "image": "JPEG 500x375 -> 336x336",
+        "image_decoder": IMAGE_DECODER,
         "pixel_values": f"{batch_pixels.dtype} (normalised on the model's device)",
         "tokens_per_sample": len(texts[0].input_ids),
         "samples_per_s_one_core": round(single, 1),
@@ -196,7 +254,8 @@ def bench_loader(samples: int = 256, batch_size: int = 16, workers: int = 2, see
     }
 
 
-def bench_loader_matrix(codecs: tuple[str, ...] = ("default",), dtypes: tuple[str, ...] = ("float16",),
-                        **kw) -> list[dict]:
+def bench_loader_matrix(
+    codecs: tuple[str, ...] = ("default",), dtypes: tuple[str, ...] = ("float16",), **kw
+) -> list[dict]:
     """`bench_loader` for every (codec, dtype) pair, one after the other in this process."""
     return [bench_loader(codec=c, dtype=d, **kw) for d in dtypes for c in codecs]

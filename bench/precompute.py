@@ -66,8 +66,12 @@ def paper_recipes() -> dict[str, dict]:
     seg = processor_output_size(PAPER_SEG_SIZE, PAPER_SEG_SIZE, ONEFORMER_PROCESSOR_DEFAULTS["size"])
     return {
         "depth": {"resize": [PAPER_DEPTH_SIZE] * 2, "resample": "bicubic"},
-        "seg": {"resize": [PAPER_SEG_SIZE] * 2, "resample": SEG_SQUASH_RESAMPLE, "processor_resize": list(seg),
-                "processor_resample": "bilinear"},
+        "seg": {
+            "resize": [PAPER_SEG_SIZE] * 2,
+            "resample": SEG_SQUASH_RESAMPLE,
+            "processor_resize": list(seg),
+            "processor_resample": "bilinear",
+        },
         "gen": {"resize_shortest": 224, "center_crop": [224, 224], "resample": "bicubic"},
     }
 
@@ -95,7 +99,12 @@ def actor_resize_ms_per_image(corpus: str, recipes: dict[str, dict], batch_size:
     from olavlm.schemas.corpus import list_shards
 
     torch.set_num_threads(threads)
-    batches = [b for shard in list_shards(corpus) for b in preprocess_batches(shard.url, recipes, batch_size) if b["keys"]]
+    batches = [
+        b
+        for shard in list_shards(corpus)
+        for b in preprocess_batches(shard.url, recipes, batch_size)
+        if b["keys"]
+    ]
     images = sum(len(b["keys"]) for b in batches)
 
     def one_pass(chosen: list[dict]) -> float:
@@ -113,12 +122,16 @@ def host_costs(corpus: str, recipes: dict[str, dict], batch_size: int, threads: 
     """Host ms per image with the resizes on the host (the default) and with `--device-resize` (decode only),
     and what `--device-resize` moves into the actor when its device is this CPU."""
     on_device = {n: {**r, "resize_on": "device"} for n, r in recipes.items()}
-    return {"host_resize": host_ms_per_image(corpus, recipes, batch_size),
-            "device_resize": host_ms_per_image(corpus, on_device, batch_size),
-            "device_resize_actor_cpu_wall": actor_resize_ms_per_image(corpus, on_device, batch_size, threads)}
+    return {
+        "host_resize": host_ms_per_image(corpus, recipes, batch_size),
+        "device_resize": host_ms_per_image(corpus, on_device, batch_size),
+        "device_resize_actor_cpu_wall": actor_resize_ms_per_image(corpus, on_device, batch_size, threads),
+    }
 
 
-def bare_loop_images_per_second(corpus: str, config: BenchConfig, threads: int) -> tuple[float, dict[str, dict]]:
+def bare_loop_images_per_second(
+    corpus: str, config: BenchConfig, threads: int
+) -> tuple[float, dict[str, dict]]:
     """Forward the teachers over pre-decoded batches (the shards' own batches), timed after one warm-up;
     -> (images/s, the teachers' preprocess recipes)."""
     import torch
@@ -157,13 +170,22 @@ def run_precompute_bench(config: BenchConfig) -> dict:
         build_demo_corpus(corpus, samples=config.images, shard_size=-(-config.images // config.shards))
         warmup = os.path.join(tmp, "warmup")
         build_demo_corpus(warmup, samples=config.batch_size, shard_size=config.batch_size)
-        job = {"teachers": config.teachers, "preset": config.preset, "batch_size": config.batch_size,
-               "progress": False, "cpu_threads": threads, "device_resize": config.device_resize}
+        job = {
+            "teachers": config.teachers,
+            "preset": config.preset,
+            "batch_size": config.batch_size,
+            "progress": False,
+            "cpu_threads": threads,
+            "device_resize": config.device_resize,
+        }
         before, recipes = bare_loop_images_per_second(corpus, config, threads)
         paper = paper_recipes()
-        host = {"preset_sizes": host_costs(corpus, recipes, config.batch_size, threads),
-                "paper_sizes": host_costs(corpus, {n: paper[n] for n in recipes if n in paper}, config.batch_size,
-                                          threads)}
+        host = {
+            "preset_sizes": host_costs(corpus, recipes, config.batch_size, threads),
+            "paper_sizes": host_costs(
+                corpus, {n: paper[n] for n in recipes if n in paper}, config.batch_size, threads
+            ),
+        }
         with ray_session(None):
             # warm-up: Ray starts and imports its task worker processes once per session (seconds each
             # on 2 cores); a long job pays that once, so it is kept out of the steady-state figure
@@ -173,11 +195,20 @@ def run_precompute_bench(config: BenchConfig) -> dict:
     bare = max(before, after)  # the faster of the two: a conservative busy fraction on a noisy machine
     pipeline = summary.images_per_second
     return {
-        "preset": config.preset, "teachers": ",".join(config.teachers), "images": summary.images,
-        "batch_size": config.batch_size, "device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": threads,
-        "pipeline_images_per_s": round(pipeline, 2), "bare_images_per_s": round(bare, 2),
+        "preset": config.preset,
+        "teachers": ",".join(config.teachers),
+        "images": summary.images,
+        "batch_size": config.batch_size,
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "pipeline_images_per_s": round(pipeline, 2),
+        "bare_images_per_s": round(bare, 2),
         "bare_images_per_s_before_after": [round(before, 2), round(after, 2)],
-        "busy_fraction": round(pipeline / bare, 3) if bare else 0.0, "target": 0.90,
-        "actor_compute_share": round(summary.teacher_busy, 3), "pipeline_seconds": round(summary.seconds, 1),
-        "device_resize": config.device_resize, "host_cpu_ms_per_image": host,
+        "busy_fraction": round(pipeline / bare, 3) if bare else 0.0,
+        "target": 0.90,
+        "actor_compute_share": round(summary.teacher_busy, 3),
+        "pipeline_seconds": round(summary.seconds, 1),
+        "device_resize": config.device_resize,
+        "host_cpu_ms_per_image": host,
     }

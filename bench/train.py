@@ -40,13 +40,37 @@ def _teachers(device):
     )
 
     torch.manual_seed(0)
-    depth = Dinov2Model(Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                     intermediate_size=4096, patch_size=14, image_size=336))
-    seg = SwinModel(SwinConfig(image_size=768, patch_size=4, embed_dim=192, depths=[2, 2, 18, 2],
-                               num_heads=[6, 12, 24, 48], window_size=12))
-    gen = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120,
-                                                         num_hidden_layers=32, num_attention_heads=16,
-                                                         patch_size=14, image_size=224, projection_dim=1024))
+    depth = Dinov2Model(
+        Dinov2Config(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            patch_size=14,
+            image_size=336,
+        )
+    )
+    seg = SwinModel(
+        SwinConfig(
+            image_size=768,
+            patch_size=4,
+            embed_dim=192,
+            depths=[2, 2, 18, 2],
+            num_heads=[6, 12, 24, 48],
+            window_size=12,
+        )
+    )
+    gen = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+            projection_dim=1024,
+        )
+    )
     return {name: m.to(device).eval() for name, m in (("depth", depth), ("seg", seg), ("gen", gen))}
 
 
@@ -77,7 +101,9 @@ def _online_targets(teachers, jpegs: list[bytes], device) -> dict:
     return {t: torch.stack(v).float() for t, v in out.items()}
 
 
-def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_steps: int = 1, seed: int = 0) -> dict:
+def bench_train(
+    steps: int = 8, batch_size: int = 4, workers: int = 4, online_steps: int = 1, seed: int = 0
+) -> dict:
     """Run the benchmark (see the module docstring). DataLoader workers are capped at cores - 1, and on
     CPU the student's step gets the remaining cores, so that workers and step do not oversubscribe."""
     import torch
@@ -97,8 +123,11 @@ def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_st
     workers = min(workers, max(1, cores - 1))
     if device.type == "cpu":  # cores left to the student's step once the workers have theirs
         torch.set_num_threads(max(1, cores - workers))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     with tempfile.TemporaryDirectory(prefix="ola-bench-train-") as root:
         jpegs = build_bench_data(root, samples=(steps + 2) * batch_size, seed=seed)
         tiny = build_tiny_student(os.path.join(root, "student"), seed=seed)
@@ -107,11 +136,21 @@ def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_st
         model = build_student(ModelConfig(vision_model=tiny.vision_model, llm=tiny.llm, **TINY_HEADS), specs)
         model.to(device)
         optimizer = torch.optim.AdamW(apply_stage(model, "pt"), fused=device.type == "cuda")
-        cfg = DataConfig(data=os.path.join(root, "corpus"), cache=os.path.join(root, "cache"),
-                         batch_size=batch_size, num_workers=workers, seed=seed)
-        loader = build_loader(cfg, tokenizer=model.tokenizer, layout=model.layout,
-                              transform=ImageTransform.from_processor(model.image_processor),
-                              tasks=model.layout.tasks, pin_memory=device.type == "cuda")
+        cfg = DataConfig(
+            data=os.path.join(root, "corpus"),
+            cache=os.path.join(root, "cache"),
+            batch_size=batch_size,
+            num_workers=workers,
+            seed=seed,
+        )
+        loader = build_loader(
+            cfg,
+            tokenizer=model.tokenizer,
+            layout=model.layout,
+            transform=ImageTransform.from_processor(model.image_processor),
+            tasks=model.layout.tasks,
+            pin_memory=device.type == "cuda",
+        )
 
         def step(batch) -> None:
             with autocast:
@@ -141,15 +180,22 @@ def bench_train(steps: int = 8, batch_size: int = 4, workers: int = 4, online_st
             teachers = _teachers(device)
             start = time.perf_counter()
             for batch in kept[:online_steps]:
-                batch = dict(batch, targets=_online_targets(teachers, [jpegs[k] for k in batch["keys"]], device))
+                batch = dict(
+                    batch, targets=_online_targets(teachers, [jpegs[k] for k in batch["keys"]], device)
+                )
                 step(batch)
             online_s = (time.perf_counter() - start) / online_steps
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "student": "tiny preset (CLIP 32px + 4-layer Llama 64) with heads for full-size targets",
-        "batch_size": batch_size, "steps": steps, "workers": workers, "torch_threads": torch.get_num_threads(),
-        "step_s_loader": round(loader_s, 4), "step_s_in_memory": round(memory_s, 4),
-        "loader_over_in_memory": round(loader_s / memory_s, 3), "target_loader_over_in_memory": 1.05,
+        "batch_size": batch_size,
+        "steps": steps,
+        "workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "step_s_loader": round(loader_s, 4),
+        "step_s_in_memory": round(memory_s, 4),
+        "loader_over_in_memory": round(loader_s / memory_s, 3),
+        "target_loader_over_in_memory": 1.05,
         "step_s_online_teachers": round(online_s, 3) if online_s is not None else None,
         "online_over_cached": round(online_s / loader_s, 1) if online_s is not None else None,
     }

@@ -35,15 +35,29 @@ app = typer.Typer(
 )
 groups = Groups(
     root=app,
-    corpus=typer.Typer(help="Build WebDataset corpora (demo corpus, LLaVA JSON conversion).", no_args_is_help=True),
+    corpus=typer.Typer(
+        help="Build WebDataset corpora (demo corpus, LLaVA JSON conversion).", no_args_is_help=True
+    ),
     cache=typer.Typer(help="Inspect and verify target caches.", no_args_is_help=True),
     bench=typer.Typer(help="Benchmarks whose figures go into docs/BENCHMARKS.md.", no_args_is_help=True),
 )
 app.add_typer(groups.corpus, name="corpus")
 app.add_typer(groups.cache, name="cache")
 app.add_typer(groups.bench, name="bench")
-for module in (corpus_cmds, cache_cmds, precompute_cmd, train_cmds, probe_cmd, model_cmds, demo_cmd, eval_cmd, bench_cmds,
-               bench_gpu_cmd, bench_fidelity_cmd, bench_join_cmd):
+for module in (
+    corpus_cmds,
+    cache_cmds,
+    precompute_cmd,
+    train_cmds,
+    probe_cmd,
+    model_cmds,
+    demo_cmd,
+    eval_cmd,
+    bench_cmds,
+    bench_gpu_cmd,
+    bench_fidelity_cmd,
+    bench_join_cmd,
+):
     module.register(groups)
 
 

@@ -28,8 +28,12 @@ def bench_cache_command(
     images: int = typer.Option(64, help="Images per dtype (each: 576x1024 + 576x1536 + 1x1024 targets)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     tmp: Path | None = typer.Option(None, help="Folder for the temporary caches (default: system temp)."),
-    backend: str = typer.Option("direct", "--backend", help="Reader timed: direct (the cache's shard-index reader) "
-                                "or zarr (plain zarr-python indexing of the same arrays)."),
+    backend: str = typer.Option(
+        "direct",
+        "--backend",
+        help="Reader timed: direct (the cache's shard-index reader) "
+        "or zarr (plain zarr-python indexing of the same arrays).",
+    ),
 ) -> None:
     """Cache speed and size per storage dtype.
 
@@ -45,25 +49,43 @@ def bench_cache_command(
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(f"backend: {result['backend']}")
-    typer.echo(f"{'dtype':<9} {'MB/image':>9} {'vs fp16':>8} {'write MB/s':>11} {'read MB/s':>10} "
-               f"{'rand p50 ms':>12} {'cos min':>9}")
+    typer.echo(
+        f"{'dtype':<9} {'MB/image':>9} {'vs fp16':>8} {'write MB/s':>11} {'read MB/s':>10} "
+        f"{'rand p50 ms':>12} {'cos min':>9}"
+    )
     for dtype, r in result["dtypes"].items():
-        typer.echo(f"{dtype:<9} {r['bytes_per_image'] / 1e6:>9.3f} {r['ratio_to_float16_stored']:>8.3f} "
-                   f"{r['write_MBps_16bit_equiv']:>11.1f} {r['read_MBps_16bit_equiv']:>10.1f} "
-                   f"{r['random_read_ms_p50']:>12.2f} {r['cosine_min']:>9.5f}")
+        typer.echo(
+            f"{dtype:<9} {r['bytes_per_image'] / 1e6:>9.3f} {r['ratio_to_float16_stored']:>8.3f} "
+            f"{r['write_MBps_16bit_equiv']:>11.1f} {r['read_MBps_16bit_equiv']:>10.1f} "
+            f"{r['random_read_ms_p50']:>12.2f} {r['cosine_min']:>9.5f}"
+        )
 
 
 def bench_precompute_command(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
-    preset: str = typer.Option("small", "--preset", help="Teachers to time (small: teacher compute dominates on a CPU)."),
-    images: int = typer.Option(96, "--images", help="Images in the benchmark corpus (built on the fly from skimage photos)."),
+    preset: str = typer.Option(
+        "small", "--preset", help="Teachers to time (small: teacher compute dominates on a CPU)."
+    ),
+    images: int = typer.Option(
+        96, "--images", help="Images in the benchmark corpus (built on the fly from skimage photos)."
+    ),
     shards: int = typer.Option(3, "--shards", help="Corpus shards."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per teacher forward, in both measurements."),
+    batch_size: int = typer.Option(
+        16, "--batch-size", help="Images per teacher forward, in both measurements."
+    ),
     teachers: str = typer.Option("depth,seg,gen", "--teachers", help="Comma-separated teachers."),
-    teacher_threads: int = typer.Option(0, "--teacher-threads", help="torch threads of the teachers (0 = all cores). "
-                                        "1 on a 2-core machine leaves a core to decoding, as a GPU node does."),
-    device_resize: bool = typer.Option(False, "--device-resize", help="Run the timed job with ola precompute's "
-                                       "--device-resize (host decodes only; the teachers' device resizes)."),
+    teacher_threads: int = typer.Option(
+        0,
+        "--teacher-threads",
+        help="torch threads of the teachers (0 = all cores). "
+        "1 on a 2-core machine leaves a core to decoding, as a GPU node does.",
+    ),
+    device_resize: bool = typer.Option(
+        False,
+        "--device-resize",
+        help="Run the timed job with ola precompute's "
+        "--device-resize (host decodes only; the teachers' device resizes).",
+    ),
 ) -> None:
     """Teacher busy fraction: pipeline images/s over a bare batched forward loop on pre-decoded inputs.
 
@@ -72,21 +94,34 @@ def bench_precompute_command(
     with user_errors():
         from olavlm.bench.precompute import BenchConfig, run_precompute_bench
 
-        result = run_precompute_bench(BenchConfig(
-            preset=preset, images=images, shards=shards, batch_size=batch_size, teacher_threads=teacher_threads,
-            device_resize=device_resize,
-            teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
-        ))
-        typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+        result = run_precompute_bench(
+            BenchConfig(
+                preset=preset,
+                images=images,
+                shards=shards,
+                batch_size=batch_size,
+                teacher_threads=teacher_threads,
+                device_resize=device_resize,
+                teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
+            )
+        )
+        typer.echo(
+            json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items())
+        )
 
 
 def bench_loader_command(
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (one object, a list for several runs)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the figures as JSON (one object, a list for several runs)."
+    ),
     samples: int = typer.Option(256, help="Samples in the temporary corpus and cache."),
     batch_size: int = typer.Option(16, help="Samples per batch."),
     workers: int = typer.Option(2, help="DataLoader workers for the parallel figure."),
-    codec: str = typer.Option("default", help="Comma-separated cache codecs, one run each: default (the dtype's "
-                              "default_codec), none, lz4, zstd (level 3); byte shuffle throughout."),
+    codec: str = typer.Option(
+        "default",
+        help="Comma-separated cache codecs, one run each: default (the dtype's "
+        "default_codec), none, lz4, zstd (level 3); byte shuffle throughout.",
+    ),
     dtype: str = typer.Option("float16", help="Comma-separated storage dtypes of the targets, one run each."),
 ) -> None:
     """Data loader throughput per CPU core.
@@ -112,19 +147,26 @@ def bench_loader_command(
         typer.echo(json.dumps(results))
         return
     stages = list(results[0]["stage_ms_per_sample"])
-    typer.echo(f"{'dtype':<9} {'codec':<44} {'samples/s':>9} " + " ".join(f"{s[:14]:>14}" for s in stages)
-               + f" {'stage sum/s':>11}")
+    typer.echo(
+        f"{'dtype':<9} {'codec':<44} {'samples/s':>9} "
+        + " ".join(f"{s[:14]:>14}" for s in stages)
+        + f" {'stage sum/s':>11}"
+    )
     for r in results:
-        typer.echo(f"{r['target_dtype']:<9} {r['codec']:<44} {r['samples_per_s_one_core']:>9.1f} "
-                   + " ".join(f"{r['stage_ms_per_sample'][s]:>11.2f} ms" for s in stages)
-                   + f" {r['stage_sum_samples_per_s']:>11.1f}")
+        typer.echo(
+            f"{r['target_dtype']:<9} {r['codec']:<44} {r['samples_per_s_one_core']:>9.1f} "
+            + " ".join(f"{r['stage_ms_per_sample'][s]:>11.2f} ms" for s in stages)
+            + f" {r['stage_sum_samples_per_s']:>11.1f}"
+        )
     typer.echo(f"image decoder: {results[-1]['image_decoder']}; pixel_values {results[-1]['pixel_values']}")
     typer.echo(f"load average at the end: {results[-1]['load_average']}")
 
 
 def bench_codecs_command(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
-    samples: int = typer.Option(8, min=1, help="Distinct samples per dtype (each: 576x1024 + 576x1536 + 1x1024)."),
+    samples: int = typer.Option(
+        8, min=1, help="Distinct samples per dtype (each: 576x1024 + 576x1536 + 1x1024)."
+    ),
     repeats: int = typer.Option(7, min=1, help="Decode passes; the median per-sample time is reported."),
     dtypes: str = typer.Option("float16,bfloat16,int8", help="Comma-separated storage dtypes."),
 ) -> None:
@@ -139,20 +181,28 @@ def bench_codecs_command(
     chosen = tuple(d.strip() for d in dtypes.split(",") if d.strip())
     unknown = [d for d in chosen if d not in STORAGE_DTYPES]
     if unknown or not chosen:
-        raise typer.BadParameter(f"{unknown or dtypes!r}: dtypes are {', '.join(STORAGE_DTYPES)}", param_hint="--dtypes")
+        raise typer.BadParameter(
+            f"{unknown or dtypes!r}: dtypes are {', '.join(STORAGE_DTYPES)}", param_hint="--dtypes"
+        )
     result = bench_codecs(samples=samples, repeats=repeats, dtypes=chosen)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"one thread; load average before {result['load_average_before']}, after {result['load_average_after']}")
-    typer.echo(f"{'dtype':<9} {'codec':<14} {'MB/sample':>9} {'ratio':>6} {'saved':>6} {'decode ms':>9} "
-               f"{'encode ms':>9} {'break-even MB/s':>15}")
+    typer.echo(
+        f"one thread; load average before {result['load_average_before']}, after {result['load_average_after']}"
+    )
+    typer.echo(
+        f"{'dtype':<9} {'codec':<14} {'MB/sample':>9} {'ratio':>6} {'saved':>6} {'decode ms':>9} "
+        f"{'encode ms':>9} {'break-even MB/s':>15}"
+    )
     for dtype, d in result["dtypes"].items():
         for label, r in d["codecs"].items():
             even = "-" if r["break_even_MBps"] is None else f"{r['break_even_MBps']:.0f}"
             mark = "  (default)" if r["default"] else ""
-            typer.echo(f"{dtype:<9} {label:<14} {r['bytes_per_sample'] / 1e6:>9.3f} {r['ratio']:>6.3f} "
-                       f"{r['saved_vs_none_pct']:>5.1f}% {r['decode_ms']:>9.2f} {r['encode_ms']:>9.2f} {even:>15}{mark}")
+            typer.echo(
+                f"{dtype:<9} {label:<14} {r['bytes_per_sample'] / 1e6:>9.3f} {r['ratio']:>6.3f} "
+                f"{r['saved_vs_none_pct']:>5.1f}% {r['decode_ms']:>9.2f} {r['encode_ms']:>9.2f} {even:>15}{mark}"
+            )
 
 
 def bench_train_command(
@@ -175,7 +225,9 @@ def bench_train_command(
 
 def bench_heads_command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
-    sizes: str = typer.Option("tiny,mid", help="Comma-separated sizes for the time overhead (tiny, mid); '' = none."),
+    sizes: str = typer.Option(
+        "tiny,mid", help="Comma-separated sizes for the time overhead (tiny, mid); '' = none."
+    ),
     repeats: int = typer.Option(3, min=1, help="Timed steps per variant (the minimum is reported)."),
 ) -> None:
     """Size and cost of the distillation heads.
@@ -229,8 +281,10 @@ def bench_decode_command(
         typer.echo(f"{name}: {why}")
     typer.echo(f"{'mode':<5} {'image':<20} {'ms':>7} {'max diff':>9} {'grey lv':>8}  decoder")
     for r in result["rows"]:
-        typer.echo(f"{r['mode']:<5} {r['image']:<20} {r['ms']:>7.2f} {r['max_diff']:>9.4f} "
-                   f"{r['max_diff_grey_levels']:>8.1f}  {r['decoder']}")
+        typer.echo(
+            f"{r['mode']:<5} {r['image']:<20} {r['ms']:>7.2f} {r['max_diff']:>9.4f} "
+            f"{r['max_diff_grey_levels']:>8.1f}  {r['decoder']}"
+        )
 
 
 def register(groups: Groups) -> None:

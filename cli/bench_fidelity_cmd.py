@@ -21,7 +21,9 @@ def build_fidelity():
 
     @config_options({"": FidelityConfig})
     def fidelity(
-        out: Path = typer.Option(Path("out/fidelity"), "--out", help="Working folder (corpus, cache, runs, probes, fidelity.json)."),
+        out: Path = typer.Option(
+            Path("out/fidelity"), "--out", help="Working folder (corpus, cache, runs, probes, fidelity.json)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
         *,
         overrides: dict,

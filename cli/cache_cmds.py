@@ -16,8 +16,10 @@ import typer
 from .errors import user_errors
 from .groups import Groups
 
-STORAGE_OPTIONS_HELP = ('fsspec options as a JSON object, for the cache and corpus URLs, e.g. '
-                        '\'{"endpoint_url": "http://127.0.0.1:9000"}\' (default: the environment\'s).')
+STORAGE_OPTIONS_HELP = (
+    "fsspec options as a JSON object, for the cache and corpus URLs, e.g. "
+    '\'{"endpoint_url": "http://127.0.0.1:9000"}\' (default: the environment\'s).'
+)
 
 
 def parse_storage_options(text: str | None) -> dict | None:
@@ -61,14 +63,32 @@ def stats(
     from olavlm.schemas.inspect import cache_stats
 
     with user_errors():
-        report = cache_stats(TargetCache(cache, parse_storage_options(storage_options)), sample_rows=sample_rows)
+        report = cache_stats(
+            TargetCache(cache, parse_storage_options(storage_options)), sample_rows=sample_rows
+        )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     table = Table(title=f"target cache {report['root']}")
-    for column in ("teacher", "shards", "samples", "errors", "shape", "dtype", "on disk", "per image",
-                   "compression", "mean", "std", "mean L2", "cosine (int8)", "fingerprint"):
-        table.add_column(column, justify="right" if column not in ("teacher", "dtype", "fingerprint") else "left")
+    for column in (
+        "teacher",
+        "shards",
+        "samples",
+        "errors",
+        "shape",
+        "dtype",
+        "on disk",
+        "per image",
+        "compression",
+        "mean",
+        "std",
+        "mean L2",
+        "cosine (int8)",
+        "fingerprint",
+    ):
+        table.add_column(
+            column, justify="right" if column not in ("teacher", "dtype", "fingerprint") else "left"
+        )
     for name, t in report["teachers"].items():
         shards = t["shards"]
         rows = max(t["rows"], 1)
@@ -76,23 +96,51 @@ def stats(
         std = sum((s["std"] or 0) * s["rows"] for s in shards) / rows
         l2 = sum((s["mean_l2"] or 0) * s["rows"] for s in shards) / rows
         fid = t["fidelity"]
-        table.add_row(name, str(len(shards)), str(t["rows"]), str(t["errors"]), "x".join(map(str, t["shape"])),
-                      t["dtype"], _mb(t["bytes"]), _mb(t["bytes_per_row"]), _num(t["compression"], "{:.2f}x"),
-                      _num(mean), _num(std), _num(l2, "{:.2f}"),
-                      "-" if not fid else f"{fid['cosine_mean']:.5f} (min {fid['cosine_min']:.5f})", t["fingerprint"])
+        table.add_row(
+            name,
+            str(len(shards)),
+            str(t["rows"]),
+            str(t["errors"]),
+            "x".join(map(str, t["shape"])),
+            t["dtype"],
+            _mb(t["bytes"]),
+            _mb(t["bytes_per_row"]),
+            _num(t["compression"], "{:.2f}x"),
+            _num(mean),
+            _num(std),
+            _num(l2, "{:.2f}"),
+            "-" if not fid else f"{fid['cosine_mean']:.5f} (min {fid['cosine_min']:.5f})",
+            t["fingerprint"],
+        )
         if per_shard:
             for s in shards:
-                table.add_row(f"  {s['shard']}", "", str(s["rows"]), str(s["errors"]), "", "", _mb(s["bytes"]), "",
-                              _num(s["compression"], "{:.2f}x"), _num(s["mean"]), _num(s["std"]),
-                              _num(s["mean_l2"], "{:.2f}"), "", "")
+                table.add_row(
+                    f"  {s['shard']}",
+                    "",
+                    str(s["rows"]),
+                    str(s["errors"]),
+                    "",
+                    "",
+                    _mb(s["bytes"]),
+                    "",
+                    _num(s["compression"], "{:.2f}x"),
+                    _num(s["mean"]),
+                    _num(s["std"]),
+                    _num(s["mean_l2"], "{:.2f}"),
+                    "",
+                    "",
+                )
     # off a terminal (pipes, CI logs) rich would squeeze the table into 80 columns
     Console(width=None if sys.stdout.isatty() else 220).print(table)
 
 
 def verify(
     cache: str = typer.Argument(..., help="Cache root: folder or fsspec URL."),
-    corpus: str | None = typer.Option(None, help="Also check against this corpus: every key present or recorded "
-                                                "as an error, every image sha256 unchanged."),
+    corpus: str | None = typer.Option(
+        None,
+        help="Also check against this corpus: every key present or recorded "
+        "as an error, every image sha256 unchanged.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
 ) -> None:
@@ -112,8 +160,10 @@ def verify(
         for problem in report.problems:
             typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
         status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
-        typer.echo(f"{status}: {report.checked_shards} shards, {report.checked_rows} rows read"
-                   + (f", {report.corpus_samples} corpus samples checked" if corpus else ""))
+        typer.echo(
+            f"{status}: {report.checked_shards} shards, {report.checked_rows} rows read"
+            + (f", {report.corpus_samples} corpus samples checked" if corpus else "")
+        )
     if not report.ok:
         raise typer.Exit(1)
 
@@ -122,7 +172,9 @@ def show(
     cache: str = typer.Argument(..., help="Cache root."),
     key: str = typer.Argument(..., help="Sample key."),
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
-    corpus: str | None = typer.Option(None, help="Corpus the cache was computed from, to draw the image too."),
+    corpus: str | None = typer.Option(
+        None, help="Corpus the cache was computed from, to draw the image too."
+    ),
     storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
 ) -> None:
     """Render one sample's targets to a PNG.
@@ -132,16 +184,23 @@ def show(
     from olavlm.pipeline.show import render_sample
 
     with user_errors():
-        result = render_sample(cache, key, str(out), corpus=corpus,
-                               storage_options=parse_storage_options(storage_options))
+        result = render_sample(
+            cache, key, str(out), corpus=corpus, storage_options=parse_storage_options(storage_options)
+        )
     typer.echo(f"wrote {result['out']} ({', '.join(f'{k}: {v}' for k, v in result['panels'].items())})")
 
 
 def index(
     cache: str = typer.Argument(..., help="Cache root: folder or fsspec URL."),
-    teacher: list[str] = typer.Option(None, "--teacher", help="Only this teacher (repeatable; default: all)."),
-    memory_budget_mb: int = typer.Option(256, "--memory-budget-mb", min=1,
-                                         help="Records sorted at once while building (bounds the build's memory)."),
+    teacher: list[str] = typer.Option(
+        None, "--teacher", help="Only this teacher (repeatable; default: all)."
+    ),
+    memory_budget_mb: int = typer.Option(
+        256,
+        "--memory-budget-mb",
+        min=1,
+        help="Records sorted at once while building (bounds the build's memory).",
+    ),
     storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
 ) -> None:
     """Build the key index of each teacher (what the trainer's keyed join reads).
@@ -164,8 +223,10 @@ def index(
             start = time.perf_counter()
             shards = root.committed_shards(name)
             built = open_index(root, name, shards, memory_budget=memory_budget_mb * 2**20)
-            typer.echo(f"{name}: {len(built):,} keys, {len(shards)} shards -> {built.folder} "
-                       f"({time.perf_counter() - start:.1f} s)")
+            typer.echo(
+                f"{name}: {len(built):,} keys, {len(shards)} shards -> {built.folder} "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
 
 
 def register(groups: Groups) -> None:

@@ -41,14 +41,23 @@ def from_llava(
     from olavlm.schemas.corpus_build import LLAVA_REPORT, convert_llava
 
     with user_errors():
-        report = convert_llava(str(json_path), str(image_root), str(out), shard_size=shard_size, prefix=prefix)
+        report = convert_llava(
+            str(json_path), str(image_root), str(out), shard_size=shard_size, prefix=prefix
+        )
     for problem in report.problems[:20]:
-        typer.secho(f"skipped entry {problem['index']} (id {problem['id']!r}): {problem['reason']}",
-                    fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            f"skipped entry {problem['index']} (id {problem['id']!r}): {problem['reason']}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     if len(report.problems) > 20:
-        typer.secho(f"... {len(report.problems) - 20} more in {out / LLAVA_REPORT}", fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"wrote {report.samples} samples ({report.text_only} text-only) in {len(report.shards)} shards "
-               f"to {out}; {len(report.problems)} entries skipped (see {out / LLAVA_REPORT})")
+        typer.secho(
+            f"... {len(report.problems) - 20} more in {out / LLAVA_REPORT}", fg=typer.colors.YELLOW, err=True
+        )
+    typer.echo(
+        f"wrote {report.samples} samples ({report.text_only} text-only) in {len(report.shards)} shards "
+        f"to {out}; {len(report.problems)} entries skipped (see {out / LLAVA_REPORT})"
+    )
 
 
 def register(groups: Groups) -> None:

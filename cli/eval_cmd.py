@@ -12,22 +12,48 @@ from .groups import Groups
 
 
 def eval_command(
-    checkpoint: str = typer.Argument(..., help="olavlm model / checkpoint / run folder, or an exported LLaVA folder."),
-    bench: str = typer.Option(..., "--bench", help="'cvbench' (CV-Bench as published) or 'mc' (generic multiple choice)."),
-    data: Path = typer.Option(..., "--data", help="The questions: CV-Bench test.parquet, or an mc .parquet/.jsonl."),
-    out: Path = typer.Option(Path("eval-out"), "--out", help="Folder for predictions.jsonl, results.json/.csv "
-                                                          "(with --compare: one subfolder per model)."),
-    mode: str = typer.Option("generate", "--mode", help="'generate' (greedy reply, parsed) or 'likelihood' "
-                                                      "(the option the model finds most likely)."),
-    continuation: str = typer.Option("letter", "--continuation", help="Likelihood mode: score the option "
-                                                                    "'letter' or its 'text' (per byte)."),
-    compare: str | None = typer.Option(None, "--compare", help="A second checkpoint, evaluated identically: "
-                                                              "both side by side, difference, paired bootstrap CI."),
-    limit: int = typer.Option(0, "--limit", min=0, help="Only N questions, round-robin over tasks (0 = all)."),
+    checkpoint: str = typer.Argument(
+        ..., help="olavlm model / checkpoint / run folder, or an exported LLaVA folder."
+    ),
+    bench: str = typer.Option(
+        ..., "--bench", help="'cvbench' (CV-Bench as published) or 'mc' (generic multiple choice)."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="The questions: CV-Bench test.parquet, or an mc .parquet/.jsonl."
+    ),
+    out: Path = typer.Option(
+        Path("eval-out"),
+        "--out",
+        help="Folder for predictions.jsonl, results.json/.csv (with --compare: one subfolder per model).",
+    ),
+    mode: str = typer.Option(
+        "generate",
+        "--mode",
+        help="'generate' (greedy reply, parsed) or 'likelihood' (the option the model finds most likely).",
+    ),
+    continuation: str = typer.Option(
+        "letter",
+        "--continuation",
+        help="Likelihood mode: score the option 'letter' or its 'text' (per byte).",
+    ),
+    compare: str | None = typer.Option(
+        None,
+        "--compare",
+        help="A second checkpoint, evaluated identically: "
+        "both side by side, difference, paired bootstrap CI.",
+    ),
+    limit: int = typer.Option(
+        0, "--limit", min=0, help="Only N questions, round-robin over tasks (0 = all)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per forward / generate call."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Generation mode: most tokens per reply."),
-    image_aspect_ratio: str = typer.Option("", "--image-aspect-ratio", help="'pad' or 'crop' (default: as the "
-                                                                          "model was trained, from its processor)."),
+    max_new_tokens: int = typer.Option(
+        32, "--max-new-tokens", min=1, help="Generation mode: most tokens per reply."
+    ),
+    image_aspect_ratio: str = typer.Option(
+        "",
+        "--image-aspect-ratio",
+        help="'pad' or 'crop' (default: as the model was trained, from its processor).",
+    ),
     resamples: int = typer.Option(2000, "--resamples", min=100, help="Bootstrap resamples for --compare."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
@@ -48,8 +74,15 @@ def eval_command(
     from olavlm.trainer.eval.benchmark import format_comparison, format_table, run_eval
 
     checkpoints = [checkpoint] + ([compare] if compare else [])
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with user_errors(), Progress(*columns, disable=as_json) as bar:
         tasks: dict[str, int] = {}
 
@@ -60,10 +93,22 @@ def eval_command(
             speed = bar.tasks[tasks[label]].speed
             bar.update(tasks[label], completed=done, rate=f"{speed:.2f} q/s" if speed else "")
 
-        report = run_eval(checkpoints, bench=bench, data=str(data), out=out, mode=mode, continuation=continuation,
-                          limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          image_aspect_ratio=image_aspect_ratio, device=device, resamples=resamples, seed=seed,
-                          progress=progress)
+        report = run_eval(
+            checkpoints,
+            bench=bench,
+            data=str(data),
+            out=out,
+            mode=mode,
+            continuation=continuation,
+            limit=limit,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            image_aspect_ratio=image_aspect_ratio,
+            device=device,
+            resamples=resamples,
+            seed=seed,
+            progress=progress,
+        )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -76,8 +121,12 @@ def eval_command(
         if r["unparsed"]:
             shown = ", ".join(r["unparsed"][:10]) + (" ..." if len(r["unparsed"]) > 10 else "")
             typer.echo(f"{label}: {len(r['unparsed'])} unparsed replies, counted wrong: {shown}")
-    typer.echo(f"wrote {out}/" + ("{" + ",".join(report["results"]) + "}/" if compare else "")
-               + "predictions.jsonl, results.json, results.csv" + (f", {out}/comparison.json" if compare else ""))
+    typer.echo(
+        f"wrote {out}/"
+        + ("{" + ",".join(report["results"]) + "}/" if compare else "")
+        + "predictions.jsonl, results.json, results.csv"
+        + (f", {out}/comparison.json" if compare else "")
+    )
 
 
 def register(groups: Groups) -> None:

@@ -11,8 +11,12 @@ from .groups import Groups
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="olavlm model, checkpoint or run folder (a run: its latest checkpoint)."),
-    out: Path = typer.Argument(..., help="Output folder of the plain LLaVA checkpoint (replaced atomically)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="olavlm model, checkpoint or run folder (a run: its latest checkpoint)."
+    ),
+    out: Path = typer.Argument(
+        ..., help="Output folder of the plain LLaVA checkpoint (replaced atomically)."
+    ),
 ) -> None:
     """Export a plain transformers LLaVA checkpoint.
 
@@ -29,7 +33,9 @@ def export(
 
 
 def generate(
-    checkpoint: Path = typer.Argument(..., help="olavlm model / checkpoint / run folder, or an exported LLaVA folder."),
+    checkpoint: Path = typer.Argument(
+        ..., help="olavlm model / checkpoint / run folder, or an exported LLaVA folder."
+    ),
     image: Path = typer.Option(..., "--image", help="Image file (any format Pillow reads)."),
     prompt: str = typer.Option(..., "--prompt", help="The question or instruction about the image."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Most tokens to generate."),

@@ -70,19 +70,34 @@ def _generated(sections: dict[str, type], skip: Collection[str]) -> list[_Option
     options = []
     for name, where in owners.items():
         cls = sections[where[0]]
-        annotation, doc = field_types(cls)[name], field_docs(cls).get(name, "").replace("[", "\\[")  # rich markup
+        annotation, doc = (
+            field_types(cls)[name],
+            field_docs(cls).get(name, "").replace("[", "\\["),
+        )  # rich markup
         default = _default(next(f for f in dataclasses.fields(cls) if f.name == name))
         if len(where) > 1:  # one short option for the shared name, then one per section
             names = ["--" + _hyphen(name)]
-            options.append(_option(f"all__{name}", names, tuple((s, name) for s in where), annotation,
-                                   f"Sets {' and '.join(f'{s}.{name}' for s in where)}.", default, "shared"))
+            options.append(
+                _option(
+                    f"all__{name}",
+                    names,
+                    tuple((s, name) for s in where),
+                    annotation,
+                    f"Sets {' and '.join(f'{s}.{name}' for s in where)}.",
+                    default,
+                    "shared",
+                )
+            )
         for section in where:
             names = [f"--{section}.{_hyphen(name)}" if section else f"--{_hyphen(name)}"]
             if section and len(where) == 1:
                 names.append(f"--{_hyphen(name)}")
             panel = f"{section} ({sections[section].__name__})" if section else None
-            options.append(_option(f"{section or 'cfg'}__{name}", names, ((section, name),), annotation, doc,
-                                   default, panel))
+            options.append(
+                _option(
+                    f"{section or 'cfg'}__{name}", names, ((section, name),), annotation, doc, default, panel
+                )
+            )
     return options
 
 
@@ -107,9 +122,15 @@ def _option(param: str, names: list[str], targets, annotation, doc: str, default
         hint = bool
     else:
         shown = ", ".join(default) if isinstance(default, tuple) else default
-        info = typer.Option(None, *names, help=doc, parser=_parser(annotation), show_default=str(shown) if shown not in ("", None) else repr(shown),
-                            rich_help_panel=panel, metavar=_type_name(annotation) if _type_name(annotation).isupper()
-                            else "VALUE")
+        info = typer.Option(
+            None,
+            *names,
+            help=doc,
+            parser=_parser(annotation),
+            show_default=str(shown) if shown not in ("", None) else repr(shown),
+            rich_help_panel=panel,
+            metavar=_type_name(annotation) if _type_name(annotation).isupper() else "VALUE",
+        )
         hint = str
     parameter = inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint)
     return _Option(param, targets, parameter)
@@ -137,7 +158,9 @@ def config_options(sections: dict[str, type], *, skip: Collection[str] = ()) -> 
                 overrides = overrides.get("", {})
             return fn(**kwargs, overrides=overrides)
 
-        context = inspect.Parameter("_ola_context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        context = inspect.Parameter(
+            "_ola_context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+        )
         parameters = [context] + own + [o.parameter for o in generated]
         command.__signature__ = signature.replace(parameters=parameters)
         command.__annotations__ = {p.name: p.annotation for p in parameters}
@@ -158,8 +181,12 @@ def lazy_command(group: typer.Typer, name: str, summary: str, build: Callable[[]
     command runs or prints its --help, so `ola --help` and the other commands never import it. Cost: the
     command's own arguments are parsed by an inner click command, one level below `ola`."""
 
-    @group.command(name, help=summary, add_help_option=False,
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @group.command(
+        name,
+        help=summary,
+        add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
     def command(ctx: typer.Context) -> None:
         inner = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
         inner.command(name, context_settings=CONTEXT_SETTINGS)(build())

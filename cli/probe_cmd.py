@@ -24,12 +24,21 @@ def build_probe():
 
     @config_options({"": ProbeConfig})
     def probe(
-        checkpoint: str = typer.Argument(..., help="Model, checkpoint or run folder (a run: its latest checkpoint)."),
-        data: str = typer.Option(..., "--data", help="WebDataset image-text shards to probe on (folder, pattern, URL)."),
-        cache: str = typer.Option(..., "--cache", help="Target cache holding the teachers' targets for --data."),
+        checkpoint: str = typer.Argument(
+            ..., help="Model, checkpoint or run folder (a run: its latest checkpoint)."
+        ),
+        data: str = typer.Option(
+            ..., "--data", help="WebDataset image-text shards to probe on (folder, pattern, URL)."
+        ),
+        cache: str = typer.Option(
+            ..., "--cache", help="Target cache holding the teachers' targets for --data."
+        ),
         out: Path = typer.Option(..., "--out", help="Folder for probe.json, probe.csv and probe.png."),
-        compare: list[str] = typer.Option([], "--compare", help="Another checkpoint to probe identically (repeatable), "
-                                          "e.g. the NTP-only baseline."),
+        compare: list[str] = typer.Option(
+            [],
+            "--compare",
+            help="Another checkpoint to probe identically (repeatable), e.g. the NTP-only baseline.",
+        ),
         device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         storage_options: str | None = typer.Option(None, "--storage-options", help=STORAGE_OPTIONS_HELP),
         *,
@@ -46,9 +55,16 @@ def build_probe():
 
         from olavlm.trainer.eval.probe import print_scores, run_probe
 
-        with user_errors(), Progress(TextColumn("{task.description}"), BarColumn(),
-                                     TextColumn("{task.completed}/{task.total}"),
-                                     TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()) as bar:
+        with (
+            user_errors(),
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TimeRemainingColumn(),
+            ) as bar,
+        ):
             config = ProbeConfig(**overrides)  # its checks raise ConfigError: one red line
             tasks: dict[str, int] = {}
 
@@ -57,9 +73,16 @@ def build_probe():
                     tasks[name] = bar.add_task(f"probe {name}", total=total, loss=loss)
                 bar.update(tasks[name], completed=step, loss=loss)
 
-            rows = run_probe([checkpoint, *compare], data=data, cache=cache, out=str(out), config=config,
-                             device=device, progress=progress,
-                             storage_options=parse_storage_options(storage_options))
+            rows = run_probe(
+                [checkpoint, *compare],
+                data=data,
+                cache=cache,
+                out=str(out),
+                config=config,
+                device=device,
+                progress=progress,
+                storage_options=parse_storage_options(storage_options),
+            )
         names = sorted({r["checkpoint"] for r in rows}, key=[r["checkpoint"] for r in rows].index)
         print_scores(rows, compare=(names[0], names[1]) if len(names) > 1 else None)
         typer.echo(f"wrote {out}/probe.csv, {out}/probe.json, {out}/probe.png")

@@ -31,7 +31,12 @@ def load_config(path: Path | None, overrides: dict[str, dict]) -> tuple[RunConfi
     `from_dict`; plus the names ('train.steps', ...) the user set, which a resumed run keeps."""
     data = read_config_file(path) if path is not None else {}
     merged = merge(data, overrides)
-    given = {f"{section}.{name}" for section, values in merged.items() if isinstance(values, dict) for name in values}
+    given = {
+        f"{section}.{name}"
+        for section, values in merged.items()
+        if isinstance(values, dict)
+        for name in values
+    }
     return from_dict(RunConfig, merged), given
 
 
@@ -50,8 +55,12 @@ Several processes or GPUs: torchrun --nproc-per-node N -m olavlm.cli.app train .
 
 @config_options(SECTIONS)
 def train_command(
-    config: Path = typer.Option(None, "--config", help="TOML, YAML or JSON file with model, data and train sections."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the effective config as JSON and exit."),
+    config: Path = typer.Option(
+        None, "--config", help="TOML, YAML or JSON file with model, data and train sections."
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the effective config as JSON and exit."
+    ),
     *,
     overrides: dict[str, dict],
 ) -> None:
@@ -64,7 +73,11 @@ def train_command(
 
         summary = train(run_config, given=given)
     if summary["last"]:
-        terms = {k: round(v, 4) for k, v in summary["last"].items() if isinstance(v, float) and k not in ("lr", "eta_s")}
+        terms = {
+            k: round(v, 4)
+            for k, v in summary["last"].items()
+            if isinstance(v, float) and k not in ("lr", "eta_s")
+        }
         typer.echo(f"step {summary['step']}: {terms}")
     typer.echo(f"checkpoint: {summary['checkpoint']}")
 

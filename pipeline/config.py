@@ -77,7 +77,9 @@ class PrecomputeConfig:
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+            raise ConfigError(
+                f"compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}"
+            )
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         if not self.teachers or len(set(self.teachers)) != len(self.teachers):
@@ -88,10 +90,16 @@ class PrecomputeConfig:
             raise ConfigError("--max-restarts and --max-retries must be >= 0")
 
     def sources(self) -> dict[str, TeacherSource]:
-        sources = with_overrides(preset_sources(self.preset, tuple(t for t in self.teachers if t in TEACHER_NAMES)),
-                                 self.overrides)
+        sources = with_overrides(
+            preset_sources(self.preset, tuple(t for t in self.teachers if t in TEACHER_NAMES)), self.overrides
+        )
         missing = [t for t in self.teachers if t not in sources]
         if missing:
-            raise ConfigError(f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
-                             "nor added with --teacher NAME=KIND:PATH_OR_ID")
-        return {t: dataclasses.replace(sources[t], jpeg_draft=self.jpeg_draft, device_resize=self.device_resize) for t in self.teachers}
+            raise ConfigError(
+                f"unknown teacher(s) {missing}: neither preset teachers ({', '.join(TEACHER_NAMES)}) "
+                "nor added with --teacher NAME=KIND:PATH_OR_ID"
+            )
+        return {
+            t: dataclasses.replace(sources[t], jpeg_draft=self.jpeg_draft, device_resize=self.device_resize)
+            for t in self.teachers
+        }

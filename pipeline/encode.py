@@ -45,7 +45,8 @@ def encode_on_device(x, dtype: str) -> EncodedBatch:
     ref, dec = x.flatten(1).double(), decoded.flatten(1).double()
     cos = (ref * dec).sum(1) / torch.clamp(ref.norm(dim=1) * dec.norm(dim=1), min=1e-12)
     partial = {
-        "n": float(len(cos)), "cosine_sum": float(cos.sum()) if len(cos) else 0.0,
+        "n": float(len(cos)),
+        "cosine_sum": float(cos.sum()) if len(cos) else 0.0,
         "cosine_min": float(cos.min()) if len(cos) else 1.0,
         "max_abs_error": float((ref - dec).abs().max()) if ref.numel() else 0.0,
         "max_abs_ref": float(ref.abs().max()) if ref.numel() else 0.0,

@@ -113,8 +113,14 @@ def make_plan(
         with ThreadPoolExecutor(8) as pool:  # header reads: local tars seek past the data
             counts = pool.map(lambda s: count_samples(s, config.corpus_storage_options), shards)
             samples = dict(zip([s.name for s in shards], counts))
-    return Plan(specs=specs, shards=shards, todo=todo, done={n: len(c) for n, c in committed.items()},
-                spec_status=status, samples=samples)
+    return Plan(
+        specs=specs,
+        shards=shards,
+        todo=todo,
+        done={n: len(c) for n, c in committed.items()},
+        spec_status=status,
+        samples=samples,
+    )
 
 
 def plan_precompute(config: PrecomputeConfig) -> Plan:

@@ -73,8 +73,16 @@ from .progress import Summary, progress_bar
 from .stages import TeacherWorker, drop_non_finite, preprocess_batches, preprocess_shard, write_shard_task
 
 __all__ = [
-    "COMPUTE_DTYPES", "Plan", "PrecomputeConfig", "Summary", "check_cache_reachable", "drop_non_finite",
-    "plan_precompute", "precompute", "preprocess_batches", "ray_session",
+    "COMPUTE_DTYPES",
+    "Plan",
+    "PrecomputeConfig",
+    "Summary",
+    "check_cache_reachable",
+    "drop_non_finite",
+    "plan_precompute",
+    "precompute",
+    "preprocess_batches",
+    "ray_session",
 ]
 
 MAX_PENDING_BATCHES = 2
@@ -100,8 +108,13 @@ def ray_session(address: str | None, runtime_env: dict | None = None):
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address=address or "local", runtime_env=runtime_env or None, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=True)
+    ray.init(
+        address=address or "local",
+        runtime_env=runtime_env or None,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=True,
+    )
     try:
         yield ray
     finally:
@@ -124,7 +137,8 @@ def check_cache_reachable(cache_url: str, nodes: list[dict]) -> None:
         raise ConfigError(
             f"cache {cache_url!r} is a local path, but the Ray cluster has {len(alive)} nodes: each node's writers "
             "would write to their own disk. Give an object-store URL that every node reaches, e.g. "
-            "s3://bucket/prefix (with --storage-options for its endpoint and credentials).")
+            "s3://bucket/prefix (with --storage-options for its endpoint and credentials)."
+        )
 
 
 class ActorPool:
@@ -164,7 +178,9 @@ def _start_actors(ray, config: PrecomputeConfig, sources: dict[str, TeacherSourc
     options.update(max_restarts=config.max_restarts, max_task_retries=config.max_retries)
     worker_cls = ray.remote(TeacherWorker)
     workers = [
-        worker_cls.options(**options).remote(list(sources.values()), config.dtype, config.compute_dtype, threads)
+        worker_cls.options(**options).remote(
+            list(sources.values()), config.dtype, config.compute_dtype, threads
+        )
         for _ in range(actors)
     ]
     return workers, task_cpus
@@ -217,8 +233,12 @@ def _register_and_run(ray, config, cache, shards, workers, task_cpus) -> Summary
     all_specs = ray.get([w.specs.remote() for w in workers])  # also waits for every actor to load
     specs = {name: TeacherSpec.from_dict(d) for name, d in all_specs[0].items()}
     for other in all_specs[1:]:
-        if {n: TeacherSpec.from_dict(d).fingerprint for n, d in other.items()} != {n: s.fingerprint for n, s in specs.items()}:
-            raise RuntimeError("teacher actors disagree on the teacher specs (different weights on different nodes?)")
+        if {n: TeacherSpec.from_dict(d).fingerprint for n, d in other.items()} != {
+            n: s.fingerprint for n, s in specs.items()
+        }:
+            raise RuntimeError(
+                "teacher actors disagree on the teacher specs (different weights on different nodes?)"
+            )
     stored = cache.specs()
     specs = {name: keep_stored_codec(spec, stored.get(name)) for name, spec in specs.items()}
     for spec in specs.values():
@@ -234,8 +254,9 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
     pool = ActorPool(workers)
     nice = CPU_TASK_NICE if task_cpus < 1 else 0  # fractional CPUs = no GPU: the tasks share cores with torch
     recipes = {name: spec.preprocess for name, spec in plan.specs.items()}
-    preprocess = ray.remote(preprocess_shard).options(num_cpus=task_cpus, num_returns="streaming",
-                                                      max_retries=config.max_retries)
+    preprocess = ray.remote(preprocess_shard).options(
+        num_cpus=task_cpus, num_returns="streaming", max_retries=config.max_retries
+    )
     writer = ray.remote(write_shard_task).options(num_cpus=task_cpus, max_retries=config.max_retries)
     skipped = sum(len(plan.specs) - len(plan.todo.get(s.name, ())) for s in plan.shards)
     lock = threading.Lock()
@@ -245,8 +266,9 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
 
     def run_shard(shard: CorpusShard) -> list[dict]:
         names = list(plan.todo[shard.name])
-        generator = preprocess.remote(shard.url, {n: recipes[n] for n in names}, config.batch_size,
-                                      config.corpus_storage_options, nice)
+        generator = preprocess.remote(
+            shard.url, {n: recipes[n] for n in names}, config.batch_size, config.corpus_storage_options, nice
+        )
         results: dict[str, list] = {n: [] for n in names}
         pending: list[tuple[int, Any]] = []
 
@@ -271,7 +293,12 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
         while pending:
             settle(pending.pop(0))
         cache_url = config.cache
-        return ray.get([writer.remote(cache_url, config.storage_options, n, shard.name, nice, *results[n]) for n in names])
+        return ray.get(
+            [
+                writer.remote(cache_url, config.storage_options, n, shard.name, nice, *results[n])
+                for n in names
+            ]
+        )
 
     start = time.perf_counter()
     todo_shards = [s for s in plan.shards if s.name in plan.todo]
@@ -292,11 +319,20 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
         infos = [cache.commit_info(c["teacher"], c["shard"])["fidelity"] for c in commits]
         infos = [i for i in infos if i]
         if infos:
-            fidelity = {"cosine_min": min(i["cosine_min"] for i in infos),
-                        "max_rel_error": max(i["max_rel_error"] for i in infos)}
+            fidelity = {
+                "cosine_min": min(i["cosine_min"] for i in infos),
+                "max_rel_error": max(i["max_rel_error"] for i in infos),
+            }
     return Summary(
-        shards=len(plan.shards), committed=len(commits), skipped=skipped,
-        samples=sum(c["rows"] for c in commits), errors=sum(c["errors"] for c in commits),
-        bytes=sum(c["bytes"] for c in commits), images=totals["images"], seconds=seconds, fidelity=fidelity,
-        teacher_seconds=totals["teacher_seconds"], actors=len(workers),
+        shards=len(plan.shards),
+        committed=len(commits),
+        skipped=skipped,
+        samples=sum(c["rows"] for c in commits),
+        errors=sum(c["errors"] for c in commits),
+        bytes=sum(c["bytes"] for c in commits),
+        images=totals["images"],
+        seconds=seconds,
+        fidelity=fidelity,
+        teacher_seconds=totals["teacher_seconds"],
+        actors=len(workers),
     )

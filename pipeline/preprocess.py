@@ -58,8 +58,12 @@ from olavlm.schemas.corpus import decode_image
 from olavlm.schemas.errors import ConfigError
 
 RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 PIL_RESAMPLE_NAMES = {int(value): name for name, value in RESAMPLE.items()}
 """PIL's integer filter codes (as image processors store `resample`) -> the names used in specs."""
@@ -185,8 +189,10 @@ def check_device_resample(teacher: str, recipe: Mapping[str, Any]) -> None:
     path cannot reproduce (called when the spec is built, before any image is read)."""
     for key in ("resample", "processor_resample"):
         if key in recipe and recipe[key] not in INTERPOLATE_MODES:
-            raise ConfigError(f"teacher {teacher!r}: --device-resize cannot reproduce PIL's {recipe[key]!r} filter "
-                             f"({key}); torch resizes with {', '.join(INTERPOLATE_MODES)} only: run without it")
+            raise ConfigError(
+                f"teacher {teacher!r}: --device-resize cannot reproduce PIL's {recipe[key]!r} filter "
+                f"({key}); torch resizes with {', '.join(INTERPOLATE_MODES)} only: run without it"
+            )
 
 
 def _device_resize(x, size: tuple[int, int], resample: str):
@@ -200,7 +206,9 @@ def _device_resize(x, size: tuple[int, int], resample: str):
     import torch.nn.functional as F
 
     mode = INTERPOLATE_MODES[resample]  # check_device_resample refused any other filter
-    options = {} if mode == "nearest-exact" else {"antialias": True, "align_corners": False}  # AA bicubic: PIL's a = -0.5
+    options = (
+        {} if mode == "nearest-exact" else {"antialias": True, "align_corners": False}
+    )  # AA bicubic: PIL's a = -0.5
     if x.dtype == torch.uint8:
         return F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size, mode=mode, **options)
     return F.interpolate(x, size=size, mode=mode, **options).round_().clamp_(0, 255)
@@ -220,11 +228,12 @@ def _device_geometry(x, recipe: Mapping[str, Any]):
     top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2  # as `prepare`
     if top < 0 or left < 0:
         raise ValueError(f"image {new_w}x{new_h} is smaller than the crop {crop_w}x{crop_h}")
-    return x[:, :, top:top + crop_h, left:left + crop_w]
+    return x[:, :, top : top + crop_h, left : left + crop_w]
 
 
-def device_prepare(images: list[np.ndarray], recipe: Mapping[str, Any], device: str, *,
-                   uint8_kernels: bool | None = None):
+def device_prepare(
+    images: list[np.ndarray], recipe: Mapping[str, Any], device: str, *, uint8_kernels: bool | None = None
+):
     """uint8 (H, W, 3) images of any sizes -> uint8 torch (B, h, w, 3) on `device`: `prepare`'s geometry run there.
 
     Images of equal size are resized together (one batched call per distinct size), the rest one
@@ -253,7 +262,11 @@ def device_prepare(images: list[np.ndarray], recipe: Mapping[str, Any], device: 
         for indices in groups.values():
             x = torch.stack([torch.from_numpy(images[i]).to(device, non_blocking=True) for i in indices])
             x = x.permute(0, 3, 1, 2)
-            x = _device_geometry(x if uint8_kernels else x.float(), recipe).to(torch.uint8).permute(0, 2, 3, 1)
+            x = (
+                _device_geometry(x if uint8_kernels else x.float(), recipe)
+                .to(torch.uint8)
+                .permute(0, 2, 3, 1)
+            )
             for row, index in enumerate(indices):
                 out[index] = x[row]
     return torch.stack(out)

@@ -45,9 +45,11 @@ class Summary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self) -> str:
-        text = (f"{self.shards} shards: {self.committed} (teacher, shard) committed, {self.skipped} already done; "
-                f"{self.samples} targets, {self.errors} errors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} images/s, teachers busy {self.teacher_busy:.0%})")
+        text = (
+            f"{self.shards} shards: {self.committed} (teacher, shard) committed, {self.skipped} already done; "
+            f"{self.samples} targets, {self.errors} errors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+            f"({self.images_per_second:.1f} images/s, teachers busy {self.teacher_busy:.0%})"
+        )
         if self.fidelity:
             text += f"; int8 cosine_min {self.fidelity['cosine_min']:.5f}, max_rel_error {self.fidelity['max_rel_error']:.4f}"
         return text
@@ -72,6 +74,13 @@ def progress_bar(enabled: bool, total: int):
         def render(self, task) -> Text:
             return Text(f"{task.speed or 0:.1f} images/s")
 
-    progress = Progress(TextColumn("precompute"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+    progress = Progress(
+        TextColumn("precompute"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ImagesPerSecond(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
     return progress, progress.add_task("images", total=total or None)

@@ -45,8 +45,14 @@ def find_image(corpus: str, key: str, shard: str | None = None, storage_options:
     raise CorpusError(f"key {key!r} not found in corpus {corpus}" + (f" shard {shard}" if shard else ""))
 
 
-def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None, dpi: int = 100,
-                  storage_options: dict | None = None) -> dict:
+def render_sample(
+    cache_root: str,
+    key: str,
+    out: str,
+    corpus: str | None = None,
+    dpi: int = 100,
+    storage_options: dict | None = None,
+) -> dict:
     """Write a PNG of `key`'s image (if `corpus` is given) and targets; returns what was drawn.
     `storage_options` (fsspec) open both the cache and the corpus; `out` is a local file."""
     import matplotlib
@@ -85,7 +91,11 @@ def render_sample(cache_root: str, key: str, out: str, corpus: str | None = None
             drawn[name] = "pca-grid"
         else:
             values = target[0]
-            strip = values.reshape(-1, 1) if values.size < 16 else values[: (values.size // 16) * 16].reshape(16, -1)
+            strip = (
+                values.reshape(-1, 1)
+                if values.size < 16
+                else values[: (values.size // 16) * 16].reshape(16, -1)
+            )
             ax.imshow(strip, aspect="auto", cmap="coolwarm")
             drawn[name] = "strip"
         ax.set_title(f"{note}\n|x|={np.linalg.norm(target):.1f}", fontsize=8)

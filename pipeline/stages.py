@@ -65,7 +65,9 @@ def preprocess_batches(
         seen.add(item.key)
         data = item.image_bytes
         if data is None:
-            errors.append((item.key, "decode", f"no image file in sample (has: {', '.join(sorted(item.files))})"))
+            errors.append(
+                (item.key, "decode", f"no image file in sample (has: {', '.join(sorted(item.files))})")
+            )
             continue
         try:
             prepared = prepare_all(data, recipes)
@@ -121,7 +123,9 @@ def _crash_if_asked(keys: list[str]) -> None:
 class TeacherWorker:
     """Holds the teachers (loaded once) on one device; turns uint8 batches into encoded targets."""
 
-    def __init__(self, sources: list[TeacherSource], storage_dtype: str, compute_dtype: str, threads: int | None):
+    def __init__(
+        self, sources: list[TeacherSource], storage_dtype: str, compute_dtype: str, threads: int | None
+    ):
         import torch
 
         from .teachers import load_teacher
@@ -134,7 +138,10 @@ class TeacherWorker:
         self.storage_dtype = storage_dtype
 
     def specs(self) -> dict[str, dict]:
-        return {n: dataclasses.replace(t.spec, dtype=self.storage_dtype).to_dict() for n, t in self.teachers.items()}
+        return {
+            n: dataclasses.replace(t.spec, dtype=self.storage_dtype).to_dict()
+            for n, t in self.teachers.items()
+        }
 
     def compute(self, batch: dict[str, Any], names: list[str]) -> tuple:
         """-> (one result dict per name, (images in the batch, seconds spent computing))."""
@@ -150,13 +157,23 @@ class TeacherWorker:
             if resizes_on_device(recipe):  # --device-resize: a list of decoded images, resized here
                 images = device_prepare(batch["inputs"][name], recipe, self.device)
             else:
-                images = torch.from_numpy(np.require(batch["inputs"][name], requirements="W"))  # store arrays are read-only
+                images = torch.from_numpy(
+                    np.require(batch["inputs"][name], requirements="W")
+                )  # store arrays are read-only
                 if self.device == "cuda":
                     images = images.pin_memory()
             targets, keys, sha256s, errors = drop_non_finite(name, self.teachers[name](images), batch)
             encoded = encode_on_device(targets, self.storage_dtype)
-            results.append({"keys": keys, "sha256s": sha256s, "errors": errors,
-                            "values": encoded.values, "scale": encoded.scale, "fidelity": encoded.fidelity})
+            results.append(
+                {
+                    "keys": keys,
+                    "sha256s": sha256s,
+                    "errors": errors,
+                    "values": encoded.values,
+                    "scale": encoded.scale,
+                    "fidelity": encoded.fidelity,
+                }
+            )
         if self.device == "cuda":
             torch.cuda.synchronize()  # encode_on_device already waited; explicit for the timing
         return (*results, (len(batch["keys"]), time.perf_counter() - start))
@@ -172,8 +189,11 @@ def drop_non_finite(name: str, targets, batch: dict[str, Any]) -> tuple:
     if bool(finite.all()):  # a device sync, as the encoding's copy to the host is anyway
         return targets, batch["keys"], batch["sha256s"], batch["errors"]
     keep = finite.cpu().tolist()
-    errors = list(batch["errors"]) + [(key, "teacher", f"teacher {name!r} returned NaN/inf for this image")
-                                      for key, ok in zip(batch["keys"], keep) if not ok]
+    errors = list(batch["errors"]) + [
+        (key, "teacher", f"teacher {name!r} returned NaN/inf for this image")
+        for key, ok in zip(batch["keys"], keep)
+        if not ok
+    ]
     keys = [k for k, ok in zip(batch["keys"], keep) if ok]
     sha256s = [h for h, ok in zip(batch["sha256s"], keep) if ok]
     return targets[finite], keys, sha256s, errors
@@ -195,9 +215,17 @@ def write_shard_results(cache: TargetCache, teacher: str, shard: str, results: l
     if spec.dtype == "int8":
         scale = np.concatenate([np.zeros((0, spec.shape[0]), np.float32)] + [r["scale"] for r in results])
         fidelity = combine_fidelity([r["fidelity"] for r in results])
-    commit = cache.write_shard(teacher, shard, keys, sha256s, values, scale=scale, errors=errors, fidelity=fidelity)
-    return {"teacher": teacher, "shard": shard, "rows": commit.rows, "errors": commit.errors,
-            "written": commit.written, "bytes": cache.root.size(teacher, shard)}
+    commit = cache.write_shard(
+        teacher, shard, keys, sha256s, values, scale=scale, errors=errors, fidelity=fidelity
+    )
+    return {
+        "teacher": teacher,
+        "shard": shard,
+        "rows": commit.rows,
+        "errors": commit.errors,
+        "written": commit.written,
+        "bytes": cache.root.size(teacher, shard),
+    }
 
 
 def write_shard_task(cache_url, storage_options, teacher, shard, nice, *results):

@@ -80,9 +80,14 @@ SEG_SQUASH_RESAMPLE = "bicubic"
 PAPER_GRID = 24
 """Seg target grid: 24 x 24 = 576 tokens, one per student image token."""
 ONEFORMER_PROCESSOR_DEFAULTS: dict[str, Any] = {
-    "do_resize": True, "size": {"shortest_edge": 800, "longest_edge": 1333}, "resample": 2,
-    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+    "do_resize": True,
+    "size": {"shortest_edge": 800, "longest_edge": 1333},
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": list(IMAGENET_MEAN),
+    "image_std": list(IMAGENET_STD),
 }
 """`OneFormerImageProcessor`'s class defaults (transformers 4.x and 5.x): what a key missing from the file means."""
 
@@ -102,8 +107,12 @@ def read_processor_config(model: str, subfolder: str, revision: str) -> dict[str
     from transformers.utils import cached_file
 
     path = cached_file(
-        model, "preprocessor_config.json", subfolder=subfolder, revision=revision or None,
-        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
+        model,
+        "preprocessor_config.json",
+        subfolder=subfolder,
+        revision=revision or None,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
     )
     if path is None:
         return {}
@@ -170,7 +179,9 @@ class Teacher(nn.Module):
         targets = self.extract(self.normalise(images)).float()
         expected = (images.shape[0], *self.spec.shape)
         if tuple(targets.shape) != expected:
-            raise RuntimeError(f"teacher {self.spec.name!r}: target shape {tuple(targets.shape)}, spec says {expected}")
+            raise RuntimeError(
+                f"teacher {self.spec.name!r}: target shape {tuple(targets.shape)}, spec says {expected}"
+            )
         return targets
 
     def extract(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -210,15 +221,26 @@ class ClipImageEmbedsTeacher(Teacher):
 
 def _spec(source: TeacherSource, module: nn.Module, preprocess: dict, layers, shape) -> TeacherSpec:
     # 0 = full decode, the authors' path; a draft size only when the user traded fidelity for speed
-    preprocess = {**preprocess, "channel_order": "RGB",
-                  "jpeg_draft": draft_size(preprocess) if source.jpeg_draft else 0}
-    if source.device_resize:  # only when chosen: default specs, and the caches they fingerprint, stay as they were
+    preprocess = {
+        **preprocess,
+        "channel_order": "RGB",
+        "jpeg_draft": draft_size(preprocess) if source.jpeg_draft else 0,
+    }
+    if (
+        source.device_resize
+    ):  # only when chosen: default specs, and the caches they fingerprint, stay as they were
         check_device_resample(source.name, preprocess)
         preprocess["resize_on"] = "device"
     return TeacherSpec(
-        name=source.name, kind=source.kind, model=source.model, subfolder=source.subfolder,
-        revision=source.revision, weights_sha256=weights_sha256(module), preprocess=preprocess,
-        layers=tuple(int(v) for v in layers), shape=tuple(int(v) for v in shape),
+        name=source.name,
+        kind=source.kind,
+        model=source.model,
+        subfolder=source.subfolder,
+        revision=source.revision,
+        weights_sha256=weights_sha256(module),
+        preprocess=preprocess,
+        layers=tuple(int(v) for v in layers),
+        shape=tuple(int(v) for v in shape),
     )
 
 
@@ -226,59 +248,91 @@ def depth_teacher(source: TeacherSource, model: nn.Module) -> DepthAnythingTeach
     backbone = model.backbone
     config = backbone.config
     if not config.apply_layernorm:
-        raise ValueError(f"{source.model}: the depth target is defined on layer-normed maps (apply_layernorm=False)")
+        raise ValueError(
+            f"{source.model}: the depth target is defined on layer-normed maps (apply_layernorm=False)"
+        )
     size = source.image_size or PAPER_DEPTH_SIZE
     patch = config.patch_size
     if size % patch:
-        raise ValueError(f"teacher {source.name!r}: input {size} px is not a multiple of the patch size {patch}")
-    preprocess = {"resize": [size, size], "resample": "bicubic", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        raise ValueError(
+            f"teacher {source.name!r}: input {size} px is not a multiple of the patch size {patch}"
+        )
+    preprocess = {
+        "resize": [size, size],
+        "resample": "bicubic",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
     shape = ((size // patch) ** 2, config.hidden_size)
     return DepthAnythingTeacher(_spec(source, backbone, preprocess, config.out_indices, shape), backbone)
 
 
-def seg_teacher(source: TeacherSource, model: nn.Module, processor: dict | None = None) -> OneFormerSwinTeacher:
+def seg_teacher(
+    source: TeacherSource, model: nn.Module, processor: dict | None = None
+) -> OneFormerSwinTeacher:
     """The Swin encoder of `model`, fed as the authors feed it: squash, then the checkpoint's OneFormer processor.
 
     `processor` is the checkpoint's `preprocessor_config.json` (None or {}: the processor's class defaults).
     """
     encoder = getattr(model, "model", model).pixel_level_module.encoder
     if encoder.stage_names[-1] not in encoder.out_features:
-        raise ValueError(f"{source.model}: the Swin backbone does not output its last stage {encoder.stage_names[-1]}")
+        raise ValueError(
+            f"{source.model}: the Swin backbone does not output its last stage {encoder.stage_names[-1]}"
+        )
     config = {**ONEFORMER_PROCESSOR_DEFAULTS, **(processor or {})}
     squash, grid = source.image_size or PAPER_SEG_SIZE, source.grid or PAPER_GRID
     size = processor_size(config)
     resize = processor_output_size(squash, squash, size) if config["do_resize"] else (squash, squash)
     resample = int(config["resample"])
     if resample not in PIL_RESAMPLE_NAMES:
-        raise ValueError(f"{source.model}: preprocessor_config.json resample {resample} is not a PIL filter code")
+        raise ValueError(
+            f"{source.model}: preprocessor_config.json resample {resample} is not a PIL filter code"
+        )
     mean, std = unit_scale_normalisation(config, f"{source.model}/preprocessor_config.json")
     preprocess = {
-        "resize": [squash, squash], "resample": SEG_SQUASH_RESAMPLE,
-        "processor_resize": list(resize), "processor_resample": PIL_RESAMPLE_NAMES[resample],
-        "mean": mean, "std": std,
+        "resize": [squash, squash],
+        "resample": SEG_SQUASH_RESAMPLE,
+        "processor_resize": list(resize),
+        "processor_resample": PIL_RESAMPLE_NAMES[resample],
+        "mean": mean,
+        "std": std,
         "processor": {  # the constants as the checkpoint states them; mean/std above are what runs
-            "class": "OneFormerImageProcessor", "task": "panoptic", "do_resize": bool(config["do_resize"]),
-            "size": size, "resample": resample, "do_rescale": bool(config["do_rescale"]),
-            "rescale_factor": float(config["rescale_factor"]), "do_normalize": bool(config["do_normalize"]),
-            "image_mean": [float(v) for v in config["image_mean"]], "image_std": [float(v) for v in config["image_std"]],
+            "class": "OneFormerImageProcessor",
+            "task": "panoptic",
+            "do_resize": bool(config["do_resize"]),
+            "size": size,
+            "resample": resample,
+            "do_rescale": bool(config["do_rescale"]),
+            "rescale_factor": float(config["rescale_factor"]),
+            "do_normalize": bool(config["do_normalize"]),
+            "image_mean": [float(v) for v in config["image_mean"]],
+            "image_std": [float(v) for v in config["image_std"]],
         },
-        "grid": grid, "interpolation": "bilinear, align_corners=False",
+        "grid": grid,
+        "interpolation": "bilinear, align_corners=False",
     }
     shape = (grid * grid, encoder.num_features[-1])
-    return OneFormerSwinTeacher(_spec(source, encoder, preprocess, (len(encoder.stage_names) - 1,), shape), encoder)
+    return OneFormerSwinTeacher(
+        _spec(source, encoder, preprocess, (len(encoder.stage_names) - 1,), shape), encoder
+    )
 
 
 def _side(value: Any, key: str) -> int:
     return int(value[key]) if isinstance(value, dict) else int(value)
 
 
-def gen_teacher(source: TeacherSource, model: nn.Module, processor: dict | None = None) -> ClipImageEmbedsTeacher:
+def gen_teacher(
+    source: TeacherSource, model: nn.Module, processor: dict | None = None
+) -> ClipImageEmbedsTeacher:
     processor = processor or {}
     crop = processor.get("crop_size", model.config.image_size)
-    crop_h, crop_w = (_side(crop, "height"), _side(crop, "width")) if isinstance(crop, dict) else (int(crop),) * 2
+    crop_h, crop_w = (
+        (_side(crop, "height"), _side(crop, "width")) if isinstance(crop, dict) else (int(crop),) * 2
+    )
     size = processor.get("size", crop_h)
     preprocess = {
-        "resize_shortest": _side(size, "shortest_edge"), "center_crop": [crop_h, crop_w],
+        "resize_shortest": _side(size, "shortest_edge"),
+        "center_crop": [crop_h, crop_w],
         "resample": PIL_RESAMPLE_NAMES.get(processor.get("resample", 3), "bicubic"),
         "mean": [float(v) for v in processor.get("image_mean", CLIP_MEAN)],
         "std": [float(v) for v in processor.get("image_std", CLIP_STD)],
@@ -290,8 +344,16 @@ def gen_teacher(source: TeacherSource, model: nn.Module, processor: dict | None 
 def _pickle_only_message(source: TeacherSource, error: Exception) -> str | None:
     """A clear refusal when the weights exist only as a pickle; None when the failure is something else."""
     folder = os.path.join(source.model, source.subfolder)
-    where = folder if os.path.isdir(source.model) else f"{folder} at revision {source.revision or '(default branch)'}"
-    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(folder, n))]
+    where = (
+        folder
+        if os.path.isdir(source.model)
+        else f"{folder} at revision {source.revision or '(default branch)'}"
+    )
+    pickled = [
+        n
+        for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+        if os.path.exists(os.path.join(folder, n))
+    ]
     text = str(error)
     if not pickled and "safetensors" not in text and ".bin" not in text:
         return None
@@ -328,12 +390,16 @@ def load_teacher(source: TeacherSource, *, device: str = "cpu", dtype: torch.dty
         teacher = depth_teacher(source, model)
     elif source.kind == "oneformer_swin":
         model = _from_pretrained(transformers.OneFormerForUniversalSegmentation, source)
-        teacher = seg_teacher(source, model, read_processor_config(source.model, source.subfolder, source.revision))
+        teacher = seg_teacher(
+            source, model, read_processor_config(source.model, source.subfolder, source.revision)
+        )
     else:
         model = _from_pretrained(transformers.CLIPVisionModelWithProjection, source)
         # the unCLIP layout keeps the CLIP processor beside the encoder, in feature_extractor/
         processor_folder = "feature_extractor" if source.subfolder else ""
-        teacher = gen_teacher(source, model, read_processor_config(source.model, processor_folder, source.revision))
+        teacher = gen_teacher(
+            source, model, read_processor_config(source.model, processor_folder, source.revision)
+        )
     del model  # drops the parts the target does not need (depth head, pixel decoder, text encoder)
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -114,20 +114,27 @@ class TargetCache:
 
     def metadata(self) -> dict:
         if not self.exists():
-            raise CacheError(f"{self.root.url_of(CACHE_JSON)} not found: not an olavlm cache (run `ola precompute`)")
+            raise CacheError(
+                f"{self.root.url_of(CACHE_JSON)} not found: not an olavlm cache (run `ola precompute`)"
+            )
         meta = self.root.read_json(CACHE_JSON)
         if meta.get("format") != FORMAT_NAME:
-            raise CacheError(f"{self.root.url_of(CACHE_JSON)}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+            raise CacheError(
+                f"{self.root.url_of(CACHE_JSON)}: format {meta.get('format')!r} is not {FORMAT_NAME!r}"
+            )
         if meta.get("format_version") != FORMAT_VERSION:
             raise CacheError(
                 f"{self.root.url_of(CACHE_JSON)}: format version {meta.get('format_version')} is not supported "
-                f"(this olavlm reads version {FORMAT_VERSION} only): recompute it with `ola precompute`")
+                f"(this olavlm reads version {FORMAT_VERSION} only): recompute it with `ola precompute`"
+            )
         return meta
 
     def specs(self) -> dict[str, TeacherSpec]:
         if not self.exists():
             return {}
-        return {name: TeacherSpec.from_dict(entry["spec"]) for name, entry in self.metadata()["teachers"].items()}
+        return {
+            name: TeacherSpec.from_dict(entry["spec"]) for name, entry in self.metadata()["teachers"].items()
+        }
 
     def spec(self, teacher: str) -> TeacherSpec:
         specs = self.specs()
@@ -141,9 +148,16 @@ class TargetCache:
         `overwrite` deletes every committed shard of that teacher first, so old and new
         targets can never mix.
         """
-        meta = self.metadata() if self.exists() else {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "teachers": {}, "created": time.time(),
-        }
+        meta = (
+            self.metadata()
+            if self.exists()
+            else {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "teachers": {},
+                "created": time.time(),
+            }
+        )
         stored = meta["teachers"].get(spec.name)
         if stored is not None and stored["fingerprint"] != spec.fingerprint:
             old = TeacherSpec.from_dict(stored["spec"])
@@ -163,7 +177,9 @@ class TargetCache:
         stored = {name: spec.fingerprint for name, spec in self.specs().items()}
         for name, fingerprint in expected.items():
             if name not in stored:
-                raise SpecMismatchError(f"{self.root.url}: teacher {name!r} is not in this cache (has {sorted(stored)})")
+                raise SpecMismatchError(
+                    f"{self.root.url}: teacher {name!r} is not in this cache (has {sorted(stored)})"
+                )
             if stored[name] != fingerprint:
                 raise SpecMismatchError(
                     f"{self.root.url}: teacher {name!r} has spec {stored[name]}, the run expects {fingerprint}"
@@ -217,7 +233,9 @@ class TargetCache:
         if values.dtype != np.dtype(quant.zarr_dtype(spec.dtype)):
             raise CacheError(f"{teacher}/{shard}: targets are {values.dtype}, spec stores {spec.dtype}")
         if len(sha256s) != n or (spec.dtype == "int8") != (scale is not None):
-            raise CacheError(f"{teacher}/{shard}: {n} keys, {len(sha256s)} sha256s, scale given={scale is not None}")
+            raise CacheError(
+                f"{teacher}/{shard}: {n} keys, {len(sha256s)} sha256s, scale given={scale is not None}"
+            )
         if len(set(keys)) != n:
             raise CacheError(f"{teacher}/{shard}: duplicate keys in one shard")
         if self.is_committed(teacher, shard):
@@ -249,8 +267,15 @@ class TargetCache:
 
         n = len(keys)
         group = zarr.open_group(self.root.zarr_store(*target, "data.zarr"), mode="w", zarr_format=3)
-        group.attrs.update({"teacher": spec.name, "shard": shard, "fingerprint": spec.fingerprint,
-                            "storage_dtype": spec.dtype, "format_version": FORMAT_VERSION})
+        group.attrs.update(
+            {
+                "teacher": spec.name,
+                "shard": shard,
+                "fingerprint": spec.fingerprint,
+                "storage_dtype": spec.dtype,
+                "format_version": FORMAT_VERSION,
+            }
+        )
         rows_per_object = max(1, min(ROWS_PER_OBJECT, n))
         t, d = spec.shape
         arrays = [("targets", values, (t, d), quant.zarr_dtype(spec.dtype))]
@@ -261,11 +286,17 @@ class TargetCache:
         for name, data, row_shape, dtype in arrays:
             # zarr-python writes the metadata; the objects are encoded directly (shardfile.py: ~4x faster)
             group.create_array(
-                name, shape=(n, *row_shape), chunks=(1, *row_shape), shards=(rows_per_object, *row_shape),
-                dtype=dtype, compressors=[_blosc(spec)], fill_value=0,
+                name,
+                shape=(n, *row_shape),
+                chunks=(1, *row_shape),
+                shards=(rows_per_object, *row_shape),
+                dtype=dtype,
+                compressors=[_blosc(spec)],
+                fill_value=0,
             )
-            layout = shardfile.ObjectLayout(self.root.join(*target, "data.zarr", name), n, rows_per_object,
-                                            row_shape, np.dtype(dtype))
+            layout = shardfile.ObjectLayout(
+                self.root.join(*target, "data.zarr", name), n, rows_per_object, row_shape, np.dtype(dtype)
+            )
             for k, start in enumerate(range(0, n, rows_per_object)):
                 blob = shardfile.encode_object(data[start : start + rows_per_object], rows_per_object, codec)
                 path = layout.object_path(k)
@@ -273,27 +304,48 @@ class TargetCache:
                 with self.root.fs.open(path, "wb") as f:
                     f.write(blob)
         manifest = pa.table(
-            {"key": list(keys), "shard": [shard] * n, "row": np.arange(n, dtype=np.int32),
-             "sha256": list(sha256s), "teacher": [spec.name] * n, "fingerprint": [spec.fingerprint] * n},
+            {
+                "key": list(keys),
+                "shard": [shard] * n,
+                "row": np.arange(n, dtype=np.int32),
+                "sha256": list(sha256s),
+                "teacher": [spec.name] * n,
+                "fingerprint": [spec.fingerprint] * n,
+            },
             schema=MANIFEST_SCHEMA,
         )
         error_table = pa.table(
-            {"key": [e.key for e in errors], "shard": [shard] * len(errors), "teacher": [spec.name] * len(errors),
-             "stage": [e.stage for e in errors], "reason": [e.reason for e in errors]},
+            {
+                "key": [e.key for e in errors],
+                "shard": [shard] * len(errors),
+                "teacher": [spec.name] * len(errors),
+                "stage": [e.stage for e in errors],
+                "reason": [e.reason for e in errors],
+            },
             schema=ERROR_SCHEMA,
         )
         for name, table in ((MANIFEST_PARQUET, manifest), (ERRORS_PARQUET, error_table)):
             with self.root.fs.open(self.root.join(*target, name), "wb") as f:
                 pq.write_table(table, f)
-        commit = {"teacher": spec.name, "shard": shard, "fingerprint": spec.fingerprint, "rows": n,
-                  "errors": len(errors), "storage_dtype": spec.dtype, "format_version": FORMAT_VERSION,
-                  "committed": time.time(), "fidelity": fidelity}
+        commit = {
+            "teacher": spec.name,
+            "shard": shard,
+            "fingerprint": spec.fingerprint,
+            "rows": n,
+            "errors": len(errors),
+            "storage_dtype": spec.dtype,
+            "format_version": FORMAT_VERSION,
+            "committed": time.time(),
+            "fidelity": fidelity,
+        }
         self.root.write_json(commit, *target, COMMIT_JSON)
 
     # -- reading ----------------------------------------------------------------------------
     def open_shard(self, teacher: str, shard: str) -> ShardReader:
         if not self.is_committed(teacher, shard):
-            raise CacheError(f"{self.root.url_of(teacher, shard)}: shard not committed (missing {COMMIT_JSON})")
+            raise CacheError(
+                f"{self.root.url_of(teacher, shard)}: shard not committed (missing {COMMIT_JSON})"
+            )
         return ShardReader(self, self.spec(teacher), shard)
 
     def manifest(self, teacher: str | None = None) -> pa.Table:
@@ -305,7 +357,11 @@ class TargetCache:
         return self._concat(self.shard_errors, ERROR_SCHEMA, teacher)
 
     def _concat(self, read, schema: pa.Schema, teacher: str | None) -> pa.Table:
-        tables = [read(t, shard) for t in ([teacher] if teacher else self.teachers()) for shard in self.committed_shards(t)]
+        tables = [
+            read(t, shard)
+            for t in ([teacher] if teacher else self.teachers())
+            for shard in self.committed_shards(t)
+        ]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def shard_manifest(self, teacher: str, shard: str, columns: list[str] | None = None) -> pa.Table:
@@ -351,12 +407,16 @@ class ShardReader:
         self.spec, self.shard = spec, shard
         self.location = cache.root.url_of(spec.name, shard)
         try:
-            group = zarr.open_group(cache.root.zarr_store(spec.name, shard, "data.zarr", read_only=True), mode="r")
+            group = zarr.open_group(
+                cache.root.zarr_store(spec.name, shard, "data.zarr", read_only=True), mode="r"
+            )
             arrays = {"targets": group["targets"]}
             if spec.dtype == "int8":
                 arrays["scale"] = group["scale"]
             for name, array in arrays.items():  # the direct reader's layout; anything else is refused by name
-                shardfile.check_codecs(array.metadata.to_dict()["codecs"], f"{self.location}/data.zarr/{name}")
+                shardfile.check_codecs(
+                    array.metadata.to_dict()["codecs"], f"{self.location}/data.zarr/{name}"
+                )
         except Exception as exc:  # zarr raises several types; name the shard
             raise CacheError(f"{self.location}/data.zarr: unreadable ({type(exc).__name__}: {exc})") from exc
         if group.attrs.get("fingerprint") != spec.fingerprint:
@@ -365,9 +425,17 @@ class ShardReader:
             )
         self.shape = tuple(arrays["targets"].shape)
         self._readers = {
-            name: shardfile.ObjectReader(cache.root.fs, shardfile.ObjectLayout(
-                cache.root.join(spec.name, shard, "data.zarr", name), array.shape[0], array.shards[0],
-                tuple(array.shape[1:]), np.dtype(array.dtype), array.fill_value))
+            name: shardfile.ObjectReader(
+                cache.root.fs,
+                shardfile.ObjectLayout(
+                    cache.root.join(spec.name, shard, "data.zarr", name),
+                    array.shape[0],
+                    array.shards[0],
+                    tuple(array.shape[1:]),
+                    np.dtype(array.dtype),
+                    array.fill_value,
+                ),
+            )
             for name, array in arrays.items()
         }
         self._cache = cache
@@ -383,7 +451,9 @@ class ShardReader:
             self._keys = table.column("key").to_pylist()
         return self._keys
 
-    def read_stored(self, rows: int | slice, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def read_stored(
+        self, rows: int | slice, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Stored values (and int8 scale) without decoding: one range read per storage object.
 
         `out`: an array of the stored dtype and the result's shape to decompress the
@@ -398,7 +468,10 @@ class ShardReader:
             raise ValueError(f"{self.location}: row slices must be contiguous (step 1), got step {rows.step}")
         start, stop, _ = rows.indices(len(self))
         dest = {"targets": out[None] if single and out is not None else out}
-        out = {name: reader.read_rows(start, max(start, stop), dest.get(name)) for name, reader in self._readers.items()}
+        out = {
+            name: reader.read_rows(start, max(start, stop), dest.get(name))
+            for name, reader in self._readers.items()
+        }
         if single:
             out = {name: value[0] for name, value in out.items()}
         return out["targets"], out.get("scale")

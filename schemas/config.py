@@ -33,11 +33,15 @@ STAGE_IMAGE_ASPECT_RATIO = {"pt": "crop", "vpt": "pad", "ift": "pad"}
 centre crop; VPT, IFT and probing: pad to a square with the processor's mean colour first)."""
 
 
-def scaled_layers(num_layers: int, reference: dict[str, tuple[int, ...]] = PAPER_LAYERS_32) -> dict[str, tuple[int, ...]]:
+def scaled_layers(
+    num_layers: int, reference: dict[str, tuple[int, ...]] = PAPER_LAYERS_32
+) -> dict[str, tuple[int, ...]]:
     """The paper's layers scaled to an LLM of `num_layers` blocks: round(i * num_layers / 32), kept in 1..num_layers."""
     out = {}
     for task, layers in reference.items():
-        out[task] = tuple(sorted({min(num_layers, max(1, round(layer * num_layers / 32))) for layer in layers}))
+        out[task] = tuple(
+            sorted({min(num_layers, max(1, round(layer * num_layers / 32))) for layer in layers})
+        )
     return out
 
 
@@ -309,7 +313,9 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` on top of `base`, section by section (nested dicts merge, other values replace)."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 

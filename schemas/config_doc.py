@@ -52,11 +52,19 @@ def config_reference() -> str:
     for cls_name, section in SECTIONS:
         cls = getattr(config_module, cls_name)
         docs = field_docs(cls)
-        lines += [f"## `[{section}]` ({cls_name})", "", " ".join((cls.__doc__ or "").split()), "",
-                  "| field | type | default | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"## `[{section}]` ({cls_name})",
+            "",
+            " ".join((cls.__doc__ or "").split()),
+            "",
+            "| field | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for field in dataclasses.fields(cls):
             annotation = str(field.type).replace("|", "\\|")
-            lines.append(f"| `{field.name}` | `{annotation}` | {_default(field)} | {docs.get(field.name, '')} |")
+            lines.append(
+                f"| `{field.name}` | `{annotation}` | {_default(field)} | {docs.get(field.name, '')} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -43,7 +43,9 @@ def validate_conversation(conversations, has_image: bool) -> list[dict[str, str]
         if role not in ROLES:
             raise ConversationError("bad_json", f"turn {i}: 'from' is {role!r}, not one of {sorted(ROLES)}")
         if not isinstance(value, str):
-            raise ConversationError("bad_json", f"turn {i}: 'value' is a {type(value).__name__}, not a string")
+            raise ConversationError(
+                "bad_json", f"turn {i}: 'value' is a {type(value).__name__}, not a string"
+            )
         if not value.strip():
             raise ConversationError("bad_json", f"turn {i}: 'value' is empty")
         if ROLES[role] == "assistant" and IMAGE_TOKEN in value:
@@ -53,8 +55,9 @@ def validate_conversation(conversations, has_image: bool) -> list[dict[str, str]
         raise ConversationError("bad_json", "no assistant ('gpt') turn: nothing to learn from")
     placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if placeholders > 1:
-        raise ConversationError("bad_json", f"{placeholders} {IMAGE_TOKEN} placeholders; one image per sample "
-                                            "is supported")
+        raise ConversationError(
+            "bad_json", f"{placeholders} {IMAGE_TOKEN} placeholders; one image per sample is supported"
+        )
     if not has_image and placeholders:
         raise ConversationError("bad_json", f"text has {IMAGE_TOKEN} but the sample has no image")
     if has_image and placeholders == 0:
@@ -67,5 +70,7 @@ def caption_conversation(caption, prompt: str) -> list[dict[str, str]]:
     """A caption -> [user: `<image>` + prompt, assistant: caption] (LLaVA's pretraining form)."""
     if not isinstance(caption, str) or not caption.strip():
         raise ConversationError("bad_json", "the caption is empty")
-    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}" if prompt else IMAGE_TOKEN},
-            {"from": "gpt", "value": caption.strip()}]
+    return [
+        {"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}" if prompt else IMAGE_TOKEN},
+        {"from": "gpt", "value": caption.strip()},
+    ]

@@ -107,7 +107,9 @@ class _PipeReader(io.RawIOBase):
             status = self._proc.wait()
             if status != 0:
                 raise OSError(f"command {self.command!r} exited with status {status}")
-        excess = (self._end - self.KEEP) - (self._end - len(self._buf))  # bytes older than KEEP before the end
+        excess = (self._end - self.KEEP) - (
+            self._end - len(self._buf)
+        )  # bytes older than KEEP before the end
         self._buf += data
         self._end += len(data)
         if excess > self.KEEP:  # trimmed in steps of > KEEP: amortised O(1) per byte
@@ -119,8 +121,9 @@ class _PipeReader(io.RawIOBase):
         if target is None:
             raise io.UnsupportedOperation("seek from the end of a pipe")
         if target < self._end - len(self._buf):
-            raise io.UnsupportedOperation(f"backward seek to {target} on a pipe (buffered from "
-                                          f"{self._end - len(self._buf)})")
+            raise io.UnsupportedOperation(
+                f"backward seek to {target} on a pipe (buffered from {self._end - len(self._buf)})"
+            )
         while self._end < target:
             if not self._pull(min(target - self._end, 1 << 20)):
                 break
@@ -159,7 +162,7 @@ class _PipeReader(io.RawIOBase):
 def open_shard(url: str, storage_options: dict | None = None):
     """One shard's bytes: `pipe:COMMAND` (the command's stdout) or a path / fsspec URL."""
     if url.startswith(PIPE):
-        reader = _PipeReader(url[len(PIPE):])
+        reader = _PipeReader(url[len(PIPE) :])
         try:
             yield reader
         finally:
@@ -170,9 +173,11 @@ def open_shard(url: str, storage_options: dict | None = None):
 
 
 def _pipe_shard(url: str) -> CorpusShard:
-    words = [w for w in shlex.split(url[len(PIPE):]) if w.endswith(".tar")]
+    words = [w for w in shlex.split(url[len(PIPE) :]) if w.endswith(".tar")]
     if not words:
-        raise CorpusError(f"{url!r}: a pipe: shard's command must name its .tar (the shard name comes from it)")
+        raise CorpusError(
+            f"{url!r}: a pipe: shard's command must name its .tar (the shard name comes from it)"
+        )
     base = posixpath.basename(words[-1])
     return CorpusShard(check_safe_name(base[: -len(".tar")], "corpus shard name"), url)
 
@@ -251,7 +256,9 @@ def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[RawS
                         current = RawSample(key)
                     data = tar.extractfile(member).read()
                     if len(data) != member.size:
-                        raise tarfile.ReadError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
+                        raise tarfile.ReadError(
+                            f"member {member.name} truncated ({len(data)} of {member.size} bytes)"
+                        )
                     current.files[ext] = data
                 end = tar.offset
             raw.seek(end)
@@ -327,7 +334,9 @@ class TarShardWriter:
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         if "." in posixpath.basename(key) or key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"sample key {key!r} must not contain '.' in its last part, a leading '/' or '..'")
+            raise ValueError(
+                f"sample key {key!r} must not contain '.' in its last part, a leading '/' or '..'"
+            )
         for ext, data in files.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: byte-identical rebuilds

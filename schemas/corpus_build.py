@@ -112,12 +112,22 @@ def _variant(array: np.ndarray, index: int) -> tuple[np.ndarray, dict]:
     scale = float(rng.uniform(0.4, 1.0))
     size = (max(32, int(cw * scale)), max(32, int(ch * scale)))
     image = image.resize(size, Image.BICUBIC)
-    return np.asarray(image), {"crop": round(crop, 3), "flipped": flipped, "width": size[0], "height": size[1]}
+    return np.asarray(image), {
+        "crop": round(crop, 3),
+        "flipped": flipped,
+        "width": size[0],
+        "height": size[1],
+    }
 
 
 def _conversations(caption: str, info: dict, gray: bool) -> list[dict]:
-    wide = "wider than it is tall" if info["width"] > info["height"] else "taller than it is wide" \
-        if info["height"] > info["width"] else "square"
+    wide = (
+        "wider than it is tall"
+        if info["width"] > info["height"]
+        else "taller than it is wide"
+        if info["height"] > info["width"]
+        else "square"
+    )
     return [
         {"from": "human", "value": "<image>\nDescribe the image briefly."},
         {"from": "gpt", "value": f"The image shows {caption}."},
@@ -126,8 +136,9 @@ def _conversations(caption: str, info: dict, gray: bool) -> list[dict]:
     ]
 
 
-def build_demo_corpus(out: str | os.PathLike[str], samples: int = 256, shard_size: int = 64,
-                      quality: int = 90) -> DemoCorpus:
+def build_demo_corpus(
+    out: str | os.PathLike[str], samples: int = 256, shard_size: int = 64, quality: int = 90
+) -> DemoCorpus:
     """Write `samples` JPEG + json samples as `demo-000000.tar`, ...; byte-identical on every run."""
     from PIL import Image
 
@@ -148,8 +159,12 @@ def build_demo_corpus(out: str | os.PathLike[str], samples: int = 256, shard_siz
         variant, info = _variant(array, index)
         buffer = io.BytesIO()
         Image.fromarray(variant).save(buffer, format="JPEG", quality=quality)
-        meta = {"id": f"demo-{index:06d}", "source": name, **info,
-                "conversations": _conversations(caption, info, gray=variant.ndim == 2)}
+        meta = {
+            "id": f"demo-{index:06d}",
+            "source": name,
+            **info,
+            "conversations": _conversations(caption, info, gray=variant.ndim == 2),
+        }
         writer.write(f"demo-{index:06d}", {"jpg": buffer.getvalue(), "json": json.dumps(meta).encode()})
     writer.close()
     return DemoCorpus(out=out, shards=shards, samples=samples)
@@ -174,7 +189,14 @@ class ConversionReport:
     """One {"index", "id", "reason"} per entry not converted."""
 
     def to_dict(self) -> dict:
-        return {"entries": self.entries, "refused": len(self.problems), "samples": self.samples, "text_only": self.text_only, "shards": self.shards, "problems": self.problems}
+        return {
+            "entries": self.entries,
+            "refused": len(self.problems),
+            "samples": self.samples,
+            "text_only": self.text_only,
+            "shards": self.shards,
+            "problems": self.problems,
+        }
 
 
 def stable_key(raw_id, index: int, seen: Counter) -> str:
@@ -183,8 +205,9 @@ def stable_key(raw_id, index: int, seen: Counter) -> str:
     return base if seen[base] == 1 else f"{base}-dup{seen[base] - 1}"
 
 
-def convert_llava(json_path: str, image_root: str, out: str, *, shard_size: int = 1000,
-                  prefix: str = "llava") -> ConversionReport:
+def convert_llava(
+    json_path: str, image_root: str, out: str, *, shard_size: int = 1000, prefix: str = "llava"
+) -> ConversionReport:
     """Convert a LLaVA JSON file; see the module docstring."""
     if shard_size < 1:
         raise ConfigError(f"shard_size must be >= 1, not {shard_size}")
@@ -256,7 +279,9 @@ def convert_llava(json_path: str, image_root: str, out: str, *, shard_size: int 
             writer.abort()
     if written + len(problems) != len(entries):  # every entry is written or reported, never lost
         raise RuntimeError(f"conversion lost entries: {len(entries)} != {written} + {len(problems)}")
-    report = ConversionReport(entries=len(entries), samples=written, text_only=text_only, shards=shards, problems=problems)
+    report = ConversionReport(
+        entries=len(entries), samples=written, text_only=text_only, shards=shards, problems=problems
+    )
     with open(os.path.join(out, LLAVA_REPORT), "w") as f:
         json.dump(report.to_dict(), f, indent=2)
     return report

@@ -40,4 +40,6 @@ def require(module: str, purpose: str) -> ModuleType:
         if top is None:
             raise
         distribution, extra = EXTRAS[top]
-        raise ConfigError(f"{purpose} needs the `{distribution}` package: pip install 'olavlm[{extra}]'") from exc
+        raise ConfigError(
+            f"{purpose} needs the `{distribution}` package: pip install 'olavlm[{extra}]'"
+        ) from exc

@@ -24,7 +24,9 @@ def cache_stats(cache: TargetCache, sample_rows: int = 16) -> dict:
     out: dict = {"root": cache.root.url, "teachers": {}}
     for teacher, spec in cache.specs().items():
         t, d = spec.shape
-        raw_per_row = t * d * np.dtype(quant.zarr_dtype(spec.dtype)).itemsize + (t * 4 if spec.dtype == "int8" else 0)
+        raw_per_row = t * d * np.dtype(quant.zarr_dtype(spec.dtype)).itemsize + (
+            t * 4 if spec.dtype == "int8" else 0
+        )
         shards, totals = [], Counter()
         for shard in cache.committed_shards(teacher):
             info = cache.commit_info(teacher, shard)
@@ -32,26 +34,43 @@ def cache_stats(cache: TargetCache, sample_rows: int = 16) -> dict:
             disk = cache.root.size(teacher, shard, "data.zarr")
             rows = len(reader)
             picked = np.linspace(0, rows - 1, min(rows, sample_rows)).astype(int) if rows else []
-            values = np.stack([reader.read(int(i)) for i in picked]) if rows else np.zeros((0, t, d), np.float32)
+            values = (
+                np.stack([reader.read(int(i)) for i in picked]) if rows else np.zeros((0, t, d), np.float32)
+            )
             norms = np.linalg.norm(values.reshape(len(values), -1), axis=1) if rows else np.zeros(0)
-            shards.append({
-                "shard": shard, "rows": rows, "errors": info["errors"], "bytes": disk,
-                "compression": (rows * raw_per_row / disk) if disk and rows else None,
-                "mean": float(values.mean()) if rows else None, "std": float(values.std()) if rows else None,
-                "mean_l2": float(norms.mean()) if rows else None, "fidelity": info.get("fidelity"),
-            })
+            shards.append(
+                {
+                    "shard": shard,
+                    "rows": rows,
+                    "errors": info["errors"],
+                    "bytes": disk,
+                    "compression": (rows * raw_per_row / disk) if disk and rows else None,
+                    "mean": float(values.mean()) if rows else None,
+                    "std": float(values.std()) if rows else None,
+                    "mean_l2": float(norms.mean()) if rows else None,
+                    "fidelity": info.get("fidelity"),
+                }
+            )
             totals.update(rows=rows, errors=info["errors"], bytes=disk)
         fidelities = [s["fidelity"] for s in shards if s["fidelity"]]
         out["teachers"][teacher] = {
-            "fingerprint": spec.fingerprint, "shape": list(spec.shape), "dtype": spec.dtype,
-            "model": spec.model, "shards": shards, "rows": totals["rows"], "errors": totals["errors"],
-            "bytes": totals["bytes"], "bytes_per_row": totals["bytes"] / totals["rows"] if totals["rows"] else None,
+            "fingerprint": spec.fingerprint,
+            "shape": list(spec.shape),
+            "dtype": spec.dtype,
+            "model": spec.model,
+            "shards": shards,
+            "rows": totals["rows"],
+            "errors": totals["errors"],
+            "bytes": totals["bytes"],
+            "bytes_per_row": totals["bytes"] / totals["rows"] if totals["rows"] else None,
             "compression": (totals["rows"] * raw_per_row / totals["bytes"]) if totals["bytes"] else None,
             "fidelity": {
                 "cosine_mean": float(np.mean([f["cosine_mean"] for f in fidelities])),
                 "cosine_min": float(np.min([f["cosine_min"] for f in fidelities])),
                 "max_rel_error": float(np.max([f["max_rel_error"] for f in fidelities])),
-            } if fidelities else None,
+            }
+            if fidelities
+            else None,
         }
     return out
 
@@ -68,11 +87,18 @@ class VerifyReport:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "checked_rows": self.checked_rows,
-                "checked_shards": self.checked_shards, "corpus_samples": self.corpus_samples}
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "checked_rows": self.checked_rows,
+            "checked_shards": self.checked_shards,
+            "corpus_samples": self.corpus_samples,
+        }
 
 
-def verify_cache(cache: TargetCache, corpus: str | None = None, storage_options: dict | None = None) -> VerifyReport:
+def verify_cache(
+    cache: TargetCache, corpus: str | None = None, storage_options: dict | None = None
+) -> VerifyReport:
     """Every shard readable, manifest consistent, no duplicate keys; with `corpus`, every key and sha256."""
     report = VerifyReport()
     problems = report.problems
@@ -99,11 +125,15 @@ def verify_cache(cache: TargetCache, corpus: str | None = None, storage_options:
                 continue
             rows = len(reader)
             if info.get("fingerprint") != spec.fingerprint:
-                problems.append(f"{where}: commit fingerprint {info.get('fingerprint')} != cache.json {spec.fingerprint}")
+                problems.append(
+                    f"{where}: commit fingerprint {info.get('fingerprint')} != cache.json {spec.fingerprint}"
+                )
             if reader.shape[1:] != tuple(spec.shape):
                 problems.append(f"{where}: targets shape {reader.shape} does not match spec {spec.shape}")
             if info.get("rows") != rows or manifest.num_rows != rows:
-                problems.append(f"{where}: {rows} stored rows, commit says {info.get('rows')}, manifest has {manifest.num_rows}")
+                problems.append(
+                    f"{where}: {rows} stored rows, commit says {info.get('rows')}, manifest has {manifest.num_rows}"
+                )
             if errors.num_rows != info.get("errors"):
                 problems.append(f"{where}: {errors.num_rows} error rows, commit says {info.get('errors')}")
             if manifest.column("row").to_pylist() != list(range(manifest.num_rows)):
@@ -114,7 +144,9 @@ def verify_cache(cache: TargetCache, corpus: str | None = None, storage_options:
                 problems.append(f"{where}: manifest rows name another shard")
             for key, sha in zip(manifest.column("key").to_pylist(), manifest.column("sha256").to_pylist()):
                 if key in known[teacher]:
-                    problems.append(f"{where}: key {key!r} duplicated (also in shard {known[teacher][key][0]})")
+                    problems.append(
+                        f"{where}: key {key!r} duplicated (also in shard {known[teacher][key][0]})"
+                    )
                 known[teacher][key] = (shard, sha)
             for key in errors.column("key").to_pylist():
                 errored[teacher][key] = shard
@@ -126,7 +158,9 @@ def verify_cache(cache: TargetCache, corpus: str | None = None, storage_options:
                     continue
                 bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
                 for offset in np.flatnonzero(bad):
-                    problems.append(f"{where}: row {start + offset} (key {manifest.column('key')[start + offset]}) holds NaN/inf")
+                    problems.append(
+                        f"{where}: row {start + offset} (key {manifest.column('key')[start + offset]}) holds NaN/inf"
+                    )
                 report.checked_rows += len(block)
     if corpus is not None:
         _verify_against_corpus(corpus, specs, known, errored, report, storage_options)
@@ -151,13 +185,21 @@ def _verify_against_corpus(corpus, specs, known, errored, report, storage_option
                 if sample.key in known[teacher]:
                     stored_shard, stored_sha = known[teacher][sample.key]
                     if stored_shard != shard.name:
-                        problems.append(f"{teacher}: key {sample.key!r} is in cache shard {stored_shard}, corpus shard {shard.name}")
+                        problems.append(
+                            f"{teacher}: key {sample.key!r} is in cache shard {stored_shard}, corpus shard {shard.name}"
+                        )
                     if sha is not None and stored_sha != sha:
-                        problems.append(f"{teacher}/{shard.name}: key {sample.key!r}: image sha256 {sha[:12]} "
-                                        f"differs from the cached {stored_sha[:12]} (image changed)")
+                        problems.append(
+                            f"{teacher}/{shard.name}: key {sample.key!r}: image sha256 {sha[:12]} "
+                            f"differs from the cached {stored_sha[:12]} (image changed)"
+                        )
                 elif sample.key not in errored[teacher]:
-                    problems.append(f"{teacher}/{shard.name}: key {sample.key!r} has no target and no recorded error")
+                    problems.append(
+                        f"{teacher}/{shard.name}: key {sample.key!r} has no target and no recorded error"
+                    )
     for teacher in specs:
         extra = sorted(set(known[teacher]) - seen)
         if extra:
-            problems.append(f"{teacher}: {len(extra)} cached keys are not in the corpus (first: {extra[0]!r})")
+            problems.append(
+                f"{teacher}: {len(extra)} cached keys are not in the corpus (first: {extra[0]!r})"
+            )

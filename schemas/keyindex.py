@@ -104,14 +104,24 @@ def key_hashes(keys: Sequence[str]) -> np.ndarray:
 
 def state_token(fingerprint: str, shards: Sequence[str]) -> str:
     """Names the committed state an index was built from (see the module docstring)."""
-    text = json.dumps({"format": INDEX_FORMAT, "version": INDEX_VERSION, "fingerprint": fingerprint,
-                       "shards": sorted(shards)}, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(
+        {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "fingerprint": fingerprint,
+            "shards": sorted(shards),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def index_locations(cache, teacher: str) -> list[str]:
     """Folders that may hold `teacher`'s index folders, in the order they are searched and written."""
-    user = os.environ.get(INDEX_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "olavlm", "keyindex")
+    user = os.environ.get(INDEX_DIR_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "olavlm", "keyindex"
+    )
     url = cache.root.url_of() if not cache.root.is_local else os.path.abspath(cache.root.path)
     elsewhere = os.path.join(user, hashlib.sha256(url.encode()).hexdigest()[:16], teacher)
     if cache.root.is_local:
@@ -128,12 +138,18 @@ class KeyIndex:
             with open(os.path.join(folder, INDEX_JSON)) as f:
                 self.meta = json.load(f)
             if self.meta.get("format") != INDEX_FORMAT or self.meta.get("version") != INDEX_VERSION:
-                raise KeyIndexError(f"{folder}: format {self.meta.get('format')!r} version "
-                                    f"{self.meta.get('version')!r} is not {INDEX_FORMAT!r} {INDEX_VERSION}")
-            arrays = {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
-                      for name in COLUMNS}
+                raise KeyIndexError(
+                    f"{folder}: format {self.meta.get('format')!r} version "
+                    f"{self.meta.get('version')!r} is not {INDEX_FORMAT!r} {INDEX_VERSION}"
+                )
+            arrays = {
+                name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
+                for name in COLUMNS
+            }
         except (OSError, ValueError) as exc:
-            raise KeyIndexError(f"{folder}: unreadable key index ({exc}); rebuild it with `ola cache index`") from exc
+            raise KeyIndexError(
+                f"{folder}: unreadable key index ({exc}); rebuild it with `ola cache index`"
+            ) from exc
         rows = self.meta["rows"]
         if any(len(a) != rows for a in arrays.values()):
             raise KeyIndexError(f"{folder}: column lengths differ from index.json's rows={rows}; rebuild it")
@@ -165,8 +181,14 @@ class KeyIndex:
         return self.get(key) is not None
 
 
-def open_index(cache, teacher: str, shards: Sequence[str] | None = None, *, build: bool = True,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> KeyIndex:
+def open_index(
+    cache,
+    teacher: str,
+    shards: Sequence[str] | None = None,
+    *,
+    build: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> KeyIndex:
     """The index of `teacher`'s current committed state (`shards`: committed shard names, listed if None).
 
     Built when missing and `build`; otherwise a missing or stale index is refused.
@@ -192,12 +214,20 @@ def _writable_location(cache, teacher: str) -> str:
             continue
         if os.access(location, os.W_OK):
             return location
-    raise KeyIndexError(f"no writable folder for the key index of {cache.root.url} (tried "
-                        f"{', '.join(index_locations(cache, teacher))}); set {INDEX_DIR_ENV}")
+    raise KeyIndexError(
+        f"no writable folder for the key index of {cache.root.url} (tried "
+        f"{', '.join(index_locations(cache, teacher))}); set {INDEX_DIR_ENV}"
+    )
 
 
-def build_index(cache, teacher: str, shards: Sequence[str] | None = None, *,
-                memory_budget: int = DEFAULT_MEMORY_BUDGET, location: str | None = None) -> KeyIndex:
+def build_index(
+    cache,
+    teacher: str,
+    shards: Sequence[str] | None = None,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    location: str | None = None,
+) -> KeyIndex:
     """Build `teacher`'s index from its manifests (two streaming passes) and rename it into place.
 
     Returns the index of that state, built here or by a concurrent builder that finished first.
@@ -214,8 +244,16 @@ def build_index(cache, teacher: str, shards: Sequence[str] | None = None, *,
     os.makedirs(tmp)
     try:
         rows = _build_into(cache, teacher, shards, tmp, memory_budget)
-        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "teacher": teacher, "fingerprint": fingerprint,
-                "token": token, "rows": rows, "cache": cache.root.url, "shards": list(shards)}
+        meta = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "teacher": teacher,
+            "fingerprint": fingerprint,
+            "token": token,
+            "rows": rows,
+            "cache": cache.root.url,
+            "shards": list(shards),
+        }
         with open(os.path.join(tmp, INDEX_JSON), "w") as f:
             json.dump(meta, f)
         for name in os.listdir(tmp):  # durable before the rename publishes it
@@ -272,8 +310,10 @@ def _records(cache, teacher: str, shard: str, position: int) -> np.ndarray:
         out["sha256"] = np.frombuffer(bytes.fromhex("".join(shas)), np.uint8).reshape(-1, 32)
     except ValueError as exc:
         bad = next((s for s in shas if len(s) != 64), exc)
-        raise KeyIndexError(f"{cache.root.url_of(teacher, shard, 'manifest.parquet')}: a sha256 is not 64 hex "
-                            f"digits ({bad!r})") from exc
+        raise KeyIndexError(
+            f"{cache.root.url_of(teacher, shard, 'manifest.parquet')}: a sha256 is not 64 hex "
+            f"digits ({bad!r})"
+        ) from exc
     return out
 
 
@@ -296,19 +336,27 @@ def _build_into(cache, teacher: str, shards: Sequence[str], folder: str, memory_
             order = np.argsort(bucket, kind="stable")
             edges = np.searchsorted(bucket[order], np.arange(buckets + 1))
             for b in np.flatnonzero(np.diff(edges)):
-                files[b].write(records[order[edges[b]:edges[b + 1]]].tobytes())
+                files[b].write(records[order[edges[b] : edges[b + 1]]].tobytes())
     finally:
         for f in files:
             f.close()
     # plain appends, not open_memmap: written pages stay in the page cache, out of the builder's RSS
-    columns = (("hash_hi", "hi", np.uint64, ()), ("hash_lo", "lo", np.uint64, ()), ("shard", "shard", np.uint32, ()),
-               ("row", "row", np.uint32, ()), ("sha256", "sha256", np.uint8, (32,)))
+    columns = (
+        ("hash_hi", "hi", np.uint64, ()),
+        ("hash_lo", "lo", np.uint64, ()),
+        ("shard", "shard", np.uint32, ()),
+        ("row", "row", np.uint32, ()),
+        ("sha256", "sha256", np.uint8, (32,)),
+    )
     outputs = {}
     try:
         for name, _, dtype, tail in columns:
             outputs[name] = open(os.path.join(folder, f"{name}.npy"), "wb")  # noqa: SIM115 (closed below)
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                      "shape": (total, *tail)}
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                "fortran_order": False,
+                "shape": (total, *tail),
+            }
             np.lib.format.write_array_header_1_0(outputs[name], header)
         written = 0
         for path in paths:  # pass 2: buckets are hi ranges in order, so sorted buckets concatenate sorted
@@ -322,6 +370,8 @@ def _build_into(cache, teacher: str, shards: Sequence[str], folder: str, memory_
         for f in outputs.values():
             f.close()
     if written != total:
-        raise KeyIndexError(f"{cache.root.url}/{teacher}: manifests changed while the index was built "
-                            f"({written} rows read, footers said {total}); build again")
+        raise KeyIndexError(
+            f"{cache.root.url}/{teacher}: manifests changed while the index was built "
+            f"({written} rows read, footers said {total}); build again"
+        )
     return total

@@ -33,15 +33,20 @@ CRC = 4
 
 
 def blosc_codec(cname: str, clevel: int, shuffle: str) -> numcodecs.Blosc:
-    flag = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-            "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[shuffle]
+    flag = {
+        "noshuffle": numcodecs.Blosc.NOSHUFFLE,
+        "shuffle": numcodecs.Blosc.SHUFFLE,
+        "bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+    }[shuffle]
     return numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=flag, blocksize=0)
 
 
 def encode_object(rows: np.ndarray, rows_per_object: int, codec: numcodecs.Blosc) -> bytes:
     """Rows (k <= rows_per_object, ...) -> one storage object; missing trailing rows are empty."""
-    chunks = [codec.encode(np.ascontiguousarray(row).astype(row.dtype.newbyteorder("<"), copy=False))
-              for row in rows]
+    chunks = [
+        codec.encode(np.ascontiguousarray(row).astype(row.dtype.newbyteorder("<"), copy=False))
+        for row in rows
+    ]
     index = np.full((rows_per_object, 2), EMPTY, dtype="<u8")
     offset = 0
     for i, chunk in enumerate(chunks):
@@ -59,13 +64,19 @@ def check_codecs(codecs: list[dict], where: str) -> None:
     def names(chain):
         return [(c.get("name"), (c.get("configuration") or {}).get("endian", "little")) for c in chain]
 
-    expected = "sharding_indexed (index_location end, index bytes+crc32c) around bytes (little endian) + blosc"
+    expected = (
+        "sharding_indexed (index_location end, index bytes+crc32c) around bytes (little endian) + blosc"
+    )
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
-        raise ValueError(f"{where}: codecs {[c.get('name') for c in codecs]} are not the cache layout ({expected})")
+        raise ValueError(
+            f"{where}: codecs {[c.get('name') for c in codecs]} are not the cache layout ({expected})"
+        )
     config = codecs[0].get("configuration") or {}
-    ok = (config.get("index_location", "end") == "end"
-          and names(config.get("index_codecs", [])) == [("bytes", "little"), ("crc32c", "little")]
-          and names(config.get("codecs", [])) == [("bytes", "little"), ("blosc", "little")])
+    ok = (
+        config.get("index_location", "end") == "end"
+        and names(config.get("index_codecs", [])) == [("bytes", "little"), ("crc32c", "little")]
+        and names(config.get("codecs", [])) == [("bytes", "little"), ("blosc", "little")]
+    )
     if not ok:
         raise ValueError(f"{where}: sharding configuration {config} is not the cache layout ({expected})")
 
@@ -74,7 +85,9 @@ def decode_index(tail: bytes, rows_per_object: int, where: str) -> np.ndarray:
     """The trailing index bytes of an object -> (rows_per_object, 2) uint64, checksum verified."""
     body, crc = tail[:-CRC], tail[-CRC:]
     if len(body) != rows_per_object * INDEX_ENTRY:
-        raise ValueError(f"{where}: shard index has {len(body)} bytes, expected {rows_per_object * INDEX_ENTRY}")
+        raise ValueError(
+            f"{where}: shard index has {len(body)} bytes, expected {rows_per_object * INDEX_ENTRY}"
+        )
     if np.uint32(google_crc32c.value(body)).astype("<u4").tobytes() != crc:
         raise ValueError(f"{where}: shard index checksum mismatch (corrupt object)")
     return np.frombuffer(body, dtype="<u8").reshape(rows_per_object, 2)
@@ -127,7 +140,9 @@ class ObjectReader:
         if out is None:
             out = np.empty(shape, dtype=self.layout.dtype)
         elif out.shape != shape or out.dtype != self.layout.dtype or not out.flags.c_contiguous:
-            raise ValueError(f"out must be C-contiguous {shape} {self.layout.dtype}, got {out.shape} {out.dtype}")
+            raise ValueError(
+                f"out must be C-contiguous {shape} {self.layout.dtype}, got {out.shape} {out.dtype}"
+            )
         row = start
         while row < stop:
             k, first = divmod(row, self.layout.rows_per_object)
@@ -148,8 +163,9 @@ class ObjectReader:
                 piece = blob[int(offset) - begin : int(offset + nbytes) - begin]
                 dest = out[row - start + i]
                 if not np.little_endian:  # stored little-endian; a big-endian host needs the swap
-                    dest[...] = np.frombuffer(self._codec.decode(piece), dtype=self.layout.dtype.newbyteorder("<")
-                                              ).reshape(self.layout.row_shape)
+                    dest[...] = np.frombuffer(
+                        self._codec.decode(piece), dtype=self.layout.dtype.newbyteorder("<")
+                    ).reshape(self.layout.row_shape)
                 else:
                     numcodecs.blosc.decompress(piece, dest)  # into place: no intermediate bytes object
             row += last - first

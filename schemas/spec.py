@@ -87,7 +87,9 @@ class TeacherSpec:
         if not self.name.isidentifier():
             raise ValueError(f"teacher name {self.name!r} must be a plain identifier (it names a folder)")
         if len(self.shape) != 2 or min(self.shape) < 1:
-            raise ValueError(f"teacher {self.name!r}: shape {self.shape!r} must be (tokens, width), both >= 1")
+            raise ValueError(
+                f"teacher {self.name!r}: shape {self.shape!r} must be (tokens, width), both >= 1"
+            )
 
     @property
     def storage_codec(self) -> CodecSpec:
@@ -130,8 +132,11 @@ class TeacherSpec:
                 continue
             if k == "preprocess" and isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
                 pa, pb = a[k], b[k]
-                out += [f"preprocess.{p}: {pa.get(p)!r} -> {pb.get(p)!r}" for p in sorted(pa.keys() | pb.keys())
-                        if pa.get(p) != pb.get(p)]
+                out += [
+                    f"preprocess.{p}: {pa.get(p)!r} -> {pb.get(p)!r}"
+                    for p in sorted(pa.keys() | pb.keys())
+                    if pa.get(p) != pb.get(p)
+                ]
             else:
                 out.append(k)
         return out

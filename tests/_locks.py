@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME, DEV = ROOT / "requirements-lock.txt", ROOT / "requirements-dev-lock.txt"
 HEADERS = {
     RUNTIME: "olavlm[demo]'s dependency closure (tests/_locks.py): make install and the wheel test install it\n"
-             "# with --no-deps after torch, which comes first and pinned (Makefile).",
+    "# with --no-deps after torch, which comes first and pinned (Makefile).",
     DEV: "the rest of olavlm[dev]'s dependency closure (tests/_locks.py): test and lint tools, s3fs, moto.",
 }
 OTHER_PYTHONS = {"python_version": "3.10", "python_full_version": "3.10.0"}
@@ -62,7 +62,7 @@ def _marker_line(req: Requirement, version: str | None, current: dict[str, str])
     if version is None:
         kept = current.get(name)
         return kept if kept and ";" in kept else None
-    return f'{name}=={version} ; {req.marker}'
+    return f"{name}=={version} ; {req.marker}"
 
 
 def closure(roots: list[tuple[str, str]], current: dict[str, str]) -> dict[str, str]:
@@ -99,8 +99,11 @@ def read_lock(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     lines = [line.strip() for line in path.read_text().splitlines()]
-    return {canonicalize_name(re.split(r"[=<>; ]", line, maxsplit=1)[0]): line
-            for line in lines if line and not line.startswith("#")}
+    return {
+        canonicalize_name(re.split(r"[=<>; ]", line, maxsplit=1)[0]): line
+        for line in lines
+        if line and not line.startswith("#")
+    }
 
 
 def compute() -> dict[Path, dict[str, str]]:
@@ -112,7 +115,8 @@ def compute() -> dict[Path, dict[str, str]]:
 
 def render(path: Path, lines: dict[str, str]) -> str:
     return f"# {HEADERS[path]}\n# Regenerate: .venv/bin/python -m tests._locks\n" + "".join(
-        line + "\n" for _, line in sorted(lines.items()))
+        line + "\n" for _, line in sorted(lines.items())
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def local_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")  # never a registered cluster
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR"
+        )  # never a registered cluster
     yield ray
     if started:
         ray.shutdown()
@@ -79,5 +81,9 @@ def read_cache(root, teacher: str, **options) -> dict[str, np.ndarray]:
         reader = cache.open_shard(teacher, shard)
         values, scale = reader.read_stored(slice(None))
         for row, key in enumerate(reader.keys):
-            out[key] = values[row] if scale is None else np.concatenate([values[row].view(np.uint8), scale[row, :, None].view(np.uint8)], 1)
+            out[key] = (
+                values[row]
+                if scale is None
+                else np.concatenate([values[row].view(np.uint8), scale[row, :, None].view(np.uint8)], 1)
+            )
     return out

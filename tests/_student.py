@@ -38,7 +38,9 @@ def sample_ids(model, prompt: str, answer: str, *, image: bool = True) -> tuple[
     """Chat-templated ids (image block expanded) and labels on the assistant turn only."""
     content = ("<image>\n" if image else "") + prompt
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-    out = model.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = model.tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, labels = [], []
     for token, is_answer in zip(out["input_ids"], out["assistant_masks"]):
         block = model.layout.image_block() if token == model.layout.image_token_id else [token]

@@ -25,8 +25,10 @@ def jpeg(seed: int, size=(40, 32)) -> bytes:
 
 
 def conversation(i: int) -> list[dict]:
-    return [{"from": "human", "value": "<image>\nWhat is in the image?"},
-            {"from": "gpt", "value": f"A photo of a small dog number {i} sitting on a table."}]
+    return [
+        {"from": "human", "value": "<image>\nWhat is in the image?"},
+        {"from": "gpt", "value": f"A photo of a small dog number {i} sitting on a table."},
+    ]
 
 
 def make_corpus(folder, shards: int = 2, per_shard: int = 6, text_only_every: int = 0) -> dict[str, dict]:
@@ -48,16 +50,31 @@ def make_corpus(folder, shards: int = 2, per_shard: int = 6, text_only_every: in
                     image = jpeg(n)
                     files["jpg"] = image
                 else:
-                    files["json"] = json.dumps({"id": key, "conversations": [
-                        {"from": "human", "value": "Say something."}, {"from": "gpt", "value": f"Text {n}."}]}).encode()
+                    files["json"] = json.dumps(
+                        {
+                            "id": key,
+                            "conversations": [
+                                {"from": "human", "value": "Say something."},
+                                {"from": "gpt", "value": f"Text {n}."},
+                            ],
+                        }
+                    ).encode()
                 writer.write(key, files)
                 samples[key] = {"shard": name, "image": image}
                 n += 1
     return samples
 
 
-def make_cache(root, samples: dict[str, dict], tasks=("gen", "depth", "seg"), dtype="float16", seed: int = 0,
-               shapes=TASK_SHAPES, shard_names: dict[str, str] | None = None, nan_shard: str = ""):
+def make_cache(
+    root,
+    samples: dict[str, dict],
+    tasks=("gen", "depth", "seg"),
+    dtype="float16",
+    seed: int = 0,
+    shapes=TASK_SHAPES,
+    shard_names: dict[str, str] | None = None,
+    nan_shard: str = "",
+):
     """A committed cache over `samples` (image samples only) with random targets and the true sha256s.
 
     `shard_names` renames the cache shards (to test the keyed path); the depth targets of
@@ -85,14 +102,21 @@ def make_cache(root, samples: dict[str, dict], tasks=("gen", "depth", "seg"), dt
                 x[:] = np.nan
             values, scale = quant.encode(x, dtype)
             decoded = quant.decode(values, scale, dtype)
-            cache.write_shard(task, (shard_names or {}).get(shard, shard), keys,
-                              [sha256_hex(samples[k]["image"]) for k in keys], values, scale)
+            cache.write_shard(
+                task,
+                (shard_names or {}).get(shard, shard),
+                keys,
+                [sha256_hex(samples[k]["image"]) for k in keys],
+                values,
+                scale,
+            )
             truth[task].update({k: decoded[i] for i, k in enumerate(keys)})
     return cache, truth
 
 
-def tiny_text_setup(tasks=("gen", "depth", "seg"), tokens_per_task: int = 2, num_image_tokens: int = 4,
-                    image_size: int = 8):
+def tiny_text_setup(
+    tasks=("gen", "depth", "seg"), tokens_per_task: int = 2, num_image_tokens: int = 4, image_size: int = 8
+):
     """(tokenizer, layout, transform) of a tiny student without building its model."""
     from olavlm.trainer.data.images import ImageTransform
     from olavlm.trainer.student.presets import build_tokenizer

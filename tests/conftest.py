@@ -26,8 +26,15 @@ def demo_corpus(tmp_path_factory):
     return str(out)
 
 
-def write_random_teacher(cache, name: str, shards: dict[str, list[str]], shape=(16, 8), dtype="float16",
-                         sha256s: dict[str, str] | None = None, seed: int = 0):
+def write_random_teacher(
+    cache,
+    name: str,
+    shards: dict[str, list[str]],
+    shape=(16, 8),
+    dtype="float16",
+    sha256s: dict[str, str] | None = None,
+    seed: int = 0,
+):
     """Register a synthetic teacher and write one committed shard per entry of `shards`."""
     from olavlm.schemas import quant
     from olavlm.schemas.spec import TeacherSpec
@@ -71,10 +78,19 @@ def s3_options():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="olavlm")
-    yield {"key": "test", "secret": "test", "skip_instance_cache": True,
-           "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="olavlm")
+    yield {
+        "key": "test",
+        "secret": "test",
+        "skip_instance_cache": True,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
     server.stop()
 
 

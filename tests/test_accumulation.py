@@ -63,12 +63,22 @@ def _batch(model, rows, seed=0):
 def _step(model, wrapped, micro_batches, distill=True, d=CPU):
     """One step's accumulated gradients {name: grad} and its logged terms, through the loop's own code."""
     model.zero_grad(set_to_none=True)
-    sums, *_ = _accumulate(model, wrapped, iter([(b, {}) for b in micro_batches]),
-                           TrainConfig(stage="pt", grad_accum=len(micro_batches)), distill, d, contextlib.nullcontext())
+    sums, *_ = _accumulate(
+        model,
+        wrapped,
+        iter([(b, {}) for b in micro_batches]),
+        TrainConfig(stage="pt", grad_accum=len(micro_batches)),
+        distill,
+        d,
+        contextlib.nullcontext(),
+    )
     terms, finite = _finite(sums)
     assert finite
-    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-             for n, p in model.named_parameters() if p.requires_grad}
+    grads = {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     return grads, terms
 
 
@@ -77,8 +87,11 @@ def _old_step(model, micro_batches, distill=True):
     model.zero_grad(set_to_none=True)
     for batch in micro_batches:
         (model(batch, distill=distill)["loss"] / len(micro_batches)).backward()
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _assert_grads_close(got, expected):
@@ -147,6 +160,7 @@ def test_info_nce_runs_in_float32_under_bf16_autocast():
 
 # ---------------------------------------------------------------- 2 processes (gloo, DDP)
 
+
 def _ddp_rows(rank: int) -> list[list[int]]:
     """Rank r's micro-batches: micro-step m holds samples 4m..4m+3, rank r the pair 4m+2r, 4m+2r+1."""
     return [[4 * m + 2 * rank, 4 * m + 2 * rank + 1] for m in range(2)]
@@ -191,6 +205,7 @@ def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path):
 
 # ---------------------------------------------------------------- the whole loop, from the loader
 
+
 @pytest.mark.timeout(300)
 def test_train_batch_2_accum_4_logs_the_step_of_batch_8(tmp_path):
     """`train()` itself: same samples in the step, same logged terms and gradient norm (clipping off)."""
@@ -203,12 +218,27 @@ def test_train_batch_2_accum_4_logs_the_step_of_batch_8(tmp_path):
 
     def step_one(batch_size, grad_accum):
         out = tmp_path / f"b{batch_size}x{grad_accum}"
-        train(RunConfig(
-            model=ModelConfig(preset="tiny", info_nce_weight=0.0),
-            data=DataConfig(data=str(tmp_path / "corpus"), cache=str(tmp_path / "cache"), batch_size=batch_size,
-                            num_workers=0, max_length=256),
-            train=TrainConfig(stage="pt", steps=1, out=str(out), grad_accum=grad_accum, grad_clip=1e9,
-                              save_every=100, log_every=1)))
+        train(
+            RunConfig(
+                model=ModelConfig(preset="tiny", info_nce_weight=0.0),
+                data=DataConfig(
+                    data=str(tmp_path / "corpus"),
+                    cache=str(tmp_path / "cache"),
+                    batch_size=batch_size,
+                    num_workers=0,
+                    max_length=256,
+                ),
+                train=TrainConfig(
+                    stage="pt",
+                    steps=1,
+                    out=str(out),
+                    grad_accum=grad_accum,
+                    grad_clip=1e9,
+                    save_every=100,
+                    log_every=1,
+                ),
+            )
+        )
         return read_metrics(out)[0]
 
     big, accumulated = step_one(8, 1), step_one(2, 4)

@@ -23,10 +23,21 @@ def positive(value) -> bool:
 @pytest.mark.timeout(600)
 def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     out = tmp_path / "out" / "bench-gpu.json"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, on any machine
-    run = subprocess.run([sys.executable, "-m", "olavlm.cli.app", "bench", "gpu", "--json", "--out", str(out)],
-                         capture_output=True, text=True, timeout=540, env=env)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+    }  # the CPU path, on any machine
+    run = subprocess.run(
+        [sys.executable, "-m", "olavlm.cli.app", "bench", "gpu", "--json", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     data = json.loads(run.stdout)
     assert json.loads(out.read_text()) == data  # --out holds the same object
@@ -43,14 +54,23 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     assert set(inputs["input_sizes"]) == set(gpu.TEACHERS)
 
     bare = data["bare"]["float32"]
-    assert all(positive(bare["per_teacher"][n]["images_per_s"]) and bare["per_teacher"][n]["finite"] for n in gpu.TEACHERS)
+    assert all(
+        positive(bare["per_teacher"][n]["images_per_s"]) and bare["per_teacher"][n]["finite"]
+        for n in gpu.TEACHERS
+    )
     assert positive(bare["all_images_per_s"])
     # all three = images / summed seconds: slower than the slowest teacher alone
     assert bare["all_images_per_s"] < min(bare["per_teacher"][n]["images_per_s"] for n in gpu.TEACHERS)
     assert bare["peak_memory_gb"] is None  # torch.cuda's figure; none on CPU
 
     rows = {r["lever"]: r for r in data["levers"]["rows"]}
-    assert set(rows) == {"baseline", "channels_last", "attn_eager", "attn_sdpa", "gpu_preprocess"}  # compile: off in smoke
+    assert set(rows) == {
+        "baseline",
+        "channels_last",
+        "attn_eager",
+        "attn_sdpa",
+        "gpu_preprocess",
+    }  # compile: off in smoke
     for row in rows.values():
         assert positive(row["all_images_per_s"]) and positive(row["speedup_vs_baseline"])
         assert all(positive(row["per_teacher"][n]["images_per_s"]) for n in gpu.TEACHERS)
@@ -62,14 +82,24 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     assert job["images"] == 16 and job["errors"] == 0 and positive(job["images_per_s"])
     assert 0 < job["busy_fraction"] < 1.5 and 0 < job["actor_compute_share"] <= 1.0
     assert job["bare_images_per_s"] == bare["all_images_per_s"] and job["peak_device_memory_gb"] is None
-    moved = data["pipeline"]["float32"]["all_device_resize"]  # the --device-resize arm, against the same bare loop
+    moved = data["pipeline"]["float32"][
+        "all_device_resize"
+    ]  # the --device-resize arm, against the same bare loop
     assert moved["images"] == 16 and moved["errors"] == 0 and positive(moved["images_per_s"])
     assert 0 < moved["busy_fraction"] < 1.5 and moved["bare_images_per_s"] == bare["all_images_per_s"]
 
     train = data["train"]
     assert train["backend"] == "gloo" and train["world_size"] == 1 and train["batch_size"] == 2
-    for key in ("step_s_loader", "step_s_in_memory", "cached_over_in_memory", "step_s_online_teachers",
-                "online_over_cached", "samples_per_s_loader", "step_s_loader_median", "cached_over_in_memory_median"):
+    for key in (
+        "step_s_loader",
+        "step_s_in_memory",
+        "cached_over_in_memory",
+        "step_s_online_teachers",
+        "online_over_cached",
+        "samples_per_s_loader",
+        "step_s_loader_median",
+        "cached_over_in_memory_median",
+    ):
         assert positive(train[key]), key
     assert train["student_params"] > train["trainable_params_pt"] > 0
 
@@ -102,8 +132,12 @@ def test_device_prepare_matches_the_host_geometry():
     smooth = np.kron(rng.integers(0, 255, (30, 40, 3)), np.ones((10, 10, 1))).astype(np.uint8)  # 300 x 400
     recipes = {
         "squash": {"resize": [112, 112], "resample": "bicubic"},
-        "processor": {"resize": [160, 160], "resample": "bicubic", "processor_resize": [167, 167],
-                      "processor_resample": "bilinear"},
+        "processor": {
+            "resize": [160, 160],
+            "resample": "bicubic",
+            "processor_resize": [167, 167],
+            "processor_resample": "bilinear",
+        },
         "clip": {"resize_shortest": 64, "center_crop": [64, 64], "resample": "bicubic"},
     }
     for name, recipe in recipes.items():
@@ -147,12 +181,19 @@ def test_compile_blocks_compiles_the_innermost_repeated_blocks():
 
 
 def test_busy_fraction_and_a_partial_table():
-    bare = {"all_images_per_s": 100.0, "per_teacher": {n: {"images_per_s": 400.0, "peak_memory_gb": None}
-                                                       for n in gpu.TEACHERS}, "peak_memory_gb": None}
+    bare = {
+        "all_images_per_s": 100.0,
+        "per_teacher": {n: {"images_per_s": 400.0, "peak_memory_gb": None} for n in gpu.TEACHERS},
+        "peak_memory_gb": None,
+    }
     assert gpu.busy_fraction(bare, "all", 90.0) == {"bare_images_per_s": 100.0, "busy_fraction": 0.9}
     assert gpu.busy_fraction(bare, "seg", 200.0)["busy_fraction"] == 0.5
     assert gpu.busy_fraction(None, "all", 90.0) == {}
-    partial = {"complete": False, "device": "cpu", "bare": {"float16": bare}}  # a run stopped after the bare loop
+    partial = {
+        "complete": False,
+        "device": "cpu",
+        "bare": {"float16": bare},
+    }  # a run stopped after the bare loop
     table = gpu.format_table(partial)
     assert "complete=False" in table and "100.0" in table and "pipeline img/s" in table
 
@@ -163,9 +204,22 @@ def test_a_failing_lever_is_a_row_with_its_error(monkeypatch, tmp_path):
     from olavlm.pipeline.teachers import load_teacher
 
     teachers = {n: load_teacher(s) for n, s in preset_sources("tiny").items()}
-    batches = [{n: torch.zeros((2, *input_shape(t.spec.preprocess), 3), dtype=torch.uint8) for n, t in teachers.items()}]
-    config = gpu.gpu_bench_config(cuda=False, images=2, shard_size=2, batch_size=2, channels_last=False, sdpa=True,
-                                  gpu_preprocess=False, compile=True)
+    batches = [
+        {
+            n: torch.zeros((2, *input_shape(t.spec.preprocess), 3), dtype=torch.uint8)
+            for n, t in teachers.items()
+        }
+    ]
+    config = gpu.gpu_bench_config(
+        cuda=False,
+        images=2,
+        shard_size=2,
+        batch_size=2,
+        channels_last=False,
+        sdpa=True,
+        gpu_preprocess=False,
+        compile=True,
+    )
     setup = gpu.Setup(config=config, device="cpu", tmp=str(tmp_path), teacher_folder=None, log=lambda m: None)
 
     def broken(module, backend):

@@ -56,7 +56,9 @@ def test_int8_fidelity_on_feature_like_data(tmp_path):
 
 def test_get_by_key_and_manifest(tmp_path):
     cache = TargetCache(tmp_path)
-    _, data = write_random_teacher(cache, "seg", {"a": ["x0", "x1"], "b": ["y0", "y1", "y2"]}, dtype="float16")
+    _, data = write_random_teacher(
+        cache, "seg", {"a": ["x0", "x1"], "b": ["y0", "y1", "y2"]}, dtype="float16"
+    )
     np.testing.assert_allclose(cache.get("seg", "y2"), data["b"][2], rtol=1e-3, atol=1e-3)
     manifest = cache.manifest("seg")
     assert manifest.column("key").to_pylist() == ["x0", "x1", "y0", "y1", "y2"]
@@ -70,8 +72,14 @@ def test_get_by_key_and_manifest(tmp_path):
 def test_spec_mismatch_is_refused_and_overwrite_clears(tmp_path):
     cache = TargetCache(tmp_path)
     write_random_teacher(cache, "depth", {"s0": ["a", "b"]})
-    changed = TeacherSpec(name="depth", kind="synthetic", model="synthetic", shape=(16, 8), dtype="float16",
-                          preprocess={"size": 336})
+    changed = TeacherSpec(
+        name="depth",
+        kind="synthetic",
+        model="synthetic",
+        shape=(16, 8),
+        dtype="float16",
+        preprocess={"size": 336},
+    )
     with pytest.raises(SpecMismatchError, match=r"differs in: preprocess\.size: None -> 336"):
         cache.register(changed)
     assert cache.committed_shards("depth") == ["s0"]  # nothing lost
@@ -106,11 +114,24 @@ def test_unsafe_names_never_leave_the_root(tmp_path):
 def test_errors_table_and_commit_counts(tmp_path):
     cache = TargetCache(tmp_path)
     cache.register(spec(shape=(1, 4)))
-    cache.write_shard("depth", "s0", ["ok"], ["0" * 64], np.zeros((1, 1, 4), np.float16),
-                      errors=[SampleError("bad", "decode", "not a decodable image")])
+    cache.write_shard(
+        "depth",
+        "s0",
+        ["ok"],
+        ["0" * 64],
+        np.zeros((1, 1, 4), np.float16),
+        errors=[SampleError("bad", "decode", "not a decodable image")],
+    )
     errors = cache.errors()
-    assert errors.to_pylist() == [{"key": "bad", "shard": "s0", "teacher": "depth", "stage": "decode",
-                                   "reason": "not a decodable image"}]
+    assert errors.to_pylist() == [
+        {
+            "key": "bad",
+            "shard": "s0",
+            "teacher": "depth",
+            "stage": "decode",
+            "reason": "not a decodable image",
+        }
+    ]
     assert cache.commit_info("depth", "s0")["errors"] == 1
 
 
@@ -156,7 +177,9 @@ def test_killed_writer_leaves_nothing_committed(tmp_path):
     assert not cache.is_committed("depth", "s0")
     assert os.listdir(tmp_path / "depth" / ".staging")  # the partial write stayed out of sight
     cache.clean_staging("depth")
-    cache.write_shard("depth", "s0", [str(i) for i in range(100)], ["0" * 64] * 100, np.ones((100, 4, 4), np.float16))
+    cache.write_shard(
+        "depth", "s0", [str(i) for i in range(100)], ["0" * 64] * 100, np.ones((100, 4, 4), np.float16)
+    )
     assert len(cache.open_shard("depth", "s0")) == 100
     assert not (tmp_path / "depth" / ".staging").exists() or not os.listdir(tmp_path / "depth" / ".staging")
 
@@ -194,8 +217,13 @@ def test_cache_is_readable_without_olavlm(tmp_path):
         name = f"t_{dtype}"
         write_random_teacher(cache, name, {"s0": ["a", "b", "c"]}, shape=(4, 8), dtype=dtype)
         expected[name] = {k: cache.get(name, k) for k in ("a", "b", "c")}
-    proc = subprocess.run([sys.executable, "-c", OUTSIDE_READER, str(tmp_path)], capture_output=True, text=True,
-                          timeout=120, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", OUTSIDE_READER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     got = json.loads(proc.stdout)
     for name, rows in expected.items():
         for key, value in rows.items():
@@ -204,11 +232,14 @@ def test_cache_is_readable_without_olavlm(tmp_path):
 
 def test_duckdb_reads_manifests(tmp_path):
     import duckdb
+
     cache = TargetCache(tmp_path)
     write_random_teacher(cache, "depth", {"s0": ["a", "b"], "s1": ["c"]})
     write_random_teacher(cache, "gen", {"s0": ["a", "b"], "s1": ["c"]}, shape=(1, 8))
-    rows = duckdb.sql(f"select teacher, count(*) n from read_parquet('{tmp_path}/*/*/manifest.parquet') "
-                      "group by teacher order by teacher").fetchall()
+    rows = duckdb.sql(
+        f"select teacher, count(*) n from read_parquet('{tmp_path}/*/*/manifest.parquet') "
+        "group by teacher order by teacher"
+    ).fetchall()
     assert rows == [("depth", 3), ("gen", 3)]
 
 

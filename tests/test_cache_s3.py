@@ -20,7 +20,9 @@ def test_s3_round_trip_and_verify(s3_options, dtype):
     cache.register(spec)
     x = feature_like(70, 16, 8)
     values, scale = quant.encode(x, dtype)
-    assert cache.write_shard("depth", "s0", [f"k{i}" for i in range(70)], ["0" * 64] * 70, values, scale).written
+    assert cache.write_shard(
+        "depth", "s0", [f"k{i}" for i in range(70)], ["0" * 64] * 70, values, scale
+    ).written
     again = TargetCache(f"s3://olavlm/cache-{dtype}", storage_options=s3_options)
     assert again.committed_shards("depth") == ["s0"]
     stored, stored_scale = again.open_shard("depth", "s0").read_stored(slice(0, 70))

@@ -38,8 +38,16 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
             path.mkdir(parents=True)
             (path / "marker.txt").write_text(marker)
 
-        return checkpoint.save(tmp_path, step, save_model=save_model, optimizer_full={"state": {}, "param_groups": []},
-                               loader_states=[{}], rng_states=[{}], config={}, fingerprints={})
+        return checkpoint.save(
+            tmp_path,
+            step,
+            save_model=save_model,
+            optimizer_full={"state": {}, "param_groups": []},
+            loader_states=[{}],
+            rng_states=[{}],
+            config={},
+            fingerprints={},
+        )
 
     first = save(5, "old")
     second = save(5, "new")
@@ -66,8 +74,17 @@ def _save_empty(out, step: int, keep_last: int):
     def save_model(path):
         path.mkdir(parents=True)
 
-    return checkpoint.save(out, step, save_model=save_model, optimizer_full={"state": {}, "param_groups": []},
-                           loader_states=[{}], rng_states=[{}], config={}, fingerprints={}, keep_last=keep_last)
+    return checkpoint.save(
+        out,
+        step,
+        save_model=save_model,
+        optimizer_full={"state": {}, "param_groups": []},
+        loader_states=[{}],
+        rng_states=[{}],
+        config={},
+        fingerprints={},
+        keep_last=keep_last,
+    )
 
 
 def test_keep_last_removes_only_older_complete_step_folders(tmp_path):

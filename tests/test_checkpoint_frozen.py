@@ -61,8 +61,11 @@ def test_trainable_only_round_trip_is_exact_and_chains_keep_the_root_base(tmp_pa
     assert _size(first) < _size(full) / 2
     with safe_open(first / TRAINABLE_FILE, "pt") as f:
         saved = set(f.keys())
-    assert saved == {n.removeprefix("llava.") for n, p in model.named_parameters()
-                     if p.requires_grad and n.startswith("llava.")}  # the projector in PT, nothing frozen
+    assert saved == {
+        n.removeprefix("llava.")
+        for n, p in model.named_parameters()
+        if p.requires_grad and n.startswith("llava.")
+    }  # the projector in PT, nothing frozen
     base = json.loads((first / "olavlm.json").read_text())[BASE_KEY]
     assert base["source"]["llm"] == tiny_folders().llm and base["hash"].startswith("sampled-sha256:")
 
@@ -110,7 +113,11 @@ def test_a_changed_or_missing_base_is_refused_naming_both_hashes(tmp_path):
     shutil.rmtree(llm)
     with pytest.raises(ConfigError, match="cannot be built") as missing:
         load_student(folder)
-    assert str(folder) in str(missing.value) and str(llm) in str(missing.value) and saved_hash in str(missing.value)
+    assert (
+        str(folder) in str(missing.value)
+        and str(llm) in str(missing.value)
+        and saved_hash in str(missing.value)
+    )
 
 
 @pytest.mark.timeout(300)
@@ -128,9 +135,17 @@ def test_pt_training_writes_trainable_only_checkpoints_and_keeps_the_last_n(tmp_
     def config(out, **train):
         return RunConfig(
             model=ModelConfig(vision_model=student.vision_model, llm=student.llm, **TINY_HEADS),
-            data=DataConfig(data=str(tmp_path / "corpus"), cache=str(tmp_path / "cache"), batch_size=2,
-                            num_workers=0, max_length=256),
-            train=TrainConfig(**{"stage": "pt", "steps": 3, "out": str(out), "save_every": 1, "log_every": 1, **train}))
+            data=DataConfig(
+                data=str(tmp_path / "corpus"),
+                cache=str(tmp_path / "cache"),
+                batch_size=2,
+                num_workers=0,
+                max_length=256,
+            ),
+            train=TrainConfig(
+                **{"stage": "pt", "steps": 3, "out": str(out), "save_every": 1, "log_every": 1, **train}
+            ),
+        )
 
     train(config(tmp_path / "pt", keep_last=2))
     steps = sorted(p.name for p in (tmp_path / "pt" / checkpoint.CHECKPOINTS).glob("step-*"))
@@ -151,7 +166,9 @@ def test_relative_base_folders_are_recorded_absolute(tmp_path, monkeypatch):
     model = _pt_student("base/vision", "base/llm")
     folder = save_student(model, tmp_path / "ckpt", trainable_only=True)
     source = json.loads((folder / "olavlm.json").read_text())[BASE_KEY]["source"]
-    assert source["llm"] == str(tmp_path / "base" / "llm") and source["vision_model"] == str(tmp_path / "base" / "vision")
+    assert source["llm"] == str(tmp_path / "base" / "llm") and source["vision_model"] == str(
+        tmp_path / "base" / "vision"
+    )
     monkeypatch.chdir(tmp_path / "base")  # another working directory
     _assert_same_state(model, load_student(folder))
 
@@ -161,15 +178,25 @@ def test_keep_last_keeps_the_full_checkpoint_that_kept_trainable_only_ones_need(
     next (trainable-only) checkpoints: keep_last=1 removes the checkpoints in between, never that base."""
     from olavlm.trainer import checkpoint
 
-    common = dict(optimizer_full={"state": {}, "param_groups": []}, loader_states=[{}], rng_states=[{}],
-                  config={}, fingerprints={})
+    common = dict(
+        optimizer_full={"state": {}, "param_groups": []},
+        loader_states=[{}],
+        rng_states=[{}],
+        config={},
+        fingerprints={},
+    )
     model = _pt_student()
     checkpoint.save(tmp_path, 1, save_model=lambda p: save_student(model, p), **common)  # full (save_frozen)
     resumed = load_student(checkpoint.model_dir(tmp_path))  # --resume
     apply_stage(resumed, "pt")
     for step in (2, 3):
-        checkpoint.save(tmp_path, step, save_model=lambda p: save_student(resumed, p, trainable_only=True),
-                        keep_last=1, **common)
+        checkpoint.save(
+            tmp_path,
+            step,
+            save_model=lambda p: save_student(resumed, p, trainable_only=True),
+            keep_last=1,
+            **common,
+        )
     left = sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).glob("step-*"))
     assert left == [checkpoint.step_name(1), checkpoint.step_name(3)]  # step 2 pruned, its base kept
     _assert_same_state(load_student(checkpoint.model_dir(tmp_path)), resumed)

@@ -64,8 +64,19 @@ def _full_copy(model, wrapped, optimizer) -> dict[str, torch.Tensor]:
 
 
 def _save(out, model, wrapped, optimizer, d: Dist) -> str:
-    return checkpoint.save_state(out, 1, model, wrapped, optimizer, d, save_frozen=True, keep_last=0,
-                                 loader_state={"epoch": 0}, config={}, fingerprints={})
+    return checkpoint.save_state(
+        out,
+        1,
+        model,
+        wrapped,
+        optimizer,
+        d,
+        save_frozen=True,
+        keep_last=0,
+        loader_state={"epoch": 0},
+        config={},
+        fingerprints={},
+    )
 
 
 def _save_worker(rank: int, world: int, port: int, config: ModelConfig, out: str, reference: str) -> None:
@@ -101,15 +112,37 @@ def _rank_0_failures(model, wrapped, optimizer, d: Dist, out: str) -> list[str]:
         if d.main:
             setattr(target, name, broken)
         try:
-            checkpoint.save_state(out, step, model, wrapped, optimizer, d, save_frozen=True, keep_last=1,
-                                  loader_state={}, config={}, fingerprints={})
+            checkpoint.save_state(
+                out,
+                step,
+                model,
+                wrapped,
+                optimizer,
+                d,
+                save_frozen=True,
+                keep_last=1,
+                loader_state={},
+                config={},
+                fingerprints={},
+            )
             seen.append("none")
         except Exception as exc:
             seen.append(type(exc).__name__)
         finally:
             setattr(target, name, real)
-    checkpoint.save_state(out, 4, model, wrapped, optimizer, d, save_frozen=True, keep_last=1, loader_state={},
-                          config={}, fingerprints={})  # the group is still in step
+    checkpoint.save_state(
+        out,
+        4,
+        model,
+        wrapped,
+        optimizer,
+        d,
+        save_frozen=True,
+        keep_last=1,
+        loader_state={},
+        config={},
+        fingerprints={},
+    )  # the group is still in step
     return seen
 
 
@@ -118,7 +151,9 @@ def _fsdp_one_process_copy(out) -> dict[str, torch.Tensor]:
     shards, optimizer state re-sharded into DTensors."""
     model = load_student(checkpoint.model_dir(out))
     apply_stage(model, "vpt")
-    wrapped = wrap(model, RunConfig(model=model.config, train=TrainConfig(fsdp=True)), Dist(0, 1, 0, torch.device("cpu")))
+    wrapped = wrap(
+        model, RunConfig(model=model.config, train=TrainConfig(fsdp=True)), Dist(0, 1, 0, torch.device("cpu"))
+    )
     optimizer = torch.optim.AdamW(apply_stage(model, "vpt", lr=1e-3, weight_decay=0.1))
     checkpoint.restore_optimizer(checkpoint.load(out), wrapped, optimizer)
     return _full_copy(model, wrapped, optimizer)
@@ -126,7 +161,9 @@ def _fsdp_one_process_copy(out) -> dict[str, torch.Tensor]:
 
 def _assert_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert got.keys() == expected.keys()
-    different = [k for k in expected if got[k].shape != expected[k].shape or not torch.equal(got[k], expected[k])]
+    different = [
+        k for k in expected if got[k].shape != expected[k].shape or not torch.equal(got[k], expected[k])
+    ]
     assert not different, different[:5]
 
 
@@ -151,8 +188,14 @@ def test_two_process_fsdp2_shards_load_exactly_in_one_process_plain_and_fsdp2(tm
     model_shards = sorted((step / checkpoint.MODEL / checkpoint.SHARDS).glob("*.safetensors"))
     optim_shards = sorted((step / checkpoint.OPTIMIZER_SHARDS).glob("*.safetensors"))
     assert len(model_shards) == 2 and len(optim_shards) == 2  # one file per rank, nothing gathered
-    assert not (step / checkpoint.OPTIMIZER).exists() and not list((step / checkpoint.MODEL / "llava").glob("*.safetensors"))
-    assert not [p for p in step.rglob("*") if p.is_file() and p.suffix not in (".json", ".safetensors", ".jinja", ".txt")]
+    assert not (step / checkpoint.OPTIMIZER).exists() and not list(
+        (step / checkpoint.MODEL / "llava").glob("*.safetensors")
+    )
+    assert not [
+        p
+        for p in step.rglob("*")
+        if p.is_file() and p.suffix not in (".json", ".safetensors", ".jinja", ".txt")
+    ]
 
     _assert_equal(_loaded_copy(out), saved)  # world size 2 -> 1 plain process
 
@@ -180,13 +223,17 @@ def _assert_missing_shards_refused(out, tmp_path) -> None:
             shutil.copytree(checkpoint.find(out), broken)
             folder = broken / part
             sharded.shard_file(folder, rank).unlink()
-            with pytest.raises(ConfigError, match=rf"{folder}: incomplete sharded checkpoint.*ranks \[{rank}\]"):
+            with pytest.raises(
+                ConfigError, match=rf"{folder}: incomplete sharded checkpoint.*ranks \[{rank}\]"
+            ):
                 _loaded_copy(broken)  # the model, then the optimizer state
             complete = checkpoint.find(out) / part
             state = load_file(sharded.shard_file(complete, rank))  # a tensor only this rank's file held
             name = next(n for n in state if state[n].numel() > 0)
             shape = _global_shape(complete, name)
-            with pytest.raises(ConfigError, match=rf"{folder}: incomplete sharded checkpoint: tensor {name} "):
+            with pytest.raises(
+                ConfigError, match=rf"{folder}: incomplete sharded checkpoint: tensor {name} "
+            ):
                 sharded.load_sharded(folder, {name: torch.zeros(shape)})  # no recorded count: coverage
 
 
@@ -209,7 +256,9 @@ def test_a_shard_file_rank_0_does_not_see_is_refused_on_save(tmp_path, monkeypat
         sharded.save_sharded(tmp_path / "good", {"w": torch.ones(3)})
         assert sharded.shard_file(tmp_path / "good", 0) is not None
         monkeypatch.setattr(sharded, "shard_file", lambda folder, rank: None)  # as on another machine's disk
-        with pytest.raises(ConfigError, match=r"sees no shard file of ranks \[0\].*filesystem every rank shares"):
+        with pytest.raises(
+            ConfigError, match=r"sees no shard file of ranks \[0\].*filesystem every rank shares"
+        ):
             sharded.save_sharded(tmp_path / "lost", {"w": torch.ones(3)})
     finally:
         if created:
@@ -226,8 +275,11 @@ def _tied_config(folder) -> ModelConfig:
     llm_config = json.loads((llm / "config.json").read_text())
     (llm / "config.json").write_text(json.dumps({**llm_config, "tie_word_embeddings": True}))
     weights = load_file(llm / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, llm / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k != "lm_head.weight"},
+        llm / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return ModelConfig(vision_model=tiny_folders().vision_model, llm=str(llm), **TINY_HEADS)
 
 
@@ -287,8 +339,9 @@ def test_fsdp2_training_resumes_exactly_from_sharded_checkpoints(tmp_path, one_t
     from olavlm.trainer.student.export import export_llava
 
     trained = load_student(checkpoint.model_dir(resumed))
-    exported = LlavaForConditionalGeneration.from_pretrained(export_llava(checkpoint.model_dir(resumed),
-                                                                          tmp_path / "export"))
+    exported = LlavaForConditionalGeneration.from_pretrained(
+        export_llava(checkpoint.model_dir(resumed), tmp_path / "export")
+    )
     got, expected = exported.state_dict(), trained.merged_llava().state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
@@ -353,17 +406,35 @@ def test_fsdp2_run_of_two_processes_resumes_in_one(tmp_path, one_thread, monkeyp
     config.write_text(json.dumps(to_dict(first)))
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(script), str(config), str(reference), str(keys_dir)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(config),
+        str(reference),
+        str(keys_dir),
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = checkpoint.find(two)
     assert len(json.loads((saved / checkpoint.TRAINER).read_text())["rng"]) == 2
     expected = load_file(reference)  # gathered by the two processes, not read back through the shards
     assert any(k.endswith("/exp_avg") and v.abs().sum() > 0 for k, v in expected.items())
-    read_before = {rank: [json.loads(line) for line in (keys_dir / f"rank{rank}.jsonl").read_text().splitlines()]
-                   for rank in (0, 1)}
+    read_before = {
+        rank: [json.loads(line) for line in (keys_dir / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    }
     assert [_keys_sha256(keys) for keys in read_before[0]] == [m["keys_sha256"] for m in read_metrics(two)]
 
     # one process resumes: what it restored is exactly what the two had (checked before its first step)

@@ -19,8 +19,10 @@ def test_help_lists_every_config_field():
     from olavlm.pipeline.precompute import PrecomputeConfig
     from olavlm.trainer.eval.probe import ProbeConfig
 
-    for command, cls, skip in (("precompute", PrecomputeConfig, {"corpus", "cache", "overrides"}),
-                               ("probe", ProbeConfig, set())):
+    for command, cls, skip in (
+        ("precompute", PrecomputeConfig, {"corpus", "cache", "overrides"}),
+        ("probe", ProbeConfig, set()),
+    ):
         text = invoke(command, "--help").output
         for f in dataclasses.fields(cls):
             if f.name not in skip:
@@ -28,16 +30,20 @@ def test_help_lists_every_config_field():
 
 
 def test_type_errors_name_the_option(tmp_path):
-    result = invoke("probe", str(tmp_path), "--data", "d", "--cache", "c", "--out", str(tmp_path), "--steps", "abc")
+    result = invoke(
+        "probe", str(tmp_path), "--data", "d", "--cache", "c", "--out", str(tmp_path), "--steps", "abc"
+    )
     assert result.exit_code == 2 and "--steps" in result.output and "'abc'" in result.output
     result = invoke("precompute", str(tmp_path), str(tmp_path / "c"), "--batch-size", "1.5")
     assert result.exit_code == 2 and "--batch-size" in result.output
 
 
 def test_ola_help_imports_neither_torch_nor_the_pipeline():
-    script = ("import sys\nfrom typer.main import get_command\nfrom olavlm.cli.app import app\nget_command(app)\n"
-              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'numpy')"
-              " or m.startswith(('olavlm.pipeline', 'olavlm.trainer'))))")
+    script = (
+        "import sys\nfrom typer.main import get_command\nfrom olavlm.cli.app import app\nget_command(app)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'numpy')"
+        " or m.startswith(('olavlm.pipeline', 'olavlm.trainer'))))"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
@@ -57,7 +63,6 @@ def test_only_the_projects_own_errors_become_one_line():
     with pytest.raises(ValueError, match="a bug"):  # anything else keeps its traceback
         with user_errors():
             raise ValueError("a bug")
-
 
 
 def test_user_errors_of_the_data_path_and_storage_are_ola_errors():

@@ -127,8 +127,14 @@ def test_s3_crash_between_any_two_writes_leaves_no_half_committed_shard(s3_optio
         crash(cache)
         s3_writes.armed = False
         assert_nothing_half_visible(cache)
-        assert not TargetCache(cache.root.url, storage_options=s3_options).is_committed("depth", "s0"), names[k - 1]
-        if k in (1, total // 2, total):  # a rerun over the debris: first write, mid-data, commit.json (~1 s each)
+        assert not TargetCache(cache.root.url, storage_options=s3_options).is_committed("depth", "s0"), names[
+            k - 1
+        ]
+        if k in (
+            1,
+            total // 2,
+            total,
+        ):  # a rerun over the debris: first write, mid-data, commit.json (~1 s each)
             assert_rerun_completes(cache)
 
 
@@ -174,7 +180,9 @@ def assert_only_committed_or_staging(cache: TargetCache) -> None:
     teacher = cache.root.join("depth")
     for name in os.listdir(teacher):
         if name != STAGING:
-            assert os.path.exists(os.path.join(teacher, name, COMMIT_JSON)), f"partial folder {name}: {os.listdir(os.path.join(teacher, name))}"
+            assert os.path.exists(os.path.join(teacher, name, COMMIT_JSON)), (
+                f"partial folder {name}: {os.listdir(os.path.join(teacher, name))}"
+            )
 
 
 @pytest.mark.timeout(300)
@@ -217,10 +225,12 @@ def test_local_commit_fsyncs_data_and_folders_before_the_rename_and_the_parent_a
     write(cache)
     monkeypatch.undo()
 
-    (commit,) = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == cache.root.join("depth", "s0")]
+    (commit,) = [
+        i for i, e in enumerate(events) if e[0] == "rename" and e[2] == cache.root.join("depth", "s0")
+    ]
     src, dst = events[commit][1:]
     before = {e[1] for e in events[:commit] if e[0] == "fsync"}
-    after = {e[1] for e in events[commit + 1:] if e[0] == "fsync"}
+    after = {e[1] for e in events[commit + 1 :] if e[0] == "fsync"}
     files, folders = set(), {src}
     for folder, _, names in os.walk(dst):  # what the rename made visible, at its old place
         rel = os.path.relpath(folder, dst)

@@ -20,7 +20,9 @@ from olavlm.schemas.config_doc import config_reference, field_docs
 
 
 def test_round_trip_and_unknown_key():
-    config = RunConfig(model=ModelConfig(layers={"depth": (1, 2)}, tasks=("depth",)), train=TrainConfig(steps=7))
+    config = RunConfig(
+        model=ModelConfig(layers={"depth": (1, 2)}, tasks=("depth",)), train=TrainConfig(steps=7)
+    )
     assert from_dict(RunConfig, to_dict(config)) == config
     with pytest.raises(ValueError, match="'stpes'"):
         from_dict(RunConfig, {"train": {"stpes": 3}})
@@ -34,7 +36,9 @@ def test_every_field_is_documented():
 
 def test_config_reference_is_current():
     page = Path(__file__).parents[1] / "docs" / "CONFIG.md"
-    assert page.read_text() == config_reference(), "regenerate: python -m olavlm.schemas.config_doc > docs/CONFIG.md"
+    assert page.read_text() == config_reference(), (
+        "regenerate: python -m olavlm.schemas.config_doc > docs/CONFIG.md"
+    )
 
 
 def test_paper_layers_scale_with_depth():

@@ -12,18 +12,36 @@ from tests._trainer_data import jpeg, tiny_text_setup
 OK = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A dog."}]
 
 BAD = {  # name -> (conversations, has_image, words of the reason)
-    "robot role": ([{"from": "robot", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yo."}], True, "'robot'"),
+    "robot role": (
+        [{"from": "robot", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yo."}],
+        True,
+        "'robot'",
+    ),
     "not a list": ({"from": "human", "value": "x"}, True, "non-empty list"),
     "empty list": ([], True, "non-empty list"),
     "turn not an object": (["hi", {"from": "gpt", "value": "x"}], True, "not an object"),
-    "value not a string": ([{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}], True, "not a string"),
-    "empty value": ([{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "  "}], True, "empty"),
+    "value not a string": (
+        [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}],
+        True,
+        "not a string",
+    ),
+    "empty value": (
+        [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "  "}],
+        True,
+        "empty",
+    ),
     "no assistant": ([{"from": "human", "value": "<image>\nHi"}], True, "no assistant"),
-    "two placeholders": ([{"from": "human", "value": "<image><image>\nHi"}, {"from": "gpt", "value": "x"}], True,
-                         "2 <image>"),
+    "two placeholders": (
+        [{"from": "human", "value": "<image><image>\nHi"}, {"from": "gpt", "value": "x"}],
+        True,
+        "2 <image>",
+    ),
     "placeholder without image": (OK, False, "no image"),
-    "placeholder in the answer": ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "<image>"}], True,
-                                  "assistant turn"),
+    "placeholder in the answer": (
+        [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "<image>"}],
+        True,
+        "assistant turn",
+    ),
 }
 
 
@@ -36,14 +54,24 @@ def test_refused_with_a_reason(case):
 
 
 def test_accepted_conversations_become_messages():
-    assert validate_conversation(OK, True) == [{"role": "user", "content": "<image>\nWhat?"},
-                                              {"role": "assistant", "content": "A dog."}]
+    assert validate_conversation(OK, True) == [
+        {"role": "user", "content": "<image>\nWhat?"},
+        {"role": "assistant", "content": "A dog."},
+    ]
     # an image without a placeholder gets one in the first user turn, as LLaVA does
-    messages = validate_conversation([{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                                      {"from": "gpt", "value": "Hello."}], True)
+    messages = validate_conversation(
+        [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello."},
+        ],
+        True,
+    )
     assert messages[1]["content"] == "<image>\nHi" and messages[0]["content"] == "Be brief."
-    assert caption_conversation(" a cat ", "Describe.") == [{"from": "human", "value": "<image>\nDescribe."},
-                                                           {"from": "gpt", "value": "a cat"}]
+    assert caption_conversation(" a cat ", "Describe.") == [
+        {"from": "human", "value": "<image>\nDescribe."},
+        {"from": "gpt", "value": "a cat"},
+    ]
 
 
 def test_trainer_refuses_exactly_what_conversion_refuses():
@@ -64,15 +92,19 @@ def test_from_llava_refuses_what_training_would_and_counts_reconcile(tmp_path):
 
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(jpeg(1))
-    entries = [{"id": "ok", "image": "a.jpg", "conversations": OK},
-               {"id": "robot", "image": "a.jpg", "conversations": BAD["robot role"][0]},
-               {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey."}]},
-               {"id": "noimg", "conversations": OK},  # <image> but no image
-               {"id": "missing", "image": "nope.jpg", "conversations": OK},
-               {"id": "empty", "image": "a.jpg", "conversations": BAD["empty value"][0]},
-               7]
+    entries = [
+        {"id": "ok", "image": "a.jpg", "conversations": OK},
+        {"id": "robot", "image": "a.jpg", "conversations": BAD["robot role"][0]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey."}]},
+        {"id": "noimg", "conversations": OK},  # <image> but no image
+        {"id": "missing", "image": "nope.jpg", "conversations": OK},
+        {"id": "empty", "image": "a.jpg", "conversations": BAD["empty value"][0]},
+        7,
+    ]
     (tmp_path / "l.json").write_text(json.dumps(entries))
-    report = convert_llava(str(tmp_path / "l.json"), str(tmp_path / "img"), str(tmp_path / "out"), shard_size=2)
+    report = convert_llava(
+        str(tmp_path / "l.json"), str(tmp_path / "img"), str(tmp_path / "out"), shard_size=2
+    )
     refused = {p["id"]: p["reason"] for p in report.problems}
     assert sorted(refused, key=str) == sorted(["robot", "noimg", "missing", "empty", None], key=str)
     assert "'robot'" in refused["robot"] and "no image" in refused["noimg"] and "empty" in refused["empty"]
@@ -100,8 +132,12 @@ def test_skipped_samples_are_summarised_per_reason_not_logged_one_by_one(tmp_pat
             turns = OK if i % 4 == 0 else BAD["robot role"][0]
             writer.write(f"k{i:02d}", {"jpg": jpeg(i), "json": json.dumps({"conversations": turns}).encode()})
     tokenizer, layout, transform = tiny_text_setup()
-    loader = build_loader(DataConfig(data=str(tmp_path), batch_size=4, num_workers=0, on_missing="skip"),
-                          tokenizer=tokenizer, layout=layout, transform=transform)
+    loader = build_loader(
+        DataConfig(data=str(tmp_path), batch_size=4, num_workers=0, on_missing="skip"),
+        tokenizer=tokenizer,
+        layout=layout,
+        transform=transform,
+    )
     with caplog.at_level(logging.WARNING, logger="olavlm.trainer.data.loader"):
         for _batch, state in loader:  # 3 kept samples per epoch, up to the first batch of epoch 1
             if state["epoch"] >= 1 and state["batch"] > 0:

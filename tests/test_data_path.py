@@ -40,8 +40,16 @@ def loader(setup, d, *, tasks=TASKS, state=None, rank=0, world=1, **overrides):
     tokenizer, layout, transform = setup
     base = dict(data=str(d / "corpus"), cache=str(d / "cache"), batch_size=4, num_workers=0, shuffle_block=4)
     cfg = DataConfig(**{**base, **overrides})
-    return build_loader(cfg, tokenizer=tokenizer, layout=layout, transform=transform, tasks=tasks,
-                        state=state, rank=rank, world=world)
+    return build_loader(
+        cfg,
+        tokenizer=tokenizer,
+        layout=layout,
+        transform=transform,
+        tasks=tasks,
+        state=state,
+        rank=rank,
+        world=world,
+    )
 
 
 def take(ldr, n):
@@ -75,7 +83,9 @@ def test_batch_contract_and_targets(setup, corpus):
 
 def test_keyed_path_equals_aligned(setup, tmp_path):
     samples = make_corpus(tmp_path / "corpus", shards=2, per_shard=4)
-    _, truth = make_cache(tmp_path / "cache", samples, shard_names={"train-000": "other-a", "train-001": "other-b"})
+    _, truth = make_cache(
+        tmp_path / "cache", samples, shard_names={"train-000": "other-a", "train-001": "other-b"}
+    )
     for batch, _ in take(loader(setup, tmp_path), 2):
         for i, key in enumerate(batch["keys"]):
             np.testing.assert_array_equal(batch["targets"]["depth"][i].float().numpy(), truth["depth"][key])
@@ -106,7 +116,9 @@ def test_loader_state_resume_is_exact(setup, corpus, workers):
     resumed = take(loader(setup, d, num_workers=workers, state=state), k)
     for (a, _), (b, _) in zip(full[n:], resumed):
         assert a["keys"] == b["keys"]
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(
+            a["pixel_values"], b["pixel_values"]
+        )
         assert all(torch.equal(a["targets"][t], b["targets"][t]) for t in TASKS)
 
 
@@ -186,7 +198,9 @@ def test_corrupt_image_with_matching_target(setup, tmp_path):
     """Undecodable image bytes whose sha256 the cache knows: the decode fails, naming key and shard."""
     samples = make_corpus(tmp_path / "corpus", shards=1, per_shard=2)
     samples["s0-0"]["image"] = b"\xff\xd8\xff\xe0 not really a jpeg"
-    conv = json.dumps({"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]})
+    conv = json.dumps(
+        {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}
+    )
     with TarShardWriter(str(tmp_path / "corpus" / "train-000.tar")) as w:
         for i in range(2):
             w.write(f"s0-{i}", {"json": conv.encode(), "jpg": samples[f"s0-{i}"]["image"]})
@@ -221,7 +235,10 @@ def test_spec_fingerprint_mismatch_is_refused(setup, corpus):
 # -- text ---------------------------------------------------------------------------------------
 def test_truncation_never_cuts_image_or_task_tokens(setup):
     tokenizer, layout, _ = setup
-    conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A dog on a table. " * 20}]
+    conv = [
+        {"from": "human", "value": "<image>\nDescribe."},
+        {"from": "gpt", "value": "A dog on a table. " * 20},
+    ]
     full = tokenize(conv, tokenizer, layout, has_image=True, max_length=4096)
     block_end = max(i for i, t in enumerate(full.input_ids) if t in layout.image_block()) + 1
     first_label = next(i for i, t in enumerate(full.labels) if t != IGNORE)
@@ -238,14 +255,23 @@ def test_truncation_never_cuts_image_or_task_tokens(setup):
 
 def test_labels_cover_every_assistant_turn_only(setup):
     tokenizer, layout, _ = setup
-    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A dog."},
-            {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Red."}]
+    conv = [
+        {"from": "human", "value": "<image>\nWhat?"},
+        {"from": "gpt", "value": "A dog."},
+        {"from": "human", "value": "Color?"},
+        {"from": "gpt", "value": "Red."},
+    ]
     out = tokenize(conv, tokenizer, layout, has_image=True, max_length=4096)
     labelled = tokenizer.decode([t for t in out.labels if t != IGNORE])
     assert labelled == "A dog.<|im_end|>\nRed.<|im_end|>\n"
     # no placeholder in the text but an image: LLaVA puts it first in the user turn
-    out = tokenize(conv[1:] and [{"from": "human", "value": "What?"}, conv[1]], tokenizer, layout,
-                   has_image=True, max_length=4096)
+    out = tokenize(
+        conv[1:] and [{"from": "human", "value": "What?"}, conv[1]],
+        tokenizer,
+        layout,
+        has_image=True,
+        max_length=4096,
+    )
     assert out.input_ids.count(layout.image_token_id) == layout.num_image_tokens
 
 
@@ -262,7 +288,9 @@ def test_image_transform_matches_clip_processor(tmp_path):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     want = processor(images=image, return_tensors="pt")["pixel_values"][0]
-    got = normalize_pixels(torch.from_numpy(transform(buf.getvalue()))[None], transform.mean, transform.std)[0]
+    got = normalize_pixels(torch.from_numpy(transform(buf.getvalue()))[None], transform.mean, transform.std)[
+        0
+    ]
     assert got.shape == want.shape
     assert (got - want).abs().max() < 0.05  # uint8 rounding of the resized image
 
@@ -280,7 +308,10 @@ def test_from_llava_reports_problems_and_joins(setup, tmp_path):
         {"id": "000001", "image": "coco/a.jpg", "conversations": conv},
         {"id": "000002", "image": "coco/missing.jpg", "conversations": conv},
         {"id": "000003", "image": "coco/b.JPEG"},
-        {"id": "text.1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {
+            "id": "text.1",
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+        },
         {"id": "000001", "image": "coco/b.JPEG", "conversations": conv},
         {"id": "000005", "image": "../secret.jpg", "conversations": conv},
         "junk",
@@ -288,11 +319,22 @@ def test_from_llava_reports_problems_and_joins(setup, tmp_path):
     (tmp_path / "llava.json").write_text(json.dumps(entries))
     out = tmp_path / "corpus"
     report = convert_llava(str(tmp_path / "llava.json"), str(tmp_path / "images"), str(out), shard_size=2)
-    assert report.samples == 3 and report.text_only == 1 and report.shards == ["llava-000000.tar", "llava-000001.tar"]
-    assert [(p["id"], p["index"]) for p in report.problems] == [("000002", 1), ("000003", 2), ("000005", 5), (None, 6)]
+    assert (
+        report.samples == 3
+        and report.text_only == 1
+        and report.shards == ["llava-000000.tar", "llava-000001.tar"]
+    )
+    assert [(p["id"], p["index"]) for p in report.problems] == [
+        ("000002", 1),
+        ("000003", 2),
+        ("000005", 5),
+        (None, 6),
+    ]
     assert "missing.jpg" in report.problems[0]["reason"]
     first = (out / "llava-000000.tar").read_bytes()
-    convert_llava(str(tmp_path / "llava.json"), str(tmp_path / "images"), str(tmp_path / "again"), shard_size=2)
+    convert_llava(
+        str(tmp_path / "llava.json"), str(tmp_path / "images"), str(tmp_path / "again"), shard_size=2
+    )
     assert (tmp_path / "again" / "llava-000000.tar").read_bytes() == first  # stable keys and bytes
 
     from olavlm.schemas.corpus import iter_samples
@@ -315,10 +357,26 @@ def test_from_llava_cli(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(jpeg(0))
     conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A dog."}]
-    (tmp_path / "x.json").write_text(json.dumps([{"id": "1", "image": "a.jpg", "conversations": conv},
-                                                 {"id": "2", "image": "gone.jpg", "conversations": conv}]))
-    result = CliRunner().invoke(app, ["corpus", "from-llava", str(tmp_path / "x.json"), str(tmp_path / "img"),
-                                      str(tmp_path / "out"), "--shard-size", "5"])
+    (tmp_path / "x.json").write_text(
+        json.dumps(
+            [
+                {"id": "1", "image": "a.jpg", "conversations": conv},
+                {"id": "2", "image": "gone.jpg", "conversations": conv},
+            ]
+        )
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "corpus",
+            "from-llava",
+            str(tmp_path / "x.json"),
+            str(tmp_path / "img"),
+            str(tmp_path / "out"),
+            "--shard-size",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 1 samples" in result.output and "'2'" in result.output
 
@@ -346,15 +404,22 @@ def test_bench_loader_runs():
 
     result = bench_loader(samples=16, batch_size=8, workers=0)
     assert result["samples_per_s_one_core"] > 0 and result["tokens_per_sample"] > 576 + 24
-    assert set(result["stage_ms_per_sample"]) == {"tar_read", "jpeg_decode_resize", "tokenize",
-                                                  "join_sha256_and_cache_read", "collate"}
+    assert set(result["stage_ms_per_sample"]) == {
+        "tar_read",
+        "jpeg_decode_resize",
+        "tokenize",
+        "join_sha256_and_cache_read",
+        "collate",
+    }
 
 
 def test_keyed_corpus_opens_one_key_index_before_workers_start(setup, tmp_path):
     """Training shards that are no cache shards: the loader's main process builds the key index, and its two
     workers use that one (no worker builds its own: one published index, no build leftovers)."""
     samples = make_corpus(tmp_path / "corpus", shards=2, per_shard=4)
-    _, truth = make_cache(tmp_path / "cache", samples, shard_names={"train-000": "other-a", "train-001": "other-b"})
+    _, truth = make_cache(
+        tmp_path / "cache", samples, shard_names={"train-000": "other-a", "train-001": "other-b"}
+    )
     ldr = loader(setup, tmp_path, num_workers=2)
     for task in TASKS:
         indexes = list((tmp_path / "cache" / task / ".keyindex").iterdir())

@@ -18,7 +18,19 @@ from olavlm.schemas.inspect import verify_cache
 @pytest.mark.timeout(900)
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--samples", "24", "--steps", "4", "--batch-size", "4", "--probe-steps", "3"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--samples",
+        "24",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--probe-steps",
+        "3",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     summary = json.loads((out / "summary.json").read_text())
@@ -27,12 +39,19 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert report.ok and report.corpus_samples == 24 and report.checked_rows == 3 * 24
     layers = 4  # the tiny student's LLM depth
     scored = sorted((r["checkpoint"], r["teacher"], r["layer"], r["seed"]) for r in summary["probe"]["rows"])
-    assert scored == sorted((c, t, layer, seed) for c in ("ola", "baseline") for t in ("depth", "gen", "seg")
-                            for layer in range(1, layers + 1) for seed in range(3))  # paper numbering, 3 probe seeds
+    assert scored == sorted(
+        (c, t, layer, seed)
+        for c in ("ola", "baseline")
+        for t in ("depth", "gen", "seg")
+        for layer in range(1, layers + 1)
+        for seed in range(3)
+    )  # paper numbering, 3 probe seeds
     assert all(-1 <= r["score"] <= 1 for r in summary["probe"]["rows"])
     plot = Image.open(summary["probe"]["plot"])
     assert plot.format == "PNG" and list(plot.size) == summary["probe"]["plot_size"] == [1260, 340]
-    assert summary["runs"]["ola"]["losses"]["step"] == 4 and summary["runs"]["baseline"]["losses"]["step"] == 4
+    assert (
+        summary["runs"]["ola"]["losses"]["step"] == 4 and summary["runs"]["baseline"]["losses"]["step"] == 4
+    )
     assert "ola" in result.output and "baseline" in result.output
 
     # A rerun resumes: nothing is recomputed, the same checkpoints and scores come back.
@@ -41,7 +60,12 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     second = json.loads((out / "summary.json").read_text())
     assert second["runs"]["ola"]["resumed"] == "done" and second["runs"]["baseline"]["resumed"] == "done"
     assert second["probe"]["rows"] == summary["probe"]["rows"]
-    assert summary["precompute"] == {"committed": 3, "skipped": 0, "samples": 3 * 24, "errors": 0}  # 1 shard x 3
+    assert summary["precompute"] == {
+        "committed": 3,
+        "skipped": 0,
+        "samples": 3 * 24,
+        "errors": 0,
+    }  # 1 shard x 3
     assert second["precompute"] == {"committed": 0, "skipped": 3, "samples": 0, "errors": 0}
 
     # Deterministic: the same command in a fresh folder prints the same figures (timings masked).
@@ -58,16 +82,19 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert rows(rerun) == rows(summary)
     for name in ("ola", "baseline"):
         assert rerun["runs"][name]["losses"] == pytest.approx(summary["runs"][name]["losses"], rel=1e-5)
-    assert [r["score"] for r in rerun["probe"]["rows"]] == pytest.approx([r["score"] for r in summary["probe"]["rows"]],
-                                                                          abs=1e-5)
+    assert [r["score"] for r in rerun["probe"]["rows"]] == pytest.approx(
+        [r["score"] for r in summary["probe"]["rows"]], abs=1e-5
+    )
 
 
 def rows(summary: dict) -> list[tuple]:
     return [(r["checkpoint"], r["teacher"], r["layer"], r["seed"]) for r in summary["probe"]["rows"]]
 
 
-TIMINGS = re.compile(r"(?:samples|tokens|images)/s [\d.]+|\(\d+(?:\.\d+)? s\)|total \d+ s|\d+(?:\.\d+)? ?(?:s|images/s|samples/s|step/s|s/step|it/s)\b(?! [\d.])"
-                     r"|ETA [\d:]+|busy \d+%")
+TIMINGS = re.compile(
+    r"(?:samples|tokens|images)/s [\d.]+|\(\d+(?:\.\d+)? s\)|total \d+ s|\d+(?:\.\d+)? ?(?:s|images/s|samples/s|step/s|s/step|it/s)\b(?! [\d.])"
+    r"|ETA [\d:]+|busy \d+%"
+)
 """Timings, rates and the utilisation of the teachers: the only figures that may differ."""
 
 

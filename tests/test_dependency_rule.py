@@ -15,7 +15,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("schemas", "pipeline", "trainer", "cli", "bench")
 FORBIDDEN = {
-    "schemas": {"olavlm.pipeline", "olavlm.trainer", "olavlm.cli", "olavlm.bench", "torch", "ray", "transformers"},
+    "schemas": {
+        "olavlm.pipeline",
+        "olavlm.trainer",
+        "olavlm.cli",
+        "olavlm.bench",
+        "torch",
+        "ray",
+        "transformers",
+    },
     "pipeline": {"olavlm.trainer", "olavlm.cli", "olavlm.bench"},
     "trainer": {"olavlm.pipeline", "olavlm.cli", "olavlm.bench"},
     "bench": {"olavlm.cli"},
@@ -51,7 +59,9 @@ def imports(path: Path, name: str, known: set[str] = frozenset()) -> set[str]:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+    return {
+        module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+    }
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -112,11 +122,18 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     package = tmp_path / "schemas" / "sub"
     package.mkdir(parents=True)
     source = package / "m.py"
-    source.write_text("def f():\n    import torch\n    from ...trainer import model\n    from . import cache\n"
-                      "    from .. import spec\n")
+    source.write_text(
+        "def f():\n    import torch\n    from ...trainer import model\n    from . import cache\n"
+        "    from .. import spec\n"
+    )
     name = module_name(source, tmp_path)
     assert name == "olavlm.schemas.sub.m"
     known = {"olavlm.schemas.sub.cache", "olavlm.trainer.model"}
     assert imports(source, name, known) == {
-        "torch", "olavlm.trainer", "olavlm.trainer.model", "olavlm.schemas.sub", "olavlm.schemas.sub.cache",
-        "olavlm.schemas"}
+        "torch",
+        "olavlm.trainer",
+        "olavlm.trainer.model",
+        "olavlm.schemas.sub",
+        "olavlm.schemas.sub.cache",
+        "olavlm.schemas",
+    }

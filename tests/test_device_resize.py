@@ -38,10 +38,14 @@ uint8 kernels, what a CPU device runs (PIL's arithmetic; measured mean <= 0.004,
 KERNELS = [pytest.param(False, id="float"), pytest.param(True, id="uint8")]
 COSINE_FLOOR = 0.9995
 """Per-image cosine of a tiny teacher's target from device inputs vs host inputs (measured >= 0.99987)."""
-SIZES = sorted({photo(i).size for i in range(6)})  # 512x512, 600x400, 451x300, 640x427: squares, wide, tall crops
+SIZES = sorted(
+    {photo(i).size for i in range(6)}
+)  # 512x512, 600x400, 451x300, 640x427: squares, wide, tall crops
 
 
-def host_and_device_inputs(recipe: dict, uint8_kernels: bool, count: int = 6) -> tuple[np.ndarray, np.ndarray]:
+def host_and_device_inputs(
+    recipe: dict, uint8_kernels: bool, count: int = 6
+) -> tuple[np.ndarray, np.ndarray]:
     """The same JPEGs through prepare_all with the host recipe and with the device one (+ device_prepare)."""
     on_device = {**recipe, "resize_on": "device"}
     host, decoded = [], []
@@ -49,7 +53,9 @@ def host_and_device_inputs(recipe: dict, uint8_kernels: bool, count: int = 6) ->
         data = jpeg(photo(i).convert("RGB"))
         host.append(preprocess.prepare_all(data, {"t": recipe})["t"])
         decoded.append(preprocess.prepare_all(data, {"t": on_device})["t"])
-    return np.stack(host), preprocess.device_prepare(decoded, on_device, "cpu", uint8_kernels=uint8_kernels).numpy()
+    return np.stack(host), preprocess.device_prepare(
+        decoded, on_device, "cpu", uint8_kernels=uint8_kernels
+    ).numpy()
 
 
 def assert_close_pixels(host: np.ndarray, device: np.ndarray, uint8_kernels: bool, what: str) -> None:
@@ -93,9 +99,13 @@ def test_a_cpu_device_uses_the_uint8_kernels_by_default():
 @pytest.mark.parametrize("uint8_kernels", KERNELS)
 def test_device_prepare_keeps_the_order_of_mixed_sizes_and_handles_an_empty_batch(uint8_kernels):
     recipe = {"resize_shortest": 32, "center_crop": [32, 32], "resample": "bicubic"}
-    images = [np.asarray(photo(i).convert("RGB")) for i in (0, 1, 0, 2)]  # sizes a, b, a, c: grouped, then reordered
+    images = [
+        np.asarray(photo(i).convert("RGB")) for i in (0, 1, 0, 2)
+    ]  # sizes a, b, a, c: grouped, then reordered
     together = preprocess.device_prepare(images, recipe, "cpu", uint8_kernels=uint8_kernels)
-    alone = torch.cat([preprocess.device_prepare([image], recipe, "cpu", uint8_kernels=uint8_kernels) for image in images])
+    alone = torch.cat(
+        [preprocess.device_prepare([image], recipe, "cpu", uint8_kernels=uint8_kernels) for image in images]
+    )
     assert torch.equal(together, alone) and not torch.equal(together[0], together[1])
     assert tuple(preprocess.device_prepare([], recipe, "cpu").shape) == (0, 32, 32, 3)
 
@@ -106,7 +116,9 @@ def test_the_spec_records_it_and_the_default_spec_is_unchanged():
     for name in ("depth", "seg", "gen"):
         assert not default[name].device_resize and device[name].device_resize
         plain, moved = load_teacher(default[name]).spec, load_teacher(device[name]).spec
-        assert "resize_on" not in plain.preprocess  # default specs (and their fingerprints) as before the option
+        assert (
+            "resize_on" not in plain.preprocess
+        )  # default specs (and their fingerprints) as before the option
         assert moved.preprocess == {**plain.preprocess, "resize_on": "device"}
         assert moved.to_dict() == {**plain.to_dict(), "preprocess": moved.preprocess}
         assert moved.fingerprint != plain.fingerprint
@@ -142,13 +154,15 @@ def test_a_device_resize_job_completes_verifies_and_never_mixes_with_a_host_cach
     assert done.exit_code == 0, done.output
     verified = CliRunner().invoke(app, ["cache", "verify", str(cache), "--corpus", str(corpus), "--json"])
     assert verified.exit_code == 0, verified.output
-    assert json.loads(verified.output[verified.output.index("{"):])["ok"] is True
+    assert json.loads(verified.output[verified.output.index("{") :])["ok"] is True
     sources = preset_sources("tiny")
     for name in ("depth", "gen"):
         stored = read_cache(cache, name)
         assert sorted(stored) == sorted(keys)
         host = load_teacher(sources[name])
-        recipes = {name: host.spec.preprocess}  # the same JPEG bytes as the corpus holds, through the host path
+        recipes = {
+            name: host.spec.preprocess
+        }  # the same JPEG bytes as the corpus holds, through the host path
         images = np.stack([preprocess.prepare_all(jpeg(photo(i)), recipes)[name] for i in range(6)])
         expected = host(torch.from_numpy(images))  # keys in build order
         ours = torch.from_numpy(np.stack([stored[k].astype(np.float32) for k in keys]))
@@ -165,14 +179,35 @@ def test_a_device_resize_job_completes_verifies_and_never_mixes_with_a_host_cach
 def test_bench_precompute_reports_the_host_cost_with_and_without_device_resize():
     from olavlm.cli.app import app
 
-    result = CliRunner().invoke(app, ["bench", "precompute", "--json", "--preset", "tiny", "--images", "8",
-                                      "--shards", "2", "--batch-size", "4", "--teachers", "gen", "--device-resize"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "precompute",
+            "--json",
+            "--preset",
+            "tiny",
+            "--images",
+            "8",
+            "--shards",
+            "2",
+            "--batch-size",
+            "4",
+            "--teachers",
+            "gen",
+            "--device-resize",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    figures = json.loads(result.output[result.output.index("{"):])
+    figures = json.loads(result.output[result.output.index("{") :])
     assert figures["device_resize"] is True and figures["images"] == 8 and figures["busy_fraction"] > 0
     for sizes in ("preset_sizes", "paper_sizes"):
         costs = figures["host_cpu_ms_per_image"][sizes]
-        assert costs["host_resize"] > 0 and costs["device_resize"] > 0 and costs["device_resize_actor_cpu_wall"] > 0
+        assert (
+            costs["host_resize"] > 0
+            and costs["device_resize"] > 0
+            and costs["device_resize_actor_cpu_wall"] > 0
+        )
 
 
 def test_the_bench_gpu_arm_is_on_by_default_and_runs_the_job_with_the_option(tmp_path):
@@ -206,10 +241,16 @@ def test_device_resize_refuses_filters_torch_cannot_reproduce():
 
     for name in ("lanczos", "box", "hamming"):
         with pytest.raises(ConfigError, match=f"teacher 'gen'.*{name}"):
-            check_device_resample("gen", {"resize_shortest": 224, "center_crop": [224, 224], "resample": name})
+            check_device_resample(
+                "gen", {"resize_shortest": 224, "center_crop": [224, 224], "resample": name}
+            )
     with pytest.raises(ConfigError, match="processor_resample"):
-        check_device_resample("seg", {"resize": [768, 768], "resample": "bicubic", "processor_resample": "lanczos"})
-    check_device_resample("seg", {"resize": [768, 768], "resample": "bicubic", "processor_resample": "bilinear"})
+        check_device_resample(
+            "seg", {"resize": [768, 768], "resample": "bicubic", "processor_resample": "lanczos"}
+        )
+    check_device_resample(
+        "seg", {"resize": [768, 768], "resample": "bicubic", "processor_resample": "bilinear"}
+    )
     assert INTERPOLATE_MODES["nearest"] == "nearest-exact"
     from olavlm.pipeline.preprocess import _device_resize
 

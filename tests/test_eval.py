@@ -37,11 +37,21 @@ from olavlm.trainer.student.build import load_student, save_student
 #   COCO:   D A B B     -> 1 of 4 is A
 #   Omni3D: A B A B B A -> 3 of 6 are A
 FIXTURE = [
-    ("Count", "ADE20K", 0), ("Count", "ADE20K", 1), ("Count", "ADE20K", 2),
-    ("Relation", "ADE20K", 0), ("Relation", "ADE20K", 1),
-    ("Count", "COCO", 3), ("Count", "COCO", 0), ("Relation", "COCO", 1), ("Relation", "COCO", 1),
-    ("Depth", "Omni3D", 0), ("Depth", "Omni3D", 1), ("Depth", "Omni3D", 0),
-    ("Distance", "Omni3D", 1), ("Distance", "Omni3D", 1), ("Distance", "Omni3D", 0),
+    ("Count", "ADE20K", 0),
+    ("Count", "ADE20K", 1),
+    ("Count", "ADE20K", 2),
+    ("Relation", "ADE20K", 0),
+    ("Relation", "ADE20K", 1),
+    ("Count", "COCO", 3),
+    ("Count", "COCO", 0),
+    ("Relation", "COCO", 1),
+    ("Relation", "COCO", 1),
+    ("Depth", "Omni3D", 0),
+    ("Depth", "Omni3D", 1),
+    ("Depth", "Omni3D", 0),
+    ("Distance", "Omni3D", 1),
+    ("Distance", "Omni3D", 1),
+    ("Distance", "Omni3D", 0),
 ]
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 SIZE = (96, 64)  # not square: padding and cropping give different pixels
@@ -84,14 +94,18 @@ def make_question(i: int, task: str, answer: int) -> dict:
         red_x, blue_x = (20, 76) if answer == 0 else (76, 20)
         _square(draw, red_x, 24 + i, 8, (255, 0, 0))  # + i: no two questions share an image
         _circle(draw, blue_x, 24 + i, 8, (0, 0, 255))
-        question = ("Considering the relative positions of the red square and the blue circle in the image, "
-                    "where is the red square located with respect to the blue circle?")
+        question = (
+            "Considering the relative positions of the red square and the blue circle in the image, "
+            "where is the red square located with respect to the blue circle?"
+        )
     elif task == "Depth":  # nearer = drawn larger (same physical size by construction)
         options = pair
         red_r, blue_r = (14, 5) if answer == 0 else (5, 14)
         _square(draw, 24, 32, red_r, (255, 0, 0))
         _circle(draw, 72, 32, blue_r, (0, 0, 255))
-        question = "Which object is closer to the camera taking this photo, the red square or the blue circle?"
+        question = (
+            "Which object is closer to the camera taking this photo, the red square or the blue circle?"
+        )
     else:  # Distance: the option nearer to the green triangle is the answer
         options = pair
         draw.polygon([(48, 24), (40, 40), (56, 40)], fill=(0, 255, 0))
@@ -102,11 +116,21 @@ def make_question(i: int, task: str, answer: int) -> dict:
         question = "Which object is closer to the green triangle, the red square or the blue circle?"
     lines = "\n".join(f"({LETTERS[k]}) {o}" for k, o in enumerate(options))
     return {
-        "idx": i, "type": "3D" if task in ("Depth", "Distance") else "2D", "task": task,
-        "image": {"bytes": _png(image), "path": f"img/{i}.png"}, "question": question, "choices": options,
-        "answer": f"({LETTERS[answer]})", "prompt": f"{question} Select from the following choices.\n{lines}",
-        "filename": f"img/{i}.png", "source": None, "source_dataset": None, "source_filename": None,
-        "target_class": None, "target_size": None, "bbox": None,
+        "idx": i,
+        "type": "3D" if task in ("Depth", "Distance") else "2D",
+        "task": task,
+        "image": {"bytes": _png(image), "path": f"img/{i}.png"},
+        "question": question,
+        "choices": options,
+        "answer": f"({LETTERS[answer]})",
+        "prompt": f"{question} Select from the following choices.\n{lines}",
+        "filename": f"img/{i}.png",
+        "source": None,
+        "source_dataset": None,
+        "source_filename": None,
+        "target_class": None,
+        "target_size": None,
+        "bbox": None,
     }
 
 
@@ -226,7 +250,9 @@ def test_cvbench_reader_keeps_the_card_prompt_and_letters(cvbench):
     assert [q.id for q in questions] == [str(i) for i in range(len(FIXTURE))]
     assert [q.answer for q in questions] == [LETTERS[a] for _, _, a in FIXTURE]
     q = questions[0]
-    assert q.prompt.startswith("How many red circles are in the image? Select from the following choices.\n(A) 3\n")
+    assert q.prompt.startswith(
+        "How many red circles are in the image? Select from the following choices.\n(A) 3\n"
+    )
     assert q.prompt.endswith("Answer with the option's letter from the given choices directly.")
     assert (q.task, q.source, q.type) == ("Count", "ADE20K", "2D")
     assert Image.open(io.BytesIO(q.image)).size == SIZE
@@ -245,7 +271,9 @@ def test_fixture_answers_are_true_of_the_images(cvbench):
         if q.task == "Count":
             labels, n = ndimage.label(red)
             blobs = np.bincount(labels.ravel())[1:]
-            assert (blobs > 100).sum() == int(said)  # drawn circles are ~200 px; the photos' red specks are small
+            assert (blobs > 100).sum() == int(
+                said
+            )  # drawn circles are ~200 px; the photos' red specks are small
         elif q.task == "Relation":
             red_left = np.nonzero(red)[1].mean() < np.nonzero(blue)[1].mean()
             assert said == ("left" if red_left else "right")
@@ -265,18 +293,30 @@ def test_mc_format_jsonl_paths_and_parquet_bytes(tmp_path, cvbench):
     for k, q in enumerate(source):
         (tmp_path / "images" / f"{q.id}.png").write_bytes(q.image)
         answer = [q.answer, f"({q.answer})", q.options[LETTERS.index(q.answer)], q.answer.lower()][k]
-        rows.append({"id": f"mc-{q.id}", "image": f"images/{q.id}.png", "question": q.prompt.split(" Select")[0],
-                     "options": list(q.options), "answer": answer, "category": q.task})
+        rows.append(
+            {
+                "id": f"mc-{q.id}",
+                "image": f"images/{q.id}.png",
+                "question": q.prompt.split(" Select")[0],
+                "options": list(q.options),
+                "answer": answer,
+                "category": q.task,
+            }
+        )
     jsonl = tmp_path / "set.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     parquet = tmp_path / "set.parquet"
-    pq.write_table(pa.Table.from_pylist([{**r, "image": (tmp_path / r["image"]).read_bytes()} for r in rows]), parquet)
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "image": (tmp_path / r["image"]).read_bytes()} for r in rows]), parquet
+    )
     for path in (jsonl, parquet):
         questions = load_mc(path)
         assert [q.answer for q in questions] == [q.answer for q in source]
         assert [q.image for q in questions] == [q.image for q in source]
-        assert questions[0].prompt == ("How many red circles are in the image?\nA. 3\nB. 1\nC. 2\nD. 0\n"
-                                      "Answer with the option's letter from the given choices directly.")
+        assert questions[0].prompt == (
+            "How many red circles are in the image?\nA. 3\nB. 1\nC. 2\nD. 0\n"
+            "Answer with the option's letter from the given choices directly."
+        )
         assert [q.task for q in questions] == ["Count", "Count", "Count", "Relation"]
 
     class Oracle:
@@ -290,12 +330,20 @@ def test_mc_format_jsonl_paths_and_parquet_bytes(tmp_path, cvbench):
 
 def test_bad_data_fails_loudly(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "q1", "image": "missing.png", "question": "?", "options": ["x", "y"],
-                               "answer": "C"}) + "\n")
+    bad.write_text(
+        json.dumps(
+            {"id": "q1", "image": "missing.png", "question": "?", "options": ["x", "y"], "answer": "C"}
+        )
+        + "\n"
+    )
     with pytest.raises(ValueError, match="q1: answer 'C'"):
         load_mc(bad)
-    bad.write_text(json.dumps({"id": "q1", "image": "missing.png", "question": "?", "options": ["x", "y"],
-                               "answer": "A"}) + "\n")
+    bad.write_text(
+        json.dumps(
+            {"id": "q1", "image": "missing.png", "question": "?", "options": ["x", "y"], "answer": "A"}
+        )
+        + "\n"
+    )
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_mc(bad)
 
@@ -314,8 +362,15 @@ def test_oracle_scores_100_percent(cvbench, tmp_path, mode):
     questions = load_cvbench(cvbench)
     results = score(Oracle(cvbench), questions, tmp_path, _settings(cvbench, mode), batch_size=4)
     assert (results["n"], results["correct"], results["unparsed"]) == (15, 15, [])
-    assert results["cvbench"] == {"Count": 1.0, "Depth": 1.0, "Relation": 1.0, "Distance": 1.0,
-                                  "2D": 1.0, "3D": 1.0, "Overall": 1.0}
+    assert results["cvbench"] == {
+        "Count": 1.0,
+        "Depth": 1.0,
+        "Relation": 1.0,
+        "Distance": 1.0,
+        "2D": 1.0,
+        "3D": 1.0,
+        "Overall": 1.0,
+    }
     lines = [json.loads(line) for line in (tmp_path / PREDICTIONS).read_text().splitlines()]
     assert [r["id"] for r in lines] == [q.id for q in questions] and all(r["correct"] for r in lines)
     if mode == "generate":  # every reply format was parsed
@@ -323,26 +378,43 @@ def test_oracle_scores_100_percent(cvbench, tmp_path, mode):
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == "group,name,n,correct,accuracy"
 
 
-@pytest.mark.parametrize(("mode", "continuation"), [("generate", "letter"), ("likelihood", "letter"),
-                                                    ("likelihood", "text")])
+@pytest.mark.parametrize(
+    ("mode", "continuation"), [("generate", "letter"), ("likelihood", "letter"), ("likelihood", "text")]
+)
 def test_constant_answer_scores_its_hand_counted_share(cvbench, tmp_path, mode, continuation):
-    results = score(ConstantA(), load_cvbench(cvbench), tmp_path,
-                    _settings(cvbench, mode, continuation=continuation), batch_size=5)
+    results = score(
+        ConstantA(),
+        load_cvbench(cvbench),
+        tmp_path,
+        _settings(cvbench, mode, continuation=continuation),
+        batch_size=5,
+    )
     # Hand counts from FIXTURE (answers that are A):
     assert results["sources"]["ADE20K"] == {"n": 5, "correct": 2, "accuracy": 2 / 5}
     assert results["sources"]["COCO"] == {"n": 4, "correct": 1, "accuracy": 1 / 4}
     assert results["sources"]["Omni3D"] == {"n": 6, "correct": 3, "accuracy": 3 / 6}
     cols = results["cvbench"]
-    assert cols["Count"] == pytest.approx(2 / 5)     # Count answers A B C D A
+    assert cols["Count"] == pytest.approx(2 / 5)  # Count answers A B C D A
     assert cols["Relation"] == pytest.approx(1 / 4)  # A B B B
-    assert cols["Depth"] == pytest.approx(2 / 3)     # A B A
+    assert cols["Depth"] == pytest.approx(2 / 3)  # A B A
     assert cols["Distance"] == pytest.approx(1 / 3)  # B B A
-    assert cols["2D"] == pytest.approx((2 / 5 + 1 / 4) / 2)  # 0.325: the card's mean of sources, not 3/9 pooled
+    assert cols["2D"] == pytest.approx(
+        (2 / 5 + 1 / 4) / 2
+    )  # 0.325: the card's mean of sources, not 3/9 pooled
     assert cols["3D"] == pytest.approx(3 / 6)
     assert cols["Overall"] == pytest.approx((0.325 + 0.5) / 2)  # 0.4125, not the pooled 6/15
     assert results["accuracy"] == pytest.approx(6 / 15)
     table = format_table({"constant": results})
-    assert table.splitlines()[0].split()[:8] == ["model", "Count", "Depth", "Relation", "Distance", "2D", "3D", "Overall"]
+    assert table.splitlines()[0].split()[:8] == [
+        "model",
+        "Count",
+        "Depth",
+        "Relation",
+        "Distance",
+        "2D",
+        "3D",
+        "Overall",
+    ]
     assert "41.2" in table or "41.3" in table
 
 
@@ -353,7 +425,9 @@ def test_unparsed_replies_are_wrong_and_listed(cvbench, tmp_path):
 
     results = score(Mumble(), load_cvbench(cvbench)[:4], tmp_path, _settings(cvbench), batch_size=4)
     assert results["unparsed"] == ["1", "3"]
-    assert results["correct"] == 1  # 0 and 2 replied A: 0 is A (right), 2 is C; 3 is A but its reply is unparsed
+    assert (
+        results["correct"] == 1
+    )  # 0 and 2 replied A: 0 is A (right), 2 is C; 3 is A but its reply is unparsed
     preds = read_predictions(tmp_path / PREDICTIONS)
     assert preds["1"]["parsed"] is None and preds["1"]["correct"] is False
 
@@ -374,8 +448,9 @@ def test_rerun_after_kill_resumes_without_rescoring(cvbench, tmp_path):
     resumed = score(oracle, questions, tmp_path / "run", _settings(cvbench), batch_size=4)
     assert oracle.asked == [q.id for q in questions[6:]]  # the torn 7th line is rescored, nothing before it
     assert path.read_text() == (tmp_path / "full" / PREDICTIONS).read_text()
-    assert {k: v for k, v in resumed.items() if k not in ("scored_now", "seconds")} == \
-           {k: v for k, v in full.items() if k not in ("scored_now", "seconds")}
+    assert {k: v for k, v in resumed.items() if k not in ("scored_now", "seconds")} == {
+        k: v for k, v in full.items() if k not in ("scored_now", "seconds")
+    }
 
     def never():
         raise AssertionError("a finished run must not load the model")
@@ -404,7 +479,9 @@ def test_compare_paired_bootstrap(cvbench, tmp_path):
 
     c = compare(const, oracle, bench="cvbench", resamples=500, seed=1)
     cols = c["columns"]
-    assert cols["Count"]["diff"] == pytest.approx(1 - 2 / 5) and cols["Overall"]["diff"] == pytest.approx(1 - 0.4125)
+    assert cols["Count"]["diff"] == pytest.approx(1 - 2 / 5) and cols["Overall"]["diff"] == pytest.approx(
+        1 - 0.4125
+    )
     for v in cols.values():
         assert v["low"] <= v["diff"] <= v["high"]
     # Every Depth question the constant model gets right, the oracle gets right too: the diff never goes below 0.
@@ -443,10 +520,29 @@ def _cli(*args):
 def test_tiny_student_end_to_end_both_modes_and_export(student, cvbench, tmp_path):
     ckpt, export = student
     runs = {}
-    for name, folder, mode in [("ckpt-lik", ckpt, "likelihood"), ("export-lik", export, "likelihood"),
-                               ("ckpt-gen", ckpt, "generate"), ("export-gen", export, "generate")]:
-        output = _cli(folder, "--bench", "cvbench", "--data", cvbench, "--out", tmp_path / name, "--mode", mode,
-                      "--batch-size", "4", "--max-new-tokens", "3", "--device", "cpu")
+    for name, folder, mode in [
+        ("ckpt-lik", ckpt, "likelihood"),
+        ("export-lik", export, "likelihood"),
+        ("ckpt-gen", ckpt, "generate"),
+        ("export-gen", export, "generate"),
+    ]:
+        output = _cli(
+            folder,
+            "--bench",
+            "cvbench",
+            "--data",
+            cvbench,
+            "--out",
+            tmp_path / name,
+            "--mode",
+            mode,
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        )
         assert "Count" in output and "Overall" in output
         runs[name] = read_predictions(tmp_path / name / PREDICTIONS)
         results = json.loads((tmp_path / name / "results.json").read_text())
@@ -456,16 +552,46 @@ def test_tiny_student_end_to_end_both_modes_and_export(student, cvbench, tmp_pat
         other = runs["export-lik"][i]
         np.testing.assert_allclose(row["raw"], other["raw"], atol=1e-3)
         assert row["parsed"] == other["parsed"]
-    assert {i: r["raw"] for i, r in runs["ckpt-gen"].items()} == {i: r["raw"] for i, r in runs["export-gen"].items()}
+    assert {i: r["raw"] for i, r in runs["ckpt-gen"].items()} == {
+        i: r["raw"] for i, r in runs["export-gen"].items()
+    }
 
     # --compare and --json: the same model twice -> zero difference; a rerun resumes (nothing scored now).
-    output = _cli(ckpt, "--compare", export, "--bench", "cvbench", "--data", cvbench, "--out", tmp_path / "cmp",
-                  "--mode", "likelihood", "--json", "--resamples", "200", "--device", "cpu")
+    output = _cli(
+        ckpt,
+        "--compare",
+        export,
+        "--bench",
+        "cvbench",
+        "--data",
+        cvbench,
+        "--out",
+        tmp_path / "cmp",
+        "--mode",
+        "likelihood",
+        "--json",
+        "--resamples",
+        "200",
+        "--device",
+        "cpu",
+    )
     report = json.loads(output)
     assert set(report["results"]) == {"ckpt", "llava"}
     assert all(v["diff"] == 0 for v in report["comparison"]["columns"].values())
-    again = json.loads(_cli(ckpt, "--bench", "cvbench", "--data", cvbench, "--out", tmp_path / "ckpt-lik",
-                            "--mode", "likelihood", "--json"))
+    again = json.loads(
+        _cli(
+            ckpt,
+            "--bench",
+            "cvbench",
+            "--data",
+            cvbench,
+            "--out",
+            tmp_path / "ckpt-lik",
+            "--mode",
+            "likelihood",
+            "--json",
+        )
+    )
     assert again["results"]["ckpt"]["scored_now"] == 0
 
 
@@ -524,7 +650,11 @@ def test_cli_errors_are_one_line(cvbench, tmp_path):
     from olavlm.cli.app import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--bench", "cvbench", "--data", str(cvbench)])
-    assert result.exit_code == 2 and "checkpoint folder" in result.output and "does not exist" in result.output
+    result = runner.invoke(
+        app, ["eval", str(tmp_path / "nope"), "--bench", "cvbench", "--data", str(cvbench)]
+    )
+    assert (
+        result.exit_code == 2 and "checkpoint folder" in result.output and "does not exist" in result.output
+    )
     result = runner.invoke(app, ["eval", str(tmp_path), "--bench", "mmlu", "--data", str(cvbench)])
     assert result.exit_code == 2 and "unknown bench 'mmlu'" in result.output

@@ -65,7 +65,9 @@ def test_export_matches_logits_and_prompt_ids(exported):
     ckpt, out = exported
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=_image(), text=text, return_tensors="pt")
     model = load_student(ckpt).eval()
@@ -196,8 +198,10 @@ def test_pad_trained_model_gets_the_same_pixels_in_training_generate_and_export(
     square.paste(image, (0, 15))
     from transformers import CLIPImageProcessor
 
-    clip = CLIPImageProcessor(size={"shortest_edge": transform.shortest_edge},
-                              crop_size={"height": transform.crop[0], "width": transform.crop[1]})
+    clip = CLIPImageProcessor(
+        size={"shortest_edge": transform.shortest_edge},
+        crop_size={"height": transform.crop[0], "width": transform.crop[1]},
+    )
     torch.testing.assert_close(generated, clip(images=square, return_tensors="pt")["pixel_values"][0])
     # and the padded input really differs from the centre crop of the same image
     assert (normalised(crop_transform(png.getvalue())) - training).abs().max() > 0.5

@@ -19,8 +19,17 @@ def _rows():
             for layer, base in ((1, 0.50), (2, 0.60)):
                 mean = base + (gain if arm == "ola" and layer == 2 else 0.0)
                 for probe_seed, noise in enumerate((-0.002, 0.002)):
-                    rows.append({"train_seed": seed, "checkpoint": arm, "teacher": "depth", "layer": layer,
-                                 "seed": probe_seed, "score": mean + noise, "distilled": arm == "ola" and layer == 2})
+                    rows.append(
+                        {
+                            "train_seed": seed,
+                            "checkpoint": arm,
+                            "teacher": "depth",
+                            "layer": layer,
+                            "seed": probe_seed,
+                            "score": mean + noise,
+                            "distilled": arm == "ola" and layer == 2,
+                        }
+                    )
     return rows
 
 
@@ -35,6 +44,10 @@ def test_paired_differences_and_noise_floor_by_hand():
     assert result["all_layers"]["diffs"] == pytest.approx([0.015, 0.005])
     assert result["probe_noise_std"] == pytest.approx(statistics.stdev([-0.002, 0.002]))
     assert result["baseline_at_distilled"] == pytest.approx(0.60)
-    text = describe({"config": {"train_seeds": 2, "steps": 1, "images": 1, "probe_seeds": 2, "probe_steps": 1},
-                     "teachers": summarise(_rows())})
+    text = describe(
+        {
+            "config": {"train_seeds": 2, "steps": 1, "images": 1, "probe_seeds": 2, "probe_steps": 1},
+            "teachers": summarise(_rows()),
+        }
+    )
     assert "+0.0200 ± 0.0141" in text

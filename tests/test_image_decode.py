@@ -44,7 +44,9 @@ def test_transform_matches_the_processor(ratio, resample, size):
     """5x larger than the target is where a reduced-scale (draft) JPEG decode kicked in and differed by ~20 levels."""
     from transformers import CLIPImageProcessor
 
-    clip = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}, resample=resample)
+    clip = CLIPImageProcessor(
+        size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}, resample=resample
+    )
     processor = with_aspect_ratio(clip, ratio)
     transform = ImageTransform.from_processor(processor)
     assert transform.pad == (ratio == "pad") and transform.resample == resample
@@ -63,14 +65,17 @@ def test_non_square_crop_and_crop_larger_than_the_image():
         transform = ImageTransform.from_processor(processor)
         got = torch.from_numpy(transform(data))
         assert got.shape == (3, crop["height"], crop["width"]) and got.is_contiguous()
-        assert (normalize_pixels(got[None], transform.mean, transform.std)[0]
-                - processor_pixels(processor, data)).abs().max() < TOLERANCE
+        assert (
+            normalize_pixels(got[None], transform.mean, transform.std)[0] - processor_pixels(processor, data)
+        ).abs().max() < TOLERANCE
 
 
 def test_other_filters_fall_back_to_pil():
     from transformers import CLIPImageProcessor
 
-    processor = CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}, resample=1)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}, resample=1
+    )
     transform = ImageTransform.from_processor(processor)  # 1 = Lanczos: no torch equivalent
     data = detailed_jpeg(50, 40)
     assert (ours(transform, data) - processor_pixels(processor, data)).abs().max() < TOLERANCE
@@ -108,7 +113,9 @@ def test_model_normalises_uint8_pixels_as_the_processor_would():
     from_uint8 = logits(uint8)
     assert torch.equal(from_uint8, logits(float_before))
     torch.testing.assert_close(from_uint8, logits(processor), atol=0.05, rtol=0.05)
-    assert not torch.allclose(from_uint8, logits(uint8.float()), atol=0.05, rtol=0.05)  # un-normalised differs
+    assert not torch.allclose(
+        from_uint8, logits(uint8.float()), atol=0.05, rtol=0.05
+    )  # un-normalised differs
     model.image_processor = None
     with pytest.raises(ValueError, match="image processor"):
         logits(uint8)
@@ -123,9 +130,15 @@ def test_bench_decode_ranks_the_decoders_against_the_processor():
     assert images == {"cat 451x300", "retina 1411x1411"} and all(r["ms"] > 0 for r in rows.values())
     for image in images:  # what the data path uses stays within the tests' tolerance, in both modes
         assert rows["crop", "PIL decode + torch resize (ImageTransform)", image]["max_diff"] < TOLERANCE
-        assert rows["pad", "PIL decode + numpy pad + torch resize (ImageTransform pad)", image]["max_diff"] < TOLERANCE
+        assert (
+            rows["pad", "PIL decode + numpy pad + torch resize (ImageTransform pad)", image]["max_diff"]
+            < TOLERANCE
+        )
     # the reduced-scale decode it replaced does not, on a detailed photo much larger than 336
-    assert rows["crop", "PIL draft(336) + PIL resize (former ImageTransform)", "retina 1411x1411"]["max_diff"] > TOLERANCE
+    assert (
+        rows["crop", "PIL draft(336) + PIL resize (former ImageTransform)", "retina 1411x1411"]["max_diff"]
+        > TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("height,width", [(37, 50), (50, 37), (7, 4), (3, 8), (6, 6)])

@@ -30,16 +30,28 @@ def corpus(tmp_path_factory):
             for i in range(5):
                 key = f"{s:05d}{i:04d}"
                 image = photo(s * 5 + i)
-                meta = {"url": f"https://example.com/{key}.jpg", "key": key, "status": "success", "error_message": None,
-                        "caption": caption(key), "width": image.width, "height": image.height}
-                writer.write(key, {"jpg": jpeg(image), "txt": caption(key).encode(), "json": json.dumps(meta).encode()})
+                meta = {
+                    "url": f"https://example.com/{key}.jpg",
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "caption": caption(key),
+                    "width": image.width,
+                    "height": image.height,
+                }
+                writer.write(
+                    key, {"jpg": jpeg(image), "txt": caption(key).encode(), "json": json.dumps(meta).encode()}
+                )
                 keys.append(key)
     return folder, keys
 
 
 def urls(folder) -> dict[str, str]:
-    return {"folder": str(folder), "brace": f"{folder}/{{000000..000001}}.tar",
-            "pipe": f"pipe:cat {folder}/{{000000..000001}}.tar"}
+    return {
+        "folder": str(folder),
+        "brace": f"{folder}/{{000000..000001}}.tar",
+        "pipe": f"pipe:cat {folder}/{{000000..000001}}.tar",
+    }
 
 
 def test_pipe_and_brace_list_the_same_shards(corpus):
@@ -64,9 +76,16 @@ def test_captions_become_a_prompt_and_an_answer(corpus, how):
 
     folder, keys = corpus
     tokenizer, layout, transform = tiny_text_setup()
-    config = DataConfig(data=urls(folder)[how], batch_size=4, num_workers=0, max_length=256,
-                        caption_prompt="Write a short caption.")
-    batches = one_epoch(build_loader(config, tokenizer=tokenizer, layout=layout, transform=transform), len(keys))
+    config = DataConfig(
+        data=urls(folder)[how],
+        batch_size=4,
+        num_workers=0,
+        max_length=256,
+        caption_prompt="Write a short caption.",
+    )
+    batches = one_epoch(
+        build_loader(config, tokenizer=tokenizer, layout=layout, transform=transform), len(keys)
+    )
     seen = []
     for batch in batches:
         for key, ids, labels in zip(batch["keys"], batch["input_ids"], batch["labels"]):
@@ -102,19 +121,30 @@ def test_precompute_then_train_through_a_pipe(ray_local, corpus, tmp_path, capsy
 
     folder, keys = corpus
     url = urls(folder)["pipe"]
-    summary = precompute(PrecomputeConfig(corpus=url, cache=str(tmp_path / "cache"), preset="tiny", batch_size=4,
-                                          progress=False))
+    summary = precompute(
+        PrecomputeConfig(
+            corpus=url, cache=str(tmp_path / "cache"), preset="tiny", batch_size=4, progress=False
+        )
+    )
     assert (summary.committed, summary.samples) == (6, 3 * len(keys))  # 3 teachers x 2 shards
     report = verify_cache(TargetCache(str(tmp_path / "cache")), corpus=str(folder))
     assert report.ok, report.problems
-    result = train(RunConfig(model=ModelConfig(preset="tiny"),
-                             data=DataConfig(data=url, cache=str(tmp_path / "cache"), batch_size=2, num_workers=0,
-                                             max_length=256),
-                             train=TrainConfig(stage="pt", steps=2, out=str(tmp_path / "run"), save_every=2,
-                                               log_every=1)))
+    result = train(
+        RunConfig(
+            model=ModelConfig(preset="tiny"),
+            data=DataConfig(
+                data=url, cache=str(tmp_path / "cache"), batch_size=2, num_workers=0, max_length=256
+            ),
+            train=TrainConfig(stage="pt", steps=2, out=str(tmp_path / "run"), save_every=2, log_every=1),
+        )
+    )
     err = capsys.readouterr().err
     assert "train pt: step 1/2 loss" in err and "train pt: step 2/2 loss" in err and "\r" not in err
-    assert result["step"] == 2 and result["last"]["loss"] > 0 and set(result["fingerprints"]) == {"depth", "gen", "seg"}
+    assert (
+        result["step"] == 2
+        and result["last"]["loss"] > 0
+        and set(result["fingerprints"]) == {"depth", "gen", "seg"}
+    )
 
 
 def test_pipe_reader_reads_forward_and_seeks_back_within_its_buffer(tmp_path):
@@ -134,7 +164,7 @@ def test_pipe_reader_reads_forward_and_seeks_back_within_its_buffer(tmp_path):
                 pos = reader.seek(rng.randint(far - _PipeReader.KEEP, far + 100_000))
             n = rng.choice([1, 512, 70_000, 300_000])
             chunk = reader.read(n)
-            assert chunk == data[pos:pos + n]
+            assert chunk == data[pos : pos + n]
             if not chunk:
                 break
             pos += len(chunk)

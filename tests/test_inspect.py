@@ -44,7 +44,9 @@ def test_verify_names_changed_image_and_missing_key(tmp_path, demo_corpus):
     dropped = table.pop()  # and one key lost its target without a recorded error
     for i, row in enumerate(table):
         row["row"] = i
-    pq.write_table(__import__("pyarrow").Table.from_pylist(table, schema=pq.read_schema(manifest_path)), manifest_path)
+    pq.write_table(
+        __import__("pyarrow").Table.from_pylist(table, schema=pq.read_schema(manifest_path)), manifest_path
+    )
     report = verify_cache(cache, corpus=demo_corpus)
     assert not report.ok
     text = "\n".join(report.problems)
@@ -73,8 +75,12 @@ def test_stats_json_reports_bytes_and_fidelity(tmp_path, demo_corpus):
     assert depth["rows"] == 24 and depth["dtype"] == "int8" and len(depth["shards"]) == 3
     assert depth["bytes"] == cache.root.size("depth") - sum(
         os.path.getsize(os.path.join(cache.root.path, "depth", s, f))
-        for s in cache.committed_shards("depth") for f in ("manifest.parquet", "errors.parquet", "commit.json"))
-    assert depth["compression"] == pytest.approx(24 * (16 * 8 * 1 + 16 * 4) / depth["bytes"])  # int8 + f32 scale
+        for s in cache.committed_shards("depth")
+        for f in ("manifest.parquet", "errors.parquet", "commit.json")
+    )
+    assert depth["compression"] == pytest.approx(
+        24 * (16 * 8 * 1 + 16 * 4) / depth["bytes"]
+    )  # int8 + f32 scale
     assert np.isfinite(depth["shards"][0]["mean_l2"]) and depth["shards"][0]["mean_l2"] > 0
     table = runner.invoke(app, ["cache", "stats", str(cache.root.path)])
     assert table.exit_code == 0 and "depth" in table.output

@@ -60,7 +60,9 @@ def assert_same_answers(index, reference: dict) -> None:
     assert "twice" in index and "nope" not in index
 
 
-@pytest.mark.parametrize("budget", [keyindex.DEFAULT_MEMORY_BUDGET, 2 * 56 * 12], ids=["one-bucket", "buckets"])
+@pytest.mark.parametrize(
+    "budget", [keyindex.DEFAULT_MEMORY_BUDGET, 2 * 56 * 12], ids=["one-bucket", "buckets"]
+)
 def test_lookups_equal_the_dict_rule(tmp_path, budget):
     cache = make(tmp_path / "cache")
     reference = dict_rule(cache, "gen")
@@ -116,8 +118,12 @@ def test_stale_index_is_refused_or_rebuilt_never_used(tmp_path):
 def test_concurrent_builders_publish_one_index(tmp_path):
     make(tmp_path / "cache")
     with ThreadPoolExecutor(4) as pool:
-        built = list(pool.map(lambda _: build_index(TargetCache(tmp_path / "cache"), "gen", memory_budget=2 * 56 * 12),
-                              range(4)))
+        built = list(
+            pool.map(
+                lambda _: build_index(TargetCache(tmp_path / "cache"), "gen", memory_budget=2 * 56 * 12),
+                range(4),
+            )
+        )
     assert len({b.folder for b in built}) == 1
     location = os.path.dirname(built[0].folder)
     assert os.listdir(location) == [built[0].token]  # no temporary folder left behind
@@ -165,15 +171,32 @@ def test_bench_join_smoke(tmp_path):
 
     from olavlm.cli.app import app
 
-    args = ["bench", "join", "--keys", "10000", "--shards", "10", "--lookups", "2000", "--memory-budget-mb", "1",
-            "--json", "--tmp", str(tmp_path)]
+    args = [
+        "bench",
+        "join",
+        "--keys",
+        "10000",
+        "--shards",
+        "10",
+        "--lookups",
+        "2000",
+        "--memory-budget-mb",
+        "1",
+        "--json",
+        "--tmp",
+        str(tmp_path),
+    ]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     result = json.loads(run.output)
     assert result["keys"] == 10_000 and result["shards"] == 10
     assert set(result["methods"]) == {"dict", "keyindex", "parquet"}
     for figures in result["methods"].values():
-        assert figures["build_s"] > 0 and figures["random_lookups_per_s"] > 0 and figures["shard_order_lookups_per_s"] > 0
+        assert (
+            figures["build_s"] > 0
+            and figures["random_lookups_per_s"] > 0
+            and figures["shard_order_lookups_per_s"] > 0
+        )
         assert figures["hits"] == figures["lookups"]  # every benchmark key is found by every method
         assert figures["peak_rss_mb"] > 0
     assert 56 * 10_000 <= result["methods"]["keyindex"]["disk_bytes"] < 56 * 10_000 + 10_000
@@ -184,7 +207,9 @@ def test_precompute_builds_the_index_of_local_caches_only(tmp_path, user_index_d
 
     local = make(tmp_path / "cache")
     build_key_indexes(local, ["gen"])
-    assert open_index(TargetCache(tmp_path / "cache"), "gen", build=False).folder.startswith(str(tmp_path / "cache"))
+    assert open_index(TargetCache(tmp_path / "cache"), "gen", build=False).folder.startswith(
+        str(tmp_path / "cache")
+    )
     remote = TargetCache("memory://keyindex-test/precompute")
     write_random_teacher(remote, "gen", {"a": ["x"]}, shape=(1, 4))
     build_key_indexes(remote, ["gen"])

@@ -87,8 +87,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             t /= world
         if rank == 0:
             with open(out, "w") as f:
-                json.dump({"loss": loss.item(), "gw": gw.flatten().tolist(), "gs": gs.item(),
-                           "ntp": ntp.item(), "gv": gv.flatten().tolist()}, f)
+                json.dump(
+                    {
+                        "loss": loss.item(),
+                        "gw": gw.flatten().tolist(),
+                        "gs": gs.item(),
+                        "ntp": ntp.item(),
+                        "gv": gv.flatten().tolist(),
+                    },
+                    f,
+                )
     finally:
         dist.destroy_process_group()
 
@@ -166,18 +174,21 @@ def test_next_token_loss_ignores_masked_labels():
     torch.testing.assert_close(next_token_loss(logits, labels), expected)
 
 
-
 def test_normalisers_scale_the_sum_of_this_batch():
     logits = torch.randn(2, 4, 11)
     labels = torch.tensor([[-100, 3, 4, -100], [-100, -100, 7, 1]])
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
-                            reduction="sum")
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     assert label_count(labels).item() == 4
-    torch.testing.assert_close(next_token_loss(logits, labels, tokens=torch.tensor(12.0), world_size=2), total * 2 / 12)
+    torch.testing.assert_close(
+        next_token_loss(logits, labels, tokens=torch.tensor(12.0), world_size=2), total * 2 / 12
+    )
     torch.testing.assert_close(next_token_loss(logits, labels, tokens=4.0), next_token_loss(logits, labels))
 
     x, target, weight, valid = _problem()
     pred = (x @ weight.T).view(-1, T, D)
     default = embedding_loss(pred, target, valid, torch.tensor(2.0))  # 3 valid samples
-    torch.testing.assert_close(embedding_loss(pred, target, valid, torch.tensor(2.0), images=torch.tensor(6.0)),
-                               default * 3 / 6)
+    torch.testing.assert_close(
+        embedding_loss(pred, target, valid, torch.tensor(2.0), images=torch.tensor(6.0)), default * 3 / 6
+    )

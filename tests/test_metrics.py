@@ -19,12 +19,23 @@ TERMS = ["loss", "ntp", "gen"]
 
 
 def config(out, **train) -> RunConfig:
-    return RunConfig(train=TrainConfig(**{"stage": "pt", "steps": 4, "log_every": 2, "out": str(out), **train}))
+    return RunConfig(
+        train=TrainConfig(**{"stage": "pt", "steps": 4, "log_every": 2, "out": str(out), **train})
+    )
 
 
 def record(step: int) -> dict:
-    return {"step": step, "loss": 1.0 / step, "ntp": 0.5 / step, "gen": 0.25 * step, "lr": 1e-3 * step,
-            "samples_per_s": 10.0 + step, "tokens_per_s": 100.0 + step, "grad_norm": None, "skipped": {}}
+    return {
+        "step": step,
+        "loss": 1.0 / step,
+        "ntp": 0.5 / step,
+        "gen": 0.25 * step,
+        "lr": 1e-3 * step,
+        "samples_per_s": 10.0 + step,
+        "tokens_per_s": 100.0 + step,
+        "grad_norm": None,
+        "skipped": {},
+    }
 
 
 def log_steps(metrics: Metrics, steps=range(1, 5)) -> None:
@@ -62,14 +73,19 @@ def test_missing_wandb_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_tensorboard_events_are_written_and_readable(tmp_path):
-    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra, not installed here; "
-                        "test_missing_tensorboard_names_the_extra covers the error path")
+    pytest.importorskip(
+        "tensorboard",
+        reason="tensorboard is an optional extra, not installed here; "
+        "test_missing_tensorboard_names_the_extra covers the error path",
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_steps(Metrics(config(tmp_path, tensorboard=True), main=True, step=0))
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {f"train/{n}" for n in [*TERMS, "lr", "samples_per_s", "tokens_per_s"]}
+    assert set(events.Tags()["scalars"]) == {
+        f"train/{n}" for n in [*TERMS, "lr", "samples_per_s", "tokens_per_s"]
+    }
     assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/gen")] == [(2, 0.5), (4, 1.0)]
 
 
@@ -95,7 +111,9 @@ class FakeWandb(types.ModuleType):
         return Run()
 
 
-def test_wandb_gets_init_scalars_per_logged_step_and_finish_and_resume_keeps_the_run_id(tmp_path, monkeypatch):
+def test_wandb_gets_init_scalars_per_logged_step_and_finish_and_resume_keeps_the_run_id(
+    tmp_path, monkeypatch
+):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -106,7 +124,10 @@ def test_wandb_gets_init_scalars_per_logged_step_and_finish_and_resume_keeps_the
     assert init["project"] == "ola-test" and init["name"] == "my-run" and init["dir"] == str(out)
     assert init["id"] == "run-id-1" and init["resume"] == "allow" and "mode" not in init  # WANDB_MODE decides
     assert init["config"]["train"]["wandb_project"] == "ola-test"
-    assert [(step, data["train/gen"], data["train/lr"]) for _, data, step in logs] == [(2, 0.5, 2e-3), (4, 1.0, 4e-3)]
+    assert [(step, data["train/gen"], data["train/lr"]) for _, data, step in logs] == [
+        (2, 0.5, 2e-3),
+        (4, 1.0, 4e-3),
+    ]
     assert set(logs[0][1]) == {f"train/{n}" for n in [*TERMS, "lr", "samples_per_s", "tokens_per_s"]}
     assert (out / METRICS).exists()  # jsonl beside wandb, not instead of it
 

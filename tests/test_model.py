@@ -63,7 +63,9 @@ def test_right_padding_does_not_change_predictions(model):
     model.eval()
     with torch.no_grad():
         short = model.predictions(make_batch(model, SAMPLES[:1]))
-        padded = model.predictions(make_batch(model, SAMPLES[:1], pad_to=len(sample_ids(model, *SAMPLES[0][:2])[0]) + 9))
+        padded = model.predictions(
+            make_batch(model, SAMPLES[:1], pad_to=len(sample_ids(model, *SAMPLES[0][:2])[0]) + 9)
+        )
     for name in short:
         torch.testing.assert_close(short[name], padded[name], atol=1e-5, rtol=1e-5)
     model.train()
@@ -93,7 +95,9 @@ def test_each_head_reads_hidden_states_of_its_paper_layer(model):
     model.eval()
     with torch.no_grad():
         got = model.predictions(batch)
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"], model.layout.locate(batch["input_ids"])[0])
+        embeds = model.embed(
+            batch["input_ids"], batch["pixel_values"], model.layout.locate(batch["input_ids"])[0]
+        )
         hidden_states = model.llava.model.language_model(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True
         ).hidden_states
@@ -129,7 +133,11 @@ def test_text_only_samples_contribute_no_embedding_loss(model):
     grads = {name: p.grad for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     # The NTP parts learn: every LLM block and the LM head get a non-zero gradient.
-    for prefix in ("llava.model.language_model.layers.0.", "llava.model.language_model.layers.3.", "llava.lm_head."):
+    for prefix in (
+        "llava.model.language_model.layers.0.",
+        "llava.model.language_model.layers.3.",
+        "llava.lm_head.",
+    ):
         part = [g for name, g in grads.items() if name.startswith(prefix)]
         assert part and all(g is not None for g in part), prefix
         assert sum(float(g.abs().sum()) for g in part) > 0, prefix
@@ -141,7 +149,11 @@ def test_text_only_samples_contribute_no_embedding_loss(model):
     mixed_ntp = make_batch(model, mixed)
     mixed_ntp.pop("targets")
     model(mixed_ntp)["loss"].backward()
-    projector = [p.grad for name, p in model.named_parameters() if name.startswith("llava.model.multi_modal_projector.")]
+    projector = [
+        p.grad
+        for name, p in model.named_parameters()
+        if name.startswith("llava.model.multi_modal_projector.")
+    ]
     assert projector and all(g is not None and g.abs().sum() > 0 for g in projector)
     model.zero_grad(set_to_none=True)
 
@@ -228,5 +240,7 @@ def test_another_checkpoint_format_is_refused_in_one_line(model, tmp_path):
     save_student(model, tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "olavlm.json").read_text())
     (tmp_path / "old" / "olavlm.json").write_text(json.dumps({**meta, "format": 1}))
-    with pytest.raises(ConfigError, match=r"olavlm\.json: checkpoint format 1; this olavlm reads format 2 only"):
+    with pytest.raises(
+        ConfigError, match=r"olavlm\.json: checkpoint format 1; this olavlm reads format 2 only"
+    ):
         load_student(tmp_path / "old")

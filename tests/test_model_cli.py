@@ -26,7 +26,17 @@ def test_export_and_generate_commands(tmp_path):
 
     for folder in (ckpt, tmp_path / "llava"):
         result = runner.invoke(
-            app, ["generate", str(folder), "--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "3"]
+            app,
+            [
+                "generate",
+                str(folder),
+                "--image",
+                str(image),
+                "--prompt",
+                "What is it?",
+                "--max-new-tokens",
+                "3",
+            ],
         )
         assert result.exit_code == 0, result.output
 

@@ -45,7 +45,9 @@ def test_forward_equals_the_hand_computed_objective():
         logits = model.logits(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
 
     # NTP: next-token cross-entropy over the assistant tokens (make_batch labels nothing else).
-    ntp = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    ntp = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).double(), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
     torch.testing.assert_close(out["ntp"].double(), ntp, rtol=1e-5, atol=1e-6)
 
     total = ntp

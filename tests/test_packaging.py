@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_locks_are_the_closure_of_the_declared_dependencies():
     for path, lines in _locks.compute().items():
-        assert path.read_text() == _locks.render(path, lines), f"{path.name} is stale: .venv/bin/python -m tests._locks"
+        assert path.read_text() == _locks.render(path, lines), (
+            f"{path.name} is stale: .venv/bin/python -m tests._locks"
+        )
     runtime, dev = _locks.read_lock(_locks.RUNTIME), _locks.read_lock(_locks.DEV)
     assert {"torch", "ray", "transformers", "zarr", "scikit-image"} <= set(runtime)
     assert {"pytest", "ruff", "moto", "s3fs"} <= set(dev) and not set(runtime) & set(dev)
@@ -30,8 +32,10 @@ def test_locks_are_the_closure_of_the_declared_dependencies():
 
 def test_extras_table_matches_pyproject():
     project = _locks._project()
-    optional = {extra: {line.split(">")[0].split("=")[0].split("[")[0] for line in lines}
-                for extra, lines in project["optional-dependencies"].items()}
+    optional = {
+        extra: {line.split(">")[0].split("=")[0].split("[")[0] for line in lines}
+        for extra, lines in project["optional-dependencies"].items()
+    }
     base = {line.split(">")[0].split("=")[0].split("[")[0] for line in project["dependencies"]}
     for module, (distribution, extra) in EXTRAS.items():
         assert distribution in optional[extra], (module, extra)
@@ -44,8 +48,11 @@ def test_extras_table_matches_pyproject():
 
 def test_require_names_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage.data", None)  # the import fails as if not installed
-    with pytest.raises(ConfigError, match=r"the demo corpus needs the `scikit-image` package: "
-                                          r"pip install 'olavlm\[demo\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the demo corpus needs the `scikit-image` package: "
+        r"pip install 'olavlm\[demo\]'",
+    ):
         require("skimage.data", "the demo corpus")
     monkeypatch.setitem(sys.modules, "not_an_extra", None)
     with pytest.raises(ImportError):  # a module that is no extra is a bug, not a user error
@@ -78,12 +85,32 @@ def test_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     Measured 1 min 54 s on 2 loaded cores (load 5-7), most of it installing torch, ray, pyarrow, scipy."""
     timings = {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               OLAVLM_TEACHERS_DIR=str(tmp_path / "teachers"), TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        OLAVLM_TEACHERS_DIR=str(tmp_path / "teachers"),
+        TOKENIZERS_PARALLELISM="false",
+    )
     start = time.perf_counter()
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-          str(tmp_path / "dist"), str(ROOT)], env, tmp_path, 300)
-    wheel, = (tmp_path / "dist").glob("olavlm-*.whl")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        env,
+        tmp_path,
+        300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("olavlm-*.whl")
     timings["wheel_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -95,15 +122,22 @@ def test_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     _run([*pip, "--no-deps", str(wheel)], env, tmp_path, 300)
     _run([str(python), "-m", "pip", "check"], env, tmp_path, 120)
     timings["venv_s"] = time.perf_counter() - start
-    dev_only = [n for n in ("pytest", "ruff", "moto", "s3fs")
-                if any((tmp_path / "venv").glob(f"lib/python*/site-packages/{n}"))]
+    dev_only = [
+        n
+        for n in ("pytest", "ruff", "moto", "s3fs")
+        if any((tmp_path / "venv").glob(f"lib/python*/site-packages/{n}"))
+    ]
     assert not dev_only, f"dev packages in the runtime venv: {dev_only}"
 
     start = time.perf_counter()
     assert "precompute" in _run([str(ola), "--help"], env, tmp_path, 120).stdout
     _run([str(ola), "corpus", "demo", "corpus", "--samples", "8", "--shard-size", "4"], env, tmp_path, 300)
-    done = _run([str(ola), "precompute", "corpus", "cache", "--preset", "tiny", "--json", "--no-progress"],
-                env, tmp_path, 600)
+    done = _run(
+        [str(ola), "precompute", "corpus", "cache", "--preset", "tiny", "--json", "--no-progress"],
+        env,
+        tmp_path,
+        600,
+    )
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["shards"] == 2 and summary["images"] == 8 and summary["errors"] == 0, summary
     assert (tmp_path / "cache").is_dir()

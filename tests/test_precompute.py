@@ -33,7 +33,9 @@ ray_local = pytest.fixture(scope="module")(local_ray)
 
 
 def config(corpus, cache, **kwargs) -> PrecomputeConfig:
-    return PrecomputeConfig(corpus=str(corpus), cache=str(cache), preset="tiny", batch_size=4, progress=False, **kwargs)
+    return PrecomputeConfig(
+        corpus=str(corpus), cache=str(cache), preset="tiny", batch_size=4, progress=False, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,9 @@ def test_end_to_end_targets_equal_the_teachers(full_run, corpus):
         expected = reference_targets(folder, name)
         assert sorted(stored) == sorted(keys) == sorted(expected)
         for key in keys:
-            np.testing.assert_allclose(stored[key].astype(np.float32), expected[key].astype(np.float32), atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(
+                stored[key].astype(np.float32), expected[key].astype(np.float32), atol=2e-3, rtol=2e-3
+            )
     manifest = cache.manifest("depth").to_pandas() if hasattr(cache.manifest("depth"), "to_pandas") else None
     if manifest is not None:
         assert set(manifest["sha256"]) and (manifest["sha256"].str.len() == 64).all()
@@ -87,7 +91,9 @@ def test_end_to_end_targets_equal_the_teachers(full_run, corpus):
 def test_rerun_skips_everything_and_changes_nothing(ray_local, full_run, corpus):
     cache_root, _ = full_run
     before = read_cache(cache_root, "seg")
-    commits = {s: os.path.getmtime(cache_root / "seg" / s / "commit.json") for s in ("shard-000000", "shard-000001")}
+    commits = {
+        s: os.path.getmtime(cache_root / "seg" / s / "commit.json") for s in ("shard-000000", "shard-000001")
+    }
     summary = precompute(config(corpus[0], cache_root))
     assert (summary.committed, summary.skipped, summary.images) == (0, 6, 0)
     after = read_cache(cache_root, "seg")
@@ -111,8 +117,14 @@ def test_a_teacher_added_by_configuration_is_cached_like_the_preset_ones(ray_loc
 
     gen_folder = preset_sources("tiny", ("gen",))["gen"].model  # the same weights under a second name
     cache_root = tmp_path / "cache"
-    summary = precompute(config(corpus[0], cache_root, teachers=("gen", "gen_copy"),
-                                overrides={"gen_copy": f"clip_image_embeds:{gen_folder}"}))
+    summary = precompute(
+        config(
+            corpus[0],
+            cache_root,
+            teachers=("gen", "gen_copy"),
+            overrides={"gen_copy": f"clip_image_embeds:{gen_folder}"},
+        )
+    )
     assert summary.committed == 4
     assert TargetCache(cache_root).teachers() == ["gen", "gen_copy"]
     original, copy = read_cache(cache_root, "gen"), read_cache(cache_root, "gen_copy")
@@ -128,8 +140,20 @@ def test_spec_change_is_refused_then_overwritten_and_int8_records_fidelity(ray_l
 
     cache_root = tmp_path / "cache"
     precompute(config(corpus[0], cache_root, teachers=("gen",)))
-    args = ["precompute", str(corpus[0]), str(cache_root), "--preset", "tiny", "--teachers", "gen",
-            "--dtype", "int8", "--batch-size", "4", "--no-progress"]
+    args = [
+        "precompute",
+        str(corpus[0]),
+        str(cache_root),
+        "--preset",
+        "tiny",
+        "--teachers",
+        "gen",
+        "--dtype",
+        "int8",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2 and "--overwrite" in refused.output and "dtype" in refused.output
     done = CliRunner().invoke(app, [*args, "--overwrite"])
@@ -255,8 +279,19 @@ def test_inputs_equal_written_plus_errors_per_shard(bad_run):
 def test_dry_run_prints_the_plan_and_writes_nothing(full_run, corpus, tmp_path):
     from olavlm.cli.app import app
 
-    fresh = CliRunner().invoke(app, ["precompute", str(corpus[0]), str(tmp_path / "new"), "--preset", "tiny",
-                                     "--teachers", "depth,gen", "--dry-run"])
+    fresh = CliRunner().invoke(
+        app,
+        [
+            "precompute",
+            str(corpus[0]),
+            str(tmp_path / "new"),
+            "--preset",
+            "tiny",
+            "--teachers",
+            "depth,gen",
+            "--dry-run",
+        ],
+    )
     assert fresh.exit_code == 0, fresh.output
     assert "depth" in fresh.output and "0 shards done, 2 to do (10 samples)" in fresh.output
     assert not (tmp_path / "new").exists()
@@ -280,9 +315,14 @@ def test_corpus_errors_exit_non_zero_with_a_message(tmp_path, make):
 def test_bad_options_are_clear_errors(tmp_path, corpus):
     from olavlm.cli.app import app
 
-    for args, message in ((["--teacher", "depth"], "NAME=PATH_OR_ID"), (["--dtype", "float8"], "float16"),
-                          (["--teachers", "normals"], "unknown teacher")):
-        result = CliRunner().invoke(app, ["precompute", str(corpus[0]), str(tmp_path / "c"), "--preset", "tiny", *args])
+    for args, message in (
+        (["--teacher", "depth"], "NAME=PATH_OR_ID"),
+        (["--dtype", "float8"], "float16"),
+        (["--teachers", "normals"], "unknown teacher"),
+    ):
+        result = CliRunner().invoke(
+            app, ["precompute", str(corpus[0]), str(tmp_path / "c"), "--preset", "tiny", *args]
+        )
         assert result.exit_code == 2 and message in result.output, result.output
 
 
@@ -290,7 +330,9 @@ def test_bad_options_are_clear_errors(tmp_path, corpus):
 @pytest.mark.slow
 def test_cache_on_s3(ray_local, corpus, s3_options):
     options = s3_options
-    summary = precompute(config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options))
+    summary = precompute(
+        config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options)
+    )
     assert (summary.committed, summary.samples) == (2, 10)
     cache = TargetCache("s3://olavlm/precompute-cache", options)
     assert cache.committed_shards("gen") == ["shard-000000", "shard-000001"]
@@ -298,7 +340,9 @@ def test_cache_on_s3(ray_local, corpus, s3_options):
     expected = reference_targets(corpus[0], "gen")
     stored = read_cache("s3://olavlm/precompute-cache", "gen", **options)
     assert sorted(stored) == sorted(expected)
-    again = precompute(config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options))
+    again = precompute(
+        config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options)
+    )
     assert (again.committed, again.skipped) == (0, 2)
     assert json.loads(json.dumps(cache.commit_info("gen", "shard-000000")))["rows"] == 5
 
@@ -307,10 +351,26 @@ def test_cache_on_s3(ray_local, corpus, s3_options):
 def test_bench_precompute_reports_the_busy_fraction():
     from olavlm.cli.app import app
 
-    result = CliRunner().invoke(app, ["bench", "precompute", "--json", "--preset", "tiny", "--images", "8",
-                                      "--shards", "2", "--batch-size", "4", "--teachers", "gen"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "precompute",
+            "--json",
+            "--preset",
+            "tiny",
+            "--images",
+            "8",
+            "--shards",
+            "2",
+            "--batch-size",
+            "4",
+            "--teachers",
+            "gen",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    figures = json.loads(result.output[result.output.index("{"):])
+    figures = json.loads(result.output[result.output.index("{") :])
     assert figures["images"] == 8 and figures["busy_fraction"] > 0 and figures["bare_images_per_s"] > 0
 
 
@@ -324,7 +384,11 @@ def test_non_finite_teacher_outputs_become_recorded_errors():
     batch = {"keys": ["a", "b", "c"], "sha256s": ["ha", "hb", "hc"], "errors": [("z", "decode", "bad")]}
     kept, keys, sha256s, errors = drop_non_finite("depth", targets, batch)
     assert keys == ["a", "c"] and sha256s == ["ha", "hc"] and kept.shape == (2, 2, 4)
-    assert errors == [("z", "decode", "bad"), ("b", "teacher", "teacher 'depth' returned NaN/inf for this image")]
-    same = drop_non_finite("depth", torch.ones(2, 1, 1), {"keys": ["x", "y"], "sha256s": ["1", "2"], "errors": []})
+    assert errors == [
+        ("z", "decode", "bad"),
+        ("b", "teacher", "teacher 'depth' returned NaN/inf for this image"),
+    ]
+    same = drop_non_finite(
+        "depth", torch.ones(2, 1, 1), {"keys": ["x", "y"], "sha256s": ["1", "2"], "errors": []}
+    )
     assert same[1] == ["x", "y"] and same[0].shape == (2, 1, 1)
-

@@ -36,8 +36,20 @@ def ray_address(ray_local):
 
 
 def job(corpus, cache, address) -> list[str]:
-    return cli_command("precompute", str(corpus), str(cache), "--preset", "tiny", "--teachers", ",".join(TEACHERS),
-                       "--batch-size", "4", "--address", address, "--no-progress")
+    return cli_command(
+        "precompute",
+        str(corpus),
+        str(cache),
+        "--preset",
+        "tiny",
+        "--teachers",
+        ",".join(TEACHERS),
+        "--batch-size",
+        "4",
+        "--address",
+        address,
+        "--no-progress",
+    )
 
 
 def wait_for(process: subprocess.Popen, ready, timeout: float = 120) -> None:
@@ -90,15 +102,28 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(ray_address, 
 
     # even trials: a moment of the whole shard phase; odd trials: a moment between the first and last commit
     rng = random.Random(20241209)
-    plan = [("phase", rng.uniform(0.0, 0.9) * (stamps[-1] - registered)) if t % 2 == 0
-            else ("commits", rng.uniform(0.0, 0.8) * window) for t in range(TRIALS)]
+    plan = [
+        ("phase", rng.uniform(0.0, 0.9) * (stamps[-1] - registered))
+        if t % 2 == 0
+        else ("commits", rng.uniform(0.0, 0.8) * window)
+        for t in range(TRIALS)
+    ]
     assert len({round(m, 2) for _, m in plan}) == TRIALS
     seen_partial = 0
     for trial, (anchor, moment) in enumerate(plan):
         cache_root = tmp_path / f"killed-{trial}"
-        process = subprocess.Popen(job(corpus, cache_root, ray_address), start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(process, (cache_root / "cache.json").exists if anchor == "phase" else lambda root=cache_root: commits(root))
+        process = subprocess.Popen(
+            job(corpus, cache_root, ray_address),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(
+            process,
+            (cache_root / "cache.json").exists
+            if anchor == "phase"
+            else lambda root=cache_root: commits(root),
+        )
         time.sleep(moment)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # the job's process group, as `kill -9 -PGID`

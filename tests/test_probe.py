@@ -25,8 +25,14 @@ def probe_setup(tmp_path_factory, demo_corpus):
     write_random_teacher(cache, "depth", shards, shape=(16, 8), sha256s=hashes)
     write_random_teacher(cache, "gen", shards, shape=(1, 8), sha256s=hashes, seed=5)
     tiny = build_tiny_student(root / "student")
-    config = ModelConfig(vision_model=tiny.vision_model, llm=tiny.llm, tasks=("depth", "gen"), head_width=32,
-                         head_num_heads=4, layers={"depth": (1,), "gen": (2,)})
+    config = ModelConfig(
+        vision_model=tiny.vision_model,
+        llm=tiny.llm,
+        tasks=("depth", "gen"),
+        head_width=32,
+        head_num_heads=4,
+        layers={"depth": (1,), "gen": (2,)},
+    )
     checkpoints = []
     for seed in (0, 1):
         import torch
@@ -44,10 +50,14 @@ def test_probe_scores_plot_and_resume(probe_setup, demo_corpus):
     config = ProbeConfig(layers=(1, 2), steps=3, batch_size=4, width=16, heldout_percent=30)
     rows = run_probe(checkpoints, data=demo_corpus, cache=cache, out=str(out), config=config, device="cpu")
     assert {(r["checkpoint"], r["teacher"], r["layer"], r["seed"]) for r in rows} == {
-        (c, t, layer, 0) for c in ("ckpt0", "ckpt1") for t in ("depth", "gen") for layer in (1, 2)}
+        (c, t, layer, 0) for c in ("ckpt0", "ckpt1") for t in ("depth", "gen") for layer in (1, 2)
+    }
     heldout = sum(is_heldout(f"demo-{i:06d}", 30) for i in range(24))
     assert all(-1.0 <= r["score"] <= 1.0 and r["heldout_images"] == heldout for r in rows)
-    assert [r["distilled"] for r in rows if r["checkpoint"] == "ckpt0" and r["teacher"] == "gen"] == [False, True]
+    assert [r["distilled"] for r in rows if r["checkpoint"] == "ckpt0" and r["teacher"] == "gen"] == [
+        False,
+        True,
+    ]
     assert Image.open(out / "probe.png").format == "PNG"
     assert (out / "probe.csv").read_text().count("\n") == 1 + 8
     # Resume per layer: a wider layer set trains only the new layer, keeps the old scores.
@@ -58,28 +68,55 @@ def test_probe_scores_plot_and_resume(probe_setup, demo_corpus):
     assert len(after) == 12 and all(after[k] == v for k, v in before.items())
     assert len(json.loads((out / "probe.json").read_text())["rows"]) == 12
     # Other weights under the same name: its scores are stale and recomputed, the other checkpoint's kept.
-    swapped = run_probe([checkpoints[1], checkpoints[0]], names=["ckpt0", "ckpt1"], data=demo_corpus, cache=cache,
-                        out=str(out), config=wider, device="cpu")
+    swapped = run_probe(
+        [checkpoints[1], checkpoints[0]],
+        names=["ckpt0", "ckpt1"],
+        data=demo_corpus,
+        cache=cache,
+        out=str(out),
+        config=wider,
+        device="cpu",
+    )
     models = {r["checkpoint"]: r["identity"]["model"] for r in swapped}
-    assert models == {"ckpt0": str(Path(checkpoints[1]).resolve()), "ckpt1": str(Path(checkpoints[0]).resolve())}
+    assert models == {
+        "ckpt0": str(Path(checkpoints[1]).resolve()),
+        "ckpt1": str(Path(checkpoints[0]).resolve()),
+    }
     assert len(swapped) == 12
     # A different probe budget: nothing is reused.
     other_budget = ProbeConfig(layers=(1,), steps=2, batch_size=4, width=16, heldout_percent=30)
-    rerun = run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(out), config=other_budget, device="cpu")
+    rerun = run_probe(
+        checkpoints[:1], data=demo_corpus, cache=cache, out=str(out), config=other_budget, device="cpu"
+    )
     assert all(r["identity"]["budget"]["steps"] == 2 for r in rerun) and len(rerun) == 2
 
 
 def test_probe_refuses_unknown_teacher_and_layer(probe_setup, demo_corpus):
     root, cache, checkpoints = probe_setup
     with pytest.raises(ValueError, match="no targets for teachers"):
-        run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(root / "x"),
-                  config=ProbeConfig(teachers=("seg",), steps=1))
+        run_probe(
+            checkpoints[:1],
+            data=demo_corpus,
+            cache=cache,
+            out=str(root / "x"),
+            config=ProbeConfig(teachers=("seg",), steps=1),
+        )
     with pytest.raises(ValueError, match="outside"):
-        run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(root / "y"),
-                  config=ProbeConfig(layers=(9,), steps=1))
+        run_probe(
+            checkpoints[:1],
+            data=demo_corpus,
+            cache=cache,
+            out=str(root / "y"),
+            config=ProbeConfig(layers=(9,), steps=1),
+        )
     with pytest.raises(ValueError, match="outside"):  # paper numbering: 0 is the embedding output
-        run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(root / "z"),
-                  config=ProbeConfig(layers=(0,), steps=1))
+        run_probe(
+            checkpoints[:1],
+            data=demo_corpus,
+            cache=cache,
+            out=str(root / "z"),
+            config=ProbeConfig(layers=(0,), steps=1),
+        )
 
 
 @pytest.mark.timeout(300)
@@ -90,9 +127,13 @@ def test_probe_seeds_report_spread_and_resume_per_seed(probe_setup, demo_corpus,
     out = root / "probe-seeds"
     one = ProbeConfig(layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30)
     first = run_probe(checkpoints, data=demo_corpus, cache=cache, out=str(out), config=one, device="cpu")
-    three = ProbeConfig(layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30, seeds=3)
+    three = ProbeConfig(
+        layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30, seeds=3
+    )
     rows = run_probe(checkpoints, data=demo_corpus, cache=cache, out=str(out), config=three, device="cpu")
-    assert sorted((r["checkpoint"], r["seed"]) for r in rows) == [(c, s) for c in ("ckpt0", "ckpt1") for s in (0, 1, 2)]
+    assert sorted((r["checkpoint"], r["seed"]) for r in rows) == [
+        (c, s) for c in ("ckpt0", "ckpt1") for s in (0, 1, 2)
+    ]
     kept = {(r["checkpoint"], r["seed"]): r["score"] for r in rows}
     assert all(kept[(r["checkpoint"], 0)] == r["score"] for r in first)  # seed 0 reused, not retrained
     scores = [kept[("ckpt0", s)] for s in (0, 1, 2)]
@@ -123,12 +164,12 @@ def test_probe_reads_the_prompt_not_the_answer(probe_setup):
     assert ids.count(model.layout.image_token_id) == model.layout.num_image_tokens
     start = ids.index(model.layout.image_token_id) + model.layout.num_image_tokens
     task_ids = [i for t in model.layout.tasks for i in model.layout.task_token_ids[t]]
-    assert ids[start:start + len(task_ids)] == task_ids
+    assert ids[start : start + len(task_ids)] == task_ids
     # ends with the generation prompt: what the template adds after an empty assistant turn begins
     messages = [{"role": "user", "content": "x"}]
     with_prompt = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     without = model.tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text.endswith(with_prompt[len(without):])
+    assert text.endswith(with_prompt[len(without) :])
 
 
 def test_probe_user_errors_are_one_red_line(probe_setup, demo_corpus, tmp_path):
@@ -138,9 +179,26 @@ def test_probe_user_errors_are_one_red_line(probe_setup, demo_corpus, tmp_path):
     from olavlm.cli.app import app
 
     _, cache, checkpoints = probe_setup
-    for extra, message in ((["--seeds", "0"], "seeds must be >= 1"), (["--teachers", "seg"], "no targets for teachers")):
-        result = CliRunner().invoke(app, ["probe", checkpoints[0], "--data", demo_corpus, "--cache", cache,
-                                          "--out", str(tmp_path / "p"), "--steps", "1", *extra])
+    for extra, message in (
+        (["--seeds", "0"], "seeds must be >= 1"),
+        (["--teachers", "seg"], "no targets for teachers"),
+    ):
+        result = CliRunner().invoke(
+            app,
+            [
+                "probe",
+                checkpoints[0],
+                "--data",
+                demo_corpus,
+                "--cache",
+                cache,
+                "--out",
+                str(tmp_path / "p"),
+                "--steps",
+                "1",
+                *extra,
+            ],
+        )
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
 
@@ -149,8 +207,15 @@ def test_probe_user_errors_are_one_red_line(probe_setup, demo_corpus, tmp_path):
 def test_probe_with_loader_workers_scores_every_heldout_image_once(probe_setup, demo_corpus):
     """Loader workers drift apart by epochs; the held-out pass must still cover exactly epoch 0's images."""
     root, cache, checkpoints = probe_setup
-    config = ProbeConfig(layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30,
-                         num_workers=2)
-    rows = run_probe(checkpoints[:1], data=demo_corpus, cache=cache, out=str(root / "probe-workers"), config=config,
-                     device="cpu")
+    config = ProbeConfig(
+        layers=(2,), teachers=("depth",), steps=2, batch_size=4, width=16, heldout_percent=30, num_workers=2
+    )
+    rows = run_probe(
+        checkpoints[:1],
+        data=demo_corpus,
+        cache=cache,
+        out=str(root / "probe-workers"),
+        config=config,
+        device="cpu",
+    )
     assert [r["heldout_images"] for r in rows] == [sum(is_heldout(f"demo-{i:06d}", 30) for i in range(24))]

@@ -27,7 +27,9 @@ def synthetic(n: int, seed: int):
         target = torch.randn(16, T, D, generator=gen)
         states = {layer: torch.randn(16, L, WIDTH, generator=gen) for layer in LAYERS}
         # Every token of the signal layer carries the same linear image of the flattened target.
-        states[SIGNAL] = (target.flatten(1) @ mix)[:, None, :] + 0.05 * torch.randn(16, L, WIDTH, generator=gen)
+        states[SIGNAL] = (target.flatten(1) @ mix)[:, None, :] + 0.05 * torch.randn(
+            16, L, WIDTH, generator=gen
+        )
         keys = [f"k{seed}-{start + i}" for i in range(16)]
         batches.append({"keys": keys, "targets": {"depth": target}, "states": states})
     return batches

@@ -116,15 +116,31 @@ def test_without_address_a_fresh_local_ray_whatever_is_registered(corpus, tmp_pa
     stale = _free_port()  # nothing listens there
     with open(os.path.join(short_tmp, "ray_current_cluster"), "w") as f:
         f.write(f"127.0.0.1:{stale}")
-    monkeypatch.setenv("RAY_TMPDIR", short_tmp)  # where Ray looks for the registration (and keeps its session)
+    monkeypatch.setenv(
+        "RAY_TMPDIR", short_tmp
+    )  # where Ray looks for the registration (and keeps its session)
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{stale}")
     for name, value in RAY_ENV.items():
         monkeypatch.setenv(name, value)
     from olavlm.cli.app import app
 
     cache = tmp_path / "cache"
-    result = CliRunner().invoke(app, ["precompute", str(corpus[0]), str(cache), "--preset", "tiny", "--teachers",
-                                      "gen", "--batch-size", "4", "--no-progress", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "precompute",
+            str(corpus[0]),
+            str(cache),
+            "--preset",
+            "tiny",
+            "--teachers",
+            "gen",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["committed"] == 2 and summary["samples"] == len(corpus[1]) and summary["errors"] == 0
@@ -141,10 +157,23 @@ def ray_head(temp_dir: str, timeout: float = 60.0):
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         "--include-dashboard=false", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            f"--temp-dir={temp_dir}",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     try:
@@ -152,8 +181,9 @@ def ray_head(temp_dir: str, timeout: float = 60.0):
         while True:  # the GCS is up when `ray status` answers
             if head.poll() is not None:
                 raise RuntimeError(f"ray start exited {head.returncode}: {open(log.name).read()[-2000:]}")
-            probe = subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True,
-                                   timeout=30)
+            probe = subprocess.run(
+                [ray_cli, "status", f"--address={address}"], env=env, capture_output=True, timeout=30
+            )
             if probe.returncode == 0:
                 break
             if time.monotonic() > deadline:
@@ -211,10 +241,27 @@ def test_precompute_against_a_cluster_started_with_ray_start(corpus, tmp_path, s
     with ray_head(short_tmp) as (address, env):
         runtime_env = json.dumps({"env_vars": {"OLA_TEST_RUNTIME_ENV": "1"}})
         proc = subprocess.run(
-            cli_command("precompute", str(corpus[0]), str(cache), "--preset", "tiny", "--batch-size", "4",
-                        "--address", address, "--runtime-env", runtime_env, "--max-restarts", "1", "--no-progress",
-                        "--json"),
-            env=env, capture_output=True, text=True, timeout=150,
+            cli_command(
+                "precompute",
+                str(corpus[0]),
+                str(cache),
+                "--preset",
+                "tiny",
+                "--batch-size",
+                "4",
+                "--address",
+                address,
+                "--runtime-env",
+                runtime_env,
+                "--max-restarts",
+                "1",
+                "--no-progress",
+                "--json",
+            ),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

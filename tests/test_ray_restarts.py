@@ -23,8 +23,20 @@ CRASH_KEY = "s1-002"
 
 
 def precompute(corpus, cache, *options: str) -> subprocess.CompletedProcess:
-    argv = cli_command("precompute", str(corpus), str(cache), "--preset", "tiny", "--teachers", ",".join(TEACHERS),
-                       "--batch-size", "2", "--json", "--no-progress", *options)
+    argv = cli_command(
+        "precompute",
+        str(corpus),
+        str(cache),
+        "--preset",
+        "tiny",
+        "--teachers",
+        ",".join(TEACHERS),
+        "--batch-size",
+        "2",
+        "--json",
+        "--no-progress",
+        *options,
+    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(argv, capture_output=True, text=True, timeout=400, env=env)
 
@@ -43,20 +55,25 @@ def test_a_killed_actor_is_restarted_and_the_cache_equals_an_uninterrupted_run(t
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     marker = tmp_path / "crashed"
-    run = precompute(corpus, tmp_path / "cache", *crash_once(marker), "--max-restarts", "1", "--max-retries", "1")
+    run = precompute(
+        corpus, tmp_path / "cache", *crash_once(marker), "--max-restarts", "1", "--max-retries", "1"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert marker.exists(), "the hook did not fire: no actor computed the crash key"
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["shards"] == 3 and summary["images"] == len(keys) and summary["errors"] == 0, summary
     for teacher in TEACHERS:
-        assert sorted(TargetCache(tmp_path / "cache").committed_shards(teacher)) == [f"shard-{s:06d}" for s in range(3)]
+        assert sorted(TargetCache(tmp_path / "cache").committed_shards(teacher)) == [
+            f"shard-{s:06d}" for s in range(3)
+        ]
         expected, got = read_cache(tmp_path / "reference", teacher), read_cache(tmp_path / "cache", teacher)
         assert sorted(got) == sorted(expected) == sorted(keys)
         for key in keys:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{teacher} {key}")
 
-    no_restart = precompute(corpus, tmp_path / "no-restart", *crash_once(tmp_path / "crashed-too"),
-                            "--max-restarts", "0")
+    no_restart = precompute(
+        corpus, tmp_path / "no-restart", *crash_once(tmp_path / "crashed-too"), "--max-restarts", "0"
+    )
     assert (tmp_path / "crashed-too").exists()
     assert no_restart.returncode != 0, "the job survived an actor crash without restarts"
     assert "ActorDiedError" in no_restart.stderr, no_restart.stderr[-3000:]

@@ -66,8 +66,13 @@ def run_config(data, out, num_workers: int = 0, **train_options) -> RunConfig:
     d, student = data
     return RunConfig(
         model=ModelConfig(vision_model=student.vision_model, llm=student.llm, **TINY_HEADS),
-        data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=num_workers,
-                        max_length=256),
+        data=DataConfig(
+            data=str(d / "corpus"),
+            cache=str(d / "cache"),
+            batch_size=2,
+            num_workers=num_workers,
+            max_length=256,
+        ),
         train=TrainConfig(stage="pt", steps=4, out=str(out), save_every=2, log_every=1, **train_options),
     )
 
@@ -95,8 +100,11 @@ def assert_same_run(full: Path, resumed: Path) -> None:
 
 
 def resume_config(full: Path, out: Path, **train_options) -> RunConfig:
-    return RunConfig(train=TrainConfig(resume=str(full / "checkpoints" / "step-00000002"), out=str(out), steps=4,
-                                       **train_options))
+    return RunConfig(
+        train=TrainConfig(
+            resume=str(full / "checkpoints" / "step-00000002"), out=str(out), steps=4, **train_options
+        )
+    )
 
 
 @pytest.mark.timeout(300)
@@ -160,8 +168,16 @@ def test_ddp_two_processes_resume_matches_the_uninterrupted_run(data, tmp_path):
     script = tmp_path / "ddp_resume.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(script), *map(str, paths)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        *map(str, paths),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((checkpoint.find(resumed) / "trainer.json").read_text())

@@ -21,9 +21,11 @@ def data(tmp_path_factory):
 
 
 def config(d, tasks=("gen", "depth", "seg"), **train) -> RunConfig:
-    return RunConfig(model=ModelConfig(preset="tiny", tasks=tasks),
-                     data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache")),
-                     train=TrainConfig(out=str(d / "out"), **train))
+    return RunConfig(
+        model=ModelConfig(preset="tiny", tasks=tasks),
+        data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache")),
+        train=TrainConfig(out=str(d / "out"), **train),
+    )
 
 
 def test_targets_fingerprints_and_preset(data):

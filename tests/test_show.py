@@ -30,8 +30,10 @@ def test_show_writes_png(tmp_path, demo_corpus):
     write_random_teacher(cache, "depth", shards, shape=(64, 16))
     write_random_teacher(cache, "gen", shards, shape=(1, 32))
     out = tmp_path / "show.png"
-    result = CliRunner().invoke(app, ["cache", "show", str(cache.root.path), "demo-000009", "--out", str(out),
-                                      "--corpus", demo_corpus])
+    result = CliRunner().invoke(
+        app,
+        ["cache", "show", str(cache.root.path), "demo-000009", "--out", str(out), "--corpus", demo_corpus],
+    )
     assert result.exit_code == 0, result.output
     assert "depth: pca-grid" in result.output and "gen: strip" in result.output
     image = Image.open(out)
@@ -50,8 +52,13 @@ def test_render_sample_reads_cache_and_corpus_with_storage_options(tmp_path, dem
     fs.put(str(tmp_path / "cache"), "olavlm/show/cache", recursive=True)
     fs.put(demo_corpus, "olavlm/show/corpus", recursive=True)
     out = tmp_path / "s3.png"
-    result = render_sample("s3://olavlm/show/cache", "demo-000009", str(out), corpus="s3://olavlm/show/corpus",
-                           storage_options=s3_options)
+    result = render_sample(
+        "s3://olavlm/show/cache",
+        "demo-000009",
+        str(out),
+        corpus="s3://olavlm/show/corpus",
+        storage_options=s3_options,
+    )
     assert result["panels"] == {"depth": "pca-grid"} and result["shard"] in shards
     image = Image.open(out)
     assert image.format == "PNG" and image.width > image.height  # image + target side by side

@@ -21,18 +21,31 @@ def pt_checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipe")
     samples = make_corpus(d / "corpus", shards=1, per_shard=4, text_only_every=0)
     make_cache(d / "cache", samples, shapes=SHAPES)
-    config = RunConfig(model=ModelConfig(preset="tiny"),
-                       data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=0,
-                                       max_length=256),
-                       train=TrainConfig(stage="pt", steps=1, out=str(d / "pt"), save_every=1, log_every=1))
+    config = RunConfig(
+        model=ModelConfig(preset="tiny"),
+        data=DataConfig(
+            data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=0, max_length=256
+        ),
+        train=TrainConfig(stage="pt", steps=1, out=str(d / "pt"), save_every=1, log_every=1),
+    )
     return d, train(config)["checkpoint"]
 
 
 def _vpt(d, start: str, out: str, **train_fields) -> OlaVlm:
-    config = RunConfig(model=ModelConfig(preset="tiny"),
-                       data=DataConfig(data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256),
-                       train=TrainConfig(stage="vpt", distill=False, steps=1, out=str(d / out), save_every=1,
-                                         log_every=1, init_from=start, **train_fields))
+    config = RunConfig(
+        model=ModelConfig(preset="tiny"),
+        data=DataConfig(data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256),
+        train=TrainConfig(
+            stage="vpt",
+            distill=False,
+            steps=1,
+            out=str(d / out),
+            save_every=1,
+            log_every=1,
+            init_from=start,
+            **train_fields,
+        ),
+    )
     return load_student(checkpoint.model_dir(train(config)["checkpoint"]))
 
 
@@ -58,14 +71,27 @@ def test_pt_crops_vpt_pads_and_freezes_the_vision_tower(pt_checkpoint):
 @pytest.mark.timeout(300)
 def test_image_aspect_ratio_override(pt_checkpoint):
     d, start = pt_checkpoint
-    config = RunConfig(model=ModelConfig(preset="tiny"),
-                       data=DataConfig(data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256,
-                                       image_aspect_ratio="crop"),
-                       train=TrainConfig(stage="ift", distill=False, steps=1, out=str(d / "ift-crop"), save_every=1,
-                                         log_every=1, init_from=start))
+    config = RunConfig(
+        model=ModelConfig(preset="tiny"),
+        data=DataConfig(
+            data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256, image_aspect_ratio="crop"
+        ),
+        train=TrainConfig(
+            stage="ift",
+            distill=False,
+            steps=1,
+            out=str(d / "ift-crop"),
+            save_every=1,
+            log_every=1,
+            init_from=start,
+        ),
+    )
     model = load_student(checkpoint.model_dir(train(config)["checkpoint"]))
     assert not getattr(model.image_processor, "do_pad", False)
-    bad = RunConfig(model=config.model, data=DataConfig(data=str(d / "corpus"), image_aspect_ratio="square"),
-                    train=TrainConfig(stage="ift", distill=False, steps=1, out=str(d / "bad"), init_from=start))
+    bad = RunConfig(
+        model=config.model,
+        data=DataConfig(data=str(d / "corpus"), image_aspect_ratio="square"),
+        train=TrainConfig(stage="ift", distill=False, steps=1, out=str(d / "bad"), init_from=start),
+    )
     with pytest.raises(ValueError, match="image_aspect_ratio"):
         train(bad)

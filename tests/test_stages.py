@@ -14,9 +14,12 @@ UNUSED = ("llava.model.vision_tower.encoder.layers.1.", "llava.model.vision_towe
 
 # The authors' scripts: PT trains the projector (+ our heads, task tokens, scales); vpt.sh and finetune.sh
 # train projector + LLM with the vision tower frozen (`unfreeze_mm_vision_tower` is off by default).
-AUTHORS = {("pt", False): {"projector", "heads", "task_tokens", "logit_scales"},
-           ("vpt", False): {"projector", "llm"}, ("vpt", True): {"projector", "llm", "vision"},
-           ("ift", False): {"projector", "llm"}}
+AUTHORS = {
+    ("pt", False): {"projector", "heads", "task_tokens", "logit_scales"},
+    ("vpt", False): {"projector", "llm"},
+    ("vpt", True): {"projector", "llm", "vision"},
+    ("ift", False): {"projector", "llm"},
+}
 
 
 @pytest.mark.parametrize("stage,unfreeze_vision", sorted(AUTHORS))

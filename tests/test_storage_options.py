@@ -41,10 +41,22 @@ def test_cache_commands(on_s3, tmp_path):
     assert stats.exit_code == 0, stats.output
     assert {n: t["rows"] for n, t in json.loads(stats.output)["teachers"].items()} == {t: 8 for t in SHAPES}
     verify = ola("cache", "verify", cache, "--corpus", corpus, "--storage-options", options)
-    assert verify.exit_code == 0 and "OK" in verify.output and "8 corpus samples" in verify.output, verify.output
+    assert verify.exit_code == 0 and "OK" in verify.output and "8 corpus samples" in verify.output, (
+        verify.output
+    )
     key = sorted(samples)[0]
-    show = ola("cache", "show", cache, key, "--corpus", corpus, "--out", str(tmp_path / "k.png"),
-               "--storage-options", options)
+    show = ola(
+        "cache",
+        "show",
+        cache,
+        key,
+        "--corpus",
+        corpus,
+        "--out",
+        str(tmp_path / "k.png"),
+        "--storage-options",
+        options,
+    )
     assert show.exit_code == 0, show.output
     assert (tmp_path / "k.png").stat().st_size > 0
     assert "s3" not in fsspec.config.conf  # the options did not leak into this process's defaults
@@ -55,15 +67,56 @@ def test_cache_commands(on_s3, tmp_path):
 @pytest.mark.timeout(300)
 def test_train_and_probe(on_s3, tmp_path):
     corpus, cache, options, _, _ = on_s3
-    run = ola("train", "--preset", "tiny", "--data", corpus, "--cache", cache, "--storage-options", options,
-              "--steps", "2", "--batch-size", "2", "--num-workers", "0", "--max-length", "256",
-              "--out", str(tmp_path / "run"), "--save-every", "2")
+    run = ola(
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        corpus,
+        "--cache",
+        cache,
+        "--storage-options",
+        options,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--max-length",
+        "256",
+        "--out",
+        str(tmp_path / "run"),
+        "--save-every",
+        "2",
+    )
     assert run.exit_code == 0, run.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"]["storage_options"] == json.loads(options)
-    probe = ola("probe", str(tmp_path / "run"), "--data", corpus, "--cache", cache, "--storage-options", options,
-                "--out", str(tmp_path / "probe"), "--teachers", "gen", "--layers", "1", "--steps", "1",
-                "--batch-size", "4", "--heldout-percent", "50", "--device", "cpu")
+    probe = ola(
+        "probe",
+        str(tmp_path / "run"),
+        "--data",
+        corpus,
+        "--cache",
+        cache,
+        "--storage-options",
+        options,
+        "--out",
+        str(tmp_path / "probe"),
+        "--teachers",
+        "gen",
+        "--layers",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--heldout-percent",
+        "50",
+        "--device",
+        "cpu",
+    )
     assert probe.exit_code == 0, probe.output
     rows = json.loads((tmp_path / "probe" / "probe.json").read_text())["rows"]
     assert [(r["teacher"], r["layer"]) for r in rows] == [("gen", 1)]

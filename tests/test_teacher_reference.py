@@ -53,24 +53,47 @@ MIN_COSINE = 0.999999
 # and from the transformers conversion scripts that wrote them; the 2022 OneFormer layout keeps
 # `size` as an int with `max_size`, and its mean/std are detectron2's divided by 255 in float32).
 DEPTH_PROCESSOR = {
-    "do_normalize": True, "do_pad": False, "do_rescale": True, "do_resize": True, "ensure_multiple_of": 14,
-    "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "DPTImageProcessor",
-    "image_std": [0.229, 0.224, 0.225], "keep_aspect_ratio": True, "resample": 3,
-    "rescale_factor": 0.00392156862745098, "size": {"height": 518, "width": 518},
+    "do_normalize": True,
+    "do_pad": False,
+    "do_rescale": True,
+    "do_resize": True,
+    "ensure_multiple_of": 14,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_processor_type": "DPTImageProcessor",
+    "image_std": [0.229, 0.224, 0.225],
+    "keep_aspect_ratio": True,
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": 518, "width": 518},
 }
 SEG_PROCESSOR = {
-    "class_info_file": "coco_panoptic.json", "do_normalize": True, "do_resize": True, "ignore_index": 255,
+    "class_info_file": "coco_panoptic.json",
+    "do_normalize": True,
+    "do_resize": True,
+    "ignore_index": 255,
     "image_mean": [0.48500001430511475, 0.4560000002384186, 0.4059999883174896],
     "image_processor_type": "OneFormerImageProcessor",
     "image_std": [0.2290000021457672, 0.2239999920129776, 0.22499999403953552],
-    "max_size": 1333, "num_labels": 133, "num_text": 134, "processor_class": "OneFormerProcessor",
-    "reduce_labels": False, "repo_path": "shi-labs/oneformer_demo", "resample": 2, "size": 800,
+    "max_size": 1333,
+    "num_labels": 133,
+    "num_text": 134,
+    "processor_class": "OneFormerProcessor",
+    "reduce_labels": False,
+    "repo_path": "shi-labs/oneformer_demo",
+    "resample": 2,
+    "size": 800,
 }
 GEN_PROCESSOR = {
-    "crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_resize": True,
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_resize": True,
     "feature_extractor_type": "CLIPFeatureExtractor",
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3, "size": 224,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
 }
 DEPTH_INPUT, SEG_SQUASH, GRID = 336, 768, 24
 """The authors' `img.resize((336, 336))`, `img.resize((768, 768))` and `size=(24, 24)`."""
@@ -106,8 +129,13 @@ def paper_folders(tmp_path_factory):
     layout = [
         (DepthAnythingForDepthEstimation, depth_config, root / "depth", root / "depth", DEPTH_PROCESSOR),
         (OneFormerForUniversalSegmentation, seg_config, root / "seg", root / "seg", SEG_PROCESSOR),
-        (CLIPVisionModelWithProjection, gen_config, root / "gen" / "image_encoder", root / "gen" / "feature_extractor",
-         GEN_PROCESSOR),
+        (
+            CLIPVisionModelWithProjection,
+            gen_config,
+            root / "gen" / "image_encoder",
+            root / "gen" / "feature_extractor",
+            GEN_PROCESSOR,
+        ),
     ]
     for seed, (cls, config, weights, processor_folder, processor) in enumerate(layout):
         with no_init_weights():
@@ -136,14 +164,23 @@ def stored(paper_folders, photos, tmp_path_factory):
     corpus, data = photos
     cache = tmp_path_factory.mktemp("paper-cache") / "cache"
     for _ in local_ray():  # one local Ray (2 CPUs), shut down after the run
-        summary = precompute(PrecomputeConfig(
-            corpus=str(corpus), cache=str(cache), preset="paper", progress=False, batch_size=len(PHOTOS),
-            overrides={name: str(folder) for name, folder in paper_folders.items()}, compute_dtype="float32",
-        ))
+        summary = precompute(
+            PrecomputeConfig(
+                corpus=str(corpus),
+                cache=str(cache),
+                preset="paper",
+                progress=False,
+                batch_size=len(PHOTOS),
+                overrides={name: str(folder) for name, folder in paper_folders.items()},
+                compute_dtype="float32",
+            )
+        )
         assert summary is not None
     reader = TargetCache(str(cache))
     specs = reader.specs()
-    return specs, {name: {key: np.asarray(reader.get(name, key), dtype=np.float32) for key in data} for name in specs}
+    return specs, {
+        name: {key: np.asarray(reader.get(name, key), dtype=np.float32) for key in data} for name in specs
+    }
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -152,8 +189,16 @@ def decoded(data: bytes) -> Image.Image:
 
 def cosines(stored_targets: dict, reference: dict) -> dict[str, float]:
     """Per-image cosine of the flattened targets, in float64 (float32 sums drift past 1.0 on 885K values)."""
-    return {key: float(F.cosine_similarity(torch.from_numpy(stored_targets[key]).flatten().double(),
-                                           reference[key].flatten().double(), dim=0)) for key in reference}
+    return {
+        key: float(
+            F.cosine_similarity(
+                torch.from_numpy(stored_targets[key]).flatten().double(),
+                reference[key].flatten().double(),
+                dim=0,
+            )
+        )
+        for key in reference
+    }
 
 
 def assert_matches(name: str, stored_targets: dict, reference: dict) -> None:
@@ -171,7 +216,10 @@ def test_depth_target_matches_the_authors_recipe(paper_folders, photos, stored):
     model = DepthAnythingForDepthEstimation.from_pretrained(paper_folders["depth"]).eval()
     out_indices = model.config.backbone_config.out_indices
     assert [i - 1 for i in out_indices] == [4, 11, 17, 23]  # the authors' intermediate_layer_idx for vitl
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1),
+    )
     reference = {}
     for key, data in photos[1].items():
         pixels = np.asarray(decoded(data).resize((DEPTH_INPUT, DEPTH_INPUT)), dtype=np.float32) / 255.0
@@ -191,9 +239,18 @@ def test_seg_target_matches_the_authors_recipe(paper_folders, photos, stored):
     specs, targets = stored
     config = json.loads((paper_folders["seg"] / "preprocessor_config.json").read_text())
     # the class-info file only names labels (and would be downloaded): it does not touch the pixels
-    processor = OneFormerImageProcessorPil(**{k: v for k, v in config.items()
-                                              if k not in ("class_info_file", "repo_path", "image_processor_type")})
-    encoder = OneFormerForUniversalSegmentation.from_pretrained(paper_folders["seg"]).eval().model.pixel_level_module.encoder
+    processor = OneFormerImageProcessorPil(
+        **{
+            k: v
+            for k, v in config.items()
+            if k not in ("class_info_file", "repo_path", "image_processor_type")
+        }
+    )
+    encoder = (
+        OneFormerForUniversalSegmentation.from_pretrained(paper_folders["seg"])
+        .eval()
+        .model.pixel_level_module.encoder
+    )
     reference = {}
     for key, data in photos[1].items():
         inputs = processor(decoded(data).resize((SEG_SQUASH, SEG_SQUASH)), ["panoptic"], return_tensors="pt")
@@ -212,7 +269,9 @@ def test_gen_target_matches_the_authors_recipe(paper_folders, photos, stored):
 
     specs, targets = stored
     processor = CLIPImageProcessorPil.from_pretrained(paper_folders["gen"], subfolder="feature_extractor")
-    model = CLIPVisionModelWithProjection.from_pretrained(paper_folders["gen"], subfolder="image_encoder").eval()
+    model = CLIPVisionModelWithProjection.from_pretrained(
+        paper_folders["gen"], subfolder="image_encoder"
+    ).eval()
     reference = {}
     for key, data in photos[1].items():
         pixels = processor(images=decoded(data), return_tensors="pt").pixel_values
@@ -225,6 +284,11 @@ def test_specs_record_the_recipe_and_the_weights(stored):
     specs, _ = stored
     seg = specs["seg"].preprocess
     assert seg["resize"] == [768, 768] and seg["resample"] == "bicubic"
-    assert seg["processor"]["size"] == {"shortest_edge": 800, "longest_edge": 1333} and seg["processor"]["task"] == "panoptic"
+    assert (
+        seg["processor"]["size"] == {"shortest_edge": 800, "longest_edge": 1333}
+        and seg["processor"]["task"] == "panoptic"
+    )
     for spec in specs.values():
-        assert len(spec.weights_sha256) == 64 and spec.revision == ""  # a folder: its identity is the weights hash
+        assert (
+            len(spec.weights_sha256) == 64 and spec.revision == ""
+        )  # a folder: its identity is the weights hash

@@ -49,7 +49,9 @@ def test_depth_target_is_mean_of_normed_hidden_states(tiny):
     model = DepthAnythingForDepthEstimation.from_pretrained(tiny["depth"].model).eval()
     with torch.no_grad():
         pixels = normalised(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states  # embeddings + each block
+        hidden = model(
+            pixel_values=pixels, output_hidden_states=True
+        ).hidden_states  # embeddings + each block
         norm = model.backbone.layernorm
         out_indices = model.config.backbone_config.out_indices
         reference = torch.stack([norm(hidden[i]) for i in out_indices]).mean(0)[:, 1:]  # CLS dropped
@@ -67,7 +69,10 @@ def test_seg_target_is_stage4_of_the_full_model_for_any_task(tiny):
     model = OneFormerForUniversalSegmentation.from_pretrained(tiny["seg"].model).eval()
     pixels = normalised(images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     stage4 = []
-    for task_token in (3, 7):  # two different task inputs ("panoptic", "semantic", ...): same backbone features
+    for task_token in (
+        3,
+        7,
+    ):  # two different task inputs ("panoptic", "semantic", ...): same backbone features
         task_inputs = torch.full((2, model.config.task_seq_len), task_token, dtype=torch.long)
         with torch.no_grad():
             out = model(pixel_values=pixels, task_inputs=task_inputs, output_hidden_states=True)
@@ -77,7 +82,11 @@ def test_seg_target_is_stage4_of_the_full_model_for_any_task(tiny):
         level = model.model.pixel_level_module(pixels).encoder_features[-1]  # [B, C4, 5, 5] at 160 px
     torch.testing.assert_close(level, stage4[0])
     grid = teacher.spec.preprocess["grid"]
-    reference = F.interpolate(level, size=(grid, grid), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    reference = (
+        F.interpolate(level, size=(grid, grid), mode="bilinear", align_corners=False)
+        .flatten(2)
+        .transpose(1, 2)
+    )
     # 160 squash -> the processor's 167 (800/768 scaled) -> Swin stage 4 of 6 x 6 -> 4 x 4
     assert images.shape[1:3] == (167, 167) and level.shape[-2:] == (6, 6)
     assert teacher.spec.shape == (16, 128) == tuple(reference.shape[1:])
@@ -96,12 +105,17 @@ def test_seg_pixels_equal_the_oneformer_processor_on_the_squash(tiny):
     assert config["size"]["shortest_edge"] == 167  # the tiny squash 160 scaled like the paper's 800 / 768
     processor = OneFormerImageProcessorPil(**{k: v for k, v in config.items() if k != "image_processor_type"})
     squash = teacher.spec.preprocess["resize"]
-    assert teacher.spec.preprocess["resample"] == "bicubic" and teacher.spec.preprocess["processor"]["task"] == "panoptic"
+    assert (
+        teacher.spec.preprocess["resample"] == "bicubic"
+        and teacher.spec.preprocess["processor"]["task"] == "panoptic"
+    )
     for i in range(3):
         image = photo(i)
         reference = processor(image.resize(tuple(squash)), ["panoptic"], return_tensors="pt")
         assert reference["pixel_mask"].all()  # one square image: nothing padded
-        ours = teacher.normalise(torch.from_numpy(preprocess.prepare(image, teacher.spec.preprocess).copy())[None])
+        ours = teacher.normalise(
+            torch.from_numpy(preprocess.prepare(image, teacher.spec.preprocess).copy())[None]
+        )
         torch.testing.assert_close(ours, reference["pixel_values"], rtol=0, atol=1e-6)
 
 
@@ -121,20 +135,35 @@ def test_seg_recipe_reads_every_processor_constant(monkeypatch):
         return teachers.seg_teacher(source, model, processor).spec
 
     default = spec(None)  # no preprocessor_config.json: OneFormerImageProcessor's class defaults
-    assert default.preprocess["processor_resize"] == [800, 800] and default.preprocess["processor_resample"] == "bilinear"
+    assert (
+        default.preprocess["processor_resize"] == [800, 800]
+        and default.preprocess["processor_resample"] == "bilinear"
+    )
     assert preprocess.input_shape(default.preprocess) == (800, 800)
-    hub_2022 = spec({"size": 800, "max_size": 1333, "resample": 2,  # the 2022 hub layout of the COCO Swin-L repo
-                     "image_mean": [0.48500001430511475, 0.4560000002384186, 0.4059999883174896],
-                     "image_std": [0.2290000021457672, 0.2239999920129776, 0.22499999403953552]})
+    hub_2022 = spec(
+        {
+            "size": 800,
+            "max_size": 1333,
+            "resample": 2,  # the 2022 hub layout of the COCO Swin-L repo
+            "image_mean": [0.48500001430511475, 0.4560000002384186, 0.4059999883174896],
+            "image_std": [0.2290000021457672, 0.2239999920129776, 0.22499999403953552],
+        }
+    )
     assert hub_2022.preprocess["processor"]["size"] == {"shortest_edge": 800, "longest_edge": 1333}
     assert hub_2022.preprocess["processor_resize"] == [800, 800]
     fingerprints = {default.fingerprint, hub_2022.fingerprint}
-    for change in ({"size": {"shortest_edge": 640, "longest_edge": 1333}}, {"resample": 3},
-                   {"rescale_factor": 1 / 256}, {"image_std": [0.2, 0.2, 0.2]}):
+    for change in (
+        {"size": {"shortest_edge": 640, "longest_edge": 1333}},
+        {"resample": 3},
+        {"rescale_factor": 1 / 256},
+        {"image_std": [0.2, 0.2, 0.2]},
+    ):
         fingerprints.add(spec(change).fingerprint)
     assert len(fingerprints) == 6
     # detectron2's 0-255 constants without the 1/255 rescale: the same normalisation as [0, 1] ones with it
-    raw = spec({"do_rescale": False, "image_mean": [123.675, 116.28, 103.53], "image_std": [58.395, 57.12, 57.375]})
+    raw = spec(
+        {"do_rescale": False, "image_mean": [123.675, 116.28, 103.53], "image_std": [58.395, 57.12, 57.375]}
+    )
     np.testing.assert_allclose(raw.preprocess["mean"], (0.485, 0.456, 0.406), rtol=1e-6)
     np.testing.assert_allclose(raw.preprocess["std"], (0.229, 0.224, 0.225), rtol=1e-6)
     with pytest.raises(ValueError, match="outside the rescaled pixel range"):
@@ -150,8 +179,12 @@ def test_processor_output_size_matches_transformers():
         longest = int(rng.integers(shortest + 1, 4000)) if rng.random() < 0.7 else None
         size = {"shortest_edge": shortest, **({"longest_edge": longest} if longest else {})}
         assert preprocess.processor_output_size(height, width, size) == get_size_with_aspect_ratio(
-            (height, width), shortest, longest)
-    assert preprocess.processor_output_size(768, 768, {"shortest_edge": 800, "longest_edge": 1333}) == (800, 800)
+            (height, width), shortest, longest
+        )
+    assert preprocess.processor_output_size(768, 768, {"shortest_edge": 800, "longest_edge": 1333}) == (
+        800,
+        800,
+    )
     assert preprocess.processor_output_size(10, 20, {"height": 5, "width": 7}) == (5, 7)
 
 
@@ -166,7 +199,9 @@ def test_pickle_only_weights_are_refused_naming_the_folder(tmp_path, tiny):
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
     source = TeacherSource(name="seg", kind="oneformer_swin", model=str(folder), image_size=160, grid=4)
-    with pytest.raises(OSError, match=r"no safetensors weights \(only pytorch_model.bin\).*safe formats only") as error:
+    with pytest.raises(
+        OSError, match=r"no safetensors weights \(only pytorch_model.bin\).*safe formats only"
+    ) as error:
         load_teacher(source)
     assert str(folder) in str(error.value)
 
@@ -176,7 +211,9 @@ def test_paper_preset_pins_revisions_that_hold_safetensors():
 
     for name in ("seg", "gen"):
         assert len(PAPER[name].revision) == 40 and int(PAPER[name].revision, 16) >= 0
-    assert PAPER["seg"].revision == "3a79bee4670e109b164c020beb56678a8ba26e2f"  # the safetensors conversion commit
+    assert (
+        PAPER["seg"].revision == "3a79bee4670e109b164c020beb56678a8ba26e2f"
+    )  # the safetensors conversion commit
     assert PAPER_REVISIONS["depth"] == ""  # no full sha in the offline material: unpinned, not invented
     overridden = with_overrides(dict(PAPER), {"seg": "/some/folder"})
     assert overridden["seg"].revision == ""  # other weights: their identity is the weights hash
@@ -198,9 +235,13 @@ def test_cache_of_another_format_version_is_refused(tmp_path):
 
     from olavlm.schemas.cache import CacheError, TargetCache
 
-    (tmp_path / "cache.json").write_text(json.dumps(
-        {"format": "olavlm-target-cache", "format_version": 1, "teachers": {}, "created": 0}))
-    with pytest.raises(CacheError, match=r"format version 1 is not supported \(this olavlm reads version 2 only\): recompute it"):
+    (tmp_path / "cache.json").write_text(
+        json.dumps({"format": "olavlm-target-cache", "format_version": 1, "teachers": {}, "created": 0})
+    )
+    with pytest.raises(
+        CacheError,
+        match=r"format version 1 is not supported \(this olavlm reads version 2 only\): recompute it",
+    ):
         TargetCache(tmp_path).metadata()
 
 
@@ -213,8 +254,12 @@ def test_gen_target_is_image_embeds_through_the_clip_processor(tiny):
     processor = CLIPImageProcessorPil.from_pretrained(tiny["gen"].model, subfolder="feature_extractor")
     model = CLIPVisionModelWithProjection.from_pretrained(tiny["gen"].model, subfolder="image_encoder").eval()
     with torch.no_grad():
-        reference = model(pixel_values=processor(images, return_tensors="pt").pixel_values).image_embeds[:, None]
-    ours = teacher(torch.from_numpy(np.stack([preprocess.prepare(im, teacher.spec.preprocess) for im in images])))
+        reference = model(pixel_values=processor(images, return_tensors="pt").pixel_values).image_embeds[
+            :, None
+        ]
+    ours = teacher(
+        torch.from_numpy(np.stack([preprocess.prepare(im, teacher.spec.preprocess) for im in images]))
+    )
     assert teacher.spec.shape == (1, 32) and ours.shape == (3, 1, 32)
     # the processor resizes in float, we in uint8: equal up to that rounding
     cosine = F.cosine_similarity(ours.flatten(1), reference.flatten(1))
@@ -234,7 +279,11 @@ def test_preprocess_geometry():
 def test_prepare_all_decodes_once_per_draft_size(monkeypatch):
     calls = []
     original = preprocess.decode_image
-    monkeypatch.setattr(preprocess, "decode_image", lambda data, draft_size: calls.append(draft_size) or original(data, draft_size))
+    monkeypatch.setattr(
+        preprocess,
+        "decode_image",
+        lambda data, draft_size: calls.append(draft_size) or original(data, draft_size),
+    )
     recipes = {
         "a": {"resize": [64, 64], "resample": "bicubic", "jpeg_draft": 64},
         "b": {"resize": [32, 32], "resample": "bilinear", "jpeg_draft": 64},
@@ -303,7 +352,9 @@ def test_paper_architectures_give_the_paper_target_shapes():
         assert teacher.spec.shape == shape
         height, width = preprocess.input_shape(teacher.spec.preprocess)
         # seg: the 768 squash, then OneFormerImageProcessor's default size (shortest edge 800) -> 800 x 800
-        assert (height, width) == {"depth_anything": (336, 336), "oneformer_swin": (800, 800)}.get(kind, (224, 224))
+        assert (height, width) == {"depth_anything": (336, 336), "oneformer_swin": (800, 800)}.get(
+            kind, (224, 224)
+        )
         images = torch.from_numpy(np.stack([preprocess.prepare(photo(0), teacher.spec.preprocess)]))
         out = teacher(images)
         assert out.shape == (1, *shape) and torch.isfinite(out).all()
@@ -347,7 +398,9 @@ def test_jpeg_draft_is_opt_in_and_recorded_in_the_spec():
     from olavlm.pipeline.config import PrecomputeConfig
 
     default = PrecomputeConfig(corpus="c", cache="k", preset="tiny", teachers=("depth", "gen")).sources()
-    drafted = PrecomputeConfig(corpus="c", cache="k", preset="tiny", teachers=("depth", "gen"), jpeg_draft=True).sources()
+    drafted = PrecomputeConfig(
+        corpus="c", cache="k", preset="tiny", teachers=("depth", "gen"), jpeg_draft=True
+    ).sources()
     for name in ("depth", "gen"):
         full, fast = load_teacher(default[name]).spec, load_teacher(drafted[name]).spec
         assert full.preprocess["jpeg_draft"] == 0

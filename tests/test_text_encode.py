@@ -8,10 +8,17 @@ from tests._trainer_data import tiny_text_setup
 
 CONVERSATIONS = [
     [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A dog, naïvely drawn."}],
-    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Two   spaces\tand a tab."},
-     {"from": "human", "value": "Colour? 色"}, {"from": "gpt", "value": "Red <|im_end|> inside."}],
-    [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What?\n<image>"},
-     {"from": "gpt", "value": "Nothing."}],
+    [
+        {"from": "human", "value": "<image>\nWhat is it?"},
+        {"from": "gpt", "value": "Two   spaces\tand a tab."},
+        {"from": "human", "value": "Colour? 色"},
+        {"from": "gpt", "value": "Red <|im_end|> inside."},
+    ],
+    [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "What?\n<image>"},
+        {"from": "gpt", "value": "Nothing."},
+    ],
 ]
 
 
@@ -32,7 +39,10 @@ def test_encode_equals_the_tokenizer_call_with_and_without_the_memo():
     for conv in CONVERSATIONS:
         fast_out = tokenize(conv, tokenizer, layout, has_image=True, max_length=4096, render=render)
         slow_out = tokenize(conv, tokenizer, layout, has_image=True, max_length=4096, render=slow)
-        assert fast_out == slow_out and fast_out.input_ids.count(layout.image_token_id) == layout.num_image_tokens
+        assert (
+            fast_out == slow_out
+            and fast_out.input_ids.count(layout.image_token_id) == layout.num_image_tokens
+        )
 
 
 def test_memo_is_bounded():

@@ -34,8 +34,12 @@ def data(tmp_path_factory):
 def run_config(d, out, **train) -> RunConfig:
     return RunConfig(
         model=ModelConfig(preset="tiny"),
-        data=DataConfig(data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=0, max_length=256),
-        train=TrainConfig(**{"stage": "pt", "steps": 6, "out": str(out), "save_every": 3, "log_every": 1, **train}),
+        data=DataConfig(
+            data=str(d / "corpus"), cache=str(d / "cache"), batch_size=2, num_workers=0, max_length=256
+        ),
+        train=TrainConfig(
+            **{"stage": "pt", "steps": 6, "out": str(out), "save_every": 3, "log_every": 1, **train}
+        ),
     )
 
 
@@ -56,14 +60,31 @@ def test_pt_loss_decreases_and_checkpoints_are_complete(pt_run, data):
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-2:]) < np.mean(losses[:2])
     terms = set(history(pt_run)[0])
-    assert {"ntp", "gen", "depth", "seg", "gen_l2", "samples_per_s", "tokens_per_s", "eta_s", "keys_sha256"} <= terms
+    assert {
+        "ntp",
+        "gen",
+        "depth",
+        "seg",
+        "gen_l2",
+        "samples_per_s",
+        "tokens_per_s",
+        "eta_s",
+        "keys_sha256",
+    } <= terms
     assert [m["step"] for m in history(pt_run)] == [1, 2, 3, 4, 5, 6]
     assert pt_run["last"]["step"] == 6
     ckpt = checkpoint.find(d / "pt")
     assert ckpt.name == "step-00000006"
-    assert {p.name for p in ckpt.iterdir()} == {"model", "optimizer.safetensors", "trainer.json", "config.json"}
+    assert {p.name for p in ckpt.iterdir()} == {
+        "model",
+        "optimizer.safetensors",
+        "trainer.json",
+        "config.json",
+    }
     saved = json.loads((ckpt / "trainer.json").read_text())
-    assert saved["step"] == 6 and saved["loader"][0]["batch"] >= 1 and set(saved["fingerprints"]) == set(SHAPES)
+    assert (
+        saved["step"] == 6 and saved["loader"][0]["batch"] >= 1 and set(saved["fingerprints"]) == set(SHAPES)
+    )
     config = json.loads((ckpt / "config.json").read_text())
     assert config["data"]["expect_fingerprints"] == saved["fingerprints"]  # a resume refuses another cache
     assert not list((d / "pt" / "checkpoints").glob(".*tmp*"))  # atomic: no temporary left
@@ -90,7 +111,9 @@ def test_ntp_only_baseline_and_ift_from_pt(pt_run, data):
     assert set(k for k in history(base)[0] if k in ("ntp", "loss", "gen", "depth")) == {"ntp", "loss"}
     assert base["fingerprints"] == {}
     ift_cfg = RunConfig(
-        data=DataConfig(data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256),  # no cache needed
+        data=DataConfig(
+            data=str(d / "corpus"), batch_size=2, num_workers=0, max_length=256
+        ),  # no cache needed
         train=TrainConfig(stage="ift", init_from=str(d / "pt"), steps=2, out=str(d / "ift"), save_every=100),
     )
     ift = train(ift_cfg)
@@ -133,7 +156,9 @@ def test_cli_train_in_a_fresh_process_imports_no_teacher(data):
         "       t in m for t in ('depth_anything', 'oneformer', 'dinov2', 'swin', 'diffusers'))]\n"
         "print('BAD=' + json.dumps(bad))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=280)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=280
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "BAD=[]" in result.stdout, result.stdout[-2000:]
     assert checkpoint.find(out).name == "step-00000002"
@@ -146,10 +171,35 @@ def test_ddp_two_processes_on_cpu(data):
     d, _ = data
     out = d / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "olavlm.cli.app", "train", "--data", str(d / "corpus"), "--cache", str(d / "cache"),
-               "--preset", "tiny", "--steps", "2", "--out", str(out), "--batch-size", "2", "--num-workers", "0",
-               "--max-length", "256", "--log-every", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "olavlm.cli.app",
+        "train",
+        "--data",
+        str(d / "corpus"),
+        "--cache",
+        str(d / "cache"),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--max-length",
+        "256",
+        "--log-every",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((checkpoint.find(out) / "trainer.json").read_text())
@@ -162,8 +212,21 @@ def test_cli_options_map_onto_config_fields(tmp_path):
     from olavlm.cli.train_cmds import load_config
 
     (tmp_path / "run.toml").write_text('[train]\nstage = "ift"\nlr = 1e-4\n[data]\nbatch_size = 4\n')
-    config = cli_config("--config", str(tmp_path / "run.toml"), "--train.lr", "3e-5", "--no-distill",
-                        "--tasks", "gen,depth", "--max-length", "512", "--data.seed", "7", "--train.log_every", "2")
+    config = cli_config(
+        "--config",
+        str(tmp_path / "run.toml"),
+        "--train.lr",
+        "3e-5",
+        "--no-distill",
+        "--tasks",
+        "gen,depth",
+        "--max-length",
+        "512",
+        "--data.seed",
+        "7",
+        "--train.log_every",
+        "2",
+    )
     assert config.train.stage == "ift" and config.train.lr == 3e-5 and config.train.distill is False
     assert config.data.batch_size == 4 and config.data.max_length == 512 and config.data.seed == 7
     assert config.model.tasks == ("gen", "depth") and config.train.log_every == 2 and config.train.seed == 0
@@ -207,7 +270,11 @@ def test_yaml_values_are_typed_like_options(tmp_path):
 
     (tmp_path / "run.yaml").write_text("train:\n  lr: 1e-3\n  steps: 2\n")
     config, given = load_config(tmp_path / "run.yaml", {})
-    assert config.train.lr == 1e-3 and isinstance(config.train.lr, float) and given == {"train.lr", "train.steps"}
+    assert (
+        config.train.lr == 1e-3
+        and isinstance(config.train.lr, float)
+        and given == {"train.lr", "train.steps"}
+    )
     (tmp_path / "bad.yaml").write_text("train:\n  steps: many\n")
     with pytest.raises(ValueError, match="train.steps: expected an integer"):
         load_config(tmp_path / "bad.yaml", {})
@@ -217,7 +284,8 @@ def test_yaml_lr_trains(data, tmp_path):
     d, _ = data
     (tmp_path / "run.yaml").write_text(
         f"model:\n  preset: tiny\ndata:\n  data: {d / 'corpus'}\n  cache: {d / 'cache'}\n  batch_size: 2\n"
-        f"  num_workers: 0\n  max_length: 256\ntrain:\n  lr: 1e-3\n  steps: 1\n  out: {tmp_path / 'run'}\n")
+        f"  num_workers: 0\n  max_length: 256\ntrain:\n  lr: 1e-3\n  steps: 1\n  out: {tmp_path / 'run'}\n"
+    )
     result = invoke("--config", str(tmp_path / "run.yaml"))
     assert result.exit_code == 0, result.output
     assert read_metrics(tmp_path / "run")[0]["lr"] == pytest.approx(1e-3)
@@ -229,23 +297,35 @@ def test_resume_keeps_explicit_options_equal_to_their_default(pt_run, data, tmp_
 
     d, _ = data
     ckpt = str(d / "pt" / "checkpoints" / "step-00000003")
-    given = resolve_run(RunConfig(train=TrainConfig(resume=ckpt, steps=1000)), given={"train.resume", "train.steps"})
+    given = resolve_run(
+        RunConfig(train=TrainConfig(resume=ckpt, steps=1000)), given={"train.resume", "train.steps"}
+    )
     assert given.config.train.steps == 1000
     inferred = resolve_run(RunConfig(train=TrainConfig(resume=ckpt, steps=1000)))
     assert inferred.config.train.steps == 6  # built in code: only values that differ from the default count
     with pytest.raises(ValueError, match="the saved run defines train.lr"):
         resolve_run(RunConfig(train=TrainConfig(resume=ckpt, lr=0.5)), given={"train.resume", "train.lr"})
     # Retention and logging sinks are not part of the recipe: a resume may change them.
-    changed = resolve_run(RunConfig(train=TrainConfig(resume=ckpt, keep_last=2, wandb=True)),
-                          given={"train.resume", "train.keep_last", "train.wandb"})
+    changed = resolve_run(
+        RunConfig(train=TrainConfig(resume=ckpt, keep_last=2, wandb=True)),
+        given={"train.resume", "train.keep_last", "train.wandb"},
+    )
     assert (changed.config.train.keep_last, changed.config.train.wandb) == (2, True)
 
 
 def test_fsdp2_single_process_trains_saves_and_resumes(data):
     d, _ = data
     first = train(run_config(d, d / "fsdp", steps=3, save_every=2, fsdp=True))
-    resumed = train(RunConfig(train=TrainConfig(resume=str(d / "fsdp" / "checkpoints" / "step-00000002"),
-                                                out=str(d / "fsdp-resumed"), steps=3, fsdp=True)))
+    resumed = train(
+        RunConfig(
+            train=TrainConfig(
+                resume=str(d / "fsdp" / "checkpoints" / "step-00000002"),
+                out=str(d / "fsdp-resumed"),
+                steps=3,
+                fsdp=True,
+            )
+        )
+    )
     assert history(resumed)[0]["keys_sha256"] == history(first)[2]["keys_sha256"]
     assert history(resumed)[0]["loss"] == pytest.approx(history(first)[2]["loss"], rel=1e-6)
 

@@ -41,10 +41,12 @@ def corpus(tmp_path_factory):
 
 def loader(setup, d, *, workers=0, state=None, rank=0, world=1, **overrides):
     tokenizer, layout, transform = setup
-    cfg = DataConfig(**{**dict(data=str(d / "corpus"), batch_size=4, num_workers=workers, shuffle_block=4),
-                        **overrides})
-    return build_loader(cfg, tokenizer=tokenizer, layout=layout, transform=transform, state=state, rank=rank,
-                        world=world)
+    cfg = DataConfig(
+        **{**dict(data=str(d / "corpus"), batch_size=4, num_workers=workers, shuffle_block=4), **overrides}
+    )
+    return build_loader(
+        cfg, tokenizer=tokenizer, layout=layout, transform=transform, state=state, rank=rank, world=world
+    )
 
 
 def take(ldr, n):
@@ -111,7 +113,9 @@ def test_each_worker_reads_only_its_units(setup, corpus, monkeypatch, workers, r
             read_in_epoch_0[worker] = reads[worker]  # the last batch of the epoch comes after its last read
             opened_in_epoch_0[worker] = set(opened[worker])
     assert got == dict.fromkeys(keys, 1)
-    assert sum(read_in_epoch_0.values()) == reads_per_sample * len(keys)  # the old loader: workers x len(keys)
+    assert sum(read_in_epoch_0.values()) == reads_per_sample * len(
+        keys
+    )  # the old loader: workers x len(keys)
     units = [stream.deal(w, workers)(0) for w in range(workers)]
     for worker in range(workers):
         assert opened_in_epoch_0[worker] == {u.shard.url for u in units[worker]}
@@ -138,7 +142,7 @@ def test_batches_come_round_robin_from_the_workers(setup, corpus):
     done = [s["epochs_done"] for _, s in batches]
     assert done == sorted(done) and done[0] == 0
     first = done.index(1)  # from this batch on, epoch 0 is complete: a loop that wants one epoch stops here
-    assert_each_key_once(seen(batches[:first + 1]), keys, [0])
+    assert_each_key_once(seen(batches[: first + 1]), keys, [0])
 
 
 # -- resume ---------------------------------------------------------------------------------
@@ -189,8 +193,10 @@ def test_rank_state_at_another_world_size(setup, corpus, old_world, new_world):
 
 
 def test_rank_state_gives_the_skipped_total_to_rank_0():
-    saved = [{"epoch": 0, "batch": 1, "skipped": {"read": 2}, "workers": []},
-             {"epoch": 1, "batch": 3, "skipped": {"read": 1, "too_long": 1}, "workers": []}]
+    saved = [
+        {"epoch": 0, "batch": 1, "skipped": {"read": 2}, "workers": []},
+        {"epoch": 1, "batch": 3, "skipped": {"read": 1, "too_long": 1}, "workers": []},
+    ]
     states = [rank_state(saved, r, 3, other_world=True) for r in range(3)]
     assert [s["skipped"] for s in states] == [{"read": 3, "too_long": 1}, {}, {}]
     assert all(s["ranks"] == saved and s["epoch"] == 0 for s in states)
@@ -203,7 +209,10 @@ def test_redeal_keeps_offsets_and_covers_lagging_epochs(corpus):
     behind = (WorkerPlan((Piece(0, u[1], 2), Piece(0, u[2])), 1), lambda e: [u[1], u[2]])
     left, next_epoch = remaining([ahead, behind])
     assert next_epoch == 2
-    assert left == {0: [Piece(0, u[1], 2), Piece(0, u[2])], 1: [Piece(1, u[0], 3), Piece(1, u[1]), Piece(1, u[2])]}
+    assert left == {
+        0: [Piece(0, u[1], 2), Piece(0, u[2])],
+        1: [Piece(1, u[0], 3), Piece(1, u[1]), Piece(1, u[2])],
+    }
     plans = [redeal(left, next_epoch, w, 2) for w in range(2)]
     assert sum(len(plan.pending) for plan in plans) == 5  # each piece once, offsets kept
     assert {p for plan in plans for p in plan.pending} == {p for ps in left.values() for p in ps}

@@ -25,16 +25,27 @@ ROWS, T, D, PER_OBJECT = 10, 4, 8, 4  # 3 storage objects, the last one partial
 
 def _zarr_write(group, name, data, fill_value=0, **kwargs):
     array = group.create_array(
-        name, shape=data.shape, chunks=(1, *data.shape[1:]), shards=(PER_OBJECT, *data.shape[1:]),
-        dtype=data.dtype, compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
-        fill_value=fill_value, overwrite=True, **kwargs,
+        name,
+        shape=data.shape,
+        chunks=(1, *data.shape[1:]),
+        shards=(PER_OBJECT, *data.shape[1:]),
+        dtype=data.dtype,
+        compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+        fill_value=fill_value,
+        overwrite=True,
+        **kwargs,
     )
     array[:] = data
     return array
 
 
 def _objects(path):
-    return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs if f != "zarr.json")
+    return sorted(
+        os.path.relpath(os.path.join(r, f), path)
+        for r, _, fs in os.walk(path)
+        for f in fs
+        if f != "zarr.json"
+    )
 
 
 def _with_fill_rows(data, fill):
@@ -54,8 +65,9 @@ def test_object_reader_reads_zarr_python_fill_value_chunks(tmp_path, fill):
     objects = _objects(tmp_path / "g.zarr" / "targets")
     assert objects == ["c/0/0/0", "c/2/0/0"], objects  # the precondition: zarr-python left object 1 out
     shardfile.check_codecs(array.metadata.to_dict()["codecs"], "targets")
-    layout = shardfile.ObjectLayout(str(tmp_path / "g.zarr" / "targets"), ROWS, PER_OBJECT, (T, D),
-                                    np.dtype(np.float16), array.fill_value)
+    layout = shardfile.ObjectLayout(
+        str(tmp_path / "g.zarr" / "targets"), ROWS, PER_OBJECT, (T, D), np.dtype(np.float16), array.fill_value
+    )
     reader = shardfile.ObjectReader(fsspec.filesystem("file"), layout)
     np.testing.assert_array_equal(reader.read_rows(0, ROWS), data)
     for row in range(ROWS):  # single rows, including every fill-value row
@@ -98,9 +110,18 @@ def test_a_layout_the_direct_reader_does_not_implement_is_refused_by_name(tmp_pa
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
     array = group.create_array(
-        "targets", shape=(ROWS, T, D), chunks=(PER_OBJECT, T, D), dtype="float16", fill_value=0, overwrite=True,
-        serializer=ShardingCodec(chunk_shape=(1, T, D), codecs=[BytesCodec(), BloscCodec()],
-                                 index_codecs=[BytesCodec(), Crc32cCodec()], index_location="start"),
+        "targets",
+        shape=(ROWS, T, D),
+        chunks=(PER_OBJECT, T, D),
+        dtype="float16",
+        fill_value=0,
+        overwrite=True,
+        serializer=ShardingCodec(
+            chunk_shape=(1, T, D),
+            codecs=[BytesCodec(), BloscCodec()],
+            index_codecs=[BytesCodec(), Crc32cCodec()],
+            index_location="start",
+        ),
         compressors=None,
     )
     array[:] = np.ones((ROWS, T, D), np.float16)

@@ -185,9 +185,20 @@ def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dic
 
 
 # -- save / load ----------------------------------------------------------------------------------
-def save(out: str | Path, step: int, *, save_model, optimizer_full: dict | None, loader_states: list[dict],
-         rng_states: list[dict], config: dict, fingerprints: dict[str, str], keep_last: int = 0,
-         param_groups: list[dict] | None = None, write_shards=None) -> Path:
+def save(
+    out: str | Path,
+    step: int,
+    *,
+    save_model,
+    optimizer_full: dict | None,
+    loader_states: list[dict],
+    rng_states: list[dict],
+    config: dict,
+    fingerprints: dict[str, str],
+    keep_last: int = 0,
+    param_groups: list[dict] | None = None,
+    write_shards=None,
+) -> Path:
     """Write checkpoint `step` under OUT/checkpoints atomically (call on rank 0 only).
 
     `save_model(path)` writes the model folder (OlaVlm.save_pretrained or an equivalent).
@@ -209,8 +220,14 @@ def save(out: str | Path, step: int, *, save_model, optimizer_full: dict | None,
             groups = json.loads(json.dumps(param_groups))
         if write_shards is not None:
             write_shards(tmp)
-        trainer = {"step": step, "param_groups": groups, "loader": loader_states, "rng": rng_states,
-                   "fingerprints": fingerprints, "time": time.time()}
+        trainer = {
+            "step": step,
+            "param_groups": groups,
+            "loader": loader_states,
+            "rng": rng_states,
+            "fingerprints": fingerprints,
+            "time": time.time(),
+        }
         (tmp / TRAINER).write_text(json.dumps(trainer, indent=1))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
@@ -246,8 +263,15 @@ def prune(out: str | Path, keep_last: int) -> list[Path]:
     if not (latest_match := STEP_NAME.fullmatch(latest)):
         return []
     latest_step = int(latest_match.group(1))
-    steps = sorted((int(m.group(1)), p) for p in base.iterdir() if (m := STEP_NAME.fullmatch(p.name))
-                   and p.is_dir() and not p.is_symlink() and (p / TRAINER).exists() and int(m.group(1)) <= latest_step)
+    steps = sorted(
+        (int(m.group(1)), p)
+        for p in base.iterdir()
+        if (m := STEP_NAME.fullmatch(p.name))
+        and p.is_dir()
+        and not p.is_symlink()
+        and (p / TRAINER).exists()
+        and int(m.group(1)) <= latest_step
+    )
     needed = {name for _, kept in steps[-keep_last:] if (name := _frozen_base_step(kept, base))}
     removed = []
     for _, old in steps[:-keep_last]:
@@ -282,15 +306,36 @@ def load(path: str | Path) -> dict:
     path = find(path)
     trainer = json.loads((path / TRAINER).read_text())
     config = json.loads((path / CONFIG).read_text())
-    optimizer = (optimizer_state(load_file(str(path / OPTIMIZER)), trainer["param_groups"])
-                 if (path / OPTIMIZER).exists() else None)
-    return {"path": path, "step": trainer["step"], "trainer": trainer, "config": config, "optimizer": optimizer,
-            "model": path / MODEL}
+    optimizer = (
+        optimizer_state(load_file(str(path / OPTIMIZER)), trainer["param_groups"])
+        if (path / OPTIMIZER).exists()
+        else None
+    )
+    return {
+        "path": path,
+        "step": trainer["step"],
+        "trainer": trainer,
+        "config": config,
+        "optimizer": optimizer,
+        "model": path / MODEL,
+    }
 
 
 # -- every rank: the training state, sharded under FSDP2 ---------------------------------------------
-def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save_frozen: bool, keep_last: int,
-               loader_state: dict, config: dict, fingerprints: dict[str, str]) -> str:
+def save_state(
+    out: str | Path,
+    step: int,
+    model,
+    wrapped,
+    optimizer,
+    d,
+    *,
+    save_frozen: bool,
+    keep_last: int,
+    loader_state: dict,
+    config: dict,
+    fingerprints: dict[str, str],
+) -> str:
     """Checkpoint `step` of a training process group (every rank calls it, `d`: parallel.Dist); its path on
     rank 0, '' elsewhere.
 
@@ -309,8 +354,14 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
 
         model_state = without_aliases(model.state_dict(), model)  # DTensors: this rank's shards
         optim = get_optimizer_state_dict(wrapped, optimizer)  # sharded too
-        optim_tensors = without_aliases({f"{name}/{key}": value for name, entry in optim["state"].items()
-                                         for key, value in entry.items()}, model)
+        optim_tensors = without_aliases(
+            {
+                f"{name}/{key}": value
+                for name, entry in optim["state"].items()
+                for key, value in entry.items()
+            },
+            model,
+        )
 
         def write_shards(tmp):
             staging = broadcast(str(tmp) if tmp is not None else None)
@@ -324,7 +375,11 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
         def save_model(path):
             save_student(model, path, sharded=True)
 
-        options = {"optimizer_full": None, "param_groups": optim["param_groups"], "write_shards": write_shards}
+        options = {
+            "optimizer_full": None,
+            "param_groups": optim["param_groups"],
+            "write_shards": write_shards,
+        }
     else:
         optim = full_optimizer_state(wrapped, optimizer)
         tensors = full_tensors(model, overlay_names(model)) if trainable_only else None
@@ -339,8 +394,19 @@ def save_state(out: str | Path, step: int, model, wrapped, optimizer, d, *, save
     path, failure = "", None
     if d.main:
         try:
-            path = str(save(out, step, save_model=save_model, loader_states=loader_states, rng_states=rng_states,
-                            config=config, fingerprints=fingerprints, keep_last=keep_last, **options))
+            path = str(
+                save(
+                    out,
+                    step,
+                    save_model=save_model,
+                    loader_states=loader_states,
+                    rng_states=rng_states,
+                    config=config,
+                    fingerprints=fingerprints,
+                    keep_last=keep_last,
+                    **options,
+                )
+            )
         except Exception as exc:
             if sharded and phase[0] == "before":
                 broadcast(None)  # the others wait for the staging folder's name: none comes
@@ -367,15 +433,21 @@ def restore_optimizer(resumed: dict, wrapped, optimizer) -> None:
     )
 
     if resumed["optimizer"] is not None:
-        set_optimizer_state_dict(wrapped, optimizer, resumed["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            wrapped, optimizer, resumed["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
         return
     # sharded: this rank's part of every state tensor, in the layout of the current sharding (initialised
     # by get_optimizer_state_dict), is read from the shard files whatever the saving world size was
     current = get_optimizer_state_dict(wrapped, optimizer)
-    tensors = {f"{name}/{key}": value for name, entry in current["state"].items() for key, value in entry.items()}
-    load_sharded(resumed["path"] / OPTIMIZER_SHARDS, without_aliases(tensors, wrapped),
-                 files=len(resumed["trainer"]["rng"]))  # one RNG state per saving rank
+    tensors = {
+        f"{name}/{key}": value for name, entry in current["state"].items() for key, value in entry.items()
+    }
+    load_sharded(
+        resumed["path"] / OPTIMIZER_SHARDS,
+        without_aliases(tensors, wrapped),
+        files=len(resumed["trainer"]["rng"]),
+    )  # one RNG state per saving rank
     for alias, first in aliases(wrapped).items():  # a tied parameter's state, saved under its first name
         for key in [k for k in tensors if k.rsplit("/", 1)[0] == alias]:
             tensors[key] = tensors[f"{first}/{key.rsplit('/', 1)[1]}"]

@@ -71,8 +71,9 @@ def trainable_parts(stage: str, *, unfreeze_vision: bool = False) -> tuple[str, 
     return (*TRAINABLE[stage], "vision") if unfreeze_vision else TRAINABLE[stage]
 
 
-def apply_stage(model: nn.Module, stage: str, *, lr: float = 0.0, weight_decay: float = 0.0,
-                unfreeze_vision: bool = False) -> list[dict]:
+def apply_stage(
+    model: nn.Module, stage: str, *, lr: float = 0.0, weight_decay: float = 0.0, unfreeze_vision: bool = False
+) -> list[dict]:
     """Freeze/unfreeze `model` for `stage`; return AdamW param groups of the trainable parts.
 
     lr = 0 takes the stage default (STAGE_LR). Each group carries its part's name.
@@ -85,7 +86,9 @@ def apply_stage(model: nn.Module, stage: str, *, lr: float = 0.0, weight_decay: 
         for _, param in params:
             param.requires_grad_(trainable)
         if trainable and params:
-            groups.append({"name": part, "params": [p for _, p in params], "lr": lr, "weight_decay": weight_decay})
+            groups.append(
+                {"name": part, "params": [p for _, p in params], "lr": lr, "weight_decay": weight_decay}
+            )
     return groups
 
 

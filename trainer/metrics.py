@@ -85,8 +85,9 @@ class WandbSink:
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
         # no `mode=`: WANDB_MODE=offline|disabled from the environment decides, as wandb documents
-        self.run = wandb.init(project=project, name=out.name, dir=str(out), id=run_id, resume="allow",
-                              config=to_dict(config))
+        self.run = wandb.init(
+            project=project, name=out.name, dir=str(out), id=run_id, resume="allow", config=to_dict(config)
+        )
 
     def write(self, step: int, scalars: dict[str, float], record: dict) -> None:
         self.run.log({f"train/{name}": value for name, value in scalars.items()}, step=step)
@@ -132,8 +133,9 @@ class Metrics:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {tcfg.stage}", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=tcfg.steps, initial=step, desc=f"train {tcfg.stage}", unit="step", dynamic_ncols=True
+            )
 
     def log(self, record: dict, terms: list[str]) -> None:
         if not self.main:
@@ -144,8 +146,12 @@ class Metrics:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
         if step % self.every == 0 or step == self.total:
             if self.bar is None:  # not a terminal: plain lines
-                print(f"train {self.stage}: step {step}/{self.total} loss {record['loss']:.4f} "
-                      f"lr {record['lr']:.3g} samples/s {record['samples_per_s']:.1f}", file=sys.stderr, flush=True)
+                print(
+                    f"train {self.stage}: step {step}/{self.total} loss {record['loss']:.4f} "
+                    f"lr {record['lr']:.3g} samples/s {record['samples_per_s']:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             scalars = {name: record[name] for name in [*terms, *RATES]}
             for sink in self.sinks:
                 sink.write(step, scalars, record)

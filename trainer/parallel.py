@@ -55,8 +55,12 @@ def wrap(model, cfg: RunConfig, d: Dist):
             import tempfile
 
             store = tempfile.mktemp(prefix="ola-fsdp-")
-            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", init_method=f"file://{store}",
-                                    rank=0, world_size=1)
+            dist.init_process_group(
+                "nccl" if d.device.type == "cuda" else "gloo",
+                init_method=f"file://{store}",
+                rank=0,
+                world_size=1,
+            )
         # Scalars (the InfoNCE logit scales) cannot be sharded: kept whole on every rank, their
         # gradients are all-reduced by hand (`_sync_ignored`).
         ignored = {p for p in model.parameters() if p.ndim == 0}
@@ -67,8 +71,11 @@ def wrap(model, cfg: RunConfig, d: Dist):
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                       find_unused_parameters=True)
+        return DistributedDataParallel(
+            model,
+            device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
     return model
 
 
@@ -87,7 +94,9 @@ def full_optimizer_state(model, optimizer) -> dict:
     calls it, rank 0 gets it; the trainer uses it only when the optimizer state is small or unsharded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def is_fsdp(model) -> bool:
@@ -102,7 +111,10 @@ def full_tensors(model, names: list[str]) -> dict:
     from torch.distributed.tensor import DTensor
 
     state = model.state_dict()
-    return {n: (state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]).detach().cpu() for n in names}
+    return {
+        n: (state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]).detach().cpu()
+        for n in names
+    }
 
 
 def gather(obj, d: Dist) -> list:

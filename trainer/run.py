@@ -88,21 +88,39 @@ def resolve_run(config: RunConfig, *, given: Collection[str] | None = None) -> R
         cache.check_specs(dcfg.expect_fingerprints)
         cache_specs = cache.specs()
     elif distill:
-        raise ConfigError("stage pt with distillation needs --cache (or --no-distill for the NTP-only baseline)")
+        raise ConfigError(
+            "stage pt with distillation needs --cache (or --no-distill for the NTP-only baseline)"
+        )
 
-    start_from = str(checkpoint.find(resume) / checkpoint.MODEL) if resume else (
-        str(checkpoint.find(tcfg.init_from) / checkpoint.MODEL) if tcfg.init_from else "")
+    start_from = (
+        str(checkpoint.find(resume) / checkpoint.MODEL)
+        if resume
+        else (str(checkpoint.find(tcfg.init_from) / checkpoint.MODEL) if tcfg.init_from else "")
+    )
     model_cfg, shapes = _model_config(config.model, start_from, cache_specs, distill, dcfg.cache)
     specs = {t: cache_specs[t] for t in model_cfg.tasks if t in cache_specs}
     targets = dict(specs) if distill else {}
     if distill and set(model_cfg.tasks) - set(targets):
-        raise ConfigError(f"tasks {sorted(set(model_cfg.tasks) - set(targets))} have no targets in {dcfg.cache} "
-                          f"(its teachers: {sorted(cache_specs)})")
+        raise ConfigError(
+            f"tasks {sorted(set(model_cfg.tasks) - set(targets))} have no targets in {dcfg.cache} "
+            f"(its teachers: {sorted(cache_specs)})"
+        )
     fingerprints = {t: s.fingerprint for t, s in targets.items()}
     dcfg = dataclasses.replace(dcfg, expect_fingerprints={**fingerprints, **dcfg.expect_fingerprints})
-    effective = dataclasses.replace(config, model=model_cfg, data=dcfg, train=dataclasses.replace(tcfg, resume=""))
-    return Run(config=effective, distill=distill, targets=targets, target_shapes=shapes, teacher_specs=specs,
-               fingerprints=fingerprints, start_from=start_from, resume=resume, tiny_student=tiny)
+    effective = dataclasses.replace(
+        config, model=model_cfg, data=dcfg, train=dataclasses.replace(tcfg, resume="")
+    )
+    return Run(
+        config=effective,
+        distill=distill,
+        targets=targets,
+        target_shapes=shapes,
+        teacher_specs=specs,
+        fingerprints=fingerprints,
+        start_from=start_from,
+        resume=resume,
+        tiny_student=tiny,
+    )
 
 
 def _resumed_config(config: RunConfig, resume: str, given: Collection[str] | None) -> RunConfig:
@@ -110,7 +128,9 @@ def _resumed_config(config: RunConfig, resume: str, given: Collection[str] | Non
     saved = from_dict(RunConfig, json.loads((Path(resume) / checkpoint.CONFIG).read_text()))
     default = TrainConfig()
     if given is None:
-        given = {f"train.{name}" for name in RESUMABLE if getattr(config.train, name) != getattr(default, name)}
+        given = {
+            f"train.{name}" for name in RESUMABLE if getattr(config.train, name) != getattr(default, name)
+        }
     else:
         refused = []
         for name in sorted(set(given) - {f"train.{n}" for n in RESUMABLE + ("resume",)}):
@@ -118,8 +138,10 @@ def _resumed_config(config: RunConfig, resume: str, given: Collection[str] | Non
             if getattr(getattr(config, section), field) != getattr(getattr(saved, section), field):
                 refused.append(name)
         if refused:
-            raise ConfigError(f"--resume {resume}: the saved run defines {', '.join(refused)}; a resume may only "
-                              f"change {', '.join('train.' + n for n in RESUMABLE)}")
+            raise ConfigError(
+                f"--resume {resume}: the saved run defines {', '.join(refused)}; a resume may only "
+                f"change {', '.join('train.' + n for n in RESUMABLE)}"
+            )
     changed = {name: getattr(config.train, name) for name in RESUMABLE if f"train.{name}" in given}
     return dataclasses.replace(saved, train=dataclasses.replace(saved.train, resume=resume, **changed))
 
@@ -132,13 +154,15 @@ def _apply_preset(config: RunConfig) -> tuple[RunConfig, str]:
     if preset != "tiny":
         raise ConfigError(f"model.preset: unknown preset {preset!r} (known: 'tiny')")
     folder = Path(config.train.out) / TINY_STUDENT_DIR
-    model = dataclasses.replace(config.model, preset="", vision_model=str(folder / "vision"),
-                                llm=str(folder / "llm"), **TINY_HEADS)
+    model = dataclasses.replace(
+        config.model, preset="", vision_model=str(folder / "vision"), llm=str(folder / "llm"), **TINY_HEADS
+    )
     return dataclasses.replace(config, model=model), str(folder)
 
 
-def _model_config(model_cfg: ModelConfig, start_from: str, cache_specs: dict[str, TeacherSpec], distill: bool,
-                  cache: str) -> tuple[ModelConfig, dict[str, tuple[int, int]]]:
+def _model_config(
+    model_cfg: ModelConfig, start_from: str, cache_specs: dict[str, TeacherSpec], distill: bool, cache: str
+) -> tuple[ModelConfig, dict[str, tuple[int, int]]]:
     """(model config, target shapes): a start checkpoint defines both; else the config and the cache do."""
     if start_from:
         meta = json.loads((Path(start_from) / MODEL_META).read_text())
@@ -148,9 +172,11 @@ def _model_config(model_cfg: ModelConfig, start_from: str, cache_specs: dict[str
     available = [t for t in model_cfg.tasks if t in cache_specs]
     if not available:
         if distill:
-            raise ConfigError(f"stage pt with distillation: none of the configured tasks {list(model_cfg.tasks)} "
-                              f"has targets in {cache} (its teachers: {sorted(cache_specs)}); set --tasks to "
-                              "some of them, or --no-distill for the NTP-only baseline")
+            raise ConfigError(
+                f"stage pt with distillation: none of the configured tasks {list(model_cfg.tasks)} "
+                f"has targets in {cache} (its teachers: {sorted(cache_specs)}); set --tasks to "
+                "some of them, or --no-distill for the NTP-only baseline"
+            )
         return dataclasses.replace(model_cfg, tasks=()), {}  # no targets at all: the plain LLaVA baseline
     missing = [t for t in model_cfg.tasks if t not in cache_specs]
     if missing:

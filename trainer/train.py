@@ -86,8 +86,9 @@ def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
 def _param_groups(model, tcfg: TrainConfig, distill: bool) -> list[dict]:
     """The stage's trainable parameter groups; without distillation the heads and temperatures are
     frozen (they would get no gradient, which DDP treats as an error)."""
-    groups = apply_stage(model, tcfg.stage, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                         unfreeze_vision=tcfg.unfreeze_vision)
+    groups = apply_stage(
+        model, tcfg.stage, lr=tcfg.lr, weight_decay=tcfg.weight_decay, unfreeze_vision=tcfg.unfreeze_vision
+    )
     if not distill:
         for group in [g for g in groups if g["name"] in ("heads", "logit_scales")]:
             for p in group["params"]:
@@ -141,19 +142,32 @@ def _restore(run: Run, wrapped, optimizer, d: Dist) -> tuple[int, dict | None]:
     else:  # no exact continuation exists: distinct, reproducible streams per rank
         torch.manual_seed(run.config.train.seed + 1_000_003 * resumed["step"] + d.rank)
         if d.main:
-            log.warning("%s: saved by %d processes, resumed by %d: weights and optimizer state are restored "
-                        "exactly; sample order and RNG streams differ from an uninterrupted run",
-                        resumed["path"], saved_world, d.world)
+            log.warning(
+                "%s: saved by %d processes, resumed by %d: weights and optimizer state are restored "
+                "exactly; sample order and RNG streams differ from an uninterrupted run",
+                resumed["path"],
+                saved_world,
+                d.world,
+            )
     return resumed["step"], loader_state
 
 
 def _loader_local_rank_0_first(run: Run, model, loader_state: dict | None, d: Dist):
     """The rank's loader; local rank 0 builds its own first, so that a missing key index (trainer/data/join.py)
     is built once per node and then opened by the node's other ranks, not built by each of them."""
+
     def build():
-        return build_loader(run.config.data, tokenizer=model.tokenizer, layout=model.layout,
-                            transform=ImageTransform.from_processor(model.image_processor), tasks=tuple(run.targets),
-                            rank=d.rank, world=d.world, state=loader_state, pin_memory=d.device.type == "cuda")
+        return build_loader(
+            run.config.data,
+            tokenizer=model.tokenizer,
+            layout=model.layout,
+            transform=ImageTransform.from_processor(model.image_processor),
+            tasks=tuple(run.targets),
+            rank=d.rank,
+            world=d.world,
+            state=loader_state,
+            pin_memory=d.device.type == "cuda",
+        )
 
     loader, error = None, None
     if d.local_rank == 0:
@@ -171,8 +185,9 @@ def _loader_local_rank_0_first(run: Run, model, loader_state: dict | None, d: Di
 def _normalisers(model, micro_batches: list[dict], d: Dist) -> Normalisers:
     """The step's global label-token and image counts (all micro-batches, all ranks): one all-reduce."""
     counts = [model.count_items(batch) for batch in micro_batches]  # CPU batches: no device sync
-    total = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.float32,
-                         device=d.device)
+    total = torch.tensor(
+        [sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.float32, device=d.device
+    )
     if dist.is_initialized() and d.world > 1:
         dist.all_reduce(total)
     total = total.clamp(min=1)  # a step without labels (or images) gives 0, not NaN
@@ -199,7 +214,7 @@ def _accumulate(model, wrapped, batches, tcfg: TrainConfig, distill: bool, d: Di
         tokens += int(batch["attention_mask"].sum())  # CPU tensor: no device sync
         batch = to_device(batch, d.device)
         sync = micro == tcfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
-        with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
+        with contextlib.nullcontext() if sync else wrapped.no_sync(), autocast:
             losses = wrapped(batch, distill=distill, norm=norm)
             losses["loss"].backward()  # already a share of the step: gradients sum over micro-batches
         for name, value in losses.items():
@@ -235,12 +250,16 @@ def train(config: RunConfig, *, given=None) -> dict:
     model, wrapped, optimizer = _model_and_optimizer(run, d)
     step, loader_state = _restore(run, wrapped, optimizer, d)
     # The stage's crop | pad travels with the model as its image processor (saved, exported, generated with).
-    model.image_processor = with_aspect_ratio(model.image_processor,
-                                              resolve_aspect_ratio(run.config.data.image_aspect_ratio, tcfg.stage))
+    model.image_processor = with_aspect_ratio(
+        model.image_processor, resolve_aspect_ratio(run.config.data.image_aspect_ratio, tcfg.stage)
+    )
     loader = _loader_local_rank_0_first(run, model, loader_state, d)
     metrics = Metrics(run.config, main=d.main, step=step)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tcfg.bf16 and d.device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if tcfg.bf16 and d.device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     last_checkpoint, record = run.resume, {}
     batches = iter(loader)
     state = loader_state or {"epoch": 0, "batch": 0, "skipped": {}}
@@ -251,13 +270,17 @@ def train(config: RunConfig, *, given=None) -> dict:
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, tcfg.steps, tcfg.warmup_ratio)
-            sums, keys, samples, tokens, state = _accumulate(model, wrapped, batches, tcfg, run.distill, d, autocast)
+            sums, keys, samples, tokens, state = _accumulate(
+                model, wrapped, batches, tcfg, run.distill, d, autocast
+            )
             terms, finite = _finite(sums)
             step += 1
             if not finite:
                 term = next((n for n, v in terms.items() if not math.isfinite(v)), "on another rank")
-                message = (f"step {step}: loss term {term!r} is not finite ({terms}); "
-                           f"last good checkpoint: {last_checkpoint or 'none'}")
+                message = (
+                    f"step {step}: loss term {term!r} is not finite ({terms}); "
+                    f"last good checkpoint: {last_checkpoint or 'none'}"
+                )
                 if tcfg.on_nonfinite == "stop":
                     raise NonFiniteLossError(message)
                 log.warning("%s; step skipped", message)
@@ -272,23 +295,45 @@ def train(config: RunConfig, *, given=None) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
-            record = {"step": step, **terms, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                      "samples_per_s": samples * d.world / elapsed, "tokens_per_s": tokens * d.world / elapsed,
-                      "epoch": state["epoch"], "skipped": state["skipped"],
-                      "eta_s": (time.perf_counter() - started) / (step - start_step) * (tcfg.steps - step),
-                      "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]}
+            record = {
+                "step": step,
+                **terms,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "samples_per_s": samples * d.world / elapsed,
+                "tokens_per_s": tokens * d.world / elapsed,
+                "epoch": state["epoch"],
+                "skipped": state["skipped"],
+                "eta_s": (time.perf_counter() - started) / (step - start_step) * (tcfg.steps - step),
+                "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
+            }
             metrics.log(record, list(terms))
             if step % tcfg.save_every == 0 or step == tcfg.steps:
                 last_checkpoint = _save(run, model, wrapped, optimizer, state, step, d) or last_checkpoint
     finally:
         metrics.close()
-    return {"step": step, "checkpoint": last_checkpoint, "fingerprints": run.fingerprints, "out": tcfg.out,
-            "last": record}
+    return {
+        "step": step,
+        "checkpoint": last_checkpoint,
+        "fingerprints": run.fingerprints,
+        "out": tcfg.out,
+        "last": record,
+    }
 
 
 def _save(run: Run, model, wrapped, optimizer, loader_state: dict, step: int, d: Dist) -> str:
     """A checkpoint of every rank's state (checkpoint.save_state picks the layout); its path on rank 0."""
     tcfg = run.config.train
-    return checkpoint.save_state(tcfg.out, step, model, wrapped, optimizer, d, save_frozen=tcfg.save_frozen,
-                                 keep_last=tcfg.keep_last, loader_state=loader_state, config=to_dict(run.config),
-                                 fingerprints=run.fingerprints)
+    return checkpoint.save_state(
+        tcfg.out,
+        step,
+        model,
+        wrapped,
+        optimizer,
+        d,
+        save_frozen=tcfg.save_frozen,
+        keep_last=tcfg.keep_last,
+        loader_state=loader_state,
+        config=to_dict(run.config),
+        fingerprints=run.fingerprints,
+    )

@@ -40,12 +40,17 @@ def predecode(setup: Setup, recipes: dict) -> tuple[list[dict], dict]:
     if not batches:
         from olavlm.schemas.errors import ConfigError
 
-        raise ConfigError(f"no full batch of {batch_size} images in {setup.config.images} images "
-                         f"(shards of {setup.config.shard_size}): raise --images or lower --batch-size")
+        raise ConfigError(
+            f"no full batch of {batch_size} images in {setup.config.images} images "
+            f"(shards of {setup.config.shard_size}): raise --images or lower --batch-size"
+        )
     in_flight = setup.config.shards_in_flight or 3  # precompute's default with one actor: 2 x 1 + 1
     figures = {
-        "images": sum(len(next(iter(b.values()))) for b in batches), "batches": len(batches),
-        "batch_size": batch_size, "shards": len(shards), "shard_size": setup.config.shard_size,
+        "images": sum(len(next(iter(b.values()))) for b in batches),
+        "batches": len(batches),
+        "batch_size": batch_size,
+        "shards": len(shards),
+        "shard_size": setup.config.shard_size,
         "input_sizes": {n: list(t.shape[1:3]) for n, t in batches[0].items()},
         "host_preprocess_ms_per_image": round(1e3 / per_core, 2),
         "host_preprocess_images_per_s_per_core": round(per_core, 1),
@@ -57,15 +62,18 @@ def predecode(setup: Setup, recipes: dict) -> tuple[list[dict], dict]:
 
 
 # -- 3. the bare loop -----------------------------------------------------------------------------
-def forward_rate(teacher, batches: list[dict], name: str, device: str,
-                 prepare: Callable | None = None) -> tuple[float, float, bool]:
+def forward_rate(
+    teacher, batches: list[dict], name: str, device: str, prepare: Callable | None = None
+) -> tuple[float, float, bool]:
     """(images/s, seconds, warm-up output finite) of `teacher` over `batches[*][name]`, after one warm-up batch.
 
     `prepare` turns the batch entry into the teacher's uint8 input (the GPU preprocessing lever).
     Random full-size weights in float16 could overflow: the warm-up batch's targets say whether they do.
     """
     get = (lambda batch: prepare(batch[name])) if prepare else (lambda batch: batch[name])
-    finite = bool(teacher(get(batches[0])).isfinite().all())  # warm-up: first kernels, cuBLAS handles, compilation
+    finite = bool(
+        teacher(get(batches[0])).isfinite().all()
+    )  # warm-up: first kernels, cuBLAS handles, compilation
     start = time.perf_counter()
     for batch in batches:
         teacher(get(batch))
@@ -81,11 +89,18 @@ def bare_rates(teachers: dict, batches: list[dict], device: str, prepare: dict |
         reset_peak(device)
         rate, seconds, finite = forward_rate(teacher, batches, name, device, (prepare or {}).get(name))
         total += seconds
-        per_teacher[name] = {"images_per_s": round(rate, 2), "peak_memory_gb": peak_gb(device), "finite": finite}
+        per_teacher[name] = {
+            "images_per_s": round(rate, 2),
+            "peak_memory_gb": peak_gb(device),
+            "finite": finite,
+        }
     images = sum(len(b[next(iter(teachers))]) for b in batches)
     peaks = [v["peak_memory_gb"] for v in per_teacher.values() if v["peak_memory_gb"] is not None]
-    return {"per_teacher": per_teacher, "all_images_per_s": round(images / total, 2),
-            "peak_memory_gb": max(peaks) if peaks else None}
+    return {
+        "per_teacher": per_teacher,
+        "all_images_per_s": round(images / total, 2),
+        "peak_memory_gb": max(peaks) if peaks else None,
+    }
 
 
 def weights_gb(teacher) -> float:

@@ -112,9 +112,10 @@ class DevicePeak:
     def figures(self) -> dict:
         if not self.cuda:
             return {"peak_device_memory_gb": None, "device_memory_before_gb": None}
-        return {"peak_device_memory_gb": round(self.peak / 2**30, 2),
-                "device_memory_before_gb": round(self.baseline / 2**30, 2)}
-
+        return {
+            "peak_device_memory_gb": round(self.peak / 2**30, 2),
+            "device_memory_before_gb": round(self.baseline / 2**30, 2),
+        }
 
 
 # -- the precompute jobs' configuration (also the bare loop's sources) -----------------------------
@@ -142,9 +143,17 @@ class Setup:
         else:  # the paper recipe (input sizes, grid) with the random weights
             preset, overrides = "paper", {n: os.path.join(self.teacher_folder, n) for n in names}
         return PrecomputeConfig(
-            corpus=corpus, cache=cache, teachers=names, preset=preset, overrides=overrides,
-            dtype=self.config.storage_dtype, compute_dtype=dtype, batch_size=self.config.batch_size,
-            shards_in_flight=self.config.shards_in_flight, progress=False, device_resize=device_resize,
+            corpus=corpus,
+            cache=cache,
+            teachers=names,
+            preset=preset,
+            overrides=overrides,
+            dtype=self.config.storage_dtype,
+            compute_dtype=dtype,
+            batch_size=self.config.batch_size,
+            shards_in_flight=self.config.shards_in_flight,
+            progress=False,
+            device_resize=device_resize,
         )
 
     def sources(self, dtype: str = "float32"):
@@ -156,4 +165,7 @@ def load_teachers(setup: Setup, dtype: str) -> dict:
 
     from olavlm.pipeline.teachers import load_teacher
 
-    return {n: load_teacher(s, device=setup.device, dtype=getattr(torch, dtype)) for n, s in setup.sources().items()}
+    return {
+        n: load_teacher(s, device=setup.device, dtype=getattr(torch, dtype))
+        for n, s in setup.sources().items()
+    }

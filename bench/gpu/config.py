@@ -12,8 +12,15 @@ TARGETS = {"pipeline_images_per_s": 150.0, "busy_fraction": 0.90, "cached_over_i
 """design.md's targets for one H100."""
 SECTIONS = ("teachers", "inputs", "bare", "levers", "pipeline", "train")
 
-MID_STUDENT = dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24,
-                   llm_hidden=2048, llm_layers=16, llm_heads=16)
+MID_STUDENT = dict(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=1024,
+    vision_layers=24,
+    llm_hidden=2048,
+    llm_layers=16,
+    llm_heads=16,
+)
 """`build_tiny_student` sizes of the mid-size student (576 image tokens, ~0.9 B parameters)."""
 
 
@@ -75,14 +82,22 @@ class GpuBenchConfig:
 
         bad = [d for d in self.compute_dtypes if d not in COMPUTE_DTYPES or d == "auto"]
         if not self.compute_dtypes or bad:
-            raise ConfigError(f"--dtypes {','.join(self.compute_dtypes)!r}: give float32, float16 and/or bfloat16")
+            raise ConfigError(
+                f"--dtypes {','.join(self.compute_dtypes)!r}: give float32, float16 and/or bfloat16"
+            )
         if self.storage_dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"--storage-dtype {self.storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+            raise ConfigError(
+                f"--storage-dtype {self.storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}"
+            )
         if min(self.images, self.shard_size, self.batch_size, self.train_batch_size, self.train_steps) < 1:
-            raise ConfigError("--images, --shard-size, --batch-size, --train-batch-size, --train-steps must be >= 1")
+            raise ConfigError(
+                "--images, --shard-size, --batch-size, --train-batch-size, --train-steps must be >= 1"
+            )
         if self.images < self.batch_size or self.shard_size < self.batch_size:
-            raise ConfigError(f"--images ({self.images}) and --shard-size ({self.shard_size}) must be at least "
-                             f"--batch-size ({self.batch_size}): only full batches are timed")
+            raise ConfigError(
+                f"--images ({self.images}) and --shard-size ({self.shard_size}) must be at least "
+                f"--batch-size ({self.batch_size}): only full batches are timed"
+            )
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown:
             raise ConfigError(f"--sections: unknown {unknown} (choose from {', '.join(SECTIONS)})")
@@ -99,9 +114,19 @@ def gpu_bench_config(*, smoke: bool | None = None, cuda: bool | None = None, **g
     if smoke:
         # one pipeline job and no compilation: each actor start and each dynamo trace costs
         # seconds on 2 cores (--per-teacher / --compile turn them back on)
-        defaults = dict(images=16, shard_size=8, batch_size=4, train_steps=2, train_batch_size=2, train_workers=1,
-                        online_steps=1, student={}, per_teacher=False, compile=False,
-                        compile_backend="inductor" if cuda else "eager")
+        defaults = dict(
+            images=16,
+            shard_size=8,
+            batch_size=4,
+            train_steps=2,
+            train_batch_size=2,
+            train_workers=1,
+            online_steps=1,
+            student={},
+            per_teacher=False,
+            compile=False,
+            compile_backend="inductor" if cuda else "eager",
+        )
     else:
         defaults = dict(images=1024, shard_size=128, batch_size=64)
     defaults["compute_dtypes"] = dtypes

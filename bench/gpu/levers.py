@@ -29,8 +29,13 @@ def compile_blocks(module, backend: str) -> int:
     for option in ("cache_size_limit", "recompile_limit"):  # Swin: 4 stages x 2 shift sizes of one class
         if hasattr(torch._dynamo.config, option):
             setattr(torch._dynamo.config, option, max(64, getattr(torch._dynamo.config, option)))
-    blocks = [child for m in module.modules() if isinstance(m, nn.ModuleList) for child in m
-              if not any(isinstance(c, nn.ModuleList) for c in child.modules())]
+    blocks = [
+        child
+        for m in module.modules()
+        if isinstance(m, nn.ModuleList)
+        for child in m
+        if not any(isinstance(c, nn.ModuleList) for c in child.modules())
+    ]
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
@@ -49,11 +54,12 @@ def decoded_batches(setup: Setup, recipes: dict, count: int) -> tuple[list[list[
                 break
             if isinstance(item, RawSample) and item.image_bytes is not None:
                 start = time.perf_counter()
-                images.append(np.array(decode_image(item.image_bytes, draft_size=draft)))  # writable: from_numpy
+                images.append(
+                    np.array(decode_image(item.image_bytes, draft_size=draft))
+                )  # writable: from_numpy
                 seconds += time.perf_counter() - start
     size = setup.config.batch_size
-    return [images[i:i + size] for i in range(0, len(images), size)], seconds / max(1, len(images)) * 1e3
-
+    return [images[i : i + size] for i in range(0, len(images), size)], seconds / max(1, len(images)) * 1e3
 
 
 def run_levers(setup: Setup, teachers: dict, batches: list[dict], baseline: dict, host: dict) -> list[dict]:
@@ -63,8 +69,14 @@ def run_levers(setup: Setup, teachers: dict, batches: list[dict], baseline: dict
     the run goes on: the pipeline and training figures matter more than any one lever.
     """
     config = setup.config
-    rows = [{"lever": "baseline", **baseline, "speedup_vs_baseline": 1.0,
-             "attn_implementation": {n: t.module.config._attn_implementation for n, t in teachers.items()}}]
+    rows = [
+        {
+            "lever": "baseline",
+            **baseline,
+            "speedup_vs_baseline": 1.0,
+            "attn_implementation": {n: t.module.config._attn_implementation for n, t in teachers.items()},
+        }
+    ]
     levers: list[tuple[str, Callable[[], tuple[dict, dict]]]] = []
     if config.channels_last:
         levers.append(("channels_last", lambda: channels_last(setup, teachers, batches)))
@@ -134,7 +146,8 @@ def gpu_preprocess(setup: Setup, teachers: dict, batches: list[dict], host: dict
     return bare_rates(teachers, entries, device, prepare), {
         "host_decode_only_ms_per_image": round(decode_ms, 2),
         "host_cpu_path_ms_per_image": host["host_preprocess_ms_per_image"],
-        "mean_abs_diff_uint8_vs_host": diffs}
+        "mean_abs_diff_uint8_vs_host": diffs,
+    }
 
 
 def compiled(setup: Setup, teachers: dict, batches: list[dict]) -> tuple[dict, dict]:
@@ -145,7 +158,10 @@ def compiled(setup: Setup, teachers: dict, batches: list[dict]) -> tuple[dict, d
     for name, t in teachers.items():  # compilation happens in the first call: timed apart
         t(batches[0][name])
     sync(device)
-    extra = {"compile_s": round(time.perf_counter() - start, 1), "compile_backend": config.compile_backend,
-             "blocks_compiled": blocks}
+    extra = {
+        "compile_s": round(time.perf_counter() - start, 1),
+        "compile_backend": config.compile_backend,
+        "blocks_compiled": blocks,
+    }
     setup.log(f"lever compile: compiled in {extra['compile_s']} s")
     return bare_rates(teachers, batches, device), extra

@@ -14,16 +14,22 @@ DEVICE_RESIZE_ARM = "all_device_resize"
 
 
 # -- 5. the pipeline ------------------------------------------------------------------------------
-def run_job(setup: Setup, names: tuple[str, ...], dtype: str, cache: str, device_resize: bool = False) -> dict:
+def run_job(
+    setup: Setup, names: tuple[str, ...], dtype: str, cache: str, device_resize: bool = False
+) -> dict:
     """One `precompute` job over the benchmark corpus -> its figures."""
     from olavlm.pipeline.precompute import precompute
 
     with DevicePeak(setup.device) as peak:
         summary = precompute(setup.job(names, dtype, setup.corpus, cache, device_resize=device_resize))
     return {
-        "images": summary.images, "errors": summary.errors, "seconds": round(summary.seconds, 2),
-        "images_per_s": round(summary.images_per_second, 2), "actor_compute_share": round(summary.teacher_busy, 3),
-        "mb_written": round(summary.bytes / 1e6, 1), **peak.figures(),
+        "images": summary.images,
+        "errors": summary.errors,
+        "seconds": round(summary.seconds, 2),
+        "images_per_s": round(summary.images_per_second, 2),
+        "actor_compute_share": round(summary.teacher_busy, 3),
+        "mb_written": round(summary.bytes / 1e6, 1),
+        **peak.figures(),
     }
 
 
@@ -44,11 +50,17 @@ def run_pipeline(setup: Setup, report: Report) -> str:
     pipeline = report.data.setdefault("pipeline", {})
     kept = None
     with report.section("pipeline"), ray_session(None):
-        if not config.smoke:  # Ray starts its task worker processes on first use: paid here, not by the timed jobs
+        if (
+            not config.smoke
+        ):  # Ray starts its task worker processes on first use: paid here, not by the timed jobs
             start = time.perf_counter()
             warmup = os.path.join(setup.tmp, "warmup")
             build_demo_corpus(warmup, samples=config.batch_size, shard_size=config.batch_size)
-            precompute(setup.job(("depth",), config.compute_dtypes[0], warmup, os.path.join(setup.tmp, "warmup-cache")))
+            precompute(
+                setup.job(
+                    ("depth",), config.compute_dtypes[0], warmup, os.path.join(setup.tmp, "warmup-cache")
+                )
+            )
             report.log(f"pipeline: Ray warm-up job {time.perf_counter() - start:.1f} s")
         for index, dtype in enumerate(config.compute_dtypes):
             # one job per teacher at the first dtype only: each costs an actor start and a model load
@@ -62,12 +74,19 @@ def run_pipeline(setup: Setup, report: Report) -> str:
                 cache = os.path.join(setup.tmp, f"cache-{dtype}-{label}")
                 report.log(f"pipeline {dtype} {label}: running")
                 figures = run_job(setup, names, dtype, cache, device_resize)
-                figures.update(busy_fraction(report.data.get("bare", {}).get(dtype), "all" if len(names) > 1 else label,
-                                             figures["images_per_s"]))
+                figures.update(
+                    busy_fraction(
+                        report.data.get("bare", {}).get(dtype),
+                        "all" if len(names) > 1 else label,
+                        figures["images_per_s"],
+                    )
+                )
                 pipeline.setdefault(dtype, {})[label] = figures
-                report.log(f"pipeline {dtype} {label}: {figures['images_per_s']:.1f} images/s, busy "
-                           f"{figures.get('busy_fraction')}, actor {figures['actor_compute_share']}, "
-                           f"peak {figures['peak_device_memory_gb']} GB, {figures['errors']} errors")
+                report.log(
+                    f"pipeline {dtype} {label}: {figures['images_per_s']:.1f} images/s, busy "
+                    f"{figures.get('busy_fraction')}, actor {figures['actor_compute_share']}, "
+                    f"peak {figures['peak_device_memory_gb']} GB, {figures['errors']} errors"
+                )
                 report.save()
                 if label == "all":
                     if kept:

@@ -27,14 +27,24 @@ def environment(device: str) -> dict:
     cuda = device.startswith("cuda")
     return {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-        "device_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "ray": ray.__version__, "python": sys.version.split()[0],
+        "device_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        if cuda
+        else None,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "python": sys.version.split()[0],
     }
 
 
-def run_gpu_bench(config: GpuBenchConfig, *, out: str | None = None,
-                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+def run_gpu_bench(
+    config: GpuBenchConfig,
+    *,
+    out: str | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> dict:
     """Run the sections (see the package docstring); -> every figure in one dict (also written to `out`)."""
     import torch
     import transformers
@@ -46,10 +56,16 @@ def run_gpu_bench(config: GpuBenchConfig, *, out: str | None = None,
     report = Report(out, log)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not config.smoke:
-        report.log("warning: no CUDA device; the full-size run on a CPU takes hours (the smoke run is --smoke)")
-    report.data.update(environment(device), smoke=config.smoke, config=dataclasses.asdict(config), targets=TARGETS)
-    report.log(f"device {report.data['device']}, torch {report.data['torch']}, "
-               f"transformers {report.data['transformers']}, smoke={config.smoke}")
+        report.log(
+            "warning: no CUDA device; the full-size run on a CPU takes hours (the smoke run is --smoke)"
+        )
+    report.data.update(
+        environment(device), smoke=config.smoke, config=dataclasses.asdict(config), targets=TARGETS
+    )
+    report.log(
+        f"device {report.data['device']}, torch {report.data['torch']}, "
+        f"transformers {report.data['transformers']}, smoke={config.smoke}"
+    )
     report.save()
     with tempfile.TemporaryDirectory(prefix="ola-bench-gpu-") as tmp:
         with report.section("teachers"):
@@ -61,14 +77,25 @@ def run_gpu_bench(config: GpuBenchConfig, *, out: str | None = None,
                 root = Path(config.teachers_dir) if config.teachers_dir else teachers_dir()
                 folder, params, reused = build_paper_teachers(root, device)
                 teacher_folder = str(folder)
-                report.data["teachers"] = {"folder": teacher_folder, "reused": reused, "params": params,
-                                           "total_params": sum(params.values()),
-                                           "build_s": round(time.perf_counter() - start, 1)}
+                report.data["teachers"] = {
+                    "folder": teacher_folder,
+                    "reused": reused,
+                    "params": params,
+                    "total_params": sum(params.values()),
+                    "build_s": round(time.perf_counter() - start, 1),
+                }
             else:
-                report.data["teachers"] = {"folder": "tiny preset", "reused": None, "params": None,
-                                           "total_params": None, "build_s": 0.0}
-            report.log(f"teachers: {report.data['teachers']['folder']} "
-                       f"({report.data['teachers']['total_params'] or 'tiny'} parameters)")
+                report.data["teachers"] = {
+                    "folder": "tiny preset",
+                    "reused": None,
+                    "params": None,
+                    "total_params": None,
+                    "build_s": 0.0,
+                }
+            report.log(
+                f"teachers: {report.data['teachers']['folder']} "
+                f"({report.data['teachers']['total_params'] or 'tiny'} parameters)"
+            )
         setup = Setup(config=config, device=device, tmp=tmp, teacher_folder=teacher_folder, log=report.log)
         from olavlm.schemas.corpus_build import build_demo_corpus
 
@@ -103,12 +130,15 @@ def run_sections(setup: Setup, report: Report) -> str | None:
         report.data["teachers"].update(
             target_shapes={n: list(t.spec.shape) for n, t in teachers.items()},
             weights_gb={n: weights_gb(t) for n, t in teachers.items()},
-            recipes=recipes, spec_fingerprints={n: t.spec.fingerprint for n, t in teachers.items()},
+            recipes=recipes,
+            spec_fingerprints={n: t.spec.fingerprint for n, t in teachers.items()},
         )
         batches, host = predecode(setup, recipes)
         report.data["inputs"] = host
-        report.log(f"inputs: {host['images']} images in {host['batches']} batches of {host['batch_size']}; host "
-                   f"preprocessing {host['host_preprocess_images_per_s_per_core']} images/s per core")
+        report.log(
+            f"inputs: {host['images']} images in {host['batches']} batches of {host['batch_size']}; host "
+            f"preprocessing {host['host_preprocess_images_per_s_per_core']} images/s per core"
+        )
     report.data.setdefault("bare", {})
     for index, dtype in enumerate(config.compute_dtypes):
         if "bare" not in wanted and not (index == 0 and "levers" in wanted):
@@ -121,15 +151,23 @@ def run_sections(setup: Setup, report: Report) -> str | None:
                 teachers = load_teachers(setup, dtype)
                 load_s = time.perf_counter() - start
             rates = bare_rates(teachers, batches, device)
-            report.data["bare"][dtype] = {**rates, "load_s": round(load_s, 1),
-                                          "weights_gb": {n: weights_gb(t) for n, t in teachers.items()}}
-            report.log(f"bare {dtype}: " + ", ".join(f"{n} {v['images_per_s']:.1f}" for n, v in
-                                                     rates["per_teacher"].items())
-                       + f"; all three {rates['all_images_per_s']:.1f} images/s, peak {rates['peak_memory_gb']} GB")
+            report.data["bare"][dtype] = {
+                **rates,
+                "load_s": round(load_s, 1),
+                "weights_gb": {n: weights_gb(t) for n, t in teachers.items()},
+            }
+            report.log(
+                f"bare {dtype}: "
+                + ", ".join(f"{n} {v['images_per_s']:.1f}" for n, v in rates["per_teacher"].items())
+                + f"; all three {rates['all_images_per_s']:.1f} images/s, peak {rates['peak_memory_gb']} GB"
+            )
         if index == 0 and "levers" in wanted:
             with report.section("levers"):
-                report.data["levers"] = {"dtype": dtype, "images": report.data["inputs"]["images"],
-                                         "rows": run_levers(setup, teachers, batches, rates, report.data["inputs"])}
+                report.data["levers"] = {
+                    "dtype": dtype,
+                    "images": report.data["inputs"]["images"],
+                    "rows": run_levers(setup, teachers, batches, rates, report.data["inputs"]),
+                }
     del teachers, batches
     free(device)
     if "pipeline" not in wanted:

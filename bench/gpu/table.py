@@ -8,14 +8,18 @@ from olavlm.bench.gpu.pipeline import DEVICE_RESIZE_ARM
 
 def format_table(data: dict) -> str:
     """The figures as aligned text tables (what `ola bench gpu` prints without --json)."""
-    lines = [f"device: {data.get('device')} | torch {data.get('torch')} | transformers {data.get('transformers')}"
-             f" | smoke={data.get('smoke')} | complete={data.get('complete')}"]
+    lines = [
+        f"device: {data.get('device')} | torch {data.get('torch')} | transformers {data.get('transformers')}"
+        f" | smoke={data.get('smoke')} | complete={data.get('complete')}"
+    ]
     inputs = data.get("inputs")
     if inputs:
-        lines.append(f"corpus: {inputs['images']} images, batch {inputs['batch_size']}, {inputs['shards']} shards; "
-                     f"host preprocessing {inputs['host_preprocess_images_per_s_per_core']} images/s per core "
-                     f"(pipeline host ceiling ~{inputs['pipeline_host_ceiling_images_per_s']} images/s "
-                     f"with {inputs['pipeline_shards_in_flight']} shards in flight)")
+        lines.append(
+            f"corpus: {inputs['images']} images, batch {inputs['batch_size']}, {inputs['shards']} shards; "
+            f"host preprocessing {inputs['host_preprocess_images_per_s_per_core']} images/s per core "
+            f"(pipeline host ceiling ~{inputs['pipeline_host_ceiling_images_per_s']} images/s "
+            f"with {inputs['pipeline_shards_in_flight']} shards in flight)"
+        )
 
     def gb(value) -> str:
         return "-" if value is None else f"{value:.2f}"
@@ -31,28 +35,81 @@ def format_table(data: dict) -> str:
             b = bare["all_images_per_s"] if three else bare["per_teacher"][label]["images_per_s"]
             peak = bare["peak_memory_gb"] if three else bare["per_teacher"][label]["peak_memory_gb"]
             name = {"all": "all three", DEVICE_RESIZE_ARM: "all three, device resize"}.get(label, label)
-            rows.append((dtype, name, f"{b:.1f}",
-                         f"{p['images_per_s']:.1f}" if p else "-", str(p.get("busy_fraction", "-")),
-                         str(p.get("actor_compute_share", "-")), gb(peak), gb(p.get("peak_device_memory_gb"))))
+            rows.append(
+                (
+                    dtype,
+                    name,
+                    f"{b:.1f}",
+                    f"{p['images_per_s']:.1f}" if p else "-",
+                    str(p.get("busy_fraction", "-")),
+                    str(p.get("actor_compute_share", "-")),
+                    gb(peak),
+                    gb(p.get("peak_device_memory_gb")),
+                )
+            )
     if rows:
-        lines += ["", _table(("compute", "teachers", "bare img/s", "pipeline img/s", "busy", "actor share",
-                              "bare peak GB", "job peak GB"), rows)]
+        lines += [
+            "",
+            _table(
+                (
+                    "compute",
+                    "teachers",
+                    "bare img/s",
+                    "pipeline img/s",
+                    "busy",
+                    "actor share",
+                    "bare peak GB",
+                    "job peak GB",
+                ),
+                rows,
+            ),
+        ]
     levers = data.get("levers")
     if levers:
-        rows = [(r["lever"], *(f"{r['per_teacher'][n]['images_per_s']:.1f}" for n in TEACHERS),
-                 f"{r['all_images_per_s']:.1f}", f"{r['speedup_vs_baseline']:.2f}x", _lever_note(r))
-                if "error" not in r else (r["lever"], "-", "-", "-", "-", "-", r["error"][:80])
-                for r in levers["rows"]]
-        lines += ["", f"levers ({levers['dtype']}, bare loop, images/s):",
-                  _table(("lever", *TEACHERS, "all three", "vs baseline", "note"), rows)]
+        rows = [
+            (
+                r["lever"],
+                *(f"{r['per_teacher'][n]['images_per_s']:.1f}" for n in TEACHERS),
+                f"{r['all_images_per_s']:.1f}",
+                f"{r['speedup_vs_baseline']:.2f}x",
+                _lever_note(r),
+            )
+            if "error" not in r
+            else (r["lever"], "-", "-", "-", "-", "-", r["error"][:80])
+            for r in levers["rows"]
+        ]
+        lines += [
+            "",
+            f"levers ({levers['dtype']}, bare loop, images/s):",
+            _table(("lever", *TEACHERS, "all three", "vs baseline", "note"), rows),
+        ]
     train = data.get("train")
     if train:
-        lines += ["", f"training step ({train['student']}, batch {train['batch_size']}, {train['autocast']}, "
-                      f"{train['backend']} x{train['world_size']}):",
-                  _table(("loader s/step", "in-memory s/step", "cached / in-memory", "online s/step",
-                          "online / cached", "peak GB"),
-                         [(train["step_s_loader"], train["step_s_in_memory"], train["cached_over_in_memory"],
-                           train["step_s_online_teachers"], train["online_over_cached"], gb(train["peak_memory_gb"]))])]
+        lines += [
+            "",
+            f"training step ({train['student']}, batch {train['batch_size']}, {train['autocast']}, "
+            f"{train['backend']} x{train['world_size']}):",
+            _table(
+                (
+                    "loader s/step",
+                    "in-memory s/step",
+                    "cached / in-memory",
+                    "online s/step",
+                    "online / cached",
+                    "peak GB",
+                ),
+                [
+                    (
+                        train["step_s_loader"],
+                        train["step_s_in_memory"],
+                        train["cached_over_in_memory"],
+                        train["step_s_online_teachers"],
+                        train["online_over_cached"],
+                        gb(train["peak_memory_gb"]),
+                    )
+                ],
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -60,8 +117,10 @@ def _lever_note(row: dict) -> str:
     if row["lever"] == "compile":
         return f"compile {row['compile_s']} s ({row['compile_backend']})"
     if row["lever"] == "gpu_preprocess":
-        return (f"host {row['host_decode_only_ms_per_image']} ms/img decode only vs "
-                f"{row['host_cpu_path_ms_per_image']} ms/img today")
+        return (
+            f"host {row['host_decode_only_ms_per_image']} ms/img decode only vs "
+            f"{row['host_cpu_path_ms_per_image']} ms/img today"
+        )
     if "attn_implementation" in row:
         return ",".join(f"{n}={v}" for n, v in row["attn_implementation"].items())
     return ""

@@ -23,22 +23,45 @@ def paper_configs():
 
     depth = DepthAnythingConfig(  # depth-anything/Depth-Anything-V2-Large-hf
         backbone_config=Dinov2Config(
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14,
-            image_size=518, out_indices=[5, 12, 18, 24], reshape_hidden_states=False, layerscale_value=1.0,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            patch_size=14,
+            image_size=518,
+            out_indices=[5, 12, 18, 24],
+            reshape_hidden_states=False,
+            layerscale_value=1.0,
         ),
-        reassemble_hidden_size=1024, patch_size=14, neck_hidden_sizes=[256, 512, 1024, 1024],
-        fusion_hidden_size=256, head_hidden_size=32,
+        reassemble_hidden_size=1024,
+        patch_size=14,
+        neck_hidden_sizes=[256, 512, 1024, 1024],
+        fusion_hidden_size=256,
+        head_hidden_size=32,
     )
     seg = OneFormerConfig(  # shi-labs/oneformer_coco_swin_large
         backbone_config=SwinConfig(
-            image_size=384, patch_size=4, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48],
-            window_size=12, drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"],
+            image_size=384,
+            patch_size=4,
+            embed_dim=192,
+            depths=[2, 2, 18, 2],
+            num_heads=[6, 12, 24, 48],
+            window_size=12,
+            drop_path_rate=0.3,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
         ),
         num_labels=133,
     )
     gen = CLIPVisionConfig(  # stabilityai/stable-diffusion-2-1-unclip, image_encoder (OpenCLIP ViT-H/14)
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
-        image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+        projection_dim=1024,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
     )
     return depth, seg, gen
 
@@ -59,12 +82,18 @@ def save_paper_teachers(folder: Path, device: str) -> dict[str, int]:
 
     transformers.utils.logging.disable_progress_bar()
     params = {}
-    for seed, (name, cls, config, path) in enumerate(zip(
-        TEACHERS,
-        (DepthAnythingForDepthEstimation, OneFormerForUniversalSegmentation, CLIPVisionModelWithProjection),
-        paper_configs(),
-        (folder / "depth", folder / "seg", folder / "gen" / "image_encoder"),
-    )):
+    for seed, (name, cls, config, path) in enumerate(
+        zip(
+            TEACHERS,
+            (
+                DepthAnythingForDepthEstimation,
+                OneFormerForUniversalSegmentation,
+                CLIPVisionModelWithProjection,
+            ),
+            paper_configs(),
+            (folder / "depth", folder / "seg", folder / "gen" / "image_encoder"),
+        )
+    ):
         torch.manual_seed(seed)
         with torch.device(device):
             model = cls(config).eval()

@@ -30,18 +30,32 @@ def train_bench(setup: Setup, cache: str) -> dict:
     destroy = _process_group(setup.device)
     try:
         model, trainable, step, loader = pt_student_and_loader(setup, cache, workers)
-        kept, loader_times, memory_times = timed_steps(step, loader, workers, config.train_steps, setup.device)
+        kept, loader_times, memory_times = timed_steps(
+            step, loader, workers, config.train_steps, setup.device
+        )
         loader_s, memory_s = float(np.mean(loader_times)), float(np.mean(memory_times))
         medians = float(np.median(loader_times)), float(np.median(memory_times))
         peak = peak_gb(setup.device)
-        setup.log(f"train: loader {loader_s:.3f} s/step, in memory {memory_s:.3f} s/step "
-                  f"({loader_s / memory_s:.3f}x; medians {medians[0]:.3f} / {medians[1]:.3f})")
+        setup.log(
+            f"train: loader {loader_s:.3f} s/step, in memory {memory_s:.3f} s/step "
+            f"({loader_s / memory_s:.3f}x; medians {medians[0]:.3f} / {medians[1]:.3f})"
+        )
         online_s = online_step_s(setup, kept, step) if config.online_steps else None
         params = sum(p.numel() for p in model.parameters())
     finally:
         destroy()
-    return train_figures(config, cuda=cuda, params=params, trainable=trainable, workers=workers,
-                         loader_s=loader_s, memory_s=memory_s, medians=medians, online_s=online_s, peak=peak)
+    return train_figures(
+        config,
+        cuda=cuda,
+        params=params,
+        trainable=trainable,
+        workers=workers,
+        loader_s=loader_s,
+        memory_s=memory_s,
+        medians=medians,
+        online_s=online_s,
+        peak=peak,
+    )
 
 
 def loader_workers(wanted: int, cuda: bool) -> int:
@@ -62,8 +76,9 @@ def _process_group(device: str):
     if dist.is_initialized():
         return lambda: None
     store = os.path.join(tempfile.mkdtemp(prefix="ola-bench-pg-"), "store")
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=f"file://{store}",
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "nccl" if device.startswith("cuda") else "gloo", init_method=f"file://{store}", rank=0, world_size=1
+    )
     return dist.destroy_process_group
 
 
@@ -85,18 +100,30 @@ def pt_student_and_loader(setup: Setup, cache: str, workers: int):
     folders = build_tiny_student(os.path.join(setup.tmp, "student"), seed=config.seed, **config.student)
     heads = {} if config.student else TINY_HEADS  # the mid student has the paper's heads (the defaults)
     torch.manual_seed(config.seed)
-    model = build_student(ModelConfig(vision_model=folders.vision_model, llm=folders.llm, **heads),
-                               TargetCache(cache).specs()).to(device)
+    model = build_student(
+        ModelConfig(vision_model=folders.vision_model, llm=folders.llm, **heads), TargetCache(cache).specs()
+    ).to(device)
     groups = apply_stage(model, "pt")
     trainable = sum(p.numel() for g in groups for p in g["params"])
-    ddp = DistributedDataParallel(model, device_ids=[device.index or 0] if cuda else None,
-                                  find_unused_parameters=True)
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index or 0] if cuda else None, find_unused_parameters=True
+    )
     step = training_step(ddp, torch.optim.AdamW(groups, fused=cuda), setup.device)
-    data = DataConfig(data=setup.corpus, cache=cache, batch_size=config.train_batch_size, num_workers=workers,
-                      seed=config.seed)
-    loader = build_loader(data, tokenizer=model.tokenizer, layout=model.layout,
-                          transform=ImageTransform.from_processor(model.image_processor),
-                          tasks=model.layout.tasks, pin_memory=cuda)
+    data = DataConfig(
+        data=setup.corpus,
+        cache=cache,
+        batch_size=config.train_batch_size,
+        num_workers=workers,
+        seed=config.seed,
+    )
+    loader = build_loader(
+        data,
+        tokenizer=model.tokenizer,
+        layout=model.layout,
+        transform=ImageTransform.from_processor(model.image_processor),
+        tasks=model.layout.tasks,
+        pin_memory=cuda,
+    )
     return model, trainable, step, loader
 
 
@@ -121,8 +148,9 @@ def training_step(ddp, optimizer, device: str) -> Callable[[dict], None]:
     return step
 
 
-def timed_steps(step: Callable[[dict], None], loader, workers: int, steps: int,
-                device: str) -> tuple[list, list, list]:
+def timed_steps(
+    step: Callable[[dict], None], loader, workers: int, steps: int, device: str
+) -> tuple[list, list, list]:
     """Warm-up, `steps` steps fed by the loader, then the same batches again from memory;
     -> (the batches, seconds per loader step, seconds per in-memory step)."""
     batches = iter(loader)
@@ -157,9 +185,13 @@ def online_step_s(setup: Setup, kept: list[dict], step: Callable[[dict], None]) 
     dtype = torch.bfloat16 if setup.device.startswith("cuda") else torch.float32
     teachers = {n: load_teacher(s, device=setup.device, dtype=dtype) for n, s in setup.sources().items()}
     recipes = {n: t.spec.preprocess for n, t in teachers.items()}
-    wanted = {k for b in kept[:config.online_steps] for k in b["keys"]}
-    jpegs = {item.key: item.image_bytes for shard in list_shards(setup.corpus)
-             for item in iter_samples(shard.url) if isinstance(item, RawSample) and item.key in wanted}
+    wanted = {k for b in kept[: config.online_steps] for k in b["keys"]}
+    jpegs = {
+        item.key: item.image_bytes
+        for shard in list_shards(setup.corpus)
+        for item in iter_samples(shard.url)
+        if isinstance(item, RawSample) and item.key in wanted
+    }
 
     def online(keys: list[str]) -> dict:
         out = {n: [] for n in teachers}
@@ -172,25 +204,46 @@ def online_step_s(setup: Setup, kept: list[dict], step: Callable[[dict], None]) 
     online(kept[0]["keys"][:1])  # warm-up of the teachers' kernels
     sync(setup.device)
     start = time.perf_counter()
-    for batch in kept[:config.online_steps]:
+    for batch in kept[: config.online_steps]:
         step(dict(batch, targets=online(batch["keys"])))
     return (time.perf_counter() - start) / config.online_steps
 
 
-def train_figures(config: GpuBenchConfig, *, cuda: bool, params: int, trainable: int, workers: int, loader_s: float,
-                  memory_s: float, medians: tuple[float, float], online_s: float | None, peak: float | None) -> dict:
+def train_figures(
+    config: GpuBenchConfig,
+    *,
+    cuda: bool,
+    params: int,
+    trainable: int,
+    workers: int,
+    loader_s: float,
+    memory_s: float,
+    medians: tuple[float, float],
+    online_s: float | None,
+    peak: float | None,
+) -> dict:
     """The train section's JSON object."""
     return {
         "student": "mid: CLIP 1024x24 at 336 px + Llama 2048x16" if config.student else "tiny preset student",
-        "student_params": params, "trainable_params_pt": trainable, "batch_size": config.train_batch_size,
-        "steps": config.train_steps, "loader_workers": workers, "autocast": "bfloat16" if cuda else "off (float32)",
-        "backend": "nccl" if cuda else "gloo", "world_size": 1, "cache_storage_dtype": config.storage_dtype,
-        "step_s_loader": round(loader_s, 4), "step_s_in_memory": round(memory_s, 4),
+        "student_params": params,
+        "trainable_params_pt": trainable,
+        "batch_size": config.train_batch_size,
+        "steps": config.train_steps,
+        "loader_workers": workers,
+        "autocast": "bfloat16" if cuda else "off (float32)",
+        "backend": "nccl" if cuda else "gloo",
+        "world_size": 1,
+        "cache_storage_dtype": config.storage_dtype,
+        "step_s_loader": round(loader_s, 4),
+        "step_s_in_memory": round(memory_s, 4),
         "cached_over_in_memory": round(loader_s / memory_s, 3),
-        "step_s_loader_median": round(medians[0], 4), "step_s_in_memory_median": round(medians[1], 4),
-        "cached_over_in_memory_median": round(medians[0] / medians[1], 3), "warmup_steps": workers + 2,
+        "step_s_loader_median": round(medians[0], 4),
+        "step_s_in_memory_median": round(medians[1], 4),
+        "cached_over_in_memory_median": round(medians[0] / medians[1], 3),
+        "warmup_steps": workers + 2,
         "samples_per_s_loader": round(config.train_batch_size / loader_s, 1),
         "step_s_online_teachers": round(online_s, 4) if online_s is not None else None,
         "online_over_cached": round(online_s / loader_s, 2) if online_s is not None else None,
-        "online_steps": config.online_steps, "peak_memory_gb": peak,
+        "online_steps": config.online_steps,
+        "peak_memory_gb": peak,
     }

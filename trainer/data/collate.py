@@ -44,9 +44,15 @@ class Example:
     """{task: (T, D)}; empty for text-only samples."""
 
 
-def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, int],
-            target_shapes: dict[str, tuple[int, int]], target_dtypes: dict[str, torch.dtype],
-            targets: dict[str, torch.Tensor] | None = None) -> dict:
+def collate(
+    examples: Sequence[Example],
+    *,
+    pad_id: int,
+    image_size: tuple[int, int],
+    target_shapes: dict[str, tuple[int, int]],
+    target_dtypes: dict[str, torch.dtype],
+    targets: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Right-pad and stack; see the module docstring for the fields.
 
     `targets`: already batched targets (the loader's join decompresses into batch buffers);
@@ -68,8 +74,15 @@ def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, 
         if e.image is not None:
             pixel_values[i] = torch.from_numpy(e.image)
     if targets is not None:
-        return {"keys": [e.key for e in examples], "input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": labels, "pixel_values": pixel_values, "has_image": has_image, "targets": targets}
+        return {
+            "keys": [e.key for e in examples],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "has_image": has_image,
+            "targets": targets,
+        }
     targets = {}
     for task, shape in target_shapes.items():
         out = torch.zeros((b, *shape), dtype=target_dtypes[task])
@@ -77,8 +90,15 @@ def collate(examples: Sequence[Example], *, pad_id: int, image_size: tuple[int, 
             if task in e.targets:
                 out[i] = e.targets[task]
         targets[task] = out
-    return {"keys": [e.key for e in examples], "input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": labels, "pixel_values": pixel_values, "has_image": has_image, "targets": targets}
+    return {
+        "keys": [e.key for e in examples],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "has_image": has_image,
+        "targets": targets,
+    }
 
 
 def to_device(batch: dict, device: torch.device | str, target_dtype: torch.dtype = torch.float32) -> dict:
@@ -89,8 +109,11 @@ def to_device(batch: dict, device: torch.device | str, target_dtype: torch.dtype
     for name, value in batch.items():
         if name == "targets":
             moved = {t: v.to(device, non_blocking=non_blocking) for t, v in value.items()}
-            out[name] = {t: dequantised(v, moved.get(t + SCALE_SUFFIX), target_dtype)
-                         for t, v in moved.items() if not t.endswith(SCALE_SUFFIX)}
+            out[name] = {
+                t: dequantised(v, moved.get(t + SCALE_SUFFIX), target_dtype)
+                for t, v in moved.items()
+                if not t.endswith(SCALE_SUFFIX)
+            }
         elif isinstance(value, torch.Tensor):
             out[name] = value.to(device, non_blocking=non_blocking)
         else:

@@ -70,15 +70,25 @@ class ImageTransform:
     @classmethod
     def from_processor(cls, processor) -> ImageTransform:
         size, crop = processor.size, processor.crop_size
+
         def get(d, k):  # SizeDict in transformers 5, dict before
             return d.get(k) if isinstance(d, dict) else getattr(d, k, None)
 
         edge = get(size, "shortest_edge") or get(size, "height")
-        crop_hw = (get(crop, "height"), get(crop, "width")) if crop is not None and processor.do_center_crop else (edge, edge)
+        crop_hw = (
+            (get(crop, "height"), get(crop, "width"))
+            if crop is not None and processor.do_center_crop
+            else (edge, edge)
+        )
         resample = processor.resample
-        return cls(shortest_edge=int(edge), crop=(int(crop_hw[0]), int(crop_hw[1])),
-                   mean=tuple(float(x) for x in processor.image_mean), std=tuple(float(x) for x in processor.image_std),
-                   resample=int(getattr(resample, "value", resample)), pad=bool(getattr(processor, "do_pad", False)))
+        return cls(
+            shortest_edge=int(edge),
+            crop=(int(crop_hw[0]), int(crop_hw[1])),
+            mean=tuple(float(x) for x in processor.image_mean),
+            std=tuple(float(x) for x in processor.image_std),
+            resample=int(getattr(resample, "value", resample)),
+            pad=bool(getattr(processor, "do_pad", False)),
+        )
 
     @property
     def background(self) -> tuple[int, int, int]:
@@ -98,10 +108,10 @@ class ImageTransform:
         if left < 0 or top < 0:  # crop larger than the resized image: pad with zeros, as the processor does
             canvas = np.zeros((3, ch, cw), np.uint8)
             y0, x0 = max(0, -top), max(0, -left)
-            sub = resized[:, max(0, top): max(0, top) + ch, max(0, left): max(0, left) + cw]
-            canvas[:, y0:y0 + sub.shape[1], x0:x0 + sub.shape[2]] = sub
+            sub = resized[:, max(0, top) : max(0, top) + ch, max(0, left) : max(0, left) + cw]
+            canvas[:, y0 : y0 + sub.shape[1], x0 : x0 + sub.shape[2]] = sub
             return canvas
-        return np.ascontiguousarray(resized[:, top:top + ch, left:left + cw])
+        return np.ascontiguousarray(resized[:, top : top + ch, left : left + cw])
 
     def blank(self) -> np.ndarray:
         """The input of a text-only sample (zeros after normalisation is what the model ignores anyway)."""
@@ -133,7 +143,9 @@ def resize_chw(pixels: np.ndarray, size: tuple[int, int], resample: int) -> np.n
     if mode is None:
         from PIL import Image
 
-        return np.asarray(Image.fromarray(pixels).resize((width, height), resample=resample)).transpose(2, 0, 1)
+        return np.asarray(Image.fromarray(pixels).resize((width, height), resample=resample)).transpose(
+            2, 0, 1
+        )
     import torch
 
     with warnings.catch_warnings():  # PIL's arrays are read-only; the tensor is only read
@@ -154,9 +166,12 @@ def pad_to_square(pixels: np.ndarray, background: tuple[int, int, int]) -> np.nd
     # pixel costs more than the whole resize.
     row = np.tile(np.asarray(background, np.uint8), side).reshape(side, 3)
     canvas = np.empty((side, side, 3), np.uint8)
-    canvas[:top], canvas[top + height:] = row, row
-    canvas[top:top + height, :left], canvas[top:top + height, left + width:] = row[:left], row[left + width:]
-    canvas[top:top + height, left:left + width] = pixels
+    canvas[:top], canvas[top + height :] = row, row
+    canvas[top : top + height, :left], canvas[top : top + height, left + width :] = (
+        row[:left],
+        row[left + width :],
+    )
+    canvas[top : top + height, left : left + width] = pixels
     return canvas
 
 
@@ -170,7 +185,9 @@ def normalize_pixels(pixels, mean, std):
 
     shape = (1, 3, 1, 1)
     mean_255 = torch.tensor(mean, dtype=torch.float32).view(shape).mul_(255.0).to(pixels.device)
-    inv_std_255 = torch.tensor(std, dtype=torch.float32).view(shape).mul_(255.0).reciprocal_().to(pixels.device)
+    inv_std_255 = (
+        torch.tensor(std, dtype=torch.float32).view(shape).mul_(255.0).reciprocal_().to(pixels.device)
+    )
     return (pixels.float() - mean_255).mul_(inv_std_255)
 
 
@@ -178,7 +195,9 @@ def resolve_aspect_ratio(ratio: str, stage: str) -> str:
     """The configured `image_aspect_ratio`, or the stage's default ('' -> crop for PT, pad for VPT and IFT)."""
     ratio = ratio or STAGE_IMAGE_ASPECT_RATIO[stage]
     if ratio not in IMAGE_ASPECT_RATIOS:
-        raise ConfigError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS} (or '' for the stage default)")
+        raise ConfigError(
+            f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS} (or '' for the stage default)"
+        )
     return ratio
 
 
@@ -198,5 +217,7 @@ def with_aspect_ratio(processor, ratio: str):
     except ImportError:  # transformers before the backend split
         from transformers import LlavaImageProcessor
 
-    settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    settings = {
+        k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")
+    }
     return LlavaImageProcessor(**{**settings, "do_pad": pad})

@@ -58,6 +58,8 @@ SCALE_SUFFIX = ".scale"
 
 def scale_key(task: str) -> str:
     return task + SCALE_SUFFIX
+
+
 MAX_OPEN_READERS = 16
 """Open shard readers kept per teacher (keyed reads jump between shards)."""
 
@@ -65,16 +67,26 @@ MAX_OPEN_READERS = 16
 class TargetJoin:
     """Looks up and reads the targets of `tasks` for (shard, key, image sha256)."""
 
-    def __init__(self, cache: str | TargetCache, tasks: Sequence[str], *,
-                 expect_fingerprints: dict[str, str] | None = None, storage_options: dict | None = None):
+    def __init__(
+        self,
+        cache: str | TargetCache,
+        tasks: Sequence[str],
+        *,
+        expect_fingerprints: dict[str, str] | None = None,
+        storage_options: dict | None = None,
+    ):
         self.cache = cache if isinstance(cache, TargetCache) else TargetCache(cache, storage_options)
         self.tasks = tuple(tasks)
         specs = self.cache.specs()
         if not specs:
-            raise CacheError(f"{self.cache.root.url}: not an olavlm cache or holds no teacher (run `ola precompute`)")
+            raise CacheError(
+                f"{self.cache.root.url}: not an olavlm cache or holds no teacher (run `ola precompute`)"
+            )
         missing = [t for t in self.tasks if t not in specs]
         if missing:
-            raise CacheError(f"{self.cache.root.url}: no targets for teacher(s) {missing} (cache has {sorted(specs)})")
+            raise CacheError(
+                f"{self.cache.root.url}: no targets for teacher(s) {missing} (cache has {sorted(specs)})"
+            )
         self.cache.check_specs(dict(expect_fingerprints or {}))
         self.specs = {t: specs[t] for t in self.tasks}
         self.fingerprints = {t: spec.fingerprint for t, spec in self.specs.items()}
@@ -130,14 +142,18 @@ class TargetJoin:
         """Uninitialised batch buffers {task: (rows, T, D)} in the batch dtype (see `to_tensor`)."""
         out = {}
         for t, spec in self.specs.items():
-            if spec.dtype == "int8":  # values and per-token scales: dequantised on the device (collate.to_device)
+            if (
+                spec.dtype == "int8"
+            ):  # values and per-token scales: dequantised on the device (collate.to_device)
                 out[t] = torch.empty((rows, *spec.shape), dtype=torch.int8)
                 out[scale_key(t)] = torch.empty((rows, spec.shape[0]), dtype=torch.float32)
             else:
                 out[t] = torch.empty((rows, *spec.shape), dtype=BATCH_DTYPES[spec.dtype])
         return out
 
-    def read_into(self, buffers: dict[str, torch.Tensor], row: int, shard: str, key: str, image_sha256: str) -> None:
+    def read_into(
+        self, buffers: dict[str, torch.Tensor], row: int, shard: str, key: str, image_sha256: str
+    ) -> None:
         """Write the sample's targets into row `row` of `buffers`, decompressing in place (16-bit storage).
 
         Every lookup and sha256 check runs before the first read, so a DataError leaves the row untouched.
@@ -158,11 +174,15 @@ class TargetJoin:
     def _checked(self, task: str, shard: str, key: str, image_sha256: str) -> tuple[str, int]:
         found = self.locate(task, shard, key)
         if found is None:
-            raise DataError("missing_target", key, shard, f"no {task!r} target in cache {self.cache.root.url}")
+            raise DataError(
+                "missing_target", key, shard, f"no {task!r} target in cache {self.cache.root.url}"
+            )
         cache_shard, row, sha = found
         if sha != image_sha256:
             raise DataError(
-                "sha256_mismatch", key, shard,
+                "sha256_mismatch",
+                key,
+                shard,
                 f"image sha256 {image_sha256[:12]}... differs from the {task!r} target's {sha[:12]}... "
                 f"(cache shard {cache_shard!r}, row {row}): the image changed after precompute",
             )

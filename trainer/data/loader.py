@@ -82,6 +82,7 @@ from olavlm.trainer.student.tokens import TokenLayout
 
 log = logging.getLogger(__name__)
 
+
 class SkipLog:
     """Skipped samples (on_missing='skip') logged as summaries, not one line per sample.
 
@@ -113,12 +114,23 @@ class SkipLog:
         if not self.pending:
             return
         self.pending = 0
-        parts = [f"{reason}: {n} (first: {', '.join(self.first[reason])})" for reason, n in sorted(self.counts.items())]
+        parts = [
+            f"{reason}: {n} (first: {', '.join(self.first[reason])})"
+            for reason, n in sorted(self.counts.items())
+        ]
         log.warning("skipped samples %s: %s", when, "; ".join(parts))
 
 
-SKIP_REASONS = ("read", "bad_json", "bad_image", "missing_target", "sha256_mismatch", "too_long", "no_labels",
-                "template")
+SKIP_REASONS = (
+    "read",
+    "bad_json",
+    "bad_image",
+    "missing_target",
+    "sha256_mismatch",
+    "too_long",
+    "no_labels",
+    "template",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,14 +153,23 @@ class LoaderState:
     """Per worker, `plan_to_json` of what it has left."""
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped),
-                "epochs_done": self.epochs_done, "world": self.world,
-                "rank": self.rank, "next_worker": self.next_worker, "workers": list(self.workers)}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "skipped": dict(self.skipped),
+            "epochs_done": self.epochs_done,
+            "world": self.world,
+            "rank": self.rank,
+            "next_worker": self.next_worker,
+            "workers": list(self.workers),
+        }
 
 
 def plan_to_json(plan: WorkerPlan) -> dict:
-    return {"pending": [[p.epoch, p.unit.shard.name, p.unit.part, p.unit.parts, p.offset] for p in plan.pending],
-            "next_epoch": plan.next_epoch}
+    return {
+        "pending": [[p.epoch, p.unit.shard.name, p.unit.part, p.unit.parts, p.offset] for p in plan.pending],
+        "next_epoch": plan.next_epoch,
+    }
 
 
 def plan_from_json(data: dict, shards: dict, corpus: str) -> WorkerPlan:
@@ -157,8 +178,10 @@ def plan_from_json(data: dict, shards: dict, corpus: str) -> WorkerPlan:
     try:
         for epoch, name, part, parts, offset in data["pending"]:
             if name not in shards:
-                raise ConfigError(f"the loader state names shard {name!r}, which {corpus!r} does not have: "
-                                  "resume on the corpus the run was saved with")
+                raise ConfigError(
+                    f"the loader state names shard {name!r}, which {corpus!r} does not have: "
+                    "resume on the corpus the run was saved with"
+                )
             pending.append(Piece(int(epoch), Unit(shards[name], int(part), int(parts)), int(offset)))
         return WorkerPlan(tuple(pending), int(data["next_epoch"]))
     except (KeyError, TypeError, ValueError) as exc:
@@ -168,12 +191,28 @@ def plan_from_json(data: dict, shards: dict, corpus: str) -> WorkerPlan:
 class SampleStream(IterableDataset):
     """Yields collated batches (plus their position) for one rank; see the module docstring."""
 
-    def __init__(self, config: DataConfig, *, tokenizer, layout: TokenLayout, transform: ImageTransform,
-                 join: TargetJoin | None, rank: int = 0, world: int = 1, start: dict | None = None,
-                 storage_options: dict | None = None):
+    def __init__(
+        self,
+        config: DataConfig,
+        *,
+        tokenizer,
+        layout: TokenLayout,
+        transform: ImageTransform,
+        join: TargetJoin | None,
+        rank: int = 0,
+        world: int = 1,
+        start: dict | None = None,
+        storage_options: dict | None = None,
+    ):
         if config.on_missing not in ("error", "skip"):
             raise ConfigError(f"on_missing must be 'error' or 'skip', not {config.on_missing!r}")
-        self.config, self.tokenizer, self.layout, self.transform, self.join = config, tokenizer, layout, transform, join
+        self.config, self.tokenizer, self.layout, self.transform, self.join = (
+            config,
+            tokenizer,
+            layout,
+            transform,
+            join,
+        )
         self.rank, self.world, self.storage_options = rank, world, storage_options
         self.shards = shards_of(config.data, storage_options)
         self.start = start or {}
@@ -182,7 +221,9 @@ class SampleStream(IterableDataset):
         self.skips = SkipLog()
         shapes = join.shapes() if join is not None else {}
         dtypes = {t: BATCH_DTYPES[s.dtype] for t, s in join.specs.items()} if join is not None else {}
-        self._collate_args = dict(pad_id=layout.pad_token_id, image_size=transform.crop, target_shapes=shapes, target_dtypes=dtypes)
+        self._collate_args = dict(
+            pad_id=layout.pad_token_id, image_size=transform.crop, target_shapes=shapes, target_dtypes=dtypes
+        )
 
     # -- one sample ----------------------------------------------------------------------------
     def prepare(self, sample, buffers: dict[str, torch.Tensor] | None = None, row: int = 0) -> Example:
@@ -196,10 +237,17 @@ class SampleStream(IterableDataset):
             raise DataError("read", key, shard, sample.failure)
         image_bytes = next((sample.files[e] for e in IMAGE_EXTENSIONS if e in sample.files), None)
         try:
-            conversations = sample_conversation(sample.files, has_image=image_bytes is not None,
-                                                caption_prompt=self.config.caption_prompt)
-            text = tokenize(conversations, self.tokenizer, self.layout, has_image=image_bytes is not None,
-                            max_length=self.config.max_length, render=self.render)
+            conversations = sample_conversation(
+                sample.files, has_image=image_bytes is not None, caption_prompt=self.config.caption_prompt
+            )
+            text = tokenize(
+                conversations,
+                self.tokenizer,
+                self.layout,
+                has_image=image_bytes is not None,
+                max_length=self.config.max_length,
+                render=self.render,
+            )
         except TextError as exc:
             raise DataError(exc.reason, key, shard, str(exc)) from None
         image, targets = None, {}
@@ -238,8 +286,15 @@ class SampleStream(IterableDataset):
     def deal(self, worker: int, workers: int, *, world: int | None = None, rank: int | None = None):
         """epoch -> the units `worker` of `workers` reads in a whole epoch (of this run, or of a saved one)."""
         world, rank = (self.world, self.rank) if world is None else (world, rank)
-        return lambda epoch: worker_units(self.shards, seed=self.config.seed, epoch=epoch, world=world, rank=rank,
-                                          workers=workers, worker=worker)
+        return lambda epoch: worker_units(
+            self.shards,
+            seed=self.config.seed,
+            epoch=epoch,
+            world=world,
+            rank=rank,
+            workers=workers,
+            worker=worker,
+        )
 
     def _resume_plans(self, state: dict, workers: int) -> tuple[list[WorkerPlan], int]:
         """(one plan per worker, the worker whose batch comes first) for a start `state` (module docstring)."""
@@ -247,13 +302,22 @@ class SampleStream(IterableDataset):
             return [WorkerPlan() for _ in range(workers)], 0
         if "ranks" in state:  # from rank_state: a run saved at another world size
             saved = state["ranks"]
-            old = [plan for r, rank_saved in enumerate(saved) for plan in self._saved_plans(rank_saved, r, len(saved))]
+            old = [
+                plan
+                for r, rank_saved in enumerate(saved)
+                for plan in self._saved_plans(rank_saved, r, len(saved))
+            ]
             left, next_epoch = remaining(old)
             count = self.world * workers
             return [redeal(left, next_epoch, self.rank + self.world * w, count) for w in range(workers)], 0
-        if int(state.get("world", self.world)) != self.world or int(state.get("rank", self.rank)) != self.rank:
-            raise ConfigError(f"this loader state was written by rank {state.get('rank')} of {state.get('world')}, "
-                              f"not rank {self.rank} of {self.world}: pass the saved states through rank_state")
+        if (
+            int(state.get("world", self.world)) != self.world
+            or int(state.get("rank", self.rank)) != self.rank
+        ):
+            raise ConfigError(
+                f"this loader state was written by rank {state.get('rank')} of {state.get('world')}, "
+                f"not rank {self.rank} of {self.world}: pass the saved states through rank_state"
+            )
         old = self._saved_plans(state, self.rank, self.world)
         if "workers" in state and len(old) == workers:
             return [plan for plan, _ in old], int(state.get("next_worker", 0)) % workers
@@ -263,31 +327,43 @@ class SampleStream(IterableDataset):
     def _saved_plans(self, state: dict, rank: int, world: int) -> list[tuple[WorkerPlan, object]]:
         """The (plan, deal) of each worker of one saved rank."""
         if "workers" not in state:
-            raise ConfigError(f"this loader state has no 'workers' (not written by this olavlm; resume is not "
-                              f"possible, start the run again): {state!r:.200}")
+            raise ConfigError(
+                f"this loader state has no 'workers' (not written by this olavlm; resume is not "
+                f"possible, start the run again): {state!r:.200}"
+            )
         by_name = {shard.name: shard for shard in self.shards}
         saved = state["workers"]
-        return [(plan_from_json(data, by_name, self.config.data), self.deal(w, len(saved), world=world, rank=rank))
-                for w, data in enumerate(saved)]
+        return [
+            (
+                plan_from_json(data, by_name, self.config.data),
+                self.deal(w, len(saved), world=world, rank=rank),
+            )
+            for w, data in enumerate(saved)
+        ]
 
     # -- the stream ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         process, processes = (info.id, info.num_workers) if info is not None else (0, 1)
         if processes != len(self.plans):
-            raise ConfigError(f"this stream was planned for {len(self.plans)} workers, the DataLoader has {processes}")
+            raise ConfigError(
+                f"this stream was planned for {len(self.plans)} workers, the DataLoader has {processes}"
+            )
         if info is not None:  # one worker = one core: Blosc's own threads would only oversubscribe
             import numcodecs.blosc
 
             numcodecs.blosc.use_threads = False
         cfg = self.config
-        worker = (process + self.next_worker) % processes  # the worker whose batch the DataLoader asks for first
+        worker = (
+            process + self.next_worker
+        ) % processes  # the worker whose batch the DataLoader asks for first
         for epoch, pieces in self.plans[worker].epochs(self.deal(worker, processes)):
             chunk, any_sample = [], False
             for index, piece in enumerate(pieces):
                 offset = piece.offset
-                for sample in iter_piece(piece, seed=cfg.seed, block=cfg.shuffle_block,
-                                         storage_options=self.storage_options):
+                for sample in iter_piece(
+                    piece, seed=cfg.seed, block=cfg.shuffle_block, storage_options=self.storage_options
+                ):
                     offset += 1
                     any_sample = True
                     chunk.append(sample)
@@ -322,13 +398,20 @@ class Loader:
         plans = stream.plans
         workers = len(plans)
         if max(1, self.num_workers) != workers:
-            raise ConfigError(f"the stream was planned for {workers} workers, the loader has {self.num_workers}")
+            raise ConfigError(
+                f"the stream was planned for {workers} workers, the loader has {self.num_workers}"
+            )
         # Its own generator: a DataLoader draws its workers' base seed from the generator it is given,
         # else from the global RNG, and a resumed run would take that draw at another step than the
         # uninterrupted run did, shifting every later dropout mask (tests/test_resume.py).
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=2 if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(stream.config.seed))
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=2 if self.num_workers else None,
+            generator=torch.Generator().manual_seed(stream.config.seed),
+        )
         start = stream.start
         skipped = Counter(start.get("skipped", {}))
         handed_out = int(start.get("batch", 0))
@@ -344,17 +427,30 @@ class Loader:
             # Positions count from the plan the worker started with; only this worker's entry changes.
             left = plans[worker].after(epoch, pieces[worker][1], index, offset)
             saved[worker], reading[worker] = plan_to_json(left), first_epoch(left)
-            if "input_ids" not in item:  # every sample of this chunk was skipped, or the worker's epoch was empty
-                if min(reading) > last_epoch_with_batch + 1:  # every worker finished an epoch with nothing usable
-                    raise CorpusError(f"rank {stream.rank} of {stream.world}: a whole epoch of {stream.config.data!r} "
-                                      f"yielded no usable sample (skipped: {dict(skipped)}; a corpus with fewer "
-                                      "samples than ranks gives some rank none)")
+            if (
+                "input_ids" not in item
+            ):  # every sample of this chunk was skipped, or the worker's epoch was empty
+                if (
+                    min(reading) > last_epoch_with_batch + 1
+                ):  # every worker finished an epoch with nothing usable
+                    raise CorpusError(
+                        f"rank {stream.rank} of {stream.world}: a whole epoch of {stream.config.data!r} "
+                        f"yielded no usable sample (skipped: {dict(skipped)}; a corpus with fewer "
+                        "samples than ranks gives some rank none)"
+                    )
                 continue
             last_epoch_with_batch = max(last_epoch_with_batch, epoch)
             handed_out += 1
-            state = LoaderState(epoch=epoch, batch=handed_out, skipped=dict(skipped), epochs_done=min(reading),
-                                world=stream.world, rank=stream.rank, next_worker=(worker + 1) % workers,
-                                workers=tuple(saved))
+            state = LoaderState(
+                epoch=epoch,
+                batch=handed_out,
+                skipped=dict(skipped),
+                epochs_done=min(reading),
+                world=stream.world,
+                rank=stream.rank,
+                next_worker=(worker + 1) % workers,
+                workers=tuple(saved),
+            )
             yield item, state.to_dict()
 
 
@@ -379,19 +475,34 @@ def rank_state(saved: list[dict], rank: int, world: int, *, other_world: bool = 
     if len(saved) == world:
         return saved[rank]
     if not other_world:
-        raise ConfigError(f"the checkpoint was written by {len(saved)} ranks, this run has {world}: "
-                          "an exact resume needs the same world size")
+        raise ConfigError(
+            f"the checkpoint was written by {len(saved)} ranks, this run has {world}: "
+            "an exact resume needs the same world size"
+        )
     total: Counter = Counter()
     for state in saved:
         total.update(state.get("skipped", {}))
-    return {"epoch": min((int(s.get("epoch", 0)) for s in saved), default=0),
-            "batch": int(saved[rank].get("batch", 0)) if rank < len(saved) else 0,
-            "skipped": dict(total) if rank == 0 else {}, "ranks": list(saved)}
+    return {
+        "epoch": min((int(s.get("epoch", 0)) for s in saved), default=0),
+        "batch": int(saved[rank].get("batch", 0)) if rank < len(saved) else 0,
+        "skipped": dict(total) if rank == 0 else {},
+        "ranks": list(saved),
+    }
 
 
-def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transform: ImageTransform,
-                 tasks=(), rank: int = 0, world: int = 1, state: dict | LoaderState | None = None,
-                 pin_memory: bool = False, storage_options: dict | None = None) -> Loader:
+def build_loader(
+    config: DataConfig,
+    *,
+    tokenizer,
+    layout: TokenLayout,
+    transform: ImageTransform,
+    tasks=(),
+    rank: int = 0,
+    world: int = 1,
+    state: dict | LoaderState | None = None,
+    pin_memory: bool = False,
+    storage_options: dict | None = None,
+) -> Loader:
     """The whole data path for one rank. `tasks` = teachers whose targets are joined (() = no cache needed).
 
     Fails before any worker starts if the cache's teacher fingerprints differ from
@@ -405,10 +516,25 @@ def build_loader(config: DataConfig, *, tokenizer, layout: TokenLayout, transfor
     if tasks:
         if not config.cache:
             raise ConfigError(f"teachers {list(tasks)} need a target cache (DataConfig.cache / --cache)")
-        join = TargetJoin(config.cache, tasks, expect_fingerprints=config.expect_fingerprints,
-                          storage_options=storage_options)
-    stream = SampleStream(config, tokenizer=tokenizer, layout=layout, transform=transform, join=join, rank=rank,
-                          world=world, start=state, storage_options=storage_options)
-    if join is not None:  # in this process, before the workers fork: they inherit one index, not build one each
+        join = TargetJoin(
+            config.cache,
+            tasks,
+            expect_fingerprints=config.expect_fingerprints,
+            storage_options=storage_options,
+        )
+    stream = SampleStream(
+        config,
+        tokenizer=tokenizer,
+        layout=layout,
+        transform=transform,
+        join=join,
+        rank=rank,
+        world=world,
+        start=state,
+        storage_options=storage_options,
+    )
+    if (
+        join is not None
+    ):  # in this process, before the workers fork: they inherit one index, not build one each
         join.open_keyed(shard.name for shard in stream.shards)
     return Loader(stream, num_workers=config.num_workers, pin_memory=pin_memory)

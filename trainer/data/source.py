@@ -114,8 +114,9 @@ def split_by_worker(units: Sequence[Unit], worker: int, workers: int) -> list[Un
     return cut_for_workers(units, workers)[worker::workers]
 
 
-def worker_units(shards: Sequence[CorpusShard], *, seed: int, epoch: int, world: int, rank: int, workers: int,
-                 worker: int) -> list[Unit]:
+def worker_units(
+    shards: Sequence[CorpusShard], *, seed: int, epoch: int, world: int, rank: int, workers: int, worker: int
+) -> list[Unit]:
     """The units worker `worker` of `workers` on rank `rank` of `world` reads in `epoch` (steps 1-4)."""
     units = split_by_node(epoch_units(shards, seed=seed, epoch=epoch, world=world), rank, world)
     return split_by_worker(units, worker, workers)
@@ -147,7 +148,7 @@ class WorkerPlan:
 
     def after(self, epoch: int, pieces: Sequence[Piece], index: int, offset: int) -> WorkerPlan:
         """The plan left once `offset` samples of `pieces[index]` (this plan's pieces of `epoch`) are read."""
-        head = [Piece(epoch, pieces[index].unit, offset), *pieces[index + 1:]] if index < len(pieces) else []
+        head = [Piece(epoch, pieces[index].unit, offset), *pieces[index + 1 :]] if index < len(pieces) else []
         later = [piece for piece in self.pending if piece.epoch > epoch]
         return WorkerPlan(tuple(head + later), max(self.next_epoch, epoch + 1))
 
@@ -180,7 +181,9 @@ def redeal(left: dict[int, list[Piece]], next_epoch: int, index: int, count: int
     return WorkerPlan(tuple(pending), next_epoch)
 
 
-def iter_unit(unit: Unit, *, seed: int, epoch: int, block: int, storage_options: dict | None = None) -> Iterator[Sample]:
+def iter_unit(
+    unit: Unit, *, seed: int, epoch: int, block: int, storage_options: dict | None = None
+) -> Iterator[Sample]:
     """Samples of one unit, block-shuffled."""
     buffer: list[Sample] = []
     blocks = 0
@@ -210,7 +213,11 @@ def iter_unit(unit: Unit, *, seed: int, epoch: int, block: int, storage_options:
         yield from flush()
 
 
-def iter_piece(piece: Piece, *, seed: int, block: int, storage_options: dict | None = None) -> Iterator[Sample]:
+def iter_piece(
+    piece: Piece, *, seed: int, block: int, storage_options: dict | None = None
+) -> Iterator[Sample]:
     """The samples of a piece: its unit's, from `offset` on (the ones before are read, not yielded)."""
-    samples = iter_unit(piece.unit, seed=seed, epoch=piece.epoch, block=block, storage_options=storage_options)
+    samples = iter_unit(
+        piece.unit, seed=seed, epoch=piece.epoch, block=block, storage_options=storage_options
+    )
     return itertools.islice(samples, piece.offset, None)

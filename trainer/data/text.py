@@ -84,7 +84,9 @@ def sample_conversation(files: dict[str, bytes], *, has_image: bool, caption_pro
         what = "no 'conversations' in the json" if "json" in files else "no json member"
         raise TextError("bad_json", f"{what} and no txt caption (has {sorted(files)})")
     if not caption_prompt:
-        raise TextError("bad_json", "caption-only sample (no 'conversations') and DataConfig.caption_prompt is ''")
+        raise TextError(
+            "bad_json", "caption-only sample (no 'conversations') and DataConfig.caption_prompt is ''"
+        )
     if not has_image:
         raise TextError("bad_json", "caption-only sample without an image")
     try:
@@ -110,7 +112,11 @@ class ChatRenderer:
     MEMO_SIZE = 4096
     """Distinct prompt pieces kept (then the memo starts again)."""
 
-    PROBE = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    PROBE = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -156,11 +162,18 @@ class ChatRenderer:
         return out
 
     def _slow(self, messages, generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def _fast(self, messages, generation_prompt: bool) -> str:
-        return self._compiled.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=generation_prompt, **self._kwargs)
+        return self._compiled.render(
+            messages=messages,
+            tools=None,
+            documents=None,
+            add_generation_prompt=generation_prompt,
+            **self._kwargs,
+        )
 
     def __call__(self, messages, generation_prompt: bool) -> str:
         if self._compiled is None:
@@ -187,8 +200,15 @@ def render_pieces(messages: list[dict[str, str]], render: ChatRenderer) -> list[
     return [(text, assistant) for text, assistant in pieces if text]
 
 
-def tokenize(conversations, tokenizer, layout: TokenLayout, *, has_image: bool, max_length: int,
-             render: ChatRenderer | None = None) -> Tokenized:
+def tokenize(
+    conversations,
+    tokenizer,
+    layout: TokenLayout,
+    *,
+    has_image: bool,
+    max_length: int,
+    render: ChatRenderer | None = None,
+) -> Tokenized:
     """LLaVA conversations -> expanded input ids (image + task tokens) and labels (assistant turns only).
 
     Pass a `ChatRenderer` made once per tokenizer when tokenizing many samples.
@@ -214,7 +234,9 @@ def tokenize(conversations, tokenizer, layout: TokenLayout, *, has_image: bool, 
     if has_image and block_end < 0:
         raise TextError("template", f"{IMAGE_TOKEN} did not survive tokenization (is it a special token?)")
     if block_end > max_length:
-        raise TextError("too_long", f"image and task tokens end at position {block_end} > max_length {max_length}")
+        raise TextError(
+            "too_long", f"image and task tokens end at position {block_end} > max_length {max_length}"
+        )
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE for label in labels):
         raise TextError("no_labels", f"no assistant token left within max_length {max_length}")
@@ -227,6 +249,7 @@ def prompt_ids(tokenizer, layout: TokenLayout, prompt: str, *, image: bool = Tru
     What the model reads before it answers: generation and probing use it (no answer text).
     """
     content = f"{IMAGE_TOKEN}\n{prompt}" if image else prompt
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
     return layout.expand(tokenizer(text, add_special_tokens=False)["input_ids"])

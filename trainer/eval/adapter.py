@@ -52,13 +52,14 @@ class EvalModel(Protocol):
         """Greedy replies to (prompt, encoded image) pairs."""
         ...
 
-    def logprobs(self, prompts: list[str], images: list[bytes], continuations: list[list[str]]) -> list[list[float]]:
+    def logprobs(
+        self, prompts: list[str], images: list[bytes], continuations: list[list[str]]
+    ) -> list[list[float]]:
         """Per question, the log-probability of each of its continuations after the prompt."""
         ...
 
 
 def is_olavlm(folder: str | Path) -> bool:
-
 
     return (Path(folder) / CONFIG_FILE).exists()
 
@@ -66,17 +67,27 @@ def is_olavlm(folder: str | Path) -> bool:
 class LlavaEvalModel:
     """`EvalModel` over an olavlm model folder or an exported LLaVA folder (see the module docstring)."""
 
-    def __init__(self, folder: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None,
-                 image_aspect_ratio: str = "", max_new_tokens: int = 32):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        image_aspect_ratio: str = "",
+        max_new_tokens: int = 32,
+    ):
         from olavlm.trainer.student.tokens import IMAGE_TOKEN
 
         folder = Path(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if is_olavlm(folder):
-
             model = load_student(folder)
-            self.llava, self.tokenizer, image_processor = model.merged_llava(), model.tokenizer, model.image_processor
+            self.llava, self.tokenizer, image_processor = (
+                model.merged_llava(),
+                model.tokenizer,
+                model.image_processor,
+            )
             layout = model.layout
             self.suppress = [layout.image_token_id, *model.task_token_ids.tolist()]
             tokenizer = self.tokenizer
@@ -88,7 +99,9 @@ class LlavaEvalModel:
             self._render, self._expand = render, layout.expand
         else:
             if not (folder / "config.json").exists():
-                raise FileNotFoundError(f"{folder}: neither an olavlm model/run folder nor a LLaVA checkpoint")
+                raise FileNotFoundError(
+                    f"{folder}: neither an olavlm model/run folder nor a LLaVA checkpoint"
+                )
             from transformers import AutoProcessor, LlavaForConditionalGeneration
 
             self.llava = LlavaForConditionalGeneration.from_pretrained(folder)
@@ -99,7 +112,9 @@ class LlavaEvalModel:
             block = [image_id] * self.llava.config.image_seq_length
 
             def render(prompt: str) -> str:
-                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+                messages = [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+                ]
                 return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
             def expand(ids: list[int]) -> list[int]:
@@ -111,12 +126,18 @@ class LlavaEvalModel:
         transform = ImageTransform.from_processor(image_processor)
         if image_aspect_ratio:
             if image_aspect_ratio not in ("pad", "crop"):
-                raise ConfigError(f"image_aspect_ratio {image_aspect_ratio!r}: 'pad', 'crop' or '' (the model's own)")
+                raise ConfigError(
+                    f"image_aspect_ratio {image_aspect_ratio!r}: 'pad', 'crop' or '' (the model's own)"
+                )
             transform = dataclasses.replace(transform, pad=image_aspect_ratio == "pad")
         self.transform = transform
         self.image_aspect_ratio = "pad" if transform.pad else "crop"
         self.max_new_tokens = max_new_tokens
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
 
     # -------------------------------------------------------------------- inputs
 
@@ -148,16 +169,27 @@ class LlavaEvalModel:
     def generate(self, prompts: list[str], images: list[bytes]) -> list[str]:
         ids, mask = self._pad([self.prompt_ids(p) for p in prompts], left=True)  # [B, L]
         out = self.llava.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=self.pixels(images),
-            max_new_tokens=self.max_new_tokens, do_sample=False, suppress_tokens=self.suppress or None,
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=self.pixels(images),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            suppress_tokens=self.suppress or None,
             pad_token_id=self.pad_id,
         )  # [B, L + new]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1]:]]
+        return [
+            self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]
+        ]
 
     @torch.no_grad()
-    def logprobs(self, prompts: list[str], images: list[bytes], continuations: list[list[str]]) -> list[list[float]]:
+    def logprobs(
+        self, prompts: list[str], images: list[bytes], continuations: list[list[str]]
+    ) -> list[list[float]]:
         prompt_rows = [self.prompt_ids(p) for p in prompts]
-        cont_ids = [[self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts] for conts in continuations]
+        cont_ids = [
+            [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
+            for conts in continuations
+        ]
         if any(not c for conts in cont_ids for c in conts):
             raise EvalDataError("an empty option text has no log-probability (use --continuation letter)")
         pixels = self.pixels(images)  # [B, 3, H, W]
@@ -175,12 +207,14 @@ class LlavaEvalModel:
                 owner.append(i)
                 spans.append((len(prompt), len(c)))
         ids, mask = self._pad(rows, left=False)
-        logits = self.llava(input_ids=ids, attention_mask=mask, pixel_values=pixels[owner]).logits  # [R, L, V]
+        logits = self.llava(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels[owner]
+        ).logits  # [R, L, V]
         logp = torch.log_softmax(logits.float(), -1)
         scores = []
         for r, (start, n) in enumerate(spans):
-            targets = ids[r, start:start + n]  # token t is predicted at position t - 1
-            scores.append(float(logp[r, start - 1:start - 1 + n].gather(-1, targets[:, None]).sum()))
+            targets = ids[r, start : start + n]  # token t is predicted at position t - 1
+            scores.append(float(logp[r, start - 1 : start - 1 + n].gather(-1, targets[:, None]).sum()))
         out: list[list[float]] = [[] for _ in prompts]
         for r, i in enumerate(owner):
             out[i].append(scores[r])

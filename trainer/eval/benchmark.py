@@ -122,8 +122,10 @@ def _check_settings(out: Path, settings: EvalSettings) -> None:
         theirs = json.loads(path.read_text())
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
-            raise ConfigError(f"{out} holds predictions made with other settings {diff} (saved, now): "
-                             "use another --out, or delete it to start over")
+            raise ConfigError(
+                f"{out} holds predictions made with other settings {diff} (saved, now): "
+                "use another --out, or delete it to start over"
+            )
         return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(mine, indent=2))
@@ -136,8 +138,15 @@ def _choose(q: Question, scores: list[float], continuation: str) -> str:
     return q.letters[int(np.argmax(scores))]
 
 
-def score(model: EvalModel | Callable[[], EvalModel], questions: Sequence[Question], out: str | Path, settings: EvalSettings, *,
-          batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> dict:
+def score(
+    model: EvalModel | Callable[[], EvalModel],
+    questions: Sequence[Question],
+    out: str | Path,
+    settings: EvalSettings,
+    *,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Score the questions not yet in OUT/predictions.jsonl, then aggregate all of them; returns results.
 
     `model`: an `EvalModel`, or a function that builds one: called only if something is left to
@@ -162,7 +171,7 @@ def score(model: EvalModel | Callable[[], EvalModel], questions: Sequence[Questi
         model = model()
     with path.open("a") as f:
         for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
+            batch = todo[i : i + batch_size]
             prompts, images = [q.prompt for q in batch], [q.image for q in batch]
             rows = []
             if settings.mode == "generate":
@@ -170,12 +179,26 @@ def score(model: EvalModel | Callable[[], EvalModel], questions: Sequence[Questi
                     parsed = parse_answer(reply, q.options)
                     rows.append({"raw": reply, "parsed": parsed})
             else:
-                conts = [list(q.letters) if settings.continuation == "letter" else list(q.options) for q in batch]
+                conts = [
+                    list(q.letters) if settings.continuation == "letter" else list(q.options) for q in batch
+                ]
                 for q, scores in zip(batch, model.logprobs(prompts, images, conts)):
-                    rows.append({"raw": [round(s, 6) for s in scores], "parsed": _choose(q, scores, settings.continuation)})
+                    rows.append(
+                        {
+                            "raw": [round(s, 6) for s in scores],
+                            "parsed": _choose(q, scores, settings.continuation),
+                        }
+                    )
             for q, row in zip(batch, rows):
-                line = {"id": q.id, "task": q.task, "source": q.source, "type": q.type, "answer": q.answer, **row,
-                        "correct": row["parsed"] == q.answer}
+                line = {
+                    "id": q.id,
+                    "task": q.task,
+                    "source": q.source,
+                    "type": q.type,
+                    "answer": q.answer,
+                    **row,
+                    "correct": row["parsed"] == q.answer,
+                }
                 done[q.id] = line
                 f.write(json.dumps(line) + "\n")
             f.flush()
@@ -223,8 +246,10 @@ def aggregate(rows: list[dict], *, bench: str) -> dict:
         "unparsed": [r["id"] for r in rows if r["parsed"] is None],
     }
     if bench == "cvbench":
-        results["cvbench"] = cvbench_columns({t: v["accuracy"] for t, v in results["tasks"].items()},
-                                             {s: v["accuracy"] for s, v in results["sources"].items()})
+        results["cvbench"] = cvbench_columns(
+            {t: v["accuracy"] for t, v in results["tasks"].items()},
+            {s: v["accuracy"] for s, v in results["sources"].items()},
+        )
     return results
 
 
@@ -259,7 +284,9 @@ def write_results(out: Path, results: dict) -> None:
 # ------------------------------------------------------------------------------------- comparison
 
 
-def compare(a: dict[str, dict], b: dict[str, dict], *, bench: str, resamples: int = 2000, seed: int = 0) -> dict:
+def compare(
+    a: dict[str, dict], b: dict[str, dict], *, bench: str, resamples: int = 2000, seed: int = 0
+) -> dict:
     """Paired bootstrap of B - A over the question ids both scored.
 
     a, b: {id: prediction} (predictions.jsonl rows). Returns {column: {a, b, diff, low, high}}
@@ -288,6 +315,7 @@ def compare(a: dict[str, dict], b: dict[str, dict], *, bench: str, resamples: in
 
     def cols(per_stratum_correct: np.ndarray) -> dict[str, np.ndarray]:
         """Columns from per-stratum correct counts (stratum sizes fixed), vectorised over resamples."""
+
         def acc(select) -> np.ndarray:
             chosen = [i for i, key in enumerate(keys) if select(key)]
             return per_stratum_correct[chosen].sum(0) / sizes[chosen].sum()
@@ -311,9 +339,14 @@ def compare(a: dict[str, dict], b: dict[str, dict], *, bench: str, resamples: in
     result = {}
     for name in point_a:
         diffs = boot[name]
-        low, high = (np.percentile(diffs, [2.5, 97.5]) if np.isfinite(diffs).all() else (np.nan, np.nan))
-        result[name] = {"a": float(point_a[name][0]), "b": float(point_b[name][0]),
-                        "diff": float(point_b[name][0] - point_a[name][0]), "low": float(low), "high": float(high)}
+        low, high = np.percentile(diffs, [2.5, 97.5]) if np.isfinite(diffs).all() else (np.nan, np.nan)
+        result[name] = {
+            "a": float(point_a[name][0]),
+            "b": float(point_b[name][0]),
+            "diff": float(point_b[name][0] - point_a[name][0]),
+            "low": float(low),
+            "high": float(high),
+        }
     return {"n": len(ids), "resamples": resamples, "seed": seed, "columns": result}
 
 
@@ -336,11 +369,15 @@ def format_comparison(comparison: dict, label_a: str, label_b: str) -> str:
     """Per column: A, B, B - A and the bootstrap 95% interval of B - A (percentage points)."""
     cols = comparison["columns"]
     width = max(10, *(len(c) for c in cols))
-    lines = [f"{'column':<{width}} {label_a[:12]:>12} {label_b[:12]:>12} {'diff':>7}  95% CI (paired bootstrap, "
-             f"{comparison['resamples']} resamples, n={comparison['n']})"]
+    lines = [
+        f"{'column':<{width}} {label_a[:12]:>12} {label_b[:12]:>12} {'diff':>7}  95% CI (paired bootstrap, "
+        f"{comparison['resamples']} resamples, n={comparison['n']})"
+    ]
     for name, v in cols.items():
-        lines.append(f"{name:<{width}} {100 * v['a']:>12.1f} {100 * v['b']:>12.1f} {100 * v['diff']:>+7.1f}  "
-                     f"[{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")
+        lines.append(
+            f"{name:<{width}} {100 * v['a']:>12.1f} {100 * v['b']:>12.1f} {100 * v['diff']:>+7.1f}  "
+            f"[{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
+        )
     return "\n".join(lines)
 
 
@@ -357,10 +394,23 @@ def labels(checkpoints: Sequence[str]) -> list[str]:
     return names
 
 
-def run_eval(checkpoints: Sequence[str], *, bench: str, data: str, out: str | Path, mode: str = "generate",
-             continuation: str = "letter", limit: int = 0, batch_size: int = 8, max_new_tokens: int = 32,
-             image_aspect_ratio: str = "", device: str | None = None, resamples: int = 2000, seed: int = 0,
-             progress: Callable[[str, int, int], None] | None = None) -> dict:
+def run_eval(
+    checkpoints: Sequence[str],
+    *,
+    bench: str,
+    data: str,
+    out: str | Path,
+    mode: str = "generate",
+    continuation: str = "letter",
+    limit: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    image_aspect_ratio: str = "",
+    device: str | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Evaluate one checkpoint (results in OUT) or two (OUT/<label> each, plus OUT/comparison.json).
 
     Checkpoints: olavlm model / checkpoint / run folders or exported LLaVA folders.
@@ -382,13 +432,20 @@ def run_eval(checkpoints: Sequence[str], *, bench: str, data: str, out: str | Pa
     for checkpoint, label in zip(checkpoints, names):
         folder = model_dir(checkpoint).resolve()
         target = out if len(checkpoints) == 1 else out / label
-        settings = EvalSettings(model=str(folder), bench=bench, data=str(Path(data).resolve()), mode=mode,
-                                continuation=continuation, max_new_tokens=max_new_tokens,
-                                image_aspect_ratio=image_aspect_ratio)
+        settings = EvalSettings(
+            model=str(folder),
+            bench=bench,
+            data=str(Path(data).resolve()),
+            mode=mode,
+            continuation=continuation,
+            max_new_tokens=max_new_tokens,
+            image_aspect_ratio=image_aspect_ratio,
+        )
 
         def build(folder=folder) -> EvalModel:
-            return LlavaEvalModel(folder, device=device, image_aspect_ratio=image_aspect_ratio,
-                                  max_new_tokens=max_new_tokens)
+            return LlavaEvalModel(
+                folder, device=device, image_aspect_ratio=image_aspect_ratio, max_new_tokens=max_new_tokens
+            )
 
         report = (lambda done, total, label=label: progress(label, done, total)) if progress else None
         results[label] = score(build, questions, target, settings, batch_size=batch_size, progress=report)
@@ -397,8 +454,11 @@ def run_eval(checkpoints: Sequence[str], *, bench: str, data: str, out: str | Pa
     report = {"results": results}
     if len(checkpoints) == 2:
         a, b = names
-        report["comparison"] = {"a": a, "b": b, **compare(predictions[a], predictions[b], bench=bench,
-                                                           resamples=resamples, seed=seed)}
+        report["comparison"] = {
+            "a": a,
+            "b": b,
+            **compare(predictions[a], predictions[b], bench=bench, resamples=resamples, seed=seed),
+        }
         tmp = out / "comparison.json.tmp"
         tmp.write_text(json.dumps(report["comparison"], indent=2))
         os.replace(tmp, out / "comparison.json")

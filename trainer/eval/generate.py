@@ -31,7 +31,11 @@ def load_for_generation(path: str | Path):
             input_ids = torch.tensor([prompt_ids(tokenizer, layout, prompt)])
             # the saved processor pads or crops as the last training stage did (images.with_aspect_ratio)
             pixel_values = model.image_processor(images=image, return_tensors="pt")["pixel_values"]
-            return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+            return {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": pixel_values,
+            }
 
         return llava, prepare, tokenizer, suppress
 

@@ -59,8 +59,17 @@ from olavlm.trainer.student.heads import ResamplerHead
 from olavlm.trainer.student.losses import per_image_cosine, per_sample_smooth_l1
 from olavlm.trainer.student.model import OlaVlm
 
-__all__ = ["ProbeConfig", "is_heldout", "plot_probe", "plot_size", "print_scores", "probe_checkpoint", "run_probe",
-           "score_probes", "train_probes"]
+__all__ = [
+    "ProbeConfig",
+    "is_heldout",
+    "plot_probe",
+    "plot_size",
+    "print_scores",
+    "probe_checkpoint",
+    "run_probe",
+    "score_probes",
+    "train_probes",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,14 +142,29 @@ def _build_probes(todo, specs, llm_width: int, config: ProbeConfig, device) -> n
         torch.manual_seed(seed)  # per probe: its init does not depend on which others train beside it
         tokens, width = specs[teacher].shape
         probes[_probe_key(teacher, layer, seed)] = ResamplerHead(
-            llm_width=llm_width, width=config.width, out_width=width, num_queries=tokens, learned_queries=True,
-            num_heads=config.num_heads, ffn_mult=2)
+            llm_width=llm_width,
+            width=config.width,
+            out_width=width,
+            num_queries=tokens,
+            learned_queries=True,
+            num_heads=config.num_heads,
+            ffn_mult=2,
+        )
     return nn.ModuleDict(probes).to(device)
 
 
-def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config: ProbeConfig,
-                     done: set[tuple[str, int, int]] = frozenset(), device: str = "cpu",
-                     progress=None, storage_options: dict | None = None) -> list[dict]:
+def probe_checkpoint(
+    model: OlaVlm,
+    *,
+    name: str,
+    data: str,
+    cache: str,
+    config: ProbeConfig,
+    done: set[tuple[str, int, int]] = frozenset(),
+    device: str = "cpu",
+    progress=None,
+    storage_options: dict | None = None,
+) -> list[dict]:
     """Train and score the (teacher, layer, seed) probes not in `done`; rows of the result table."""
     specs = TargetCache(cache, storage_options).specs()
     teachers = config.teachers or tuple(specs)
@@ -158,14 +182,24 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
     model = model.to(device).eval().requires_grad_(False)
     probes = _build_probes(todo, specs, model.llava.config.text_config.hidden_size, config, device)
     capture = sorted({layer for _, layer, _ in todo})
-    data_config = DataConfig(data=data, cache=cache, batch_size=config.batch_size, num_workers=config.num_workers,
-                             seed=config.seed, max_length=4096, storage_options=dict(storage_options or {}))
-    transform = ImageTransform.from_processor(with_aspect_ratio(model.image_processor, config.image_aspect_ratio))
+    data_config = DataConfig(
+        data=data,
+        cache=cache,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        seed=config.seed,
+        max_length=4096,
+        storage_options=dict(storage_options or {}),
+    )
+    transform = ImageTransform.from_processor(
+        with_aspect_ratio(model.image_processor, config.image_aspect_ratio)
+    )
     prompt = torch.tensor(prompt_ids(model.tokenizer, model.layout, config.prompt), device=device)  # [L]
 
     def loader():
-        return build_loader(data_config, tokenizer=model.tokenizer, layout=model.layout, transform=transform,
-                            tasks=teachers)
+        return build_loader(
+            data_config, tokenizer=model.tokenizer, layout=model.layout, transform=transform, tasks=teachers
+        )
 
     def states_of(batch):
         # Every image gets the same text (the fixed prompt), so the rows need no padding.
@@ -183,23 +217,39 @@ def probe_checkpoint(model: OlaVlm, *, name: str, data: str, cache: str, config:
                 if state["epochs_done"] >= 1:
                     return
                 continue
-            keep = [bool(h) and is_heldout(k, config.heldout_percent) == heldout
-                    for k, h in zip(batch["keys"], batch["has_image"])]  # text-only samples carry no target
+            keep = [
+                bool(h) and is_heldout(k, config.heldout_percent) == heldout
+                for k, h in zip(batch["keys"], batch["has_image"])
+            ]  # text-only samples carry no target
             if any(keep):
                 yield to_device(_rows(batch, keep), device)
             if heldout and state["epochs_done"] >= 1:
                 return
 
-    train_probes(probes, todo, split(heldout=False), states_of, steps=config.steps, lr=config.lr, progress=progress)
+    train_probes(
+        probes, todo, split(heldout=False), states_of, steps=config.steps, lr=config.lr, progress=progress
+    )
     scores, count = score_probes(probes, todo, split(heldout=True), states_of)
     if count == 0:
         raise ConfigError(f"no held-out images in {data} ({config.heldout_percent}% of keys): use more data")
     distilled = {t: set(model.layers.get(t, ())) for t in teachers}
-    return [{"checkpoint": name, "teacher": t, "layer": layer, "seed": s, "score": scores[(t, layer, s)],
-             "heldout_images": count, "distilled": layer in distilled[t]} for t, layer, s in todo]
+    return [
+        {
+            "checkpoint": name,
+            "teacher": t,
+            "layer": layer,
+            "seed": s,
+            "score": scores[(t, layer, s)],
+            "heldout_images": count,
+            "distilled": layer in distilled[t],
+        }
+        for t, layer, s in todo
+    ]
 
 
-def train_probes(probes: nn.ModuleDict, todo, batches, states_of, *, steps: int, lr: float, progress=None) -> int:
+def train_probes(
+    probes: nn.ModuleDict, todo, batches, states_of, *, steps: int, lr: float, progress=None
+) -> int:
     """Train every (teacher, layer, seed) probe of `todo` for `steps` AdamW steps on smooth-L1.
 
     `batches` yields training batches (with "targets"); `states_of(batch)` -> {layer: [B, L, D]}
@@ -210,8 +260,12 @@ def train_probes(probes: nn.ModuleDict, todo, batches, states_of, *, steps: int,
     step = 0
     for batch in batches:
         states = states_of(batch)
-        loss = sum(per_sample_smooth_l1(probes[_probe_key(t, layer, s)](states[layer], _all(states[layer])),
-                                        batch["targets"][t]).mean() for t, layer, s in todo)
+        loss = sum(
+            per_sample_smooth_l1(
+                probes[_probe_key(t, layer, s)](states[layer], _all(states[layer])), batch["targets"][t]
+            ).mean()
+            for t, layer, s in todo
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -223,7 +277,9 @@ def train_probes(probes: nn.ModuleDict, todo, batches, states_of, *, steps: int,
     return step
 
 
-def score_probes(probes: nn.ModuleDict, todo, batches, states_of) -> tuple[dict[tuple[str, int, int], float], int]:
+def score_probes(
+    probes: nn.ModuleDict, todo, batches, states_of
+) -> tuple[dict[tuple[str, int, int], float], int]:
     """({(teacher, layer, seed): mean per-image cosine over `batches`}, images scored); {} when none."""
     probes.eval()
     sums = dict.fromkeys(todo, 0.0)
@@ -242,9 +298,18 @@ def _all(states: torch.Tensor) -> torch.Tensor:
     return torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
 
 
-def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config: ProbeConfig,
-              names: list[str] | None = None, device: str | None = None, progress=None,
-              storage_options: dict | None = None) -> list[dict]:
+def run_probe(
+    checkpoints: list[str],
+    *,
+    data: str,
+    cache: str,
+    out: str,
+    config: ProbeConfig,
+    names: list[str] | None = None,
+    device: str | None = None,
+    progress=None,
+    storage_options: dict | None = None,
+) -> list[dict]:
     """Probe each checkpoint on the same split and budget; write probe.json, probe.csv and probe.png.
 
     `checkpoints`: model, checkpoint or run folders; `names` label them (default: folder names).
@@ -261,24 +326,49 @@ def run_probe(checkpoints: list[str], *, data: str, cache: str, out: str, config
     # number of seeds may differ (a rerun adds rows). Anything else under the same name is recomputed.
     for path, name in zip(checkpoints, names):
         folder = model_dir(path)
-        identity = {"model": str(Path(folder).resolve()), "data": data, "cache": cache, "budget": config.budget}
+        identity = {
+            "model": str(Path(folder).resolve()),
+            "data": data,
+            "cache": cache,
+            "budget": config.budget,
+        }
         rows = [r for r in rows if r["checkpoint"] != name or (r.get("identity") == identity and "seed" in r)]
         model = load_student(folder)
         done = {(r["teacher"], r["layer"], r["seed"]) for r in rows if r["checkpoint"] == name}
         start = time.perf_counter()
-        new = probe_checkpoint(model, name=name, data=data, cache=cache, config=config, done=done, device=device,
-                               storage_options=storage_options,
-                               progress=(lambda s, n, loss, name=name: progress(name, s, n, loss)) if progress else None)
+        new = probe_checkpoint(
+            model,
+            name=name,
+            data=data,
+            cache=cache,
+            config=config,
+            done=done,
+            device=device,
+            storage_options=storage_options,
+            progress=(lambda s, n, loss, name=name: progress(name, s, n, loss)) if progress else None,
+        )
         for row in new:
             row["seconds"] = time.perf_counter() - start
             row["identity"] = identity
         rows.extend(new)
-        _write_json(results_path, {"config": dataclasses.asdict(config), "checkpoints": dict(zip(names, checkpoints)),
-                                   "rows": rows})  # after each checkpoint: resumable
+        _write_json(
+            results_path,
+            {
+                "config": dataclasses.asdict(config),
+                "checkpoints": dict(zip(names, checkpoints)),
+                "rows": rows,
+            },
+        )  # after each checkpoint: resumable
     seeds = set(range(config.seed, config.seed + config.seeds))
     layers, teachers = set(config.layers), set(config.teachers)
-    rows = [r for r in rows if r["checkpoint"] in set(names) and r["seed"] in seeds
-            and (not layers or r["layer"] in layers) and (not teachers or r["teacher"] in teachers)]
+    rows = [
+        r
+        for r in rows
+        if r["checkpoint"] in set(names)
+        and r["seed"] in seeds
+        and (not layers or r["layer"] in layers)
+        and (not teachers or r["teacher"] in teachers)
+    ]
     write_csv(rows, Path(out) / "probe.csv")
     plot_probe(rows, str(Path(out) / "probe.png"))
     return rows

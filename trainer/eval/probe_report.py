@@ -27,16 +27,30 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (checkpoint, teacher, layer), mine in sorted(groups.items()):
         scores = [r["score"] for r in mine]
-        out.append({"checkpoint": checkpoint, "teacher": teacher, "layer": layer, "mean": statistics.fmean(scores),
-                    "std": _std(scores), "seeds": len(scores), "distilled": any(r["distilled"] for r in mine)})
+        out.append(
+            {
+                "checkpoint": checkpoint,
+                "teacher": teacher,
+                "layer": layer,
+                "mean": statistics.fmean(scores),
+                "std": _std(scores),
+                "seeds": len(scores),
+                "distilled": any(r["distilled"] for r in mine),
+            }
+        )
     return out
 
 
-def paired_difference(rows: list[dict], a: str, b: str, teacher: str, *, distilled_only: bool) -> tuple[float, float, int]:
+def paired_difference(
+    rows: list[dict], a: str, b: str, teacher: str, *, distilled_only: bool
+) -> tuple[float, float, int]:
     """Checkpoint `a` minus `b` for one teacher, paired by probe seed: each seed's difference of the mean
     over layers (`a`'s distilled layers only if asked) -> (mean, std over seeds, seeds); NaN mean if none."""
-    layers = {r["layer"] for r in rows if r["checkpoint"] == a and r["teacher"] == teacher
-              and (r["distilled"] or not distilled_only)}
+    layers = {
+        r["layer"]
+        for r in rows
+        if r["checkpoint"] == a and r["teacher"] == teacher and (r["distilled"] or not distilled_only)
+    }
     score = {(r["checkpoint"], r["layer"], r["seed"]): r["score"] for r in rows if r["teacher"] == teacher}
     per_seed: dict[int, list[float]] = defaultdict(list)
     for (checkpoint, layer, seed), value in score.items():
@@ -58,16 +72,24 @@ def print_scores(rows: list[dict], compare: tuple[str, str] | None = None) -> No
     for r in table:
         groups[(r["checkpoint"], r["teacher"])].append(r)
     seeds = max((r["seeds"] for r in table), default=0)
-    print(f"probe scores (held-out cosine; ± = std over {seeds} probe seeds)" if seeds > 1 else
-               "probe scores (held-out cosine; one probe seed: no spread, use --seeds K)")
+    print(
+        f"probe scores (held-out cosine; ± = std over {seeds} probe seeds)"
+        if seeds > 1
+        else "probe scores (held-out cosine; one probe seed: no spread, use --seeds K)"
+    )
     print(f"{'checkpoint':<20} {'teacher':<8} {'mean':>8} {'best (layer)':>14} {'at distilled':>20}")
     for (checkpoint, teacher), mine in sorted(groups.items()):
         best = max(mine, key=lambda r: r["mean"])
         distilled = [r for r in mine if r["distilled"]]
-        at = _pm(statistics.fmean(r["mean"] for r in distilled), _seed_std(rows, checkpoint, teacher, True)) \
-            if distilled else "-"
-        print(f"{checkpoint:<20} {teacher:<8} {statistics.fmean(r['mean'] for r in mine):>8.4f} "
-                   f"{best['mean']:>7.4f} ({best['layer']:>2}) {at:>20}")
+        at = (
+            _pm(statistics.fmean(r["mean"] for r in distilled), _seed_std(rows, checkpoint, teacher, True))
+            if distilled
+            else "-"
+        )
+        print(
+            f"{checkpoint:<20} {teacher:<8} {statistics.fmean(r['mean'] for r in mine):>8.4f} "
+            f"{best['mean']:>7.4f} ({best['layer']:>2}) {at:>20}"
+        )
     if compare:
         a, b = compare
         print(f"\n{a} - {b}, paired by probe seed (mean ± std of the per-seed differences)")
@@ -84,7 +106,11 @@ def _seed_std(rows: list[dict], checkpoint: str, teacher: str, distilled_only: b
     """Std over seeds of the per-seed mean over layers (distilled ones only if asked)."""
     per_seed: dict[int, list[float]] = defaultdict(list)
     for r in rows:
-        if r["checkpoint"] == checkpoint and r["teacher"] == teacher and (r["distilled"] or not distilled_only):
+        if (
+            r["checkpoint"] == checkpoint
+            and r["teacher"] == teacher
+            and (r["distilled"] or not distilled_only)
+        ):
             per_seed[r["seed"]].append(r["score"])
     return _std([statistics.fmean(v) for v in per_seed.values()])
 
@@ -95,8 +121,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
         f.write("checkpoint,teacher,layer,score,score_std,seeds,distilled\n")
         for r in summarise(rows):
             std = "" if math.isnan(r["std"]) else f"{r['std']:.6f}"
-            f.write(f"{r['checkpoint']},{r['teacher']},{r['layer']},{r['mean']:.6f},{std},{r['seeds']},"
-                    f"{int(r['distilled'])}\n")
+            f.write(
+                f"{r['checkpoint']},{r['teacher']},{r['layer']},{r['mean']:.6f},{std},{r['seeds']},"
+                f"{int(r['distilled'])}\n"
+            )
 
 
 PANEL_INCHES = (4.2, 3.4)
@@ -120,19 +148,32 @@ def plot_probe(rows: list[dict], out: str, dpi: int = 100) -> tuple[int, int]:
     table = summarise(rows)
     teachers = sorted({r["teacher"] for r in table})
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    fig, axes = plt.subplots(1, len(teachers), figsize=(PANEL_INCHES[0] * len(teachers), PANEL_INCHES[1]), dpi=dpi,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(teachers), figsize=(PANEL_INCHES[0] * len(teachers), PANEL_INCHES[1]), dpi=dpi, squeeze=False
+    )
     for ax, teacher in zip(axes[0], teachers):
         for checkpoint in checkpoints:
             mine = [r for r in table if r["teacher"] == teacher and r["checkpoint"] == checkpoint]
             if not mine:
                 continue
             errors = [0.0 if math.isnan(r["std"]) else r["std"] for r in mine]
-            bars = ax.errorbar([r["layer"] for r in mine], [r["mean"] for r in mine], yerr=errors, marker=".",
-                               capsize=2, label=checkpoint)
+            bars = ax.errorbar(
+                [r["layer"] for r in mine],
+                [r["mean"] for r in mine],
+                yerr=errors,
+                marker=".",
+                capsize=2,
+                label=checkpoint,
+            )
             marked = [r for r in mine if r["distilled"]]
-            ax.scatter([r["layer"] for r in marked], [r["mean"] for r in marked], s=90, facecolors="none",
-                       edgecolors=bars.lines[0].get_color(), linewidths=1.5)
+            ax.scatter(
+                [r["layer"] for r in marked],
+                [r["mean"] for r in marked],
+                s=90,
+                facecolors="none",
+                edgecolors=bars.lines[0].get_color(),
+                linewidths=1.5,
+            )
         ax.set_title(f"{teacher} (o = distilled layer)", fontsize=9)
         ax.set_xlabel("LLM layer (hidden_states[i])")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

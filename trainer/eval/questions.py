@@ -127,7 +127,9 @@ def _letter(answer, options: tuple[str, ...], where: str) -> str:
         return m.group(1).upper()
     if text in options:
         return LETTERS[options.index(text)]
-    raise EvalDataError(f"{where}: answer {answer!r} is neither a letter of {len(options)} options nor an option's text")
+    raise EvalDataError(
+        f"{where}: answer {answer!r} is neither a letter of {len(options)} options nor an option's text"
+    )
 
 
 def _unique(questions: list[Question], path: Path) -> list[Question]:
@@ -142,7 +144,9 @@ def _unique(questions: list[Question], path: Path) -> list[Question]:
 def _need(row: dict, columns: Iterable[str], where: str) -> None:
     missing = [c for c in columns if row.get(c) is None]
     if missing:
-        raise EvalDataError(f"{where}: missing {missing} (has {sorted(k for k, v in row.items() if v is not None)})")
+        raise EvalDataError(
+            f"{where}: missing {missing} (has {sorted(k for k, v in row.items() if v is not None)})"
+        )
 
 
 def load_cvbench(path: str | Path) -> list[Question]:
@@ -160,11 +164,18 @@ def load_cvbench(path: str | Path) -> list[Question]:
             _need(row, ("question",), where)
             lines = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
             text = f"{row['question']} Select from the following choices.\n{lines}"
-        out.append(Question(
-            id=str(row["idx"]), prompt=f"{text}\n{MC_SUFFIX}", options=options,
-            answer=_letter(row["answer"], options, where), task=str(row["task"]), source=str(row["source"]),
-            type=str(row.get("type") or ""), image=_image_bytes(row["image"], path.parent, where),
-        ))
+        out.append(
+            Question(
+                id=str(row["idx"]),
+                prompt=f"{text}\n{MC_SUFFIX}",
+                options=options,
+                answer=_letter(row["answer"], options, where),
+                task=str(row["task"]),
+                source=str(row["source"]),
+                type=str(row.get("type") or ""),
+                image=_image_bytes(row["image"], path.parent, where),
+            )
+        )
     return _unique(out, path)
 
 
@@ -185,11 +196,17 @@ def load_mc(path: str | Path) -> list[Question]:
         options = tuple(str(o) for o in row["options"])
         if not 2 <= len(options) <= len(LETTERS):
             raise EvalDataError(f"{where}: {len(options)} options (need 2..{len(LETTERS)})")
-        out.append(Question(
-            id=str(row["id"]), prompt=mc_prompt(str(row["question"]), options), options=options,
-            answer=_letter(row["answer"], options, where), task=str(row.get("category") or ""),
-            source=str(row.get("source") or ""), image=_image_bytes(row["image"], path.parent, where),
-        ))
+        out.append(
+            Question(
+                id=str(row["id"]),
+                prompt=mc_prompt(str(row["question"]), options),
+                options=options,
+                answer=_letter(row["answer"], options, where),
+                task=str(row.get("category") or ""),
+                source=str(row.get("source") or ""),
+                image=_image_bytes(row["image"], path.parent, where),
+            )
+        )
     return _unique(out, path)
 
 
@@ -244,14 +261,17 @@ def parse_answer(reply: str, options: tuple[str, ...]) -> str | None:
         return m.group(1)
     m = _SAID.search(text)
     # A lower-case letter only where it ends the reply: "the answer is a cat" names no option.
-    if m and m.group(1).upper() in letters and (m.group(1).isupper() or not text[m.end():].strip(" .)")):
+    if m and m.group(1).upper() in letters and (m.group(1).isupper() or not text[m.end() :].strip(" .)")):
         return m.group(1).upper()
     reply_norm = _norm(text)
     exact = [i for i, o in enumerate(options) if _norm(o) == reply_norm]
     if len(exact) == 1:
         return letters[exact[0]]
-    contained = [i for i, o in enumerate(options)
-                 if _norm(o) and re.search(r"(?<!\w)" + re.escape(_norm(o)) + r"(?!\w)", reply_norm)]
+    contained = [
+        i
+        for i, o in enumerate(options)
+        if _norm(o) and re.search(r"(?<!\w)" + re.escape(_norm(o)) + r"(?!\w)", reply_norm)
+    ]
     if len(contained) == 1:
         return letters[contained[0]]
     return None

@@ -72,8 +72,12 @@ DIGEST_SAMPLES = 4096
 """Values read per tensor by the sampled frozen-base hash (see the module docstring)."""
 
 
-def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[int, int]],
-                  *, dtype: torch.dtype | None = None) -> OlaVlm:
+def build_student(
+    config: ModelConfig,
+    targets: dict[str, TeacherSpec | tuple[int, int]],
+    *,
+    dtype: torch.dtype | None = None,
+) -> OlaVlm:
     """A new student from `config.vision_model` + `config.llm`, or from `config.llava_checkpoint`.
 
     `targets`: the teachers' specs (recorded in the checkpoint) or bare (T, D) shapes.
@@ -85,9 +89,13 @@ def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[in
         if (path / CONFIG_FILE).exists():
             model = load_student(path, dtype=dtype)  # its frozen base: this folder, or its recorded root
             if model.layout.tasks != ordered_tasks(config.tasks):
-                raise ConfigError(f"{path}: checkpoint tasks {model.layout.tasks} != configured {config.tasks}")
+                raise ConfigError(
+                    f"{path}: checkpoint tasks {model.layout.tasks} != configured {config.tasks}"
+                )
             if model.shapes != {t: s for t, s in shapes.items() if t in model.shapes}:
-                raise ConfigError(f"{path}: checkpoint target shapes {model.shapes} != teacher specs {shapes}")
+                raise ConfigError(
+                    f"{path}: checkpoint target shapes {model.shapes} != teacher specs {shapes}"
+                )
             return model
         llava, tokenizer, image_processor = _load_llava(config.llava_checkpoint, dtype)
     else:
@@ -100,8 +108,15 @@ def build_student(config: ModelConfig, targets: dict[str, TeacherSpec | tuple[in
             torch.manual_seed(0)
             llava.resize_token_embeddings(len(tokenizer))  # new rows: mean of the old ones (+ small noise)
     llava.config.image_token_id = layout.image_token_id
-    model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
-                   image_processor=image_processor, teacher_specs=specs)
+    model = OlaVlm(
+        llava,
+        config=config,
+        target_shapes=shapes,
+        layout=layout,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        teacher_specs=specs,
+    )
     model.loaded_digests = llava_digests(llava)
     model.frozen_base = {"source": _source(config), "digests": model.loaded_digests}
     return model
@@ -117,8 +132,10 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     sharded = SHARDED_KEY in meta
     extras = None if sharded else load_file(path / EXTRAS_FILE)
     if meta.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"{path / CONFIG_FILE}: checkpoint format {meta.get('format')!r}; this olavlm reads "
-                          f"format {FORMAT_VERSION} only: retrain or save it again with the olavlm that wrote it")
+        raise ConfigError(
+            f"{path / CONFIG_FILE}: checkpoint format {meta.get('format')!r}; this olavlm reads "
+            f"format {FORMAT_VERSION} only: retrain or save it again with the olavlm that wrote it"
+        )
     config = from_dict(ModelConfig, meta["model_config"])
     specs = {t: TeacherSpec.from_dict(d) for t, d in meta.get("teacher_specs", {}).items()}
     shapes = {t: tuple(s) for t, s in meta["target_shapes"].items()}
@@ -133,11 +150,21 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
     layout = layout_of(tokenizer, config.tasks, config.tokens_per_task, meta["layout"]["num_image_tokens"])
     if _layout_dict(layout) != meta["layout"]:
         raise ConfigError(f"{path}: tokenizer ids {_layout_dict(layout)} != saved layout {meta['layout']}")
-    model = OlaVlm(llava, config=config, target_shapes=shapes, layout=layout, tokenizer=tokenizer,
-                   image_processor=image_processor, teacher_specs=specs)
+    model = OlaVlm(
+        llava,
+        config=config,
+        target_shapes=shapes,
+        layout=layout,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        teacher_specs=specs,
+    )
     if sharded:  # every tensor, extras included, from the shard files (any number of them)
-        load_sharded(path / meta[SHARDED_KEY], without_aliases(model.state_dict(), model),
-                     files=meta.get(SHARD_FILES_KEY))
+        load_sharded(
+            path / meta[SHARDED_KEY],
+            without_aliases(model.state_dict(), model),
+            files=meta.get(SHARD_FILES_KEY),
+        )
     else:
         missing, unexpected = model.load_state_dict(extras, strict=False)
         missing = [k for k in missing if not k.startswith("llava.")]
@@ -145,10 +172,14 @@ def load_student(path: str | Path, *, dtype: torch.dtype | None = None) -> OlaVl
             raise ConfigError(f"{path / EXTRAS_FILE}: missing {missing}, unexpected {unexpected}")
     model.loaded_digests = llava_digests(llava)
     # a trainable-only folder's base is its recorded root (so that deleting this folder breaks no later one)
-    model.frozen_base = ({"source": meta[BASE_KEY]["source"], "digests": meta[BASE_KEY]["digests"]}
-                         if BASE_KEY in meta else
-                         {"source": _source(dataclasses.replace(config, llava_checkpoint=str(path))),
-                          "digests": model.loaded_digests})
+    model.frozen_base = (
+        {"source": meta[BASE_KEY]["source"], "digests": meta[BASE_KEY]["digests"]}
+        if BASE_KEY in meta
+        else {
+            "source": _source(dataclasses.replace(config, llava_checkpoint=str(path))),
+            "digests": model.loaded_digests,
+        }
+    )
     return model.to(dtype) if dtype is not None else model
 
 
@@ -176,8 +207,10 @@ def _rebuild_base(path: Path, meta: dict, shapes: dict, specs: dict):
     try:
         llava = build_student(source, {**shapes, **specs}).llava
     except (OSError, ValueError) as exc:  # ConfigError is a ValueError too
-        raise ConfigError(f"{path}: its frozen base {where} cannot be built ({exc}); the checkpoint was saved "
-                          f"against base hash {base['hash']}") from None
+        raise ConfigError(
+            f"{path}: its frozen base {where} cannot be built ({exc}); the checkpoint was saved "
+            f"against base hash {base['hash']}"
+        ) from None
     overlay = load_file(path / TRAINABLE_FILE)
     state = llava.state_dict()
     wrong = sorted(n for n, t in overlay.items() if n not in state or state[n].shape != t.shape)
@@ -186,9 +219,11 @@ def _rebuild_base(path: Path, meta: dict, shapes: dict, specs: dict):
     kept = [n for n in state if n not in overlay]
     rebuilt = frozen_hash(llava_digests(llava), kept)
     if rebuilt != base["hash"]:
-        raise ConfigError(f"{path}: its frozen base {where} has hash {rebuilt}, the checkpoint was saved against "
-                          f"{base['hash']} (a different or changed base; rebuild it or point the checkpoint at "
-                          "the original)")
+        raise ConfigError(
+            f"{path}: its frozen base {where} has hash {rebuilt}, the checkpoint was saved against "
+            f"{base['hash']} (a different or changed base; rebuild it or point the checkpoint at "
+            "the original)"
+        )
     llava.load_state_dict(overlay, strict=False)
     return llava
 
@@ -196,8 +231,11 @@ def _rebuild_base(path: Path, meta: dict, shapes: dict, specs: dict):
 def _source(config: ModelConfig) -> dict:
     """The config a frozen base is rebuilt from, its local folders made absolute (hub ids stay as they are),
     so that a checkpoint loads from any working directory."""
-    local = {name: str(Path(value).resolve()) for name in ("vision_model", "llm", "llava_checkpoint")
-             if (value := getattr(config, name)) and Path(value).exists()}
+    local = {
+        name: str(Path(value).resolve())
+        for name in ("vision_model", "llm", "llava_checkpoint")
+        if (value := getattr(config, name)) and Path(value).exists()
+    }
     return to_dict(dataclasses.replace(config, **local))
 
 
@@ -242,8 +280,14 @@ def overlay_names(model: OlaVlm) -> list[str]:
     return names
 
 
-def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = False,
-                 tensors: dict[str, torch.Tensor] | None = None, sharded: bool = False) -> Path:
+def save_student(
+    model: OlaVlm,
+    path: str | Path,
+    *,
+    trainable_only: bool = False,
+    tensors: dict[str, torch.Tensor] | None = None,
+    sharded: bool = False,
+) -> Path:
     """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor (atomically).
 
     trainable_only: instead of the LLaVA weights, only `overlay_names(model)` and a reference to the frozen
@@ -267,8 +311,10 @@ def save_student(model: OlaVlm, path: str | Path, *, trainable_only: bool = Fals
             state = {}  # extras travel in the shards too
         elif trainable_only:
             names = overlay_names(model)
-            save_file({n.removeprefix("llava."): cpu(state[n]) for n in names if n.startswith("llava.")},
-                      tmp / TRAINABLE_FILE)
+            save_file(
+                {n.removeprefix("llava."): cpu(state[n]) for n in names if n.startswith("llava.")},
+                tmp / TRAINABLE_FILE,
+            )
             kept = [n for n in model.frozen_base["digests"] if f"llava.{n}" not in names]
             base = {**model.frozen_base, "hash": frozen_hash(model.frozen_base["digests"], kept)}
         else:

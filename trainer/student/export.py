@@ -30,7 +30,9 @@ from olavlm.trainer.student.tokens import IMAGE_TOKEN, TokenLayout, task_token_s
 
 def task_token_text(layout: TokenLayout) -> str:
     """The task tokens as text, in sequence order (write them right after `<image>`)."""
-    return "".join(t for task, ids in layout.task_token_ids.items() for t in task_token_strings(task, len(ids)))
+    return "".join(
+        t for task, ids in layout.task_token_ids.items() for t in task_token_strings(task, len(ids))
+    )
 
 
 def processor_chat_template(llm_template: str, layout: TokenLayout) -> str:

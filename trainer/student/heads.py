@@ -45,7 +45,9 @@ class ResamplerHead(nn.Module):
         self.to_kv = nn.Linear(width, 2 * width, bias=False)
         self.to_out = nn.Linear(width, width, bias=False)
         self.ffn_norm = nn.LayerNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
+        self.ffn = nn.Sequential(
+            nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width)
+        )
         self.out_norm = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, out_width)
 

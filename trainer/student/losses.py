@@ -115,8 +115,14 @@ def _count(global_targets: GlobalTargets, images: torch.Tensor | float | None):
     return global_targets.num_valid if images is None else images
 
 
-def smooth_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, global_targets: GlobalTargets,
-              *, images: torch.Tensor | float | None = None) -> torch.Tensor:
+def smooth_l1(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    global_targets: GlobalTargets,
+    *,
+    images: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Sum of smooth-L1 over this rank's valid samples x world size / `images` (default: the valid
     samples of the micro-step's global batch; see module doc)."""
     per_sample = per_sample_smooth_l1(pred, target)  # [B]
@@ -140,7 +146,9 @@ def info_nce(
         t = global_targets.targets.float()  # [N, T*D]
         scale = logit_scale.float().exp().clamp(max=max_scale)
         logits = scale * (p @ t.T)  # [B, N] float32
-        logits = logits.masked_fill(~global_targets.valid[None, :], float("-inf"))  # invalid targets: no negatives
+        logits = logits.masked_fill(
+            ~global_targets.valid[None, :], float("-inf")
+        )  # invalid targets: no negatives
         labels = torch.arange(p.shape[0], device=p.device) + global_targets.offset  # [B]
         # Invalid rows have -inf at their own label: drop them (boolean indexing is a CPU-GPU sync point).
         rows = valid.bool()
@@ -170,8 +178,13 @@ def embedding_loss(
     return l1 + info_nce_weight * nce
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, tokens: torch.Tensor | float | None = None,
-                    world_size: int = 1) -> torch.Tensor:
+def next_token_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tokens: torch.Tensor | float | None = None,
+    world_size: int = 1,
+) -> torch.Tensor:
     """Cross-entropy of token t+1 given tokens <= t, summed over labels != -100, x world_size / tokens.
 
     `tokens`: the step's global label-token count (`Normalisers.tokens`); default this batch's own

@@ -67,13 +67,17 @@ def resolve_layers(config: ModelConfig, num_layers: int) -> dict[str, tuple[int,
             raise ConfigError(f"task {task!r} has no paper default layers: set ModelConfig.layers[{task!r}]")
         bad = [layer for layer in layers if not 1 <= layer <= num_layers]
         if bad:
-            raise ConfigError(f"task {task!r}: layers {bad} outside the LLM's 1..{num_layers} "
-                             "(paper numbering: layer i = hidden_states[i])")
+            raise ConfigError(
+                f"task {task!r}: layers {bad} outside the LLM's 1..{num_layers} "
+                "(paper numbering: layer i = hidden_states[i])"
+            )
         out[task] = tuple(sorted(set(layers)))
     return out
 
 
-def _predicted_labels(labels: torch.Tensor, image_mask: torch.Tensor, task_masks: dict[str, torch.Tensor]) -> torch.Tensor:
+def _predicted_labels(
+    labels: torch.Tensor, image_mask: torch.Tensor, task_masks: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """Image and task tokens are never predicted, whatever the data path put there. -> [B, L]"""
     no_label = image_mask | torch.stack(list(task_masks.values())).any(0) if task_masks else image_mask
     return labels.masked_fill(no_label, -100)
@@ -154,7 +158,9 @@ class OlaVlm(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: dict, *, distill: bool = True, norm: Normalisers | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict, *, distill: bool = True, norm: Normalisers | None = None
+    ) -> dict[str, torch.Tensor]:
         """Batch -> {'ntp', '<task>_l<layer>', '<task>', 'loss'} (scalars; 'loss' = ntp + task totals).
 
         batch: input_ids [B, L] long, attention_mask [B, L], labels [B, L] (-100 = ignored),
@@ -216,8 +222,13 @@ class OlaVlm(nn.Module):
     def distilled_layers(self) -> list[int]:
         return sorted({layer for layers in self.layers.values() for layer in layers})
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-               capture: list[int] = ()) -> Encoded:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        capture: list[int] = (),
+    ) -> Encoded:
         """ids [B, L] + pixels [B, 3, H, W] -> final hidden states and the `capture` layers' states.
 
         The one path from inputs to hidden states: training, logits, predictions and the probe use it.
@@ -228,21 +239,29 @@ class OlaVlm(nn.Module):
         if bad:
             raise ConfigError(f"layers {bad} outside the LLM's 1..{self.num_layers}")
         with self._capture([layer for layer in capture if layer < self.num_layers]) as states:
-            out = self.llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            out = self.llava.model.language_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            )
         if self.num_layers in capture:  # hidden_states[-1] is the normed final output, not the block's
             states[self.num_layers] = out.last_hidden_state
         return Encoded(out.last_hidden_state, states, image_mask, task_masks)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
         """Next-token logits [B, L, V] of the student (what an exported LLaVA computes)."""
         return self.llava.lm_head(self.encode(input_ids, attention_mask, pixel_values).hidden)
 
     def predictions(self, batch: dict) -> dict[str, torch.Tensor]:
         """Every head's prediction for a batch (tests, inspection): {'<task>_l<layer>': [B, T, D_task]}."""
-        enc = self.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], self.distilled_layers())
+        enc = self.encode(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], self.distilled_layers()
+        )
         return self.predict(enc, batch["attention_mask"])
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Token embeddings with image features and task-token embeddings in place. -> [B, L, D]"""
         embeds = self.llava.get_input_embeddings()(input_ids)  # [B, L, D]
 
@@ -273,7 +292,9 @@ class OlaVlm(nn.Module):
         if pixel_values.dtype == torch.uint8:
             if self.image_processor is None:
                 raise ValueError("uint8 pixel_values need the model's image processor (its mean and std)")
-            pixel_values = normalize_pixels(pixel_values, self.image_processor.image_mean, self.image_processor.image_std)
+            pixel_values = normalize_pixels(
+                pixel_values, self.image_processor.image_mean, self.image_processor.image_std
+            )
         pixel_values = pixel_values.to(tower.dtype)
         out = tower(pixel_values, output_hidden_states=True)
         patches = out.hidden_states[self.llava.config.vision_feature_layer][:, 1:]  # [b, N, D_vision]

@@ -57,10 +57,14 @@ def save_sharded(folder: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         return
     # checked on rank 0, raised on every rank: a raise on rank 0 alone would hang the others at the next collective
     world = dist.get_world_size()
-    missing = broadcast([r for r in range(world) if shard_file(folder, r) is None] if dist.get_rank() == 0 else None)
+    missing = broadcast(
+        [r for r in range(world) if shard_file(folder, r) is None] if dist.get_rank() == 0 else None
+    )
     if missing:
-        raise ConfigError(f"{folder}: rank 0 sees no shard file of ranks {missing} after saving: the checkpoint "
-                          "folder (train.out) must be on a filesystem every rank shares")
+        raise ConfigError(
+            f"{folder}: rank 0 sees no shard file of ranks {missing} after saving: the checkpoint "
+            "folder (train.out) must be on a filesystem every rank shares"
+        )
 
 
 def load_sharded(folder: str | Path, tensors: dict[str, torch.Tensor], *, files: int | None = None) -> None:
@@ -79,15 +83,19 @@ def load_sharded(folder: str | Path, tensors: dict[str, torch.Tensor], *, files:
 
     missing = [r for r in range(files or 0) if shard_file(folder, r) is None]
     if missing:
-        raise ConfigError(f"{folder}: incomplete sharded checkpoint: written by {files} processes, the shard "
-                          f"files of ranks {missing} are missing")
+        raise ConfigError(
+            f"{folder}: incomplete sharded checkpoint: written by {files} processes, the shard "
+            f"files of ranks {missing} are missing"
+        )
     reader = HuggingFaceStorageReader(str(folder))
     saved = reader.read_metadata().state_dict_metadata
     for name, tensor in tensors.items():
         problem = _coverage_problem(saved.get(name), tuple(tensor.shape))
         if problem:
-            raise ConfigError(f"{folder}: incomplete sharded checkpoint: tensor {name} {problem} (a shard file is "
-                              "missing or was cut short)")
+            raise ConfigError(
+                f"{folder}: incomplete sharded checkpoint: tensor {name} {problem} (a shard file is "
+                "missing or was cut short)"
+            )
     with warnings.catch_warnings():  # DCP warns that no_dist means one process: intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(tensors, storage_reader=reader, no_dist=True)
@@ -107,7 +115,9 @@ def _coverage_problem(saved, shape: tuple[int, ...]) -> str:
             if all(o < p + q and p < o + s for o, s, p, q in zip(offsets, sizes, other, other_sizes)):
                 return f"has overlapping chunks at offsets {list(other)} and {list(offsets)}"
     held = sum(math.prod(sizes) for _, sizes in boxes)
-    return "" if held == math.prod(shape) else f"has {held} of its {math.prod(shape)} values in the shard files"
+    return (
+        "" if held == math.prod(shape) else f"has {held} of its {math.prod(shape)} values in the shard files"
+    )
 
 
 def broadcast(obj):
@@ -119,4 +129,3 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-

@@ -85,7 +85,9 @@ def layout_of(tokenizer, tasks, tokens_per_task: int, num_image_tokens: int) -> 
     missing = [t for task in tasks for t in task_token_strings(task, tokens_per_task) if t not in vocab]
     if IMAGE_TOKEN not in vocab or missing:
         raise ConfigError(f"tokenizer lacks {([IMAGE_TOKEN] if IMAGE_TOKEN not in vocab else []) + missing}")
-    task_ids = {task: tuple(vocab[t] for t in task_token_strings(task, tokens_per_task)) for task in ordered_tasks(tasks)}
+    task_ids = {
+        task: tuple(vocab[t] for t in task_token_strings(task, tokens_per_task))
+        for task in ordered_tasks(tasks)
+    }
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenLayout(vocab[IMAGE_TOKEN], num_image_tokens, task_ids, pad)
-
