@@ -1,22 +1,16 @@
 """Command-line options generated from the config dataclasses: one typed path from field to option.
 
-`config_options({"train": TrainConfig, ...})` adds one typer option per field to a
-command: `--train.steps` and, where the field name is unique, `--steps` (a name
-that several sections share, like `seed`, sets all of them); booleans as
-`--distill/--no-distill`; `_` and `-` are interchangeable. The help text of each
-option is the field's docstring (schemas/config_doc.py reads them), its value is
-converted by `schemas.config.coerce`, the same function that types TOML, YAML
-and JSON config files, so `--steps abc` fails naming `--steps` and a YAML
-`lr: 1e-3` arrives as a float. The command receives `overrides`: only the
-options the user actually typed (click's parameter source), which is how a
-resumed run knows an explicit `--steps 1000` from the default.
+`config_options({"train": TrainConfig, ...})` adds one typer option per field: `--train.steps` and,
+where the name is unique, `--steps` (a shared name like `seed` sets every section's); booleans as
+`--distill/--no-distill`; a `Literal` field shows its choices (`--stage [pt|vpt|ift]`); `_` and `-`
+are interchangeable. The help is the field's docstring (schemas/config_doc.py); values go through
+`schemas.config.coerce`, the conversion config files get, so `--steps abc` fails naming `--steps`.
+The command receives `overrides`: only the options the user typed (click's parameter source), which
+is how a resumed run tells an explicit `--steps 1000` from the default.
 
-Design choice and its cost: tyro and jsonargparse were tried (both read field
-docstrings); either would be a second argument parser beside typer with its own
-help layout, neither offers the short unique-name aliases (`--steps`, `--data`)
-that the docs and tests use without annotating schemas/ with CLI types, and
-neither tells which values were given. Generating click options costs this one
-module (a typed signature built at import time, which typer reads like any other).
+Design choice and its cost: generated click options rather than tyro or jsonargparse, which would be
+a second parser beside typer without the short unique-name aliases and without telling which values
+were given. Cost: this module (a typed signature built at import time, which typer reads as any other).
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import typer
 
@@ -43,9 +37,11 @@ def _parser(annotation: Any) -> Callable[[str], Any]:
     return parse
 
 
-def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "")
-    return {"<class 'int'>": "INT", "<class 'float'>": "FLOAT", "<class 'str'>": "TEXT"}.get(text, text)
+def _metavar(annotation: Any) -> str:
+    """The value's placeholder in --help: INT, FLOAT, TEXT, a fixed choice's values ([pt|vpt|ift]), else VALUE."""
+    if get_origin(annotation) is Literal:
+        return "[" + "|".join(str(c) if c != "" else "''" for c in get_args(annotation)) + "]"
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(annotation, "VALUE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +117,7 @@ def _option(param: str, names: list[str], targets, annotation, doc: str, default
         info = typer.Option(default, *decls, help=doc, rich_help_panel=panel)
         hint = bool
     else:
-        shown = ", ".join(default) if isinstance(default, tuple) else default
+        shown = ", ".join(map(str, default)) if isinstance(default, tuple) else default
         info = typer.Option(
             None,
             *names,
@@ -129,7 +125,7 @@ def _option(param: str, names: list[str], targets, annotation, doc: str, default
             parser=_parser(annotation),
             show_default=str(shown) if shown not in ("", None) else repr(shown),
             rich_help_panel=panel,
-            metavar=_type_name(annotation) if _type_name(annotation).isupper() else "VALUE",
+            metavar=_metavar(annotation),
         )
         hint = str
     parameter = inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint)

@@ -10,24 +10,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 
-STAGES = ("pt", "vpt", "ift")
+# Fixed choices are `Literal` types: the field annotations, the CLI's choices (cli/options.py),
+# docs/CONFIG.md and every check of a value (`check_choices`, `coerce`) read them from here.
+Stage = Literal["pt", "vpt", "ift"]
+STAGES: tuple[str, ...] = typing.get_args(Stage)
+ImageAspectRatio = Literal["crop", "pad"]
+IMAGE_ASPECT_RATIOS: tuple[str, ...] = typing.get_args(ImageAspectRatio)
+OnMissing = Literal["error", "skip"]
+ON_MISSING: tuple[str, ...] = typing.get_args(OnMissing)
+OnNonfinite = Literal["stop", "skip"]
+ON_NONFINITE: tuple[str, ...] = typing.get_args(OnNonfinite)
+StudentPreset = Literal["", "tiny"]
+STUDENT_PRESETS: tuple[str, ...] = typing.get_args(StudentPreset)
 TASK_ORDER = ("gen", "depth", "seg")
-"""Task tokens follow the image tokens in this order (method.md); other teachers come after, sorted."""
+"""Task tokens follow the image tokens in this order (docs/METHOD.md, "Task tokens"); other teachers come after, sorted."""
 PAPER_LAYERS_32 = {"depth": (8, 20), "seg": (10, 18), "gen": (12, 20)}
 """The paper's distillation layers for a 32-layer LLM, in the paper's numbering: layer i is the
 output of the i-th decoder block counted from 1, i.e. transformers' `hidden_states[i]`
 (`hidden_states[0]` is the embedding output). The authors' code parses "8-20" as `int(i) - 1` into
 `hidden_states[1:]`, which is the same tensor."""
-IMAGE_ASPECT_RATIOS = ("crop", "pad")
 STAGE_IMAGE_ASPECT_RATIO = {"pt": "crop", "vpt": "pad", "ift": "pad"}
 """LLaVA-1.5's `--image_aspect_ratio` per stage in the authors' scripts (PT: the processor's resize and
 centre crop; VPT, IFT and probing: pad to a square with the processor's mean colour first)."""
@@ -55,7 +66,7 @@ class ModelConfig:
     """Hub id or folder of the decoder-only causal LM (and its tokenizer)."""
     llava_checkpoint: str = ""
     """Start from an existing LLaVA / olavlm checkpoint instead of vision_model + llm."""
-    preset: str = ""
+    preset: StudentPreset = ""
     """'tiny': a seeded tiny student built offline (tests, demo); sets vision_model, llm and small heads."""
     vision_feature_layer: int = -2
     """CLIP layer whose patch features feed the projector (CLS dropped)."""
@@ -82,6 +93,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute LLM activations in the backward pass (memory for ~30% compute)."""
 
+    def __post_init__(self) -> None:
+        check_choices(self, "model")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -99,11 +113,11 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     seed: int = 0
     """Shuffle seed; the order is a function of (seed, epoch, world size, num_workers) only."""
-    image_aspect_ratio: str = ""
+    image_aspect_ratio: Literal["", ImageAspectRatio] = ""
     """'crop' (resize the short side, centre crop: LLaVA's default) or 'pad' (pad to a square with the processor's mean colour, then the processor: LLaVA-1.5's expand2square); '' = the stage default, crop for PT and pad for VPT and IFT."""
     shuffle_block: int = 64
     """Rows read together from one shard before shuffling (sequential cache reads)."""
-    on_missing: str = "error"
+    on_missing: OnMissing = "error"
     """Missing or mismatched target: 'error' stops naming key and shard; 'skip' counts and logs it."""
     expect_fingerprints: dict[str, str] = field(default_factory=dict)
     """Teacher spec fingerprints the run requires of the cache ({} = take the cache's, record them)."""
@@ -112,12 +126,15 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for `data` and `cache` URLs, e.g. {"endpoint_url": "http://127.0.0.1:9000", "anon": false}; saved in each checkpoint's config.json, so keep secrets in the environment or a credentials profile."""
 
+    def __post_init__(self) -> None:
+        check_choices(self, "data")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run: stage, optimisation, checkpoints, logging."""
 
-    stage: str = "pt"
+    stage: Stage = "pt"
     """'pt' (projector + heads + task tokens), 'vpt' (projector + LLM; vision frozen unless unfreeze_vision), 'ift' (projector + LLM)."""
     unfreeze_vision: bool = False
     """VPT only: train the CLIP tower too (the authors' `unfreeze_mm_vision_tower`, off in their vpt.sh)."""
@@ -153,7 +170,7 @@ class TrainConfig:
     """Metrics line every N steps."""
     seed: int = 0
     """Seed of parameter init and dropout."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: OnNonfinite = "stop"
     """NaN/inf loss: 'stop' with an error naming step and term, or 'skip' the step."""
     fsdp: bool = False
     """FSDP2 (fully_shard) instead of DDP, for full fine-tuning of large LLMs."""
@@ -163,6 +180,9 @@ class TrainConfig:
     """Also log to Weights & Biases (needs `pip install 'olavlm[wandb]'`; WANDB_MODE=offline is honoured)."""
     wandb_project: str = "olavlm"
     """The wandb project the run logs to (with `wandb`); the run is named after OUT."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "train")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +196,31 @@ class RunConfig:
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+@functools.cache
+def literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """Field name -> its allowed values, for every `Literal`-typed field of a config dataclass."""
+    return {
+        name: typing.get_args(annotation)
+        for name, annotation in field_types(cls).items()
+        if typing.get_origin(annotation) is Literal
+    }
+
+
+def choices_text(choices: tuple[Any, ...]) -> str:
+    """('pt', 'vpt', 'ift') -> "'pt', 'vpt', 'ift'"."""
+    return ", ".join(repr(choice) for choice in choices)
+
+
+def check_choices(config: Any, section: str = "") -> None:
+    """A ConfigError naming `section.field` (a flat config: `field`) unless every `Literal` field of
+    `config` (any config dataclass) holds one of its values."""
+    for name, choices in literal_choices(type(config)).items():
+        value = getattr(config, name)
+        if value not in choices:
+            where = f"{section}.{name}" if section else name
+            raise ConfigError(f"{where}: {value!r} is not one of {choices_text(choices)}")
 
 
 # -- typed values: one conversion for options, TOML, YAML and JSON ----------------------------------
@@ -199,6 +244,13 @@ def _coerce(annotation: Any, value: Any) -> Any:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return value
+    if origin is Literal:
+        for choice in args:  # a command-line string also matches a non-string choice by its text
+            if value == choice or (
+                isinstance(value, str) and not isinstance(choice, str) and value == str(choice)
+            ):
+                return choice
+        raise ValueError(f"expected one of {choices_text(args)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:

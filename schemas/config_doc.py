@@ -28,6 +28,13 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _type(cls: type, field: dataclasses.Field) -> str:
+    """The annotation as written; a fixed choice (`Literal`) as its values, e.g. `'pt' | 'vpt' | 'ift'`."""
+    choices = config_module.literal_choices(cls).get(field.name)
+    text = " | ".join(repr(c) for c in choices) if choices is not None else str(field.type)
+    return text.replace("|", "\\|")
+
+
 def _default(field: dataclasses.Field) -> str:
     if field.default is not dataclasses.MISSING:
         value = field.default
@@ -61,9 +68,8 @@ def config_reference() -> str:
             "|---|---|---|---|",
         ]
         for field in dataclasses.fields(cls):
-            annotation = str(field.type).replace("|", "\\|")
             lines.append(
-                f"| `{field.name}` | `{annotation}` | {_default(field)} | {docs.get(field.name, '')} |"
+                f"| `{field.name}` | `{_type(cls, field)}` | {_default(field)} | {docs.get(field.name, '')} |"
             )
         lines.append("")
     return "\n".join(lines)

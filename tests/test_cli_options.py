@@ -77,3 +77,10 @@ def test_user_errors_of_the_data_path_and_storage_are_ola_errors():
     error = pickle.loads(pickle.dumps(DataError("bad_json", "k1", "s0", "no json member")))
     assert isinstance(error, OlaError) and (error.reason, error.key, error.shard) == ("bad_json", "k1", "s0")
     assert str(error) == "no json member (key 'k1', shard 's0')"
+
+
+def test_fixed_choices_are_listed_and_checked():
+    text = invoke("train", "--help").output
+    assert "[pt|vpt|ift]" in text and "[error|skip]" in text and "[''|crop|pad]" in text
+    result = invoke("train", "--stage", "sft", "--print-config")
+    assert result.exit_code == 2 and "--stage" in result.output and "'sft'" in result.output
