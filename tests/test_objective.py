@@ -1,4 +1,4 @@
-"""The training objective, recomputed by hand from method.md's formula (plain torch, no project loss code).
+"""The training objective, recomputed by hand from the formula of docs/METHOD.md (plain torch, no project loss code).
 
 Per (task, layer): smoothL1(p, t) + 0.3 x InfoNCE(p, t), InfoNCE = cross-entropy of each valid
 L2-normalised flattened prediction against the valid normalised targets, logits scaled by
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tests._student import SAMPLES, make_batch, tiny_model
 
-INFO_NCE_WEIGHT = 0.3  # method.md, not read from the config: a changed default must fail here
+INFO_NCE_WEIGHT = 0.3  # docs/METHOD.md, not read from the config: a changed default must fail here
 TASK_WEIGHT = 0.5
 
 

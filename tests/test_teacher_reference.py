@@ -11,7 +11,7 @@ Each teacher's target is computed twice on the same photos:
   `img.resize((768, 768))`, then the checkpoint's `OneFormerImageProcessor` with task
   "panoptic", stage 4 of the Swin encoder, bilinear to 24 x 24 (align_corners=False);
   gen: the unCLIP `feature_extractor` CLIP processor, `image_embeds` of `image_encoder`.
-  One deliberate difference: the authors feed the depth teacher BGR (method.md lists it
+  One deliberate difference: the authors feed the depth teacher BGR (docs/METHOD.md lists it
   as a defect); both sides here use RGB.
 The models are the FULL-SIZE paper architectures (configs written out from the hub
 checkpoints' config.json values) with seeded random weights, saved with
