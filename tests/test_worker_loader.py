@@ -1,4 +1,4 @@
-"""DataLoader workers read disjoint units; the loader state keeps a position per worker (trainer/data/loader.py).
+"""DataLoader workers read disjoint units; the loader state keeps a position per worker (trainer/data/loader_state.py).
 
 Guarantees tested here: each worker reads only its own units (each sample once per epoch, not
 once per worker); a resume with the same number of workers continues with exactly the next
@@ -17,7 +17,8 @@ import pytest
 from olavlm.schemas.config import DataConfig
 from olavlm.schemas.errors import ConfigError
 from olavlm.trainer.data import source
-from olavlm.trainer.data.loader import build_loader, rank_state
+from olavlm.trainer.data.loader import build_loader
+from olavlm.trainer.data.loader_state import rank_state
 from olavlm.trainer.data.source import Piece, Unit, WorkerPlan, cut_for_workers, redeal, remaining, shards_of
 from tests._trainer_data import make_cache, make_corpus, tiny_text_setup
 
