@@ -459,7 +459,7 @@ def test_fsdp2_run_of_two_processes_resumes_in_one(tmp_path, one_thread, monkeyp
     assert [m["step"] for m in metrics] == [3, 4]
     assert len(json.loads((checkpoint.find(one) / checkpoint.TRAINER).read_text())["rng"]) == 1
 
-    # the loader re-dealt what the two ranks had left (loader.rank_state, other_world): no sample again
+    # the loader re-dealt what the two ranks had left (loader_state.rank_state, other_world): no sample again
     assert [_keys_sha256(keys) for keys in read_after] == [m["keys_sha256"] for m in metrics]
     before = [k for steps in read_before.values() for keys in steps for k in keys]
     after = [k for keys in read_after for k in keys]

@@ -1,66 +1,13 @@
 """Checkpoints: one folder per saved step, safe formats only, written atomically.
 
-    OUT/checkpoints/step-00000100/
-        model/                    an OlaVlm folder (build.py) in one of three layouts, below
-        optimizer.safetensors     plain and trainable-only: AdamW state, "<parameter name>/<state name>"
-        optimizer/                sharded: shard-{R+1:05d}-model-00001-of-00001.safetensors per rank R
-                                  (torch's name), same keys; model/shards/ alike
-        trainer.json              step, optimizer param groups, loader state per rank, RNG per rank,
-                                  teacher fingerprints, time
-        config.json               the effective RunConfig (what `--config` would need to reproduce it)
-    OUT/checkpoints/LATEST        name of the newest complete checkpoint
-
-`save_state` (every rank calls it) picks the layout:
-- trainable-only, when most parameters are frozen (PT) and `train.save_frozen` is
-  off: model/ holds llava_trainable.safetensors (the trainable LLaVA tensors and
-  any frozen one that left the base), the extras, config, tokenizer and image
-  processor, and `frozen_base` in olavlm.json (the ModelConfig the base is built
-  from and a sampled hash, build.py). Only these tensors and their AdamW state
-  are gathered to rank 0 (~0.5 + 1 GB for CLIP-L + 8B). Measured on the tiny test
-  student (PT, 1 step): checkpoint 2,257,213 B full -> 1,023,089 B (model weights
-  1,559,420 -> 319,868 B); for CLIP-L + Llama-3-8B (meta-device counts,
-  bench/heads.py): 8.47 B parameters, 131.6 M trainable in PT: 33.9 GB of fp32
-  weights -> 0.53 GB, plus 1.05 GB of AdamW state either way.
-- sharded, under FSDP2 otherwise: every rank writes its own shards of the whole
-  OlaVlm state to model/shards/ and of the AdamW state to optimizer/, through
-  torch.distributed.checkpoint with its Hugging Face safetensors storage writer
-  (`save_distributed=True`); model/ has `llava/config.json` for the skeleton. The
-  default DCP FileSystemWriter pickles its `.metadata`; this writer keeps each
-  tensor's global offsets as JSON in its safetensors header instead, and the
-  reader rebuilds the layout from those headers, so nothing is gathered on save
-  and any number of processes (one plain process too) reads the files back:
-  model weights whole (`build.load_student`), optimizer state re-sharded into the
-  current DTensors (`restore_optimizer`). Cost: the staging folder must be on a
-  filesystem every rank sees; each rank of a resume reads the model weights whole
-  before `fully_shard` (as a fresh run reads its base), only the optimizer state
-  is read shard by shard; DCP's per-file reads are not parallel (thread_count 1).
-  DCP's reader rebuilds the layout from whatever files are there, so a lost file
-  would load as zeros or stale values: the writing world size is recorded
-  (olavlm.json `shard_files`, trainer.json's RNG list), rank 0 refuses to publish
-  unless it sees one file per rank (on every rank: no rank is left at a barrier),
-  and `load_sharded` refuses a missing file and any tensor whose saved chunks do
-  not tile it exactly (ConfigError naming the folder and the tensor). Tied
-  parameters (a tied LLM's lm_head) and their AdamW state are written once, under
-  their first name (`aliases`); the skeleton is tied before it is filled.
-- plain, one process or DDP: model/ is a full OlaVlm folder (llava/ safetensors),
-  optimizer.safetensors the full state (torch.distributed.checkpoint.state_dict,
-  keyed by names), written by rank 0.
-Everything that loads a checkpoint (`--resume`, `--init-from`, probe, eval,
-generate, `ola export`) goes through `model_dir` and `build.load_student`, which
-reads all three. A resume at another number of processes restores weights and
-optimizer exactly; the loader's per-rank state comes from `loader.rank_state`, and
-the RNG, which has no exact continuation then, is reseeded per rank from
-(seed, step, rank).
-
-`train.keep_last` N > 0: once LATEST names a new checkpoint, the complete `step-*`
-folders older than the newest N are removed (never the one LATEST names, nor a
-staging or newer folder, nor anything outside OUT/checkpoints, nor a full
-checkpoint that a kept trainable-only one records as its frozen base: a PT run
-resumed from a full checkpoint of its own OUT).
-
-The folder is written under a temporary name and renamed into place, and LATEST
-is replaced after it, so a crash at any moment leaves the previous checkpoint
-intact and findable.
+OUT/checkpoints/step-NNNNNNNN/ holds model/ (student/build.py), the AdamW state (optimizer.safetensors
+or optimizer/ shards), trainer.json (step, param groups, loader and RNG state per rank, teacher
+fingerprints) and config.json; LATEST names the newest. `save_state` (every rank) picks the layout:
+trainable-only when most weights are frozen (PT) unless `train.save_frozen`, sharded under FSDP2
+(each rank writes its shards; any process count reads them), else plain (rank 0 writes). Loaders go
+through `model_dir` and `build.load_student`. Design choice: a folder is written under a temporary
+name and renamed into place, LATEST after it, so a crash leaves the previous checkpoint intact and
+findable. Cost: a sharded save needs a staging folder every rank sees.
 """
 
 from __future__ import annotations
@@ -201,10 +148,9 @@ def save(
 ) -> Path:
     """Write checkpoint `step` under OUT/checkpoints atomically (call on rank 0 only).
 
-    `save_model(path)` writes the model folder (OlaVlm.save_pretrained or an equivalent).
-    `optimizer_full`: a full optimizer state dict (optimizer.safetensors), or None with `param_groups` and
-    `write_shards(staging folder)`, which every rank calls (see `save_state`) to write the sharded tensors.
-    `keep_last` > 0: once LATEST names the new checkpoint, `prune` the older ones.
+    `save_model(path)` writes the model folder. `optimizer_full`: a full optimizer state dict, or None with
+    `param_groups` and `write_shards(staging folder)`, which every rank calls (`save_state`). `keep_last` > 0:
+    `prune` once LATEST names the new checkpoint.
     """
     from safetensors.torch import save_file
 
@@ -243,14 +189,10 @@ def save(
 
 
 def prune(out: str | Path, keep_last: int) -> list[Path]:
-    """Remove the `step-*` folders of OUT/checkpoints older than its newest `keep_last`; returns those removed.
+    """Remove the complete `step-*` folders of OUT/checkpoints older than its newest `keep_last`; returns them.
 
-    Only complete checkpoints named exactly `step-<8 digits>` directly under OUT/checkpoints are
-    candidates, and only those older than the one LATEST names, which is never removed: staging
-    folders (`.step-*.tmp-*`), a folder being written and anything newer than LATEST stay. A folder
-    is renamed aside first and then deleted, so a crash mid-delete leaves no half checkpoint that
-    `find` could pick. A folder that a kept trainable-only checkpoint names as its frozen base stays
-    (it is needed to load that one).
+    Never the one LATEST names, a staging or newer folder, or a kept trainable-only one's frozen base; a
+    folder is renamed aside before it is deleted, so `find` never picks a half-deleted one.
     """
     from olavlm.schemas.errors import ConfigError
 
@@ -336,13 +278,8 @@ def save_state(
     config: dict,
     fingerprints: dict[str, str],
 ) -> str:
-    """Checkpoint `step` of a training process group (every rank calls it, `d`: parallel.Dist); its path on
-    rank 0, '' elsewhere.
-
-    Three layouts, chosen here: trainable-only (most weights frozen and not `save_frozen`, build.py: only
-    those tensors are gathered to rank 0), sharded (FSDP2: every rank writes its own shards, nothing is
-    gathered) or plain (one process or DDP: rank 0 writes full files).
-    """
+    """Checkpoint `step` of a process group in the layout the module docstring names (every rank calls
+    it; `d`: parallel.Dist); its path on rank 0, '' elsewhere."""
     trainable_only = not save_frozen and trainable_only_default(model)
     sharded = not trainable_only and is_fsdp(model)
     phase = ["before"]  # the sharded layout: how far rank 0 got ("before", "shards", "after" its shards)

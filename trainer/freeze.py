@@ -1,7 +1,6 @@
-"""Freeze policies of the training stages (method.md's table), as one function.
+"""Freeze policies of the training stages (docs/METHOD.md), as one function.
 
-`apply_stage(model, stage)` sets `requires_grad` on every parameter and returns
-optimizer param groups, one per named part of the student. Parts:
+`apply_stage(model, stage)` sets `requires_grad` and returns one AdamW param group per part:
 
     vision        CLIP tower                       llava.model.vision_tower
     projector     mlp2x_gelu                       llava.model.multi_modal_projector
@@ -10,14 +9,10 @@ optimizer param groups, one per named part of the student. Parts:
     heads         embedding predictors             heads
     logit_scales  InfoNCE temperatures             logit_scales
 
-PT trains projector + heads + task tokens + logit scales; VPT trains projector
-+ LLM with the vision encoder frozen, as the authors' vpt.sh does
-(`unfreeze_mm_vision_tower` defaults to False there; `unfreeze_vision=True`
-trains it too); heads and logit scales are frozen in VPT (no embedding loss, so
-no gradient anyway); IFT trains projector + LLM with the task tokens frozen but
-still in the sequence. Only PT uses the embedding losses
-(`uses_embedding_losses`). Note: with vision_feature_layer -2 the CLIP tower's
-last block and post-layernorm never get a gradient, even when trainable.
+PT trains projector, heads, task tokens and logit scales (the only stage with embedding losses);
+VPT projector + LLM, the vision tower frozen as in the authors' vpt.sh unless `unfreeze_vision`;
+IFT projector + LLM, task tokens frozen but in the sequence. With vision_feature_layer -2 the CLIP
+tower's last block gets no gradient, even when trainable.
 """
 
 from __future__ import annotations

@@ -1,26 +1,11 @@
 """Training metrics: one record per logged step, fanned out to sinks behind one small interface.
 
-`Metrics` is what the training loop sees: `log(record, terms)` every step and `close()` at
-the end. It drives the progress display (a tqdm bar on a terminal, plain lines every
-`log_every` steps otherwise) and hands each logged record to its sinks:
-
-- `JsonlSink`: OUT/metrics.jsonl, always (the record the tests, the demo and `ola bench` read);
-- `TensorBoardSink` (`train.tensorboard`): event files in OUT/tensorboard;
-- `WandbSink` (`train.wandb`, `train.wandb_project`): a Weights & Biases run; wandb's own
-  `WANDB_MODE` (offline, disabled) is honoured, since the sink never sets a mode itself.
-  The run id is kept in OUT/wandb-id.txt, so a resumed run continues the same wandb run.
-
-Design choices and their cost:
-- A sink is anything with `write(step, scalars, record)` and `close()`: adding a logger is one
-  class and one line in `open_sinks`, and the loop never changes. Cost: every sink sees the
-  same scalars (loss terms, lr, samples/s, tokens/s); a logger-specific extra (images,
-  histograms) would need its own hook.
-- The optional loggers are imported only when their field is set, so a plain install needs
-  neither; a missing one is a ConfigError naming the extra to install (`pip install
-  olavlm[tensorboard]`, `olavlm[wandb]`; schemas/extras.py), raised before the first step. Cost: a typo'd extra
-  is found at start-up of the run, not at install.
-- Only rank 0 opens files or loggers; on the other ranks `Metrics` does nothing. Cost: metrics
-  that differ per rank are not logged (the loop already logs the all-reduced terms).
+`Metrics` is what the loop sees: `log(record, terms)` and `close()`. It drives the progress display
+(a tqdm bar on a terminal, plain lines every `log_every` steps otherwise) and hands each record to
+its sinks: `JsonlSink` (OUT/metrics.jsonl, always), `TensorBoardSink` and `WandbSink` (run id kept in
+OUT/wandb-id.txt, so a resume continues the run), imported only when enabled. Design choice: a sink
+is anything with `write(step, scalars, record)` and `close()`: a new logger is one class and one
+line in `open_sinks`. Cost: every sink sees the same scalars, and only rank 0 logs.
 """
 
 from __future__ import annotations

@@ -1,35 +1,12 @@
 """The training loop: `train(RunConfig) -> summary`, used by `ola train`, the demo and tests.
 
-What one optimizer step does: `grad_accum` micro-batches from the loader, their
-label tokens and images counted over all ranks (one all-reduce; every term is
-normalised by these step-wide counts, losses.py, so the step's gradient is that
-of one big batch), then each forward (a dict of named loss terms and their sum
-`loss`) and backward with DDP gradient sync on the last micro-batch only, global-norm clipping, AdamW with
-a linear warm-up + cosine learning rate computed from the step number, then
-logging, the non-finite check and, every `save_every` steps, a checkpoint.
-
-Design choices and their cost:
-- Stages (PT / VPT / IFT) come from stages.py: freeze policy, parameter groups,
-  default learning rates; the embedding losses run in PT only, and never with
-  `distill=False` (the NTP-only baseline: same model, same data, same task
-  tokens, no targets read at all).
-- The learning rate is a pure function of the step, so a resumed run needs only
-  the step number, the optimizer state, the RNG state and the loader state; on
-  CPU the losses after a resume equal those of an uninterrupted run.
-- The loss terms are read to the host once per step (`.item()` is a CPU-GPU
-  sync point): the non-finite check needs them, and so does logging. Under DDP
-  they are all-reduced (averaged: the logged terms are the big batch's) and so
-  is the check, so that every rank stops (or skips) together.
-- DDP runs with find_unused_parameters=True: a micro-batch without images leaves
-  the projector without gradient. Cost: one graph traversal per backward.
-- FSDP2 (`fully_shard` on every decoder block and on the root, which holds the
-  vision tower: a separately sharded CLIP loses transformers' hidden-state capture)
-  is for full fine-tuning of large LLMs; its checkpoints are written shard by shard
-  by every rank (see checkpoint.py).
-- Progress: a tqdm bar only when stderr is a terminal; otherwise (a file, a CI log,
-  a pipe) one plain line per `log_every` steps, since a bar written to a file repeats
-  every update (transformers' own load/save bars are turned off then too). Cost: off a
-  terminal there is no estimate of the time left.
+One optimizer step: `grad_accum` micro-batches, their label tokens and images counted over all
+ranks (losses.py normalises by these, so the gradient is one big batch's), forward and backward
+each (DDP syncs on the last), clipping, AdamW with warm-up + cosine, logging, the non-finite check
+and every `save_every` steps a checkpoint. Stages come from freeze.py; the embedding losses run in
+PT unless `distill=False` (the NTP-only baseline). Design choice: the learning rate is a pure
+function of the step, so a resume needs only the step and the optimizer, RNG and loader states.
+Cost: the loss terms reach the host once per step (a sync point, shared with the check).
 """
 
 from __future__ import annotations
@@ -52,7 +29,8 @@ from olavlm.schemas.errors import ConfigError, OlaError
 from olavlm.trainer import checkpoint
 from olavlm.trainer.data.collate import to_device
 from olavlm.trainer.data.images import ImageTransform, resolve_aspect_ratio, with_aspect_ratio
-from olavlm.trainer.data.loader import build_loader, rank_state
+from olavlm.trainer.data.loader import build_loader
+from olavlm.trainer.data.loader_state import rank_state
 from olavlm.trainer.freeze import apply_stage
 from olavlm.trainer.metrics import METRICS, Metrics
 from olavlm.trainer.parallel import Dist, init_distributed, sync_ignored, wrap
@@ -197,10 +175,8 @@ def _normalisers(model, micro_batches: list[dict], d: Dist) -> Normalisers:
 def _accumulate(model, wrapped, batches, tcfg: TrainConfig, distill: bool, d: Dist, autocast):
     """`grad_accum` micro-batches forward + backward -> (loss terms, sample keys, samples, tokens, loader state).
 
-    The step's micro-batches are read first, so that their label tokens and images are counted
-    (and all-reduced) before the first forward; each term is normalised by those global counts, so
-    the gradients and the logged terms (summed over micro-batches, averaged over ranks in `_finite`)
-    are those of one big batch (losses.py). Cost: `grad_accum` batches held in host memory at once."""
+    All are read first, so that their label tokens and images are counted over every rank before the
+    first forward (module docstring). Cost: `grad_accum` batches held in host memory at once."""
     micro_batches, state = [], None
     for _ in range(tcfg.grad_accum):
         batch, state = next(batches)

@@ -6,17 +6,12 @@
     labels          (B, L) long          -100 except assistant-turn tokens
     pixel_values    (B, 3, H, W) uint8   resized and cropped, not normalised; zeros for text-only samples
     has_image       (B,) bool
-    targets         {task: (B, T, D)}    storage dtype (float16 / bfloat16 / int8); zeros where absent;
-                                         int8 with its per-token scale {task + ".scale": (B, T) float32}
+    targets         {task: (B, T, D)}    storage dtype, zeros where absent; int8 with its per-token
+                                         scale {task + ".scale": (B, T) float32}
 
-Design choice: images stay uint8 through the loader and the host-to-device copy;
-the model normalises them on its device (`OlaVlm.image_features` ->
-images.normalize_pixels, with its image processor's mean and std). Targets keep
-their storage dtype until `to_device` casts them to float32 on the device
-(int8: times its scale there). Cost: both conversions run on the device (free on a GPU; on a CPU-only
-run they cost there what they saved here, ~1-3 ms per sample), and a batch is
-only model input together with the model that normalises it (a float
-`pixel_values`, as the image processor gives, is taken as already normalised).
+Design choice: pixels stay uint8 and targets in their storage dtype through the loader; the model
+normalises pixels and `to_device` casts targets on the device. Cost: a CPU-only run pays that in the
+step, and a batch is input only to the model whose image processor normalises it.
 """
 
 from __future__ import annotations
@@ -53,10 +48,9 @@ def collate(
     target_dtypes: dict[str, torch.dtype],
     targets: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Right-pad and stack; see the module docstring for the fields.
+    """Right-pad and stack into the module docstring's fields.
 
-    `targets`: already batched targets (the loader's join decompresses into batch buffers);
-    else they are stacked from the examples.
+    `targets`: already batched targets (the join decompresses into batch buffers); else stacked here.
     """
     b = len(examples)
     length = max(len(e.input_ids) for e in examples)

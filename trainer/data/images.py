@@ -1,31 +1,12 @@
-"""Stage 3b of the data path: image bytes -> the vision tower's input.
+"""Stage 3b of the data path: image bytes -> the vision tower's input, uint8 (3, H, W).
 
-The constants (shortest-edge resize, centre crop, mean, std, resampling filter,
-padding) come from the image processor saved with the model, so the student
-sees what that processor would give it, within 2 grey levels (the resize below). Two aspect-ratio modes, as
-LLaVA-1.5's `--image_aspect_ratio`:
-- crop: resize the short side, centre crop (CLIPImageProcessor; LLaVA's PT);
-- pad: first pad to a square with the processor's mean colour
-  (`int(mean * 255)`, LLaVA-1.5's expand2square), then the same resize and crop
-  (transformers' `LlavaImageProcessor(do_pad=True)`; the authors' VPT, IFT and
-  probing). The mode travels with the model as its saved image processor
-  (`with_aspect_ratio`), so `ola generate` and the exported processor use the
-  same mode and constants as training (their pixels within 2 grey levels of it).
-
-The work is done here rather than by the processor (docs/BENCHMARKS.md, "Image
-decode", has the figures), because:
-- the resize is torch's antialiased uint8 interpolation (SIMD; the same filter
-  as PIL's, within 2 grey levels of it, one rounding per pass): ~5x faster than
-  PIL's resize, which was most of the time of a LLaVA-size photo;
-- the worker returns uint8 (3, H, W) and nothing else is done per sample:
-  normalisation to float happens on the model's device (`normalize_pixels`,
-  called by the model), so 4x fewer bytes cross the loader's shared memory.
-JPEGs are decoded at full size: decoding at reduced DCT scale (PIL's `draft`)
-is 2-3x faster for photos much larger than 336 but differs from the processor's
-full decode + resize by up to ~50 grey levels on detailed photos, outside the
-tolerance the tests hold the transform to. Cost: large photos take their full
-decode time (2000x1500: ~10 ms of ~17 ms in all on one loaded core); other
-resampling filters than bilinear/bicubic fall back to PIL's resize.
+The constants come from the image processor saved with the model; the aspect-ratio mode is
+LLaVA-1.5's: crop (short side resized, centre crop; PT) or pad (to a square with the mean colour
+first; VPT, IFT, probing), saved with the model (`with_aspect_ratio`) so generation and the export
+see what training saw. Design choice: the work is done here, not by the processor: full JPEG
+decode, torch's antialiased uint8 resize (PIL's filter, within 2 grey levels, much faster) and
+uint8 out, normalised on the model's device. Cost: large photos pay their full decode; filters
+other than bilinear / bicubic fall back to PIL. Figures: docs/BENCHMARKS.md, "Image decode".
 """
 
 from __future__ import annotations
@@ -132,9 +113,8 @@ TORCH_FILTERS = {2: "bilinear", 3: "bicubic"}
 def resize_chw(pixels: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
     """uint8 (h, w, 3) -> uint8 (3, height, width) with PIL filter `resample` (antialiased when shrinking).
 
-    Bilinear and bicubic run as torch's uint8 antialiased interpolation, whose kernels are PIL's
-    (within 2 grey levels: its rounding differs, once per pass). The result is a view with
-    channels-last strides.
+    Bilinear and bicubic run as torch's uint8 antialiased interpolation with PIL's kernels (within 2
+    grey levels: one rounding per pass); the result is a channels-last view.
     """
     height, width = size
     if pixels.shape[:2] == (height, width):
@@ -178,8 +158,7 @@ def pad_to_square(pixels: np.ndarray, background: tuple[int, int, int]) -> np.nd
 def normalize_pixels(pixels, mean, std):
     """uint8 pixels [B, 3, H, W] (torch, any device) -> float32 (x / 255 - mean) / std, per channel.
 
-    The one place the data path's uint8 becomes the vision tower's input: the model calls it on its
-    device (trainer/student/model.py). Computed as (x - 255 mean) * (1 / (255 std)) in float32.
+    The one place the data path's uint8 becomes the vision tower's input; the model calls it on its device.
     """
     import torch
 
@@ -202,10 +181,9 @@ def resolve_aspect_ratio(ratio: str, stage: str) -> str:
 
 
 def with_aspect_ratio(processor, ratio: str):
-    """The image processor that implements `ratio` with `processor`'s constants.
+    """The image processor that implements `ratio` with `processor`'s constants, as the model saves it.
 
-    'pad' needs transformers' `LlavaImageProcessor(do_pad=True)`; 'crop' keeps a processor
-    without padding as it is. The result is what the model saves, exports and generates with.
+    'pad' needs transformers' `LlavaImageProcessor(do_pad=True)`; 'crop' keeps one without padding as it is.
     """
     if ratio not in IMAGE_ASPECT_RATIOS:
         raise ConfigError(f"image_aspect_ratio {ratio!r}: one of {IMAGE_ASPECT_RATIOS}")

@@ -1,38 +1,12 @@
 """Stage 2 of the data path: the join. Each sample gets the cached target of every enabled teacher.
 
-Two read paths, chosen per (teacher, training shard):
-- aligned: the training shard has the same name as a committed cache shard
-  (the trainer reads the corpus the cache was computed over). The key -> row map
-  comes from that one shard's manifest; rows are read from the shard opened
-  once, in near-sequential order (the source shuffles inside blocks only).
-- keyed: any other layout. The teacher's on-disk key index (schemas/keyindex.py:
-  sorted key hashes, memory-mapped, two binary searches per lookup) for the
-  committed shards seen when the join was built. When some training shard is
-  no cache shard, the loader opens it in its main process before any worker
-  starts (`open_keyed`; built then if the cache has none for that state, and
-  train.py lets local rank 0 go first), so workers inherit a reference to one
-  index instead of each building its own copy (56 B per key, 1-3 s per million
-  keys). Otherwise it is opened on first use (a key missing from its aligned
-  shard); `ola cache index` or the end of `ola precompute` build it ahead. Resident memory: the index pages lookups touch, shared
-  between workers through the page cache, instead of a dict of every key in
-  every worker (~650 B per key, measured). Cost: 4-10 us per lookup against
-  ~1 us for the dict (docs/BENCHMARKS.md "Keyed-join key index"). Then one inner-chunk read per sample. A key absent from its
-  aligned shard is also looked up here before it counts as missing.
-
-Checks, each failing with the key and the shard in the message:
-- the cache's teacher fingerprints equal what the run expects
-  (`DataConfig.expect_fingerprints`; checked when the join is built);
-- the sha256 of the sample's image bytes equals the manifest's (the image
-  changed under its key otherwise);
-- a target exists for every enabled teacher.
-
-Targets stay in their storage dtype (float16, or bfloat16 bits viewed as
-bfloat16; int8 values with their float32 per-token scale beside them, under
-`scale_key(task)`): the float32 cast, and int8's multiplication by its scale,
-happen on the device (collate.to_device). Cost of keeping the stored form: none
-in precision; a quarter (int8) or half (16-bit) of float32's bytes through the
-loader's shared memory, and no dequantisation on the loader's CPU (int8's join
-cost 4.6 ms per paper-size sample with it, docs/BENCHMARKS.md).
+Per (teacher, training shard), aligned when the training shard has a committed cache shard's name
+(its manifest maps key -> row, read near-sequentially), else keyed through the teacher's
+memory-mapped key index (schemas/keyindex.py), opened before the workers fork (`open_keyed`) so
+they share it. Checks, each naming key and shard: the cache's fingerprints, the image's sha256,
+a target for every teacher. Design choice: targets stay in their storage dtype (int8 with its
+per-token scale) until collate.to_device casts them on the device. Cost: a keyed lookup is slower
+than a dict's, but no worker holds a per-key copy (docs/BENCHMARKS.md, "Keyed-join key index").
 """
 
 from __future__ import annotations

@@ -1,41 +1,13 @@
 """Stage 1 of the data path: the source. Which raw samples a rank, and each of its DataLoader workers, reads.
 
-The order of an epoch is a pure function of (seed, epoch, world size, number of workers):
-1. the corpus shards are cut into `units` (a whole shard, or every m-th sample
-   of a shard when there are fewer shards than ranks);
-2. the unit list is shuffled with a generator seeded by (seed, epoch), BEFORE
-   any split, so every rank computes the same global order;
-3. `split_by_node` gives rank r the units r, r + world, ...;
-4. `split_by_worker` gives DataLoader worker w of W the rank's units w, w + W, ...
-   (num_workers=0 is one worker); a rank with fewer units than workers first cuts
-   each of its units into k = ceil(W / units) interleaved sub-units (every k-th
-   sample of the unit), the `parts` mechanism of step 1 one level down;
-5. each unit streams its tar sequentially and shuffles samples inside blocks of
-   `block` consecutive samples (seeded by seed, epoch, shard, part, block).
-
-What one worker reads is a `WorkerPlan`: `Piece`s (a unit of an epoch, from a
-sample offset on) still to read, then from `next_epoch` on the standard deal of
-every epoch. A fresh run has no pieces; a resume has the rest of the epoch it
-stopped in (the loader's state, loader.py); a resume with another worker count
-or world size has the remaining pieces of the saved run dealt anew (`redeal`).
-
-Design choices and their cost:
-- Shuffling is shard-order + block-local, like WebDataset's shard shuffle plus a
-  shuffle buffer: reads stay sequential (tar and cache shard side by side).
-  Cost: samples from one shard stay near each other within an epoch.
-- Workers read disjoint units, so each tar byte is read once per epoch, not once
-  per worker. Cost: the rank's order depends on the number of workers (a resume
-  with the same number continues exactly; with another number it continues
-  without repeats or losses, but in another order), and workers whose units hold
-  different sample counts run out of step: one worker may start epoch e + 1 while
-  another still reads epoch e (each batch carries its own epoch).
-- Sub-units (a rank with fewer units than workers) read the whole unit and keep
-  every k-th sample. Cost: k times that unit's tar bytes, the same trade as the
-  rank-level parts; irrelevant once each rank has >= num_workers shards.
-- Sample positions are counted over raw samples of a unit, in its block-shuffled
-  order, before any decode or join, so (unit, offset) identifies the same samples
-  on every rerun; resume skips by offset. Cost: resuming mid-unit re-reads (not
-  decodes) the unit's tar bytes before the offset, as a tar has no index.
+An epoch's order is a pure function of (seed, epoch, world size, workers): shards are cut into
+units (every m-th sample when shards < ranks), the unit list is shuffled from (seed, epoch), rank r
+takes units r, r + world, ..., worker w of W the rank's units w, w + W, ... (interleaved sub-units
+when the rank has fewer units than workers), and each unit shuffles inside blocks of `block`
+samples. A `WorkerPlan` is what one worker reads: `Piece`s left from a resumed epoch, then whole
+epochs. Design choice: workers read disjoint units, so each tar byte is read once per epoch and
+reads stay sequential. Cost: the order depends on the number of workers, a shard's samples stay
+near each other, and a sub-unit reads its whole unit.
 """
 
 from __future__ import annotations
@@ -156,9 +128,8 @@ class WorkerPlan:
 def remaining(plans: Sequence[tuple[WorkerPlan, Deal]]) -> tuple[dict[int, list[Piece]], int]:
     """What a set of workers (one rank's, or every rank's) has left: ({epoch: pieces}, E).
 
-    From epoch E (the highest `next_epoch`) on, every worker reads whole epochs, so together they
-    read every unit of every epoch >= E; before E, what is left is their pending pieces plus the
-    epochs that lagging workers have not started yet.
+    From E (the highest `next_epoch`) on, the workers read whole epochs; before E, what is left is
+    their pending pieces plus the epochs lagging workers have not started.
     """
     last = max((plan.next_epoch for plan, _ in plans), default=0)
     left: dict[int, list[Piece]] = {}
@@ -173,9 +144,8 @@ def remaining(plans: Sequence[tuple[WorkerPlan, Deal]]) -> tuple[dict[int, list[
 def redeal(left: dict[int, list[Piece]], next_epoch: int, index: int, count: int) -> WorkerPlan:
     """Share `index` of `count` of what is left (from `remaining`): pieces index, index + count, ... of each epoch.
 
-    Each piece keeps its unit and offset, so no sample is read twice or skipped, whatever the
-    unit cut of the run that wrote them. Cost: a piece is not split further, so with fewer
-    pieces left than shares some workers idle until `next_epoch` (they read their next epochs).
+    Each piece keeps its unit and offset, so no sample is read twice or skipped, whatever the unit
+    cut of the run that wrote them. Cost: pieces are not split, so some workers may idle until `next_epoch`.
     """
     pending = [piece for epoch in sorted(left) for piece in left[epoch][index::count]]
     return WorkerPlan(tuple(pending), next_epoch)

@@ -1,24 +1,12 @@
 """Stage 3a of the data path: conversation -> input ids and labels.
 
-- The conversation is the json's `conversations`, or for caption-only samples (img2dataset's
-  `jpg` + `txt` + `json` layout) the caption as the answer to `DataConfig.caption_prompt`.
-  It is validated by `schemas.conversation.validate_conversation`, the check that
-  `ola corpus from-llava` applies too: what conversion writes, training accepts.
-- LLaVA roles map to chat roles (human -> user, gpt -> assistant, system -> system).
-- The text is rendered by the tokenizer's own chat template (`apply_chat_template`,
-  tokenize=False); labels cover assistant turns only. Which characters belong to
-  an assistant turn is found by rendering the conversation up to each assistant
-  message with and without it (a generation prompt before it), so any template
-  works, with or without `{% generation %}` markers. The rendered text is then
-  tokenized piece by piece (prompt pieces, assistant pieces; `ChatRenderer.encode`).
-  Cost: 2 template renders per assistant turn (~15 us each);
-  token merges never cross a turn boundary, which is also how generation sees
-  the prompt.
-- The `<image>` placeholder (one per sample) becomes image tokens + task tokens
-  (`TokenLayout.image_block`); a sample with an image but no placeholder gets
-  one at the start of its first user turn, as LLaVA does.
-- Truncation to `max_length` cuts text after the image block only; a sample
-  whose image block itself does not fit is an error (never a cut image).
+The conversation is the sample json's `conversations` (validated as `ola corpus from-llava` does),
+or a caption as the answer to `DataConfig.caption_prompt`. The `<image>` placeholder becomes the
+image and task tokens; truncation to `max_length` never cuts them (a sample whose block does not
+fit is an error). Design choice: the tokenizer's own chat template renders the text, and the
+assistant turns (the labels) are found by rendering up to each assistant message with and without
+it, so any template works; pieces are tokenized one by one, so no merge crosses a turn boundary.
+Cost: two template renders per assistant turn.
 """
 
 from __future__ import annotations
@@ -98,15 +86,9 @@ def sample_conversation(files: dict[str, bytes], *, has_image: bool, caption_pro
 class ChatRenderer:
     """`apply_chat_template(..., tokenize=False)` and the tokenizer call, without their per-call overhead.
 
-    Calls the tokenizer's compiled Jinja template directly (transformers caches the
-    compilation); checked once against `apply_chat_template` on a probe conversation
-    and replaced by it if they ever disagree. Pieces are encoded one by one by the
-    fast tokenizer's Rust backend (`encode`): a batched call hands 2-4 short pieces
-    to a thread pool, whose hand-off costs more than the work and, on a loaded
-    machine, waits for the pool's threads to be scheduled. Prompt pieces repeat
-    (LLaVA's instructions come from a few templates), so their ids are memoised.
-    Cost: relies on a private transformers helper and the backend tokenizer, both
-    checked against the public API at construction, with it as the fallback.
+    Renders with the compiled Jinja template, encodes piece by piece with the fast tokenizer's backend and
+    memoises prompt pieces. Cost: relies on a private transformers helper and the backend tokenizer, both
+    checked against the public API at construction, which is the fallback.
     """
 
     MEMO_SIZE = 4096

@@ -1,36 +1,13 @@
 """The model side of `ola eval`: one adapter over olavlm checkpoints and exported LLaVA folders.
 
-`EvalModel` is the whole interface the scorer needs (tests plug oracle and
-constant-answer models into it):
-- `generate(prompts, images) -> replies`: greedy decoding with the chat template;
-- `logprobs(prompts, images, continuations) -> scores`: per question, the summed
-  log-probability of each continuation right after the generation prompt.
-
-`LlavaEvalModel` implements it for both kinds of folder with one code path: both
-become a `LlavaForConditionalGeneration` (an olavlm checkpoint through
-`OlaVlm.merged_llava()`, whose logits equal `OlaVlm.logits`; an export as it is)
-plus a function from prompt text to input ids:
-- olavlm: the LLM's chat template on "<image>\\n" + prompt, then `TokenLayout.expand`
-  (exactly what training and `ola generate` do);
-- export: the exported processor's chat template (which writes the task tokens after
-  `<image>`), tokenized, `<image>` expanded to `image_seq_length` tokens as
-  `LlavaProcessor` does.
-Pixels come from `ImageTransform.from_processor` of the model's saved image
-processor, so images are padded or centre-cropped as the model was trained
-(`image_aspect_ratio` override: 'pad' / 'crop').
-
-Batching and cost:
-- generation left-pads the batch (decoder-only models continue from the right
-  edge) and decodes with the KV cache; transformers derives position ids from the
-  attention mask, so a padded row generates what it would alone, up to float
-  rounding of the padded attention.
-- likelihood right-pads prompt + continuation rows: causal attention makes the
-  scores exactly those of each row alone. When every continuation is one token
-  (option letters, the usual case) a question costs one forward of its prompt and
-  all options are read from the last position's distribution; otherwise each
-  (question, option) pair is a row, i.e. the image is encoded once per option.
-- continuations are tokenized on their own, after the rendered prompt, as generation
-  would emit them (no BPE merge across the prompt boundary).
+`EvalModel` is the whole interface the scorer needs (tests plug oracle models into it): greedy
+`generate` and `logprobs` (each continuation's summed log-probability after the prompt). Design
+choice: `LlavaEvalModel` serves both kinds of folder with one code path, a
+`LlavaForConditionalGeneration` (olavlm through `merged_llava()`) plus a prompt -> ids function
+(olavlm: chat template + `TokenLayout.expand`, as training; export: its processor's template), with
+pixels from the saved image processor. Generation left-pads; likelihood right-pads, so each row
+scores as it would alone. Cost: options longer than one token make one row per (question, option),
+encoding the image once per option.
 """
 
 from __future__ import annotations

@@ -1,40 +1,13 @@
 """Build, load and save an `OlaVlm` (the model file keeps only what runs in a step).
 
-- `build_student`: a new student from a CLIP tower + a causal LM (composed into
-  `LlavaForConditionalGeneration` on the meta device, then the loaded parts put
-  in: no second copy, no random init), or from an existing LLaVA / olavlm folder.
-- `save_student` / `load_student`: a folder of `llava/` (transformers' own
-  format), `olavlm.safetensors` (task tokens, heads, logit scales), `olavlm.json`
-  (config, target shapes, teacher specs, token layout), tokenizer and image
-  processor. Safetensors and JSON only; written atomically.
-- Trainable-only folders (`save_student(..., trainable_only=True)`, what the
-  trainer writes when most weights are frozen, PT): no `llava/` weights but
-  `llava_trainable.safetensors` (the trainable LLaVA tensors, plus any frozen one
-  that differs from the frozen base) and, in `olavlm.json`, `frozen_base`: the
-  ModelConfig the base is built from (CLIP + LLM folders or hub ids, or the
-  LLaVA / olavlm folder it started from; a chain of trainable-only folders
-  records its root), the base's per-tensor digests and their combined `hash`.
-  `load_student` rebuilds the base with `build_student`, overlays the saved
-  tensors and refuses (ConfigError naming folder, base and both hashes) when
-  the rebuilt frozen tensors hash differently or the base cannot be built.
-- Sharded folders (the trainer's FSDP2 saves, checkpoint.py): `llava/config.json`
-  and no weights beside `shards/`, the whole OlaVlm state as one safetensors file
-  per saving rank (global offsets in each header); `load_student` allocates the
-  LLaVA from its config without initialising it and fills every tensor from the
-  shards, whatever number of ranks wrote them.
-- The frozen-base hash is sampled, not a full read: per tensor, SHA-256 of its
-  name, shape and DIGEST_SAMPLES evenly strided float32 values; the folder's
-  hash is SHA-256 of the sorted (name, digest) pairs of every tensor it does not
-  hold. Cost: O(number of tensors), not of bytes: CLIP-L + 8B has 686 tensors, so
-  2.8 M values (11 MB) are read instead of all 16-34 GB; computed once per build /
-  load. Strength: any other base
-  (model, revision, dtype, fine-tune, shape) changes it; an edit confined to
-  values between the samples (e.g. one vocabulary row) goes unnoticed.
-- Vocabulary rows added for the image and task tokens are drawn with a fixed
-  seed (they are frozen and unused in training), so rebuilding a base gives the
-  same tensors bit for bit, whatever the run's seed.
-Cost: a full folder holds the whole LLaVA; a trainable-only one needs its base
-folders (or hub ids) to stay where they were.
+`build_student` composes a CLIP tower and a causal LM on the meta device and puts the loaded parts
+in (no second copy, no random init), or starts from a LLaVA / olavlm folder. A saved folder holds
+`llava/` (transformers' format), `olavlm.safetensors` (task tokens, heads, logit scales),
+`olavlm.json`, tokenizer and image processor, written atomically; the trainer also writes
+trainable-only folders (the trained tensors plus `frozen_base`: the base's ModelConfig and hash,
+rebuilt and checked on load) and sharded ones (FSDP2's per-rank `shards/`). Design choice: the
+base hash samples DIGEST_SAMPLES values per tensor, so it costs per tensor, not per byte. Cost: an
+edit confined to unsampled values goes unnoticed, and the base folders must stay where they were.
 """
 
 from __future__ import annotations
@@ -290,11 +263,9 @@ def save_student(
 ) -> Path:
     """Write LLaVA weights, olavlm extras (tokens, heads, scales), JSON config, tokenizer, processor (atomically).
 
-    trainable_only: instead of the LLaVA weights, only `overlay_names(model)` and a reference to the frozen
-    base (module docstring). `tensors`: full tensors by state name to write instead of the model's own (the
-    trainer gathers them when the model is sharded); with trainable_only they must cover overlay_names.
-    sharded: no tensors at all, only `llava/config.json` (the skeleton); the trainer's processes write the
-    whole state as shards into `shards/` (checkpoint.save_state), which `load_student` reads.
+    trainable_only: only `overlay_names(model)` and the frozen base's reference. `tensors`: full tensors to
+    write instead of the model's own (gathered by the trainer under FSDP2). sharded: only `llava/config.json`;
+    the trainer's processes write the state into `shards/` (checkpoint.save_state).
     """
     import torch.distributed
     from safetensors.torch import save_file

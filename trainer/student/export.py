@@ -1,20 +1,13 @@
 """Export an olavlm checkpoint to a plain transformers LLaVA checkpoint.
 
-The export is what `LlavaForConditionalGeneration.from_pretrained` and
-`AutoProcessor.from_pretrained` load without olavlm installed:
-- weights: the student's LLaVA with the trained task-token embeddings written
-  into their (added) vocabulary rows; heads and logit scales dropped;
-- tokenizer (task tokens are added special tokens) and a `LlavaProcessor` with
-  the image processor, `patch_size` and `num_additional_image_tokens=1` (CLIP's
-  CLS, dropped by the 'default' strategy) so that `<image>` expands to exactly
-  the image tokens the model expects;
-- a processor chat template that renders an image item as `<image>` followed
-  by the task tokens, then the LLM's own template. The processor only expands
-  `<image>` into image tokens, so this is how the task tokens reach the model
-  (with a text prompt, write `task_token_text()` right after `<image>`);
-- `generation_config.suppress_tokens`: image and task tokens are never generated.
-
-Cost: one extra full copy of the LLaVA weights on disk.
+The export loads with `LlavaForConditionalGeneration` and `AutoProcessor` without olavlm: the
+LLaVA weights with the trained task-token embeddings written into their vocabulary rows (heads
+and logit scales dropped), the tokenizer (task tokens as added special tokens), a `LlavaProcessor`
+whose `<image>` expands to exactly the model's image tokens, and
+`generation_config.suppress_tokens` for image and task tokens. Design choice: the processor's chat
+template renders an image item as `<image>` followed by the task tokens, since the processor only
+expands `<image>` (with a bare text prompt, write `task_token_text()` after `<image>`). Cost: one
+extra full copy of the LLaVA weights on disk.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Embedding predictor: a single-block Perceiver resampler over one LLM layer's hidden states.
 
-One head per (task, layer). Keys/values are the layer's hidden states of the
-tokens the caller allows (key mask: padding and other tasks' task tokens are
-excluded) with the queries appended to the keys, as in Flamingo's resampler.
-Queries are either learnable, one per target token (depth/seg-like targets,
-T > 1), or given by the caller (gen-like targets, T == 1: the mean of the
-task's own task-token states). Pre-LN cross-attention and feed-forward, each
-residual, then a projection to the teacher's width.
-
-Cost: the learnable queries are T x width parameters (576 x 1024 = 0.6M for the
-paper's depth/seg targets) and attention is T x (L + T) per sample; see
-`ola bench heads` for measured figures.
+One head per (task, layer). Keys/values are the hidden states of the tokens the caller allows
+(padding and other tasks' task tokens masked) with the queries appended, as in Flamingo's
+resampler; pre-LN cross-attention and feed-forward, each residual, then a projection to the
+teacher's width. Design choice: queries are learnable, one per target token, for depth/seg-like
+targets (T > 1), or given by the caller for gen-like ones (T == 1: the mean of the task's own
+task-token states). Cost: T x width query parameters and T x (L + T) attention per sample
+(`ola bench heads`).
 """
 
 from __future__ import annotations

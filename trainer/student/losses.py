@@ -1,36 +1,12 @@
 """Loss functions, pure: tensors in, scalar tensor out.
 
-Embedding loss per (task, layer) = smooth-L1 + 0.3 x InfoNCE (method.md). The
-InfoNCE compares this rank's L2-normalised, flattened predictions with the
-targets of the *global* batch: targets are all-gathered across ranks (they are
-constants, so no gradient is gathered); a local row's label is its global index.
-Only the pred -> target direction is used, as in the paper. Its logits and
-cross-entropy run in float32 with autocast off (a bf16 matmul of unit vectors
-scaled by up to 100 would cost ~0.4 of a logit of precision).
-
-Normalisation: every term is a sum over this rank's items (label tokens for NTP,
-samples with an image for the embedding terms) divided by the number of those
-items in the *whole optimizer step* - all ranks and all accumulated
-micro-batches - times the world size (`Normalisers`, counted by the training
-loop before the step's first forward). DDP averages gradients over ranks and the
-loop sums them over micro-batches, so the gradient of a step equals that of one
-big batch on one process: `--batch-size 2 --grad-accum 4` = `--batch-size 8`,
-whatever the label-token and image counts per micro-batch (transformers'
-`num_items_in_batch` fix of 2024; a per-micro-batch mean weights a token of a
-short micro-batch more). The step's logged loss is the sum of its micro-batches'
-terms (averaged over ranks), i.e. the loss of that one big batch. Without
-`Normalisers` (tests, the bench, a single forward) a term is normalised by its
-own micro-batch: NTP by this rank's label tokens, embedding terms by the valid
-samples of the micro-step's global batch.
-The InfoNCE *negatives* are the targets of the micro-step's global batch (all
-ranks, one micro-batch each), not of the whole accumulated step: a contrastive
-loss does not decompose over micro-batches, so with grad_accum > 1 its value
-(not its normalisation) differs from the big batch's, as in every accumulated
-contrastive setup that does not cache embeddings (GradCache).
-Cost: one all-gather of the targets per task per micro-step (e.g. 256 x 576 x 1536
-bf16 = 450 MB for the paper's seg targets at global batch 256) and a second small
-one for the per-rank batch sizes; one all-reduce of two counts per step. Samples
-without an image (valid = False) count neither as rows nor as InfoNCE negatives.
+Embedding loss per (task, layer) = smooth-L1 + 0.3 x InfoNCE (docs/METHOD.md), InfoNCE against the
+all-gathered targets of the global batch, in float32. Design choice: each term is this rank's sum
+over its items (label tokens for NTP, images for the embeddings) x world size / the item count of
+the whole optimizer step (`Normalisers`), so a step's gradient is one big batch's: `--batch-size 2
+--grad-accum 4` = `--batch-size 8`; without `Normalisers`, a micro-batch's own count. Cost: one
+all-gather of targets per task and micro-step, and InfoNCE's negatives are one micro-step's global
+batch, so with grad_accum > 1 its value differs from the big batch's.
 """
 
 from __future__ import annotations
@@ -188,7 +164,7 @@ def next_token_loss(
     """Cross-entropy of token t+1 given tokens <= t, summed over labels != -100, x world_size / tokens.
 
     `tokens`: the step's global label-token count (`Normalisers.tokens`); default this batch's own
-    count (with world_size 1: the mean over this rank's tokens, transformers' pre-2024 behaviour).
+    count (with world_size 1: the mean over this rank's tokens).
     """
     shift_logits = logits[:, :-1].flatten(0, 1).float()  # [B*(L-1), V]
     shift_labels = labels[:, 1:].flatten()  # [B*(L-1)]

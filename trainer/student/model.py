@@ -1,37 +1,13 @@
 """The OLA-VLM student: LLaVA-1.5 + task tokens + embedding predictor heads, in one forward.
 
-Read top to bottom: `encode` (ids + pixels -> LLM hidden states of the chosen
-layers), `forward` (NTP + embedding losses), `predict` (the heads). Building,
-loading and saving live in build.py.
-
-Design choices and their cost:
-- The student *is* a transformers `LlavaForConditionalGeneration` (CLIP tower,
-  `mlp2x_gelu` projector = LLaVA's `multi_modal_projector`, any decoder-only LM),
-  so a trained model exports to a plain LLaVA checkpoint. `encode` composes its
-  parts explicitly (vision -> projector -> scatter into the image-token
-  positions -> task tokens -> LLM) instead of calling LLaVA's forward, because
-  the task tokens must come from a dedicated parameter.
-- Task-token embeddings are one trainable `[num_tasks * tokens_per_task, D]`
-  parameter placed at the task-token positions (found from the ids with
-  `TokenLayout.locate`). The vocabulary rows of the same ids exist but are
-  unused during training; `merged_llava()` writes the parameter into them for
-  export and generation. Cost: if the LM ties input and output embeddings,
-  the exported model's logits *for the task-token columns* change (they are
-  suppressed in generation anyway).
-- Layers are numbered as the paper and the authors' code number them: layer i
-  is transformers' `hidden_states[i]`, the output of the i-th decoder block
-  counted from 1 (`hidden_states[0]` is the embedding output). Only the chosen
-  layers are kept, with forward hooks on their blocks, never an all-layer
-  `output_hidden_states` copy. Layer `num_layers` is the final normed output,
-  as transformers' `hidden_states[-1]` is.
-- One sample holds at most one image (LLaVA-1.5 data); a row's image-token count
-  must be 0 or `num_image_tokens`.
-- Pixels may arrive as uint8 (the data loader's batches) and are normalised in
-  `image_features`, on the model's device, with the saved image processor's
-  mean and std: the loader then moves a quarter of the bytes and does no float
-  work per sample. Cost: the model, not the batch, knows the normalisation, so
-  a batch is only meaningful with the model whose processor matches the loader's
-  transform (train.py and probe.py build the transform from that processor).
+Read top to bottom: `encode` (ids + pixels -> hidden states of the chosen layers), `forward` (NTP
++ embedding losses), `predict` (the heads); building and saving live in build.py. The student *is*
+a transformers `LlavaForConditionalGeneration` (so it exports to plain LLaVA), but `encode`
+composes its parts itself, because the task tokens come from one trainable parameter placed at the
+positions `TokenLayout.locate` finds in the ids. Layer i is transformers' `hidden_states[i]`, the
+paper's numbering, captured by hooks on the chosen layers only. Design choice: uint8 pixels are
+normalised in `image_features`, on the model's device, with the saved processor's mean and std.
+Cost: a batch is only meaningful with the model whose processor matches the loader's transform.
 """
 
 from __future__ import annotations
@@ -163,12 +139,9 @@ class OlaVlm(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Batch -> {'ntp', '<task>_l<layer>', '<task>', 'loss'} (scalars; 'loss' = ntp + task totals).
 
-        batch: input_ids [B, L] long, attention_mask [B, L], labels [B, L] (-100 = ignored),
-        pixel_values [B, 3, H, W] (anything where there is no image), has_image [B] bool,
-        targets {task: [B, T, D]} (needed when distilling).
-        norm: the optimizer step's global counts (`count_items`, summed over micro-batches and
-        ranks); every term is then this batch's sum x world size / that count (losses.py). None:
-        normalised by this batch alone (NTP: this rank's tokens; embeddings: the micro-step's images).
+        batch: collate.py's contract (targets needed when distilling). norm: the optimizer step's
+        global counts (`count_items`, summed over micro-batches and ranks; losses.py); None: this
+        batch's own.
         """
         distill = distill and len(self.heads) > 0 and "targets" in batch
         capture = self.distilled_layers() if distill else []
@@ -284,9 +257,8 @@ class OlaVlm(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[b, 3, H, W] -> projected patch features [b, N, D] (LLaVA: layer -2, CLS dropped).
 
-        uint8 pixels (the data path's batches, collate.py) are normalised here, on the device, with
-        the image processor's mean and std; float pixels (the image processor's output: generate,
-        tests) are taken as normalised already.
+        uint8 pixels (the loader's batches) are normalised here with the image processor's mean and std;
+        float pixels (the processor's own output) count as normalised.
         """
         tower = self.llava.model.vision_tower
         if pixel_values.dtype == torch.uint8:

@@ -19,7 +19,7 @@ PAPER = {
     "llm": "meta-llama/Meta-Llama-3-8B-Instruct",
     "llm_phi3": "microsoft/Phi-3-mini-4k-instruct",
 }
-"""The paper's students (method.md), used by name only: never downloaded by tests."""
+"""The paper's students (docs/METHOD.md), used by name only: never downloaded by tests."""
 TINY_HEADS = {"head_width": 32, "head_num_heads": 4, "head_ffn_mult": 2}
 """Head sizes of the tiny preset (the tests' student)."""
 TINY_STUDENT_DIR = "tiny-student"

@@ -71,10 +71,9 @@ def load_sharded(folder: str | Path, tensors: dict[str, torch.Tensor], *, files:
     """Fill `tensors` in place from `save_sharded` files: plain tensors whole, DTensors their local part,
     whatever the number of processes that wrote them (each rank reads on its own: no collective).
 
-    `files`: the number of ranks that wrote them (recorded at save), each of whose files must be there. Then
-    every tensor's saved chunks must tile its global shape exactly (DCP itself would fill a tensor with a
-    missing chunk silently, or infer a smaller shape): ConfigError naming the folder and the first tensor
-    that is not covered.
+    `files`: the number of ranks that wrote them, each of whose files must be there; every tensor's saved
+    chunks must tile its shape exactly (DCP would fill a missing chunk silently): else a ConfigError naming
+    the folder and the first tensor not covered.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader

@@ -21,7 +21,7 @@ IMAGE_TOKEN = "<image>"
 
 
 def ordered_tasks(tasks) -> tuple[str, ...]:
-    """gen, depth, seg first (method.md order), any other teacher after, sorted."""
+    """gen, depth, seg first (the paper's order), any other teacher after, sorted."""
     tasks = set(tasks)
     return tuple(t for t in TASK_ORDER if t in tasks) + tuple(sorted(tasks - set(TASK_ORDER)))
 
