@@ -65,18 +65,6 @@ class SkipLog:
         log.warning("skipped samples %s: %s", when, "; ".join(parts))
 
 
-SKIP_REASONS = (
-    "read",
-    "bad_json",
-    "bad_image",
-    "missing_target",
-    "sha256_mismatch",
-    "too_long",
-    "no_labels",
-    "template",
-)
-
-
 class SampleStream(IterableDataset):
     """Yields collated batches (plus their position) for one rank; see the module docstring."""
 
