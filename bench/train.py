@@ -1,20 +1,11 @@
 """`ola bench train`: is the cached-target loader free, and what do online teachers cost?
 
-Three step times of the same student (the tiny preset's CLIP + Llama, with heads
-for the paper's full-size targets 576x1024, 576x1536, 1x1024, PT stage), same
-batch size, same JPEG image-text samples:
-1. loader: each step takes its batch from the streaming loader (tar read, JPEG
-   decode, tokenize, cache join, collate, DataLoader workers) - what training does;
-2. in memory: the same batches, collated beforehand and kept in a list;
-3. online teachers: targets computed inside the step by teacher-like models of
-   the paper's sizes (DINOv2-L at 336, Swin-L at 768, CLIP ViT-H/14 at 224,
-   randomly initialised: the cost does not depend on the weights), one image at
-   a time with CPU preprocessing - the authors' design.
-The key figure is loader / in-memory (design target <= 1.05). The bench
-constructs teacher-like transformers models itself, which is why it lives in
-bench/ and not in trainer/ (the trainer never builds a teacher).
-Cost: on a CPU-only machine the online figure takes tens of seconds per step;
-`--online-steps 0` skips it.
+Three step times of the same student (tiny preset, heads for the paper's full-size targets, PT
+stage) on the same samples: batches from the streaming loader (what training does), the same
+batches from memory, and targets computed inside the step by randomly initialised teacher-like
+models of the paper's sizes, one image at a time (the authors' design). The key figure is loader /
+in-memory. The bench builds teacher-like models itself, which is why it lives in bench/, not
+trainer/. Cost: on CPU the online figure takes tens of seconds per step (`--online-steps 0` skips it).
 """
 
 from __future__ import annotations
@@ -23,6 +14,7 @@ import itertools
 import os
 import tempfile
 import time
+from collections.abc import Callable
 
 TASK_SHAPES = {"depth": (576, 1024), "seg": (576, 1536), "gen": (1, 1024)}
 
@@ -101,6 +93,29 @@ def _online_targets(teachers, jpegs: list[bytes], device) -> dict:
     return {t: torch.stack(v).float() for t, v in out.items()}
 
 
+def training_step(model, optimizer, device: str) -> Callable[[dict], None]:
+    """One optimiser step on a batch, bf16 autocast on CUDA (float32 on CPU), ended by a device sync
+    so that a timed step includes the device's work. Shared with `ola bench gpu` (bench/gpu/train.py)."""
+    import torch
+
+    from olavlm.trainer.data.collate import to_device
+
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    target = torch.device(device)
+
+    def step(batch) -> None:
+        with autocast:
+            losses = model(to_device(batch, target))
+        losses["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    return step
+
+
 def bench_train(
     steps: int = 8, batch_size: int = 4, workers: int = 4, online_steps: int = 1, seed: int = 0
 ) -> dict:
@@ -111,7 +126,6 @@ def bench_train(
     from olavlm.bench.loader import build_bench_data
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.config import DataConfig, ModelConfig
-    from olavlm.trainer.data.collate import to_device
     from olavlm.trainer.data.images import ImageTransform
     from olavlm.trainer.data.loader import build_loader
     from olavlm.trainer.freeze import apply_stage
@@ -123,11 +137,6 @@ def bench_train(
     workers = min(workers, max(1, cores - 1))
     if device.type == "cpu":  # cores left to the student's step once the workers have theirs
         torch.set_num_threads(max(1, cores - workers))
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
     with tempfile.TemporaryDirectory(prefix="ola-bench-train-") as root:
         jpegs = build_bench_data(root, samples=(steps + 2) * batch_size, seed=seed)
         tiny = build_tiny_student(os.path.join(root, "student"), seed=seed)
@@ -152,15 +161,7 @@ def bench_train(
             pin_memory=device.type == "cuda",
         )
 
-        def step(batch) -> None:
-            with autocast:
-                losses = model(to_device(batch, device))
-            losses["loss"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # a step ends when the device is done
-
+        step = training_step(model, optimizer, device.type)
         kept = []
         batches = iter(loader)
         step(next(batches)[0])  # warm-up: workers start, first kernels

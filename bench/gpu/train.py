@@ -17,6 +17,7 @@ import numpy as np
 
 from olavlm.bench.gpu.common import Setup, peak_gb, reset_peak, sync
 from olavlm.bench.gpu.config import GpuBenchConfig
+from olavlm.bench.train import training_step
 from olavlm.trainer.student.build import build_student
 
 
@@ -125,27 +126,6 @@ def pt_student_and_loader(setup: Setup, cache: str, workers: int):
         pin_memory=cuda,
     )
     return model, trainable, step, loader
-
-
-def training_step(ddp, optimizer, device: str) -> Callable[[dict], None]:
-    """One optimiser step on a batch, bf16 autocast on CUDA (float32 on CPU), ended by a device sync."""
-    import torch
-
-    from olavlm.trainer.data.collate import to_device
-
-    cuda = device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    target = torch.device(device)
-
-    def step(batch) -> None:
-        with autocast:
-            losses = ddp(to_device(batch, target))
-        losses["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)  # a step ends when the device is done
-
-    return step
 
 
 def timed_steps(
