@@ -1,4 +1,5 @@
-"""Where a teacher comes from: weights location + the recipe parameters not stored with them.
+"""How the pipeline names a teacher: the cache spec's `TeacherOrigin` (name, kind, weights) plus the
+recipe parameters that are not stored with the weights.
 
 Kept free of torch so that the driver and the CPU preprocessing tasks can name
 teachers without paying torch's import (seconds per Ray worker process).
@@ -6,26 +7,19 @@ teachers without paying torch's import (seconds per Ray worker process).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+from olavlm.schemas.errors import OlaError
+from olavlm.schemas.spec import TeacherOrigin
 
 KINDS = ("depth_anything", "oneformer_swin", "clip_image_embeds")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherSource:
-    """Where a teacher's weights come from and the recipe parameters not stored with them."""
+class TeacherSource(TeacherOrigin):
+    """A teacher's origin (name, kind, weights) plus the recipe parameters not stored with the weights."""
 
-    name: str
-    """Task name and cache folder ('depth', 'seg', 'gen', ...)."""
-    kind: str
-    """Extraction recipe: one of KINDS."""
-    model: str
-    """Hub id or local folder, handed to `from_pretrained`."""
-    subfolder: str = ""
-    """Subfolder holding the weights ('image_encoder' for the unCLIP checkpoint)."""
-    revision: str = ""
-    """Hub revision: a commit sha for the paper preset (presets.PAPER_REVISIONS); empty = the default branch.
-    `--teacher NAME=PATH_OR_ID` clears it: other weights, their own identity (the weights hash)."""
     image_size: int = 0
     """Squash side in pixels for depth and seg (0 = the paper's 336 / 768); seg's processor then resizes
     once more to its own `size`. CLIP reads its resize and crop from its processor."""
@@ -43,3 +37,27 @@ class TeacherSource:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"teacher {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+
+
+class TeacherLoadError(OlaError, OSError):
+    """A teacher whose weights cannot be loaded (no hub access, unknown id or revision, gated, pickle only)."""
+
+
+def unloadable(source: TeacherSource, error: Exception) -> TeacherLoadError:
+    """One line: which teacher, from where, why, and what the user can do about it."""
+    cause = " ".join(str(error).split()).rstrip(".") + "."
+    if os.path.isdir(source.model):
+        folder = os.path.join(source.model, source.subfolder)
+        return TeacherLoadError(
+            f"teacher {source.name!r} cannot be loaded from folder {folder}: {cause} To fix: the folder "
+            "needs config.json and model.safetensors (save_pretrained's layout), or give another with "
+            f"--teacher {source.name}=FOLDER."
+        )
+    part = f", subfolder {source.subfolder}" if source.subfolder else ""
+    return TeacherLoadError(
+        f"teacher {source.name!r} cannot be loaded from hub id {source.model!r} (revision "
+        f"{source.revision or 'default branch'}{part}): {cause} To fix: give a folder with its weights "
+        f"(--teacher {source.name}=FOLDER), or set HF_HOME to a hub cache that holds them (HF_HUB_OFFLINE=1 "
+        "reads only that cache); a gated or private repository needs `huggingface-cli login` (or HF_TOKEN); "
+        "check the id and revision for typos."
+    )

@@ -25,11 +25,10 @@ class CodecSpec:
     cname: str = "zstd"
     """Blosc compressor: 'lz4', 'zstd', ... (new specs: `default_codec(dtype)`; docs/BENCHMARKS.md "Codecs")."""
     clevel: int = 3
-    """Compression level (0 = stored uncompressed in Blosc frames); zstd above 3 costs write speed for ~1% of size."""
+    """Compression level (0 = stored uncompressed in Blosc frames)."""
     shuffle: str = "shuffle"
-    """Blosc filter: 'shuffle' (byte), 'bitshuffle' or 'noshuffle'. Byte shuffle beat bitshuffle on fp16."""
-    # These field defaults are the codec of caches written before issue 14 (and of a recorded spec without
-    # a codec); a new spec that names no codec takes `default_codec(dtype)` instead.
+    """Blosc filter: 'shuffle' (byte), 'bitshuffle' or 'noshuffle'."""
+    # These defaults read a recorded spec that names no codec; a new spec takes `default_codec(dtype)`.
 
 
 DEFAULT_CODECS = {
@@ -37,12 +36,10 @@ DEFAULT_CODECS = {
     "bfloat16": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
     "int8": CodecSpec(cname="lz4", clevel=5, shuffle="shuffle"),
 }
-"""Codec of a new cache per storage dtype, measured by `ola bench codecs` (docs/BENCHMARKS.md, "Codecs").
-On feature-like targets zstd saves 7 % of float16, 21-25 % of bfloat16 and 18 % of int8 bytes for
-1.2-5 ms more decode per sample on one core: it pays only where storage delivers under ~100-250 MB/s
-per core, while the loader's 200 samples/s need ~300-600 MB/s. lz4 + byte shuffle decodes at copy
-speed where it finds nothing (float16, int8) and saves 9 % of bfloat16 for ~0.6-0.9 ms. Cost: caches
-are larger on disk than with zstd; pass `codec=CodecSpec(cname="zstd", ...)` where disk matters more."""
+"""Codec of a new cache per storage dtype, chosen by `ola bench codecs` (docs/BENCHMARKS.md, "Codecs"):
+zstd's saved bytes do not pay for its decode time at the loader's read rates, while lz4 + byte shuffle
+decodes at copy speed. Cost: caches are larger on disk than with zstd; pass
+`codec=CodecSpec(cname="zstd", ...)` where disk matters more."""
 
 
 def default_codec(dtype: str) -> CodecSpec:
@@ -53,8 +50,9 @@ def default_codec(dtype: str) -> CodecSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherSpec:
-    """Everything that determines one teacher's stored targets."""
+class TeacherOrigin:
+    """Which teacher, its recipe and where its weights come from: the one description that the
+    pipeline's `TeacherSource` and the cache's `TeacherSpec` both extend."""
 
     name: str
     """Task name and cache folder: 'depth', 'seg', 'gen' or any other identifier."""
@@ -65,7 +63,17 @@ class TeacherSpec:
     subfolder: str = ""
     """Subfolder of `model` holding the weights (e.g. 'image_encoder' for unCLIP)."""
     revision: str = ""
-    """Hub revision (a commit sha for the paper preset), if loaded from a hub; "" = default branch or a folder."""
+    """Hub revision (a commit sha for the paper preset); "" = the default branch, or a local folder."""
+
+    def origin(self) -> dict[str, str]:
+        """The shared fields, to build one subclass from another: `TeacherSpec(**source.origin(), ...)`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TeacherOrigin)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSpec(TeacherOrigin):
+    """Everything that determines one teacher's stored targets."""
+
     weights_sha256: str = ""
     """sha256 over the loaded weights (state dict bytes), filled in by the pipeline."""
     preprocess: dict[str, Any] = field(default_factory=dict)
@@ -77,9 +85,8 @@ class TeacherSpec:
     dtype: str = "float16"
     """Storage dtype: float16, bfloat16 (exact), or int8 (lossy, per-token scale)."""
     codec: CodecSpec | None = None
-    """Compression of the stored arrays; None = `default_codec(dtype)`, resolved when read (`storage_codec`)
-    and written out in `to_dict`, so the fingerprint and cache.json record the codec actually used, and a
-    `dataclasses.replace(spec, dtype=...)` gets the new dtype's default."""
+    """Compression; None = `default_codec(dtype)`, written out by `to_dict`, so the fingerprint and
+    cache.json record the codec actually used."""
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -123,8 +130,8 @@ class TeacherSpec:
         return f"{where} @ {revision}, weights sha256 {self.weights_sha256 or 'unknown'}"
 
     def diff(self, other: TeacherSpec) -> list[str]:
-        """Field names whose values differ, for error messages; inside `preprocess`, the keys with
-        both values (e.g. "preprocess.jpeg_draft: 224 -> 0"), since that is where recipes differ."""
+        """Field names whose values differ, for error messages; for `preprocess`, each differing key with
+        both values (e.g. "preprocess.jpeg_draft: 224 -> 0")."""
         a, b = self.to_dict(), other.to_dict()
         out = []
         for k in sorted(a.keys() | b.keys()):
