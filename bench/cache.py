@@ -1,15 +1,9 @@
 """`ola bench cache`: write/read speed, random-read latency and bytes per image.
 
-Runs on feature-like synthetic targets at the paper's shapes (576x1024 depth,
-576x1536 seg, 1x1024 gen) for every storage dtype, in a temporary local cache.
-Figures are per image across the three teachers; int8 fidelity is measured
-against the float32 input.
-
-`backend` picks the reader timed: "direct" (the cache's own reader, one range
-read per row through the shard index, schemas/shardfile.py) or "zarr" (plain
-zarr-python `array[rows]` on the same arrays, what an outside tool does). Writes
-always go through `TargetCache.write_shard`, so the write column is the same
-code for both; the two rows of docs/BENCHMARKS.md compare the reads.
+Feature-like synthetic targets at the paper's shapes, every storage dtype, a temporary local cache;
+figures per image across the three teachers, int8 fidelity against the float32 input. `backend`
+picks the reader timed: "direct" (the cache's own, schemas/shardfile.py) or "zarr" (plain
+zarr-python, what an outside tool does); writes always go through `TargetCache.write_shard`.
 """
 
 from __future__ import annotations

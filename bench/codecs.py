@@ -1,19 +1,10 @@
 """`ola bench codecs`: bytes per sample and one-core decode time of each Blosc codec, per storage dtype.
 
-One sample = the paper's three targets (depth 576x1024, seg 576x1536, gen 1x1024;
-feature-like values, schemas/synthetic.py) in a storage dtype, each row encoded
-as the cache stores it: one Blosc frame per inner chunk (schemas/shardfile.py),
-plus the float32 per-token scale rows for int8. Decode is what the loader does,
-`numcodecs.blosc.decompress` straight into a preallocated buffer, on one thread
-(Blosc threads off, `nthreads` = 1); the figure is the median over `repeats`
-passes of the per-sample time. "none" is Blosc at clevel 0 (a framed copy: the
-cache layout always has a Blosc inner codec).
-
-`break_even_MBps` answers "does the codec pay?": the read bandwidth (per core)
-below which the bytes it saves take longer to read than its extra decode time
-over "none" costs. A codec whose break-even is far below what the storage
-delivers spends more CPU than it saves I/O. Cost: the CPU figures depend on the
-core and its load; rerun on the training machine before trusting them there.
+One sample = the paper's three targets (feature-like values, schemas/synthetic.py), each row encoded
+as the cache stores it (one Blosc frame per inner chunk) and decoded as the loader does, straight
+into a buffer on one thread; median over `repeats`. "none" is Blosc at clevel 0. `break_even_MBps`
+answers "does the codec pay?": the per-core read bandwidth below which the bytes it saves take
+longer to read than its extra decode costs. Cost: the CPU figures depend on the core and its load.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """`ola bench heads`: what the distillation heads and task tokens cost.
 
-1. Parameter counts (and multiply-accumulates per sample) for the paper's students (Llama-3-8B and Phi-3-mini shapes
-   with CLIP ViT-L/14-336, 576 image tokens, targets depth 576x1024,
-   seg 576x1536, gen 1x1024, paper layers), built on the meta device: no
-   memory, no download, exact counts.
-2. Forward+backward time of one PT step with the heads against the same step
-   without them (NTP only), PT freeze policy in both, on this machine's CPU, at
-   a tiny and a mid size. Wall-clock minimum of a few repeats after a warm-up
-   (the minimum is the least disturbed by other load on the machine).
+1. Parameter counts and multiply-accumulates per sample of the paper's students, built on the meta
+   device: exact, no memory, no download.
+2. Forward+backward time of one PT step with the heads against the same step without them, on
+   this machine's CPU at a tiny and a mid size (minimum of a few repeats after a warm-up).
 """
 
 from __future__ import annotations

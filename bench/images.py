@@ -1,21 +1,11 @@
 """`ola bench decode`: ms per image of each way to turn JPEG bytes into the vision tower's 336x336 pixels.
 
-One core (torch and Blosc threads at 1), min over `repeats` calls per image (the
-machine is shared: the minimum is the least disturbed run). Each decoder does
-the whole job the processor does: decode, shortest edge -> 336 (bicubic,
-antialiased), centre crop 336x336, uint8 (3, H, W); in the pad mode first the
-square pad with the mean colour. Images: the loader bench's 500x375 photo
-(bench/loader.py), skimage's 451x300 cat, a 2000x1500 photo (skimage's coffee
-upscaled, with sensor-like grain) and skimage's 1411x1411 retina JPEG, all on
-disk in the package: no downloads.
-
-`max_diff` is measured against the model's image processor (transformers'
-CLIPImageProcessor, PIL backend; LlavaImageProcessor(do_pad=True) for pad), on
-the normalised scale the tests bound (0.05, tests/test_image_decode.py) and in
-grey levels. Decoders that need a package the lock does not carry (simplejpeg,
-torchvision) are timed when importable and reported as unavailable otherwise.
-Cost: the figures depend on the core and its load; rerun on the training
-machine before trusting them there.
+Each decoder does the processor's whole job (decode, shortest edge -> 336 bicubic antialiased,
+centre crop, uint8; in pad mode the mean-colour square pad first) on photos that ship in the
+packages (no downloads), on one core, min over `repeats` calls (the least disturbed run on a shared
+machine). `max_diff` is against the model's image processor, on the normalised scale the tests bound
+and in grey levels. Decoders whose package is missing (simplejpeg, torchvision) are reported as
+unavailable. Cost: the figures depend on the core and its load; rerun on the training machine.
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
-"""`ola bench join`: the keyed join's key -> (shard, row, sha256) map, old dict against the on-disk index.
+"""`ola bench join`: the keyed join's key -> (shard, row, sha256) map, a dict against the on-disk index.
 
-Builds a temporary cache of N synthetic keys in S shards (real `write_shard` commits, targets
-of shape 1x1 so that only the manifests weigh), then runs each method in a fresh Python
-subprocess, the way a DataLoader worker meets it:
-- dict: the map the join used before (every manifest concatenated, one Python dict), built in
-  the process, then the lookups;
-- keyindex: `build_index` in one subprocess (what `ola cache index` / `ola precompute` do once),
-  then `open_index` + the lookups in another (what every worker does);
-- parquet: the alternative the index was chosen against, a sorted Parquet file of the same
-  columns with row groups of PARQUET_ROW_GROUP rows, found by the row groups' min-hash
-  statistics and read one row group per lookup (no row-group cache: a cache is memory again).
-  Its build column is the conversion from the built key index only (the sort is shared).
-Figures per method: build and open seconds, lookups/s for random keys and for keys in shard
-order (every (N/L)-th key, as a keyed run over a corpus in cache order meets them), and memory
-from /proc/self/status of the subprocess: peak RSS (VmHWM: includes the memory-mapped index
-pages the lookups touched, which are page cache shared by every worker and evictable), and
-the private anonymous memory the map added over the interpreter with its imports (RssAnon
-after the lookups minus before the build: what each worker pays on its own). The index files
-are warm in the page cache (just built): a cold first lookup costs page reads on top.
+Builds a temporary cache of N synthetic keys in S shards (real commits, 1x1 targets so only the
+manifests weigh), then runs each method in a fresh Python subprocess, as a DataLoader worker meets
+it: a dict of every manifest row; the key index (`build_index` in one subprocess, `open_index` and
+the lookups in another); a sorted Parquet file read one row group per lookup (the alternative the
+index was chosen against). Figures per method: build and open seconds, lookups/s for random keys
+and keys in shard order, peak RSS and the private memory the map adds (/proc/self/status).
+Cost: the index files are warm in the page cache (just built); a cold lookup costs page reads more.
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """`ola bench loader`: samples/s per CPU core through the whole data path, with full-size targets.
 
-Builds, in a temporary folder: a WebDataset corpus of JPEG image-text samples
-(500x375 photos-like images, LLaVA caption conversations) and a target cache
-with the paper's shapes in a storage dtype (depth 576x1024, seg 576x1536, gen 1x1024;
-feature-like values, schemas/synthetic.py), then times the loader: tar read,
-JPEG decode + resize/crop to 336 (uint8; the decoder is reported, `ola bench
-decode` compares the alternatives), chat-template tokenization with 576 image +
-24 task tokens, the sha256-checked join with three cache reads, collate (uint8
-pixels: normalisation happens on the model's device, not here).
-
-Reported: samples/s of one process with no DataLoader worker (everything on
-one core: the per-core figure), the same with `workers` DataLoader workers
-(divided by the number of cores they can use), and the time of each stage per
-sample, measured one stage at a time on the same samples.
-`codec` picks the cache's codec: "default" (`default_codec(dtype)`, what a new
-cache gets), "none" (Blosc clevel 0), "lz4" or "zstd" (level 3), each with byte
-shuffle; `dtype` the storage dtype. `bench_loader_matrix` runs every
-(codec, dtype) pair in one call. Cost: the cache takes up to ~3 MB per sample on
-disk while the bench runs.
+Builds a temporary corpus of JPEG image-text samples and a cache with the paper's target shapes
+(feature-like values, schemas/synthetic.py), then times the loader end to end (tar read, decode +
+resize, tokenization, sha256-checked join, collate): one process without DataLoader workers (the
+per-core figure), the same with `workers` workers, and each stage per sample alone.
+`codec` picks the cache's codec ("default", "none", "lz4", "zstd") and `dtype` its storage dtype;
+`bench_loader_matrix` runs every pair. Cost: the cache takes up to a few MB per sample on disk.
 """
 
 from __future__ import annotations
@@ -33,7 +21,7 @@ import numpy as np
 
 SHAPES = {"depth": (576, 1024), "seg": (576, 1536), "gen": (1, 1024)}
 TARGET = 200.0
-"""design.md: samples/s per CPU core."""
+"""The data path's goal, in samples/s per CPU core."""
 
 
 def _photo(rng, size=(500, 375)) -> bytes:

@@ -1,27 +1,13 @@
 """`ola bench precompute`: how busy the pipeline keeps its teachers.
 
-busy fraction = pipeline images/s / bare loop images/s, both measured in one run:
-- pipeline: `precompute` over a demo corpus (Ray start and model loading
-  excluded; decode, preprocessing, transfers, encoding and writing included);
-- bare loop: the same teachers, loaded in this process with the same torch
-  thread count, forward over the same batches decoded beforehand into memory.
-
-The pipeline is timed on its second job in one Ray session (the first, over
-one batch, warms Ray's worker processes). The bare loop runs before and after
-the pipeline, with Ray stopped, so neither measurement competes with the
-other; the faster of the two is the reference, which makes the busy fraction
-conservative when other jobs load the machine. On a CPU the random `small`
-preset is used: its teachers cost enough per image that the comparison is
-about the pipeline, not about Python overhead. Cost: preprocessing shares the CPU cores with the teachers here,
-which a GPU node does not, so a CPU figure is a lower bound.
-
-Host preprocessing cost: before Ray starts, stage 1 (`preprocess_batches`: tar read, decode, resize,
-stack) runs in this process over the same corpus with and without `--device-resize`, at the preset's
-input sizes and at the paper's (336 squash; 768 squash then 800; shortest side 224 + crop), and the
-process CPU time per image is reported (one core; CPU time, so other load on the machine inflates it
-little), and the wall time per image of the resizes that `--device-resize` moves into the actor, run
-here on the CPU with the teachers' thread count (a GPU's figure comes from `ola bench gpu`'s lever).
-`--device-resize` also runs the timed pipeline job with the resizes on the teachers' device.
+busy fraction = pipeline images/s / bare loop images/s, both measured in one run: the pipeline is
+`precompute` over a demo corpus (timed on a second job in a warm Ray session), the bare loop the
+same teachers in this process over the same batches decoded beforehand. The bare loop runs before
+and after the pipeline, with Ray stopped, and the faster is the reference, so the fraction is
+conservative on a loaded machine. Before Ray starts, the host's preprocessing CPU time per image is
+measured with and without `--device-resize`, at the preset's sizes and the paper's.
+Cost: on a CPU, preprocessing shares the cores with the teachers (a GPU node does not), so the
+figure is a lower bound; the random `small` preset keeps it about the pipeline, not Python overhead.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`ola bench join`: the keyed join's key map, the old per-worker dict against the on-disk key index.
+"""`ola bench join`: the keyed join's key map, a per-worker dict against the on-disk key index.
 
 One call into bench/join.py, then a table (or JSON). Its own module so that cli/bench_cmds.py
 stays with the other benchmarks' owner; cost: one more file in cli/.
@@ -27,7 +27,7 @@ def bench_join_command(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
     tmp: Path | None = typer.Option(None, help="Folder for the temporary cache (default: system temp)."),
 ) -> None:
-    """Key map build time, memory and lookups/s: old dict vs on-disk key index.
+    """Key map build time, memory and lookups/s: a dict vs the on-disk key index.
 
     Each method runs in a fresh subprocess (as a DataLoader worker would meet it); memory is that
     process's peak RSS and the private memory the map added (docs/BENCHMARKS.md "Keyed-join key index")."""

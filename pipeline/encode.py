@@ -1,13 +1,10 @@
 """Stage 3: float32 targets on the teacher's device -> storage dtype, before they leave it.
 
-The same encodings as `schemas.quant` (which the readers decode with), done in
-torch so that int8 quantisation runs on the GPU and only 1 byte per value (+ a
-float32 scale per token) crosses to the host: ~0.5x the transfer of float16.
-For int8 the fidelity against the float32 outputs is measured here too, as
-per-batch partial sums that `combine_fidelity` merges into the shard's figure
-(the keys of `quant.fidelity`). Cost: a few extra reductions per batch.
-torch is imported inside `encode_on_device`: the CPU writer tasks import this
-module too, and a torch import costs seconds per fresh Ray worker process.
+The same encodings as `schemas.quant` (which the readers decode with), done in torch so that int8
+quantisation runs on the GPU and only 1 byte per value (+ a float32 scale per token) crosses to the
+host. For int8 the fidelity against the float32 outputs is summed per batch here and merged by
+`combine_fidelity`. Cost: a few extra reductions per batch. torch is imported inside
+`encode_on_device`: the CPU writer tasks import this module too.
 """
 
 from __future__ import annotations

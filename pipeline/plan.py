@@ -1,12 +1,10 @@
 """The plan of a precompute job (`ola precompute --dry-run`): what is done, what is left, what it costs.
 
 `make_plan` compares the teachers' specs with the cache: per teacher, the shards committed under the
-same spec and those to do; sample counts come from the tars' headers only (a `pipe:` shard has no
-headers to seek between, so its command runs and its whole stream is read once, data dropped: the dry
-run costs one pass over piped shards). The driver makes the same
-plan (without counting remote tars) to pick its shards, so a dry run shows what a run would do.
+same spec and those to do, with sample counts from the tars' headers (a `pipe:` shard is read once
+whole). The driver makes the same plan to pick its shards, so a dry run shows what a run would do.
 Cost: `plan_precompute` loads every teacher once on this machine's CPU, because the spec (and its
-weights hash, printed per teacher with the revision) exists only where the weights are loaded.
+weights hash) exists only where the weights are loaded.
 """
 
 from __future__ import annotations
@@ -43,15 +41,18 @@ class Plan:
     """Shard name -> samples in its tar (counted from the tar headers)."""
 
     def estimated_bytes(self) -> int:
-        """Uncompressed bytes still to write (zstd saves ~15% on 16-bit features)."""
+        """Uncompressed bytes still to write: an upper bound, the codec saves some of it."""
+        return sum(self.shard_bytes(shard) for shard in self.todo)
+
+    def shard_bytes(self, shard: str) -> int:
+        """Uncompressed bytes of one shard's targets still to write (0 when its samples were not counted)."""
         total = 0
-        for shard, names in self.todo.items():
-            for name in names:
-                spec = self.specs[name]
-                tokens, width = spec.shape
-                per_value = np.dtype(quant.zarr_dtype(spec.dtype)).itemsize
-                scale = 4 * tokens if spec.dtype == "int8" else 0
-                total += self.samples.get(shard, 0) * (tokens * width * per_value + scale)
+        for name in self.todo.get(shard, ()):
+            spec = self.specs[name]
+            tokens, width = spec.shape
+            per_value = np.dtype(quant.zarr_dtype(spec.dtype)).itemsize
+            scale = 4 * tokens if spec.dtype == "int8" else 0
+            total += self.samples.get(shard, 0) * (tokens * width * per_value + scale)
         return total
 
     def describe(self) -> str:
@@ -64,7 +65,7 @@ class Plan:
                 f"spec {spec.fingerprint} ({self.spec_status[name]}): {self.done[name]} shards done, "
                 f"{len(todo)} to do ({samples} samples)"
             )
-            lines.append(f"         {spec.provenance()}")  # revision + weights hash (issue 9)
+            lines.append(f"         {spec.provenance()}")  # revision + weights hash
         lines.append(f"estimated bytes to write: {self.estimated_bytes() / 1e6:.1f} MB (uncompressed)")
         return "\n".join(lines)
 
@@ -111,7 +112,7 @@ def make_plan(
     samples = {}
     if count:
         with ThreadPoolExecutor(8) as pool:  # header reads: local tars seek past the data
-            counts = pool.map(lambda s: count_samples(s, config.corpus_storage_options), shards)
+            counts = pool.map(lambda s: count_samples(s, config.corpus_options), shards)
             samples = dict(zip([s.name for s in shards], counts))
     return Plan(
         specs=specs,
@@ -127,7 +128,7 @@ def plan_precompute(config: PrecomputeConfig) -> Plan:
     """`--dry-run`: load the teachers on this machine's CPU for their specs, then compare with the cache."""
     from .teachers import load_teacher
 
-    shards = list_shards(config.corpus, config.corpus_storage_options)
+    shards = list_shards(config.corpus, config.corpus_options)
     specs = {}
     for name, source in config.sources().items():
         spec = load_teacher(source, device="cpu").spec

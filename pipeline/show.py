@@ -1,11 +1,8 @@
 """`ola cache show`: one sample's image beside every teacher's cached target.
 
-Token grids (depth, seg: T = side x side) are mapped to RGB by their first
-three principal components, so regions the teacher considers alike share a
-colour; a single-token target (gen) is drawn as a bar strip of its values.
-Cost: PCA per image hides absolute scale; the panel title gives norm and dtype.
-Cache and corpus URLs are opened with the caller's `storage_options` (fsspec keyword
-arguments, as every other cache reader takes them), never with process-wide defaults.
+Token grids (depth, seg) are mapped to RGB by their first three principal components, so regions
+the teacher considers alike share a colour; a single-token target (gen) is a bar strip of its
+values. Cost: PCA per image hides absolute scale; the panel title gives norm and dtype.
 """
 
 from __future__ import annotations
@@ -13,9 +10,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow.compute as pc
 
 from olavlm.schemas.cache import CacheError, TargetCache
 from olavlm.schemas.corpus import CorpusError, decode_image, iter_samples, list_shards
+from olavlm.schemas.manifest import NO_IMAGE
 
 
 def pca_rgb(tokens: np.ndarray) -> np.ndarray:
@@ -45,6 +44,20 @@ def find_image(corpus: str, key: str, shard: str | None = None, storage_options:
     raise CorpusError(f"key {key!r} not found in corpus {corpus}" + (f" shard {shard}" if shard else ""))
 
 
+def missing_target(cache: TargetCache, teacher: str, key: str) -> str:
+    """Why `key` has no `teacher` target, from the cache's error tables: a text-only sample (no image,
+    so no target for any teacher), an image the precompute refused, or a key it never saw."""
+    table = cache.errors(teacher)
+    errors = table.filter(pc.equal(table.column("key"), key))
+    where = f"{cache.root.url}: key {key!r} has no {teacher!r} target"
+    if not errors.num_rows:
+        return f"{where}: not in any committed shard (run `ola precompute` on its corpus shard?)"
+    error = errors.slice(0, 1).to_pylist()[0]
+    if error["reason"].startswith(NO_IMAGE):
+        return f"{where}: it is a text-only sample (no image, so no teacher target; shard {error['shard']})"
+    return f"{where}: the precompute refused it (shard {error['shard']}, {error['stage']}: {error['reason']})"
+
+
 def render_sample(
     cache_root: str,
     key: str,
@@ -68,7 +81,7 @@ def render_sample(
     for name in specs:
         found = cache.index(name).get(key)
         if found is None:
-            raise CacheError(f"{cache_root}: key {key!r} has no {name!r} target")
+            raise CacheError(missing_target(cache, name, key))
         shard = found[0]
         targets[name] = cache.open_shard(name, found[0]).read(found[1])
     panels = (1 if corpus else 0) + len(targets)

@@ -1,16 +1,13 @@
 """The three stages of the precompute job, in the order a batch goes through them.
 
     1. preprocess_shard  CPU task, streaming generator: tar -> decode -> resize -> uint8 batches
-                         (--device-resize: tar -> decode -> lists of uint8 images; the actor resizes)
     2. TeacherWorker     actor (one GPU each where GPUs exist): normalise, forward, encode
-                         (int8 quantised on the device) -> one result per teacher and batch
     3. write_shard_task  CPU task: the shard's results -> `TargetCache.write_shard` (atomic commit)
 
-Each stage is a plain function or class that runs without Ray (tests and `ola bench` call them
-directly); precompute.py wraps them with `ray.remote` and wires them together. Actors receive uint8
-arrays and never touch a tar or a JPEG; compression and writing happen in the writer task, off the
-actor's critical path. Cost: a batch crosses the object store twice (inputs to the actor, encoded
-targets to the writer).
+Each stage runs without Ray (tests and `ola bench` call them directly); precompute.py wraps them
+with `ray.remote`. Design choice: actors receive uint8 arrays and never touch a tar or a JPEG, and
+compression and writing happen in the writer task, off the actor's critical path. Cost: a batch
+crosses the object store twice (inputs to the actor, encoded targets to the writer).
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,9 +25,11 @@ import numpy as np
 from olavlm.schemas import quant
 from olavlm.schemas.cache import SampleError, TargetCache
 from olavlm.schemas.corpus import ReadFailure, iter_samples, sha256_hex
+from olavlm.schemas.manifest import NO_IMAGE
 
 from .preprocess import device_prepare, input_shape, prepare_all, resizes_on_device
 from .presets import TeacherSource
+from .sources import TeacherLoadError
 
 
 # -- stage 1: CPU preprocessing ----------------------------------------------------------------
@@ -65,9 +65,7 @@ def preprocess_batches(
         seen.add(item.key)
         data = item.image_bytes
         if data is None:
-            errors.append(
-                (item.key, "decode", f"no image file in sample (has: {', '.join(sorted(item.files))})")
-            )
+            errors.append((item.key, "decode", f"{NO_IMAGE} (has: {', '.join(sorted(item.files))})"))
             continue
         try:
             prepared = prepare_all(data, recipes)
@@ -86,12 +84,8 @@ def preprocess_batches(
 
 
 def background_priority(nice: int) -> None:
-    """CPU-only runs: tasks share the cores with the teachers' torch threads, so they yield to them.
-
-    Sets this worker process's niceness (absolute, so repeated calls do not stack).
-    Without it, a decode that lands on a core in the middle of a torch parallel
-    region stalls all of torch's threads at the region's barrier.
-    """
+    """CPU-only runs: set this worker's niceness (absolute: calls do not stack) so tasks yield to the
+    teachers' torch threads; a decode landing mid parallel region would stall them all at its barrier."""
     if nice:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, nice)
@@ -124,8 +118,16 @@ class TeacherWorker:
     """Holds the teachers (loaded once) on one device; turns uint8 batches into encoded targets."""
 
     def __init__(
-        self, sources: list[TeacherSource], storage_dtype: str, compute_dtype: str, threads: int | None
+        self,
+        sources: list[TeacherSource],
+        storage_dtype: str,
+        compute_dtype: str,
+        threads: int | None,
+        speed: dict[str, str] | None = None,
+        concurrency: int = 1,
     ):
+        """`speed`: `teachers.speed_up`'s levers (swin_attention, compile); `concurrency`: the actor's
+        max_concurrency (above 1 each calling thread gets its own CUDA stream, so that calls overlap)."""
         import torch
 
         from .teachers import load_teacher
@@ -134,17 +136,44 @@ class TeacherWorker:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = None if compute_dtype == "auto" else getattr(torch, compute_dtype)
-        self.teachers = {s.name: load_teacher(s, device=self.device, dtype=dtype) for s in sources}
+        self.load_error: TeacherLoadError | None = None
+        try:
+            self.teachers = {
+                s.name: load_teacher(s, device=self.device, dtype=dtype, **(speed or {})) for s in sources
+            }
+        except (
+            TeacherLoadError
+        ) as exc:  # kept for `specs`: raised in __init__, Ray keeps only a traceback text
+            self.teachers, self.load_error = {}, exc
         self.storage_dtype = storage_dtype
+        self.streams = {} if concurrency > 1 and self.device == "cuda" else None
 
     def specs(self) -> dict[str, dict]:
+        if self.load_error is not None:
+            raise self.load_error
         return {
             n: dataclasses.replace(t.spec, dtype=self.storage_dtype).to_dict()
             for n, t in self.teachers.items()
         }
 
+    def stream(self):
+        """This calling thread's CUDA stream as a context (concurrent actors), else a no-op context."""
+        if self.streams is None:
+            return contextlib.nullcontext()
+        import torch
+
+        thread = threading.get_ident()
+        if thread not in self.streams:  # only this thread writes its key
+            self.streams[thread] = torch.cuda.Stream()
+        return torch.cuda.stream(self.streams[thread])
+
     def compute(self, batch: dict[str, Any], names: list[str]) -> tuple:
-        """-> (one result dict per name, (images in the batch, seconds spent computing))."""
+        with self.stream():
+            return self.compute_batch(batch, names)
+
+    def compute_batch(self, batch: dict[str, Any], names: list[str]) -> tuple:
+        """-> (one result dict per name, (images in the batch, samples preprocessing refused, seconds
+        spent computing)); the refused ones are counted here once, whatever the number of teachers."""
         import torch
 
         from .encode import encode_on_device
@@ -175,8 +204,8 @@ class TeacherWorker:
                 }
             )
         if self.device == "cuda":
-            torch.cuda.synchronize()  # encode_on_device already waited; explicit for the timing
-        return (*results, (len(batch["keys"]), time.perf_counter() - start))
+            torch.cuda.current_stream().synchronize()  # encode_on_device waited; explicit for the timing
+        return (*results, (len(batch["keys"]), len(batch["errors"]), time.perf_counter() - start))
 
 
 def drop_non_finite(name: str, targets, batch: dict[str, Any]) -> tuple:

@@ -1,16 +1,10 @@
 """One validation of a LLaVA conversation, shared by conversion and training.
 
-`ola corpus from-llava` (corpus_build.py) and the trainer's text stage (trainer/data/text.py)
-both call `validate_conversation`, so an entry that conversion writes is one that training
-accepts: roles, types, empty values, at least one assistant turn, and the number of
-`<image>` placeholders against the presence of an image (at most one, only when the sample
-has an image, never in an assistant turn). It lives in schemas/ (torch-free, no tokenizer)
-because schemas/ must not import trainer/. Cost: what depends on the tokenizer (the chat
-template, `max_length`, whether `<image>` survives tokenization) is still checked only in
-training, so conversion cannot promise a sample is not `too_long`.
-
-`caption_conversation` turns a bare caption (the `txt` member of img2dataset-style shards)
-into the same form: one user turn (`<image>` + a prompt) and the caption as the answer.
+`ola corpus from-llava` and the trainer's text stage both call `validate_conversation` (roles,
+types, empty values, an assistant turn, `<image>` placeholders against the image), so an entry that
+conversion writes is one that training accepts; it lives in torch-free schemas/ for both to import.
+Cost: what depends on the tokenizer (chat template, `max_length`) is still checked only in
+training. `caption_conversation` turns a bare caption (img2dataset's `txt`) into the same form.
 """
 
 from __future__ import annotations

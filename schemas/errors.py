@@ -1,12 +1,10 @@
 """The project's own error classes: what a user can fix (a path, a config, the data).
 
-`ola` prints these as one red line (cli/errors.py) and lets every other exception
-keep its traceback, because anything else is a bug in olavlm. Cost: code that
-reports a user error must raise one of these (or a subclass), never a bare
-ValueError; ConfigError and UnsafeNameError also derive from ValueError (CorpusError
-and DataError from RuntimeError), as the errors they replaced did, so that callers
-that caught those before keep working. CacheError (cache.py) and the trainer's
-TextError and EvalDataError are OlaErrors defined beside the code that raises them.
+`ola` prints these as one red line (cli/errors.py) and lets every other exception keep its
+traceback, because anything else is a bug in olavlm. Cost: code that reports a user error must
+raise one of these, never a bare ValueError; ConfigError and UnsafeNameError also derive from
+ValueError (CorpusError and DataError from RuntimeError), so generic handlers still catch them.
+CacheError (cache.py) and the trainer's TextError and EvalDataError live beside their raisers.
 """
 
 from __future__ import annotations

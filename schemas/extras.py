@@ -1,17 +1,9 @@
 """Optional packages (pyproject's extras): imported where they are used, a ConfigError naming the extra if missing.
 
-A plain `pip install olavlm` installs what precompute, train, eval and probe need; packages that
-only the demo photos or one logger need are extras, so a training machine does not carry scipy,
-scikit-image or a wandb client it never imports:
-
-    demo         scikit-image, scikit-learn   the bundled photos of `ola corpus demo`, `ola demo`, `ola bench`
-    s3           s3fs                         s3:// corpora and caches
-    tensorboard  tensorboard                  TrainConfig.tensorboard
-    wandb        wandb                        TrainConfig.wandb
-
-matplotlib is not an extra: `ola probe` always writes probe.png and `ola cache show` is a PNG.
-Cost: a missing extra is found when the command reaches it, not at install; the error says which
-`pip install 'olavlm[...]'` fixes it. tests/test_packaging.py checks `EXTRAS` against pyproject.toml.
+A plain `pip install olavlm` installs what precompute, train, eval and probe need; the demo photos'
+packages and the loggers are extras (`EXTRAS`: demo, s3, tensorboard, wandb), so a training machine
+does not carry packages it never imports. Cost: a missing extra is found when the command reaches
+it, not at install; the error names the `pip install 'olavlm[...]'` that fixes it.
 """
 
 from __future__ import annotations

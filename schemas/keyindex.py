@@ -1,59 +1,17 @@
 """The key index of a cache: sample key -> (shard, row, image sha256), on disk, memory-mapped.
 
-The keyed join (training shards that are not the cache's corpus shards) needs every key of
-a teacher's cache. A Python dict of them costs ~650 B of private memory per key in every
-DataLoader worker (measured, docs/BENCHMARKS.md "Keyed-join key index"), so a billion-image
-cache cannot hold it. This index keeps the map on disk and reads only the
-pages a lookup touches.
+The keyed join (training shards that are not the cache's corpus shards) needs every key of a
+teacher's cache; a Python dict of them in every DataLoader worker does not fit a billion-image cache
+(docs/BENCHMARKS.md, "Keyed-join key index"). Layout and rules: schemas/README.md, "The key index".
 
-Layout: one folder per (teacher, committed state), `<location>/<token>/`:
-
-    hash_hi.npy   (N,) uint64   first half of blake2b-128(key), sorted ascending: the search column
-    hash_lo.npy   (N,) uint64   second half: confirms a match (hi collisions are scanned)
-    shard.npy     (N,) uint32   position in index.json's `shards` (sorted shard names)
-    row.npy       (N,) uint32   row in that shard's manifest / targets array
-    sha256.npy    (N, 32) uint8 the image sha256 the target was computed from (binary)
-    index.json    written last: format, teacher, fingerprint, token, rows, shards
-
-Rows are sorted by (hi, lo, shard position). A key present in several shards (the cache
-allows it; `ola cache verify` reports it) keeps every copy and a lookup returns the one of
-the shard that sorts last: the rule of the old dict (`{key: ...}` over the manifests in shard
-order, later shards overwrite). Two different keys that agree in all 128 hash bits are
-indistinguishable (probability ~N^2 / 2^129: 3e-21 for a billion keys); agreeing in `hi`
-alone is handled by the scan.
-
-`token` = sha256 over (index format, teacher fingerprint, sorted committed shard names). A
-reader recomputes it from the cache's committed state and opens only the folder of that name:
-an index of another state (a shard added, the teacher overwritten) is never used, it is rebuilt
-(`open_index(build=True)`) or refused with the command that rebuilds it. Committed shards are
-immutable, so names + fingerprint are the state; a shard deleted by hand and recomputed under
-the same name and fingerprint is the one change this does not see.
-
-Where it lives: local caches hold it in `CACHE/<teacher>/.keyindex/<token>/` (hidden from
-`committed_shards`); object-store caches (memmap needs a local file) and local caches this
-process cannot write build it in `$OLAVLM_INDEX_DIR` (default `~/.cache/olavlm/keyindex`)
-under a hash of the cache URL. Builders write to a private temporary folder and rename it into
-place; a builder that loses the race drops its copy, so concurrent builders never corrupt it.
-The trainer opens it in the loader's main process, local rank 0 first, so its workers share one
-index and a node builds it once (`ola cache index` and the end of `ola precompute` build it ahead).
-
-Build: two streaming passes, never all keys as Python objects. Pass 1 reads one shard's
-manifest at a time (key, row, sha256 columns), hashes the keys and appends 56-byte records
-to one of B bucket files by the top bits of `hi`; pass 2 sorts each bucket in memory and
-writes it into the output arrays (open_memmap), which are the concatenation of the sorted
-buckets. B is the smallest power of two that keeps one bucket under `memory_budget` (default
-256 MiB, ~2.4 M keys per bucket), so build memory is bounded whatever the cache size; B = 1
-below that. Cost: the records are written and read twice (56 B per key each time) and
-hashing is one blake2b call per key in Python; measured 1.4-2.6 s per million keys, peak
-161 MB at a 16 MB budget.
-
-Chosen over a sorted Parquet index read by row-group range, by measurement (`ola bench join`,
-1 M keys, docs/BENCHMARKS.md "Keyed-join key index"): a lookup here is a blake2b and two binary
-searches on a memmap, 4-10 us warm (98-244 k lookups/s on 2 shared cores, against 0.9-1.2 M/s
-for the dict), where Parquet decodes a row group per lookup, ~1 ms (860-1250/s) for the same
-bytes on disk.
-Cost of the choice: 56 B per key on disk beside the manifests, and numpy's .npy instead of a
-format DuckDB reads (the manifests stay the readable source of truth).
+Design choice: sorted blake2b-128 key hashes in plain `.npy` columns, memory-mapped, a lookup being
+a binary search that reads only the pages it touches; chosen over a sorted Parquet index, which
+decodes a row group per lookup. Cost: 56 B per key on disk beside the manifests (which stay the
+source of truth), and a format DuckDB cannot read. A key in several shards returns the copy of the
+shard that sorts last. The folder name is a token of the committed state (index format, fingerprint,
+sorted shard names), so an index of another state is never used: it is rebuilt or refused. The
+build is two streaming passes (scatter 56-byte records into buckets by hash bits, sort each bucket
+within `memory_budget`), written to a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -130,7 +88,7 @@ def index_locations(cache, teacher: str) -> list[str]:
 
 
 class KeyIndex:
-    """A built index folder, memory-mapped read-only; `get(key)` as the old dict's `.get`."""
+    """A built index folder, memory-mapped read-only; `get(key)` as `dict.get`."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -189,10 +147,8 @@ def open_index(
     build: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> KeyIndex:
-    """The index of `teacher`'s current committed state (`shards`: committed shard names, listed if None).
-
-    Built when missing and `build`; otherwise a missing or stale index is refused.
-    """
+    """The index of `teacher`'s current committed state (`shards`: committed shard names, listed if None);
+    built when missing and `build`, else a missing or stale index is refused."""
     shards = sorted(cache.committed_shards(teacher) if shards is None else shards)
     token = state_token(cache.spec(teacher).fingerprint, shards)
     for location in index_locations(cache, teacher):
@@ -228,10 +184,8 @@ def build_index(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     location: str | None = None,
 ) -> KeyIndex:
-    """Build `teacher`'s index from its manifests (two streaming passes) and rename it into place.
-
-    Returns the index of that state, built here or by a concurrent builder that finished first.
-    """
+    """Build `teacher`'s index from its manifests and rename it into place; -> the index of that state,
+    built here or by a concurrent builder that finished first."""
     shards = sorted(cache.committed_shards(teacher) if shards is None else shards)
     fingerprint = cache.spec(teacher).fingerprint
     token = state_token(fingerprint, shards)
@@ -272,11 +226,8 @@ def build_index(
 
 
 def _drop_older(location: str, newest: str) -> None:
-    """Remove index folders published before `newest` (other states of the cache).
-
-    Open memmaps of running readers stay valid on POSIX. A slow builder of an older state that
-    publishes last drops the newer folder: never wrong, the next reader of that state rebuilds it.
-    """
+    """Remove index folders published before `newest` (other states; open memmaps stay valid on POSIX).
+    A slow builder of an older state that publishes last drops the newer one: the next reader rebuilds it."""
     published = os.stat(os.path.join(newest, INDEX_JSON)).st_mtime
     for name in os.listdir(location):
         if name.startswith(".tmp-"):  # a builder killed mid-way; a live one touches its folder far more often

@@ -4,8 +4,8 @@
 - bfloat16: stored as the raw uint16 bit pattern, since Zarr v3 has no portable
   bfloat16 dtype. Encoding rounds to nearest even; decoding is exact.
 - int8: symmetric per-token quantisation, q = round(x / s), s = max|x| / 127 per
-  token. Cost: about 0.5x the bytes of 16-bit at cosine > 0.999 on teacher
-  features; a token with one huge outlier channel loses precision elsewhere.
+  token. Cost: lossy (fidelity in docs/BENCHMARKS.md, "Target cache"); a token with
+  one huge outlier channel loses precision elsewhere.
 """
 
 from __future__ import annotations

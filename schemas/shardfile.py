@@ -1,21 +1,12 @@
 """Zarr v3 `sharding_indexed` storage objects, encoded and decoded directly.
 
-The cache's arrays are ordinary Zarr v3 arrays (zarr-python reads them), but
-going through zarr-python for every row costs 1-2.4 ms of overhead (zarr 3.1.6, docs/BENCHMARKS.md) around a ~1 ms
-decompression, and its writes run at a fraction of Blosc's speed. The format is
-simple, so the hot paths read and write it here: an object is the concatenation
-of the Blosc-compressed inner chunks followed by an index of (offset, nbytes)
-uint64 pairs, little-endian, and a crc32c of that index (index_location "end").
-Cost: this module must track the sharding spec; tests/test_cache.py checks that
-zarr-python reads what this module writes, tests/test_zarr_interop.py that this
-module reads what zarr-python writes.
-
-zarr-python (write_empty_chunks=False, its default) leaves out of a shard every
-inner chunk that equals the fill value (index entry offset = nbytes = 2^64-1),
-and leaves out the whole storage object when all its chunks do: both read as the
-array's fill value here, as zarr-python reads them. `check_codecs` refuses the
-layouts this reader does not implement (index at the start, other inner codecs)
-by name instead of misreading them.
+The cache's arrays are ordinary Zarr v3 arrays that zarr-python reads, but its per-row overhead
+exceeds the decompression itself (docs/BENCHMARKS.md, "Direct reader vs zarr-python"), so the hot
+paths read and write the format here: an object is the Blosc-compressed inner chunks followed by
+an index of (offset, nbytes) uint64 pairs and its crc32c (index_location "end"). Chunks or whole
+objects that zarr-python leaves out (all fill value) read as the fill value, as there.
+Cost: this module must track the sharding spec; tests check interop both ways, and `check_codecs`
+refuses by name the layouts this reader does not implement instead of misreading them.
 """
 
 from __future__ import annotations
@@ -114,9 +105,14 @@ class ObjectReader:
     """Row reads through the shard index, one cached index per storage object."""
 
     def __init__(self, fs, layout: ObjectLayout):
-        self.fs, self.layout = fs, layout
+        """`fs`: an fsspec file system, or a callable returning the current process's (storage.Root's)."""
+        self._fs, self.layout = fs, layout
         self._codec = numcodecs.Blosc()
         self._indexes: dict[int, np.ndarray] = {}
+
+    @property
+    def fs(self):
+        return self._fs() if callable(self._fs) else self._fs
 
     def _index(self, k: int) -> np.ndarray:
         if k not in self._indexes:
