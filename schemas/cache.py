@@ -1,27 +1,13 @@
 """The target cache: Zarr v3 arrays per (teacher, corpus shard) + Parquet manifests.
 
-Layout (documented for outside readers in schemas/README.md):
+Layout (schemas/README.md): `cache.json` (format version, every teacher's spec and fingerprint),
+then per `<teacher>/<shard>/` a `data.zarr` group (`targets`, and `scale` for int8), `manifest.parquet`,
+`errors.parquet` and `commit.json`, written last: a shard without it does not exist.
 
-    CACHE/cache.json                              format version, every teacher's spec + fingerprint
-    CACHE/<teacher>/<shard>/data.zarr/            Zarr v3 group
-        targets   (N, T, D)  float16 | uint16 (bfloat16 bits) | int8
-        scale     (N, T)     float32, int8 only: x = targets * scale[..., None]
-    CACHE/<teacher>/<shard>/manifest.parquet      key, shard, row, sha256, teacher, fingerprint
-    CACHE/<teacher>/<shard>/errors.parquet        key, shard, teacher, stage, reason
-    CACHE/<teacher>/<shard>/commit.json           written last; a shard without it does not exist
-    CACHE/<teacher>/.staging/                     local roots: shards being written
-    CACHE/<teacher>/.keyindex/<state>/            local roots: the key index (keyindex.py), derived, rebuildable
-
-Design choices and their cost:
-- The corpus shard is the unit of work, ownership, commit and resume: one writer
-  writes one shard whole (Zarr v3 corrupts data when two writers share a shard
-  object). Cost: a crash loses the shard in progress, never more.
-- One sample = one inner chunk (1, T, D) of the sharding codec; `ROWS_PER_OBJECT`
-  rows share one storage object. A random read is one range read; a shard
-  streams as a few large sequential objects. Cost: writing needs a whole block
-  of rows at once (the writer takes the whole shard).
-- Blosc with the spec's codec (new caches: `default_codec(dtype)`, lz4 + byte shuffle; older
-  ones recorded zstd); int8 stores a float32 per-token scale beside it.
+Design choice: the corpus shard is the unit of work, commit and resume; one writer writes one shard
+whole, and one sample is one inner chunk of Zarr's sharding codec (`ROWS_PER_OBJECT` rows per storage
+object), so a random read is one range read and a shard streams as a few large objects. Cost: a
+crash loses the shard in progress, and writing needs the whole shard's rows at once.
 """
 
 from __future__ import annotations
@@ -40,7 +26,7 @@ from .errors import CacheError, SpecMismatchError
 from .keyindex import KeyIndex, open_index
 from .manifest import ERROR_SCHEMA, ERROR_STAGES, MANIFEST_SCHEMA
 from .spec import TeacherSpec
-from .storage import Root, check_safe_name, staging_name
+from .storage import Root, check_safe_name, rename_durably, staging_name
 
 FORMAT_NAME = "olavlm-target-cache"
 FORMAT_VERSION = 2
@@ -75,23 +61,6 @@ class ShardCommit:
     errors: int
     written: bool
     """False when an identical commit already existed (an idempotent retry)."""
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    """fsync every file and folder below `path` (local roots, before the commit rename)."""
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(folder)
 
 
 def _blosc(spec: TeacherSpec):
@@ -143,11 +112,8 @@ class TargetCache:
         return specs[teacher]
 
     def register(self, spec: TeacherSpec, *, overwrite: bool = False) -> None:
-        """Record a teacher's spec; refuse one that differs from the stored spec unless `overwrite`.
-
-        `overwrite` deletes every committed shard of that teacher first, so old and new
-        targets can never mix.
-        """
+        """Record a teacher's spec; refuse one that differs from the stored spec unless `overwrite`,
+        which first deletes every committed shard of that teacher, so old and new targets never mix."""
         meta = (
             self.metadata()
             if self.exists()
@@ -218,11 +184,8 @@ class TargetCache:
         errors: Sequence[SampleError] = (),
         fidelity: dict[str, float] | None = None,
     ) -> ShardCommit:
-        """Write one (teacher, shard) whole and commit it atomically.
-
-        `values` are already in the storage dtype (see `quant.encode`). Idempotent: a
-        shard that is already committed with the same fingerprint is left as it is.
-        """
+        """Write one (teacher, shard) whole and commit it atomically; `values` are in the storage dtype
+        (`quant.encode`). Idempotent: a shard committed with the same fingerprint is left as it is."""
         check_safe_name(shard, "shard")
         spec = self.spec(teacher)
         self._indexes.pop(teacher, None)  # the key index changes with this shard
@@ -250,16 +213,13 @@ class TargetCache:
             target = (teacher, shard)
         self._write_files(spec, shard, target, keys, sha256s, values, scale, errors, fidelity)
         if self.root.is_local:
-            src, dst = self.root.join(*target), self.root.join(teacher, shard)
-            _fsync_tree(src)  # the data is on disk before the rename makes the shard count as committed
             try:
-                os.rename(src, dst)
+                rename_durably(self.root.join(*target), self.root.join(teacher, shard))
             except OSError:  # another attempt committed first (Ray retry): identical content
                 if not self.is_committed(teacher, shard):
                     raise
                 self.root.rm(*target)
                 return ShardCommit(teacher, shard, n, len(errors), written=False)
-            _fsync_dir(self.root.join(teacher))  # make the rename itself durable
         return ShardCommit(teacher, shard, n, len(errors), written=True)
 
     def _write_files(self, spec, shard, target, keys, sha256s, values, scale, errors, fidelity) -> None:
@@ -284,7 +244,7 @@ class TargetCache:
         chosen = spec.storage_codec
         codec = shardfile.blosc_codec(chosen.cname, chosen.clevel, chosen.shuffle)
         for name, data, row_shape, dtype in arrays:
-            # zarr-python writes the metadata; the objects are encoded directly (shardfile.py: ~4x faster)
+            # zarr-python writes the metadata; the objects are encoded directly (shardfile.py: faster)
             group.create_array(
                 name,
                 shape=(n, *row_shape),
@@ -377,11 +337,8 @@ class TargetCache:
             return pq.read_table(f, columns=columns)
 
     def index(self, teacher: str, shards: Sequence[str] | None = None, *, build: bool = True) -> KeyIndex:
-        """key -> (shard, row, sha256) of one teacher: `.get(key)` on the on-disk key index (keyindex.py).
-
-        Opened once per instance for the committed state seen then (`shards`, listed if None); built
-        if that state has no index yet and `build`. Memory: the pages lookups touch, not the keys.
-        """
+        """key -> (shard, row, sha256) of one teacher (keyindex.py), opened once per instance for the
+        committed state seen then (`shards`, listed if None); built if missing and `build`."""
         if teacher not in self._indexes:
             self._indexes[teacher] = open_index(self, teacher, shards, build=build)
         return self._indexes[teacher]
@@ -395,11 +352,8 @@ class TargetCache:
 
 
 class ShardReader:
-    """Targets of one committed (teacher, shard); rows in manifest order.
-
-    Rows are read through the shard index directly (shardfile.py); zarr-python
-    only opens the group to check its metadata.
-    """
+    """Targets of one committed (teacher, shard), rows in manifest order, read through the shard index
+    directly (shardfile.py); zarr-python only opens the group to check its metadata."""
 
     def __init__(self, cache: TargetCache, spec: TeacherSpec, shard: str):
         import zarr
@@ -426,7 +380,7 @@ class ShardReader:
         self.shape = tuple(arrays["targets"].shape)
         self._readers = {
             name: shardfile.ObjectReader(
-                cache.root.fs,
+                cache.root.filesystem,  # looked up per read: a forked worker gets its own
                 shardfile.ObjectLayout(
                     cache.root.join(spec.name, shard, "data.zarr", name),
                     array.shape[0],
@@ -455,10 +409,7 @@ class ShardReader:
         self, rows: int | slice, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Stored values (and int8 scale) without decoding: one range read per storage object.
-
-        `out`: an array of the stored dtype and the result's shape to decompress the
-        values into (the loader passes a row of its batch buffer: no copy).
-        """
+        `out`: an array of the stored dtype and result shape to decompress into (the loader's batch row)."""
         single = not isinstance(rows, slice)
         if single:
             if not -len(self) <= rows < len(self):

@@ -40,14 +40,30 @@ class Root:
         self.url = url.rstrip("/") or url
         options = dict(storage_options or {})
         if "://" not in url:
-            self.fs = fsspec.filesystem("file")
+            self._fs = fsspec.filesystem("file")
             self.path = os.path.abspath(url)
         else:
-            self.fs, self.path = fsspec.core.url_to_fs(url, **options)
+            self._fs, self.path = fsspec.core.url_to_fs(url, **options)
             self.path = self.path.rstrip("/")
+        self._pid = os.getpid()
         self.storage_options = options
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
         self.is_local = "file" in protocols or "local" in protocols
+
+    @property
+    def fs(self):
+        return self.filesystem()
+
+    def filesystem(self):
+        """This process's file system: a forked child (DataLoader worker) makes its own, because
+        async ones (s3fs, gcsfs) hold the parent's event loop and refuse to run after a fork."""
+        if self._pid != os.getpid():
+            if self.is_local:
+                self._fs = fsspec.filesystem("file")
+            else:
+                self._fs = fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+            self._pid = os.getpid()
+        return self._fs
 
     def join(self, *parts: str) -> str:
         for part in parts:
@@ -120,3 +136,23 @@ class Root:
 
 def staging_name(shard: str) -> str:
     return f"{shard}.{uuid.uuid4().hex[:12]}"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_durably(src: str, dst: str) -> None:
+    """Rename a finished local folder into place, crash-safe: every file and folder below `src` is on
+    disk before the rename makes it visible, and the rename itself is made durable. OSError if `dst` exists."""
+    for folder, _, files in os.walk(src):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+    os.rename(src, dst)
+    fsync_dir(os.path.dirname(dst))
