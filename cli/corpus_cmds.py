@@ -37,7 +37,8 @@ def from_llava(
     """Convert LLaVA's JSON format into WebDataset shards (image bytes as on disk + `json`).
 
     Entries with a missing image or malformed fields are reported with their ids
-    (also in OUT/from_llava_report.json) and skipped; keys are stable across reruns."""
+    (also in OUT/from_llava_report.json) and skipped; keys are stable across reruns. A rerun
+    into OUT replaces the earlier shards: the new set is written first, then the rest removed."""
     from olavlm.schemas.corpus_build import LLAVA_REPORT, convert_llava
 
     with user_errors():
@@ -58,6 +59,17 @@ def from_llava(
         f"wrote {report.samples} samples ({report.text_only} text-only) in {len(report.shards)} shards "
         f"to {out}; {len(report.problems)} entries skipped (see {out / LLAVA_REPORT})"
     )
+    if report.renamed:
+        examples = ", ".join(f"{r['id']!r} -> {r['key']!r}" for r in report.renamed_examples[:3])
+        typer.echo(
+            f"{report.renamed} samples keyed other than their id (characters outside [A-Za-z0-9_-], a "
+            f"repeated or missing id), e.g. {examples}; more examples in {out / LLAVA_REPORT}"
+        )
+    if report.removed:
+        typer.echo(
+            f"removed {len(report.removed)} shards of an earlier conversion into {out} "
+            f"({', '.join(report.removed[:3])}{', ...' if len(report.removed) > 3 else ''})"
+        )
 
 
 def register(groups: Groups) -> None:

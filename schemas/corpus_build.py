@@ -1,36 +1,12 @@
 """Building WebDataset corpora: the bundled demo corpus and LLaVA JSON conversion (`ola corpus ...`).
 
-Both builders write the corpus format that corpus.py reads (one tar per shard, a sample's files
-grouped by key, written atomically by `TarShardWriter`), so they live beside it, in the torch-free
-contract that pipeline/ and trainer/ both read. Cost: schemas/ carries the demo's image recipe, and
-imports scikit-image and scikit-learn (lazily: the `demo` extra, extras.py) when a demo corpus is built.
+Both builders write the corpus format that corpus.py reads (one tar per shard, written atomically by
+`TarShardWriter`), so they live beside it, in the torch-free contract that pipeline/ and trainer/
+read. Cost: schemas/ carries the demo's image recipe and imports scikit-image and scikit-learn
+(lazily: the `demo` extra) when a demo corpus is built.
 
-**The demo corpus** (`build_demo_corpus`): real photographs from scikit-image and scikit-learn.
-No download: `skimage.data` and `sklearn.datasets.load_sample_images` ship their
-images inside the packages. Deterministic crops, flips and scales turn ~20 images
-into any number of distinct samples, each a JPEG plus a LLaVA-style `json`
-(a caption turn and a question/answer turn that the image actually answers).
-Cost: the variety is small; it exercises the machinery, not the science.
-
-**LLaVA training JSON -> shards** (`convert_llava`, `ola corpus from-llava`).
-Input: `[{"id", "image" (relative to IMAGE_ROOT, optional), "conversations": [...]}, ...]`.
-Output: `OUT/<prefix>-000000.tar`, ... with `shard_size` samples each; every sample
-holds the image bytes as they are on disk (`jpg`, `png` or `webp`; never
-re-encoded, so the sha256 the cache records is the file's) and a `json` member
-with the entry. Entries without `image` become text-only samples.
-
-Keys are stable: the entry's id with every character outside [A-Za-z0-9_-]
-replaced by '_', and `-dupN` appended to the N-th repeat of an id. Samples keep
-the JSON's order, so the same JSON and shard size give the same shards, keys and
-bytes (mtime 0), and a cache precomputed over the result joins on every rerun.
-
-Entries that cannot be converted are reported by index, id and reason in the returned report
-and in `OUT/from_llava_report.json`; they never stop the conversion, and the counts reconcile
-(entries = samples written + refused). The conversation is checked by the trainer's own
-validator (schemas/conversation.py: roles, types, empty values, `<image>` placeholders against
-the image), so an entry written here is not refused by `ola train`; besides that, a missing,
-unreadable, empty or unsupported image, or one outside IMAGE_ROOT, is refused.
-Cost: the JSON is loaded whole (LLaVA-665K: ~1 GB of Python objects).
+Design choice: both are deterministic (stable keys, the input's order, tar mtime 0), so the same
+input gives the same shards, keys and bytes, and a cache precomputed over them joins on every rerun.
 """
 
 from __future__ import annotations
@@ -139,7 +115,11 @@ def _conversations(caption: str, info: dict, gray: bool) -> list[dict]:
 def build_demo_corpus(
     out: str | os.PathLike[str], samples: int = 256, shard_size: int = 64, quality: int = 90
 ) -> DemoCorpus:
-    """Write `samples` JPEG + json samples as `demo-000000.tar`, ...; byte-identical on every run."""
+    """Write `samples` JPEG + json samples as `demo-000000.tar`, ...; byte-identical on every run.
+
+    Deterministic crops, flips and scales of the ~20 photographs that scikit-image and scikit-learn
+    ship (no download), each with a caption turn and a question the image answers. Cost: the
+    variety is small; it exercises the machinery, not the science."""
     from PIL import Image
 
     if samples < 1 or shard_size < 1:
@@ -187,6 +167,12 @@ class ConversionReport:
     """Tar files written, in order."""
     problems: list[dict] = field(default_factory=list)
     """One {"index", "id", "reason"} per entry not converted."""
+    renamed: int = 0
+    """Samples whose key is not their id (characters outside [A-Za-z0-9_-], a repeated or missing id)."""
+    renamed_examples: list[dict] = field(default_factory=list)
+    """The first RENAMED_EXAMPLES of them: {"index", "id", "key"}."""
+    removed: list[str] = field(default_factory=list)
+    """Shards of an earlier conversion into OUT that are not part of this one, deleted after it."""
 
     def to_dict(self) -> dict:
         return {
@@ -196,7 +182,33 @@ class ConversionReport:
             "text_only": self.text_only,
             "shards": self.shards,
             "problems": self.problems,
+            "renamed": self.renamed,
+            "renamed_examples": self.renamed_examples,
+            "removed": self.removed,
         }
+
+
+RENAMED_EXAMPLES = 20
+
+
+def _stale_shards(out: str, prefix: str, keep: list[str], earlier: list[str]) -> list[str]:
+    """Tars of an earlier conversion into `out` (its report's shards, or named `<prefix>-NNNNNN.tar`)
+    that the new set does not hold."""
+    ours = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
+    present = set(os.listdir(out))
+    stale = {n for n in present if ours.match(n)} | (set(earlier) & present)
+    return sorted(stale - set(keep))
+
+
+def _earlier_shards(out: str) -> list[str]:
+    """The shards an earlier conversion's report lists, written or to remove ([] without a readable report)."""
+    try:
+        with open(os.path.join(out, LLAVA_REPORT)) as f:
+            report = json.load(f)
+        shards = list(report.get("shards", [])) + list(report.get("removed", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    return [s for s in shards if isinstance(s, str) and os.path.basename(s) == s and s.endswith(".tar")]
 
 
 def stable_key(raw_id, index: int, seen: Counter) -> str:
@@ -208,7 +220,15 @@ def stable_key(raw_id, index: int, seen: Counter) -> str:
 def convert_llava(
     json_path: str, image_root: str, out: str, *, shard_size: int = 1000, prefix: str = "llava"
 ) -> ConversionReport:
-    """Convert a LLaVA JSON file; see the module docstring."""
+    """LLaVA JSON `[{"id", "image" (under IMAGE_ROOT, optional), "conversations"}, ...]` -> `OUT/<prefix>-000000.tar`...
+
+    Images are copied as they are on disk (never re-encoded: the cache's sha256 is the file's);
+    entries without an image become text-only samples. Keys: the id with characters outside
+    [A-Za-z0-9_-] replaced by '_', `-dupN` on the N-th repeat. An entry whose conversation fails the
+    trainer's own validator, or whose image is missing, unreadable or outside IMAGE_ROOT, is refused
+    and reported (also in `OUT/from_llava_report.json`): entries = samples + refused. A rerun into
+    OUT replaces an earlier conversion: the new set is written whole, then the earlier set's other
+    shards are deleted (a crash in between leaves both; rerun). Cost: the JSON is loaded whole."""
     if shard_size < 1:
         raise ConfigError(f"shard_size must be >= 1, not {shard_size}")
     with open(json_path, encoding="utf-8") as f:
@@ -216,9 +236,12 @@ def convert_llava(
     if not isinstance(entries, list):
         raise CorpusError(f"{json_path}: expected a JSON list of entries, got {type(entries).__name__}")
     os.makedirs(out, exist_ok=True)
+    earlier = _earlier_shards(out)
     root = os.path.realpath(image_root)
     seen: Counter = Counter()
     problems: list[dict] = []
+    renamed: list[dict] = []
+    renamed_count = 0
     shards: list[str] = []
     writer: TarShardWriter | None = None
     written = text_only = 0
@@ -261,6 +284,10 @@ def convert_llava(
                     problem(index, raw_id, f"image {image!r} is an empty file")
                     continue
             key = stable_key(raw_id, index, seen)
+            if key != str(raw_id):
+                renamed_count += 1
+                if len(renamed) < RENAMED_EXAMPLES:
+                    renamed.append({"index": index, "id": raw_id, "key": key})
             files["json"] = json.dumps(entry, ensure_ascii=False).encode("utf-8")
             if writer is None or writer.count >= shard_size:
                 if writer is not None:
@@ -279,9 +306,20 @@ def convert_llava(
             writer.abort()
     if written + len(problems) != len(entries):  # every entry is written or reported, never lost
         raise RuntimeError(f"conversion lost entries: {len(entries)} != {written} + {len(problems)}")
+    # the new set is complete: an earlier conversion's other shards go (else both sets count as the corpus)
+    removed = _stale_shards(out, prefix, shards, earlier)
     report = ConversionReport(
-        entries=len(entries), samples=written, text_only=text_only, shards=shards, problems=problems
+        entries=len(entries),
+        samples=written,
+        text_only=text_only,
+        shards=shards,
+        problems=problems,
+        renamed=renamed_count,
+        renamed_examples=renamed,
+        removed=removed,
     )
     with open(os.path.join(out, LLAVA_REPORT), "w") as f:
         json.dump(report.to_dict(), f, indent=2)
+    for name in removed:  # after the report: a crash here leaves names a rerun finds and removes
+        os.remove(os.path.join(out, name))
     return report

@@ -381,6 +381,52 @@ def test_from_llava_cli(tmp_path):
     assert "wrote 1 samples" in result.output and "'2'" in result.output
 
 
+def test_from_llava_rerun_replaces_the_shards_and_reports_renamed_keys(tmp_path):
+    """A rerun with another --shard-size leaves only the new set (each sample once); keys other than
+    the id (non-ASCII, repeated) are counted and shown in the summary."""
+    from typer.testing import CliRunner
+
+    from olavlm.cli.app import app
+    from olavlm.schemas.corpus import iter_samples, list_shards
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(jpeg(0))
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A dog."}]
+    ids = ["1", "2", "3", "café", "2"]
+    (tmp_path / "x.json").write_text(
+        json.dumps([{"id": i, "image": "a.jpg", "conversations": conv} for i in ids])
+    )
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("not a shard")
+
+    def convert(size):
+        args = [
+            "corpus",
+            "from-llava",
+            str(tmp_path / "x.json"),
+            str(tmp_path / "img"),
+            str(tmp_path / "out"),
+        ]
+        result = CliRunner().invoke(app, [*args, "--shard-size", size])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    convert("2")
+    assert len(list_shards(str(tmp_path / "out"))) == 3
+    output = convert("5")
+    keys = [s.key for shard in list_shards(str(tmp_path / "out")) for s in iter_samples(shard.url)]
+    assert sorted(keys) == ["1", "2", "2-dup1", "3", "caf_"]  # once each: the old shards are gone
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "from_llava_report.json",
+        "llava-000000.tar",
+        "mine.txt",
+    ]
+    assert "removed 2 shards of an earlier conversion" in output and "llava-000001.tar" in output
+    assert "2 samples keyed other than their id" in output and "'café' -> 'caf_'" in output
+    report = json.loads((tmp_path / "out" / "from_llava_report.json").read_text())
+    assert report["removed"] == ["llava-000001.tar", "llava-000002.tar"] and report["renamed"] == 2
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_other_storage_dtypes_reach_the_batch_exactly(setup, tmp_path, dtype):
     samples = make_corpus(tmp_path / "corpus", shards=1, per_shard=3)
