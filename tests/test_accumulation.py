@@ -1,4 +1,4 @@
-"""Gradient accumulation and DDP see one big batch (issue 11, loss normalisation), CPU only.
+"""Gradient accumulation and DDP see one big batch (loss normalisation), CPU only.
 
 Every loss term is normalised by the optimizer step's global count (label tokens, images) over
 all ranks and micro-batches, so `--batch-size 2 --grad-accum 4` gives the gradients of
@@ -83,7 +83,7 @@ def _step(model, wrapped, micro_batches, distill=True, d=CPU):
 
 
 def _old_step(model, micro_batches, distill=True):
-    """The normalisation before issue 11: each micro-batch's own mean, divided by grad_accum."""
+    """The wrong normalisation: each micro-batch's own mean, divided by grad_accum."""
     model.zero_grad(set_to_none=True)
     for batch in micro_batches:
         (model(batch, distill=distill)["loss"] / len(micro_batches)).backward()

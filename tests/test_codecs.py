@@ -1,4 +1,4 @@
-"""Per-dtype default codecs (issue 14): new caches get them, old caches keep their recorded codec."""
+"""Per-dtype default codecs: new caches get them, old caches keep their recorded codec."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from olavlm.schemas.spec import STORAGE_DTYPES, CodecSpec, TeacherSpec, default_
 from olavlm.schemas.synthetic import feature_like
 
 OLD_DEFAULT = {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
-"""The codec every cache written before issue 14 recorded (the former CodecSpec() default)."""
+"""A recorded codec other than the per-dtype default: a cache started with it keeps it."""
 
 
 def spec(dtype="float16", **kw) -> TeacherSpec:

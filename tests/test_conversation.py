@@ -1,4 +1,4 @@
-"""One conversation check for conversion and training (schemas/conversation.py, issue 12)."""
+"""One conversation check for conversion and training (schemas/conversation.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """img2dataset-layout corpora (`jpg` + `txt` caption + `json` metadata, no conversations) with
-`ola precompute` and `ola train`, through `pipe:` URLs and brace patterns (issue 12)."""
+`ola precompute` and `ola train`, through `pipe:` URLs and brace patterns."""
 
 from __future__ import annotations
 
