@@ -18,8 +18,11 @@ def eval_command(
     bench: str = typer.Option(
         ..., "--bench", help="'cvbench' (CV-Bench as published) or 'mc' (generic multiple choice)."
     ),
-    data: Path = typer.Option(
-        ..., "--data", help="The questions: CV-Bench test.parquet, or an mc .parquet/.jsonl."
+    data: list[Path] = typer.Option(
+        ...,
+        "--data",
+        help="The questions (repeatable: all are read): the CV-Bench folder (test_2d/test_3d .parquet, "
+        "or .jsonl with img/) or its files; an mc .parquet/.jsonl.",
     ),
     out: Path = typer.Option(
         Path("eval-out"),
@@ -39,8 +42,8 @@ def eval_command(
     compare: str | None = typer.Option(
         None,
         "--compare",
-        help="A second checkpoint, evaluated identically: "
-        "both side by side, difference, paired bootstrap CI.",
+        help="A second checkpoint, evaluated identically: both side by side, the difference "
+        "CHECKPOINT - COMPARE, paired bootstrap CI.",
     ),
     limit: int = typer.Option(
         0, "--limit", min=0, help="Only N questions, round-robin over tasks (0 = all)."
@@ -96,7 +99,7 @@ def eval_command(
         report = run_eval(
             checkpoints,
             bench=bench,
-            data=str(data),
+            data=data,
             out=out,
             mode=mode,
             continuation=continuation,
@@ -118,6 +121,11 @@ def eval_command(
         typer.echo("")
         typer.echo(format_comparison(c, c["a"], c["b"]))
     for label, r in report["results"].items():
+        if r.get("partial"):
+            typer.echo(
+                f"{label}: partial CV-Bench, no questions of {', '.join(r['partial'])}: "
+                "those columns (and 2D / 3D / Overall where they need them) are left out"
+            )
         if r["unparsed"]:
             shown = ", ".join(r["unparsed"][:10]) + (" ..." if len(r["unparsed"]) > 10 else "")
             typer.echo(f"{label}: {len(r['unparsed'])} unparsed replies, counted wrong: {shown}")

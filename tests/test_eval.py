@@ -115,31 +115,38 @@ def make_question(i: int, task: str, answer: int) -> dict:
         _circle(draw, *blue, 6, (0, 0, 255))
         question = "Which object is closer to the green triangle, the red square or the blue circle?"
     lines = "\n".join(f"({LETTERS[k]}) {o}" for k, o in enumerate(options))
+    kind = "3D" if task in ("Depth", "Distance") else "2D"
+    filename = f"img/{kind}/{task.lower()}/{i}.png"  # the published folders: img/2D/count/...
     return {
         "idx": i,
-        "type": "3D" if task in ("Depth", "Distance") else "2D",
+        "type": kind,
         "task": task,
-        "image": {"bytes": _png(image), "path": f"img/{i}.png"},
+        "image": {"bytes": _png(image), "path": filename},
         "question": question,
         "choices": options,
         "answer": f"({LETTERS[answer]})",
         "prompt": f"{question} Select from the following choices.\n{lines}",
-        "filename": f"img/{i}.png",
+        "filename": filename,
         "source": None,
         "source_dataset": None,
-        "source_filename": None,
-        "target_class": None,
-        "target_size": None,
-        "bbox": None,
+        "source_filename": f"{i:012d}.jpg",
+        "target_class": "red square" if task in ("Count", "Relation") else None,
+        "target_size": 256 if task == "Count" else None,
+        "bbox": [[4.0, 6.0, 20.0, 22.0]] if task == "Count" else None,
     }
 
 
-def write_cvbench(path, spec=FIXTURE) -> list[dict]:
+def cvbench_rows(spec=FIXTURE) -> list[dict]:
     rows = []
     for i, (task, source, answer) in enumerate(spec):
         row = make_question(i, task, answer)
         row["source"], row["source_dataset"] = source, source
         rows.append(row)
+    return rows
+
+
+def write_cvbench(path, spec=FIXTURE) -> list[dict]:
+    rows = cvbench_rows(spec)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return rows
 
@@ -226,6 +233,16 @@ REPLIES = [
     ("There are 2 red circles in the image.", ("3", "2", "1", "0"), "B"),
     ("The blue circle is closer.", ("red square", "blue circle"), "B"),
     ("Red Square", ("red square", "blue circle"), "A"),
+    # a letter form beside another option's text: the letter decides (models often restate an option)
+    ("(B) cat", ("cat", "dog"), "B"),
+    ("B. cat", ("cat", "dog"), "B"),
+    ("B) the cat", ("cat", "dog"), "B"),
+    ("B: cat", ("cat", "dog"), "B"),
+    ("**B.** cat", ("cat", "dog"), "B"),
+    ("The answer is B, not cat.", ("cat", "dog"), "B"),
+    ("Option A: dog", ("cat", "dog"), "A"),
+    ("C. 2", ("3", "2", "1", "0"), "C"),
+    ("There are 2 red circles, so the answer is (A).", ("3", "2", "1", "0"), "A"),
     # unparsed: no option, two options, a letter that is not an option, an article
     ("I cannot tell from this image.", ("left", "right"), None),
     ("Either 2 or 3.", ("3", "2", "1", "0"), None),
@@ -477,7 +494,7 @@ def test_compare_paired_bootstrap(cvbench, tmp_path):
     score(ConstantA(), questions, tmp_path / "const", _settings(cvbench))
     oracle, const = (read_predictions(tmp_path / d / PREDICTIONS) for d in ("oracle", "const"))
 
-    c = compare(const, oracle, bench="cvbench", resamples=500, seed=1)
+    c = compare(oracle, const, bench="cvbench", resamples=500, seed=1)  # the first minus the compared
     cols = c["columns"]
     assert cols["Count"]["diff"] == pytest.approx(1 - 2 / 5) and cols["Overall"]["diff"] == pytest.approx(
         1 - 0.4125
@@ -486,11 +503,18 @@ def test_compare_paired_bootstrap(cvbench, tmp_path):
         assert v["low"] <= v["diff"] <= v["high"]
     # Every Depth question the constant model gets right, the oracle gets right too: the diff never goes below 0.
     assert cols["Depth"]["low"] >= 0
-    assert compare(const, oracle, bench="cvbench", resamples=500, seed=1) == c  # seeded
+    assert compare(oracle, const, bench="cvbench", resamples=500, seed=1) == c  # seeded
+    assert compare(const, oracle, bench="cvbench", resamples=500)["columns"]["Overall"]["diff"] < 0
     same = compare(oracle, oracle, bench="cvbench", resamples=200)["columns"]
     assert all((v["diff"], v["low"], v["high"]) == (0.0, 0.0, 0.0) for v in same.values())
-    text = format_comparison(c, "const", "oracle")
-    assert "Overall" in text and "+58.8" in text
+    text = format_comparison(c, "oracle", "const")
+    assert text.startswith("diff = oracle - const") and "Overall" in text and "+58.8" in text
+    # A partial benchmark (3D questions only): the columns it cannot fill are None, not NaN.
+    only_3d = {i: r for i, r in oracle.items() if r["source"] == "Omni3D"}
+    partial = compare(only_3d, {i: const[i] for i in only_3d}, bench="cvbench", resamples=100)["columns"]
+    assert partial["Overall"] == dict.fromkeys(("a", "b", "diff", "low", "high"))
+    assert partial["3D"]["diff"] == pytest.approx(1 - 3 / 6)
+    assert "Overall" in format_comparison({"columns": partial, "resamples": 100, "n": 6}, "o", "c")
 
 
 # ---------------------------------------------------------------------------------------- tiny student

@@ -1,32 +1,13 @@
 """`ola eval`: score a model on multiple-choice questions, resumably, and aggregate as the benchmark does.
 
-Scoring (`score`): questions go to an `EvalModel` (trainer/eval/adapter.py) in
-batches, in one of two modes:
-- generate: greedy reply, then `parse_answer`; an unparsed reply is wrong and its
-  id is listed in results.json (`unparsed`);
-- likelihood: the option with the highest log-probability after the prompt. With
-  continuation 'letter' the candidates are "A", "B", ...; with 'text' they are the
-  option texts, each score divided by its length in bytes (lm-eval's acc_norm), since
-  a summed log-probability prefers short options.
-
-Outputs in OUT (one folder per model):
-- predictions.jsonl: one line per question (id, task, source, answer, raw reply or
-  scores, parsed letter, correct), appended and fsynced after every batch. A rerun
-  reads it, skips ids already scored and scores the rest; a partial last line (a
-  kill mid-write) is cut off before appending. run.json records what the
-  predictions were made with (model folder, bench, data, mode, prompt settings); a
-  rerun with different settings fails instead of mixing answers of two runs.
-- results.json / results.csv: accuracy overall, per task and per source; for
-  CV-Bench also the card's aggregation: 2D = mean of the ADE20K and COCO accuracies,
-  3D = the Omni3D accuracy, overall = mean of 2D and 3D (not the pooled accuracy:
-  the sources differ in size).
-Cost: predictions.jsonl is re-read in full on every start (~1 MB for CV-Bench).
-
-Comparison (`compare`): two result sets on the same question ids, the difference
-per column and a paired bootstrap 95% interval: questions are resampled with
-replacement within each (task, source) stratum, the same draws for both models,
-and every column (tasks, 2D, 3D, overall) is recomputed per resample. Seeded, 2000
-resamples by default: ~1 s for CV-Bench's 2,638 questions.
+`score` asks an `EvalModel` (adapter.py) in generate mode (greedy reply, `parse_answer`) or
+likelihood mode (the best-scoring option; option texts per byte, lm-eval's acc_norm). A model's OUT
+holds predictions.jsonl (fsynced per batch), run.json (its settings; a rerun with others is refused)
+and results.json / .csv: accuracy overall, per task and source, and CV-Bench's own columns (2D =
+mean of ADE20K and COCO, 3D = Omni3D, overall = their mean). Design choice: a rerun cuts a torn
+last line and scores only the ids not yet predicted. Cost: predictions.jsonl is re-read in full
+on every start. `compare`: per-column difference of two result sets (the first minus the second),
+paired stratified bootstrap. A column with no question (a partial benchmark) is None, never NaN.
 """
 
 from __future__ import annotations
@@ -44,7 +25,15 @@ import numpy as np
 
 from olavlm.schemas.errors import ConfigError
 from olavlm.trainer.eval.adapter import EvalModel
-from olavlm.trainer.eval.questions import EvalDataError, Question, parse_answer
+from olavlm.trainer.eval.questions import (
+    CVBENCH_2D_SOURCES,
+    CVBENCH_3D_SOURCE,
+    CVBENCH_TASKS,
+    EvalDataError,
+    Question,
+    cvbench_columns,
+    parse_answer,
+)
 
 MODES = ("generate", "likelihood")
 CONTINUATIONS = ("letter", "text")
@@ -52,10 +41,6 @@ PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"
 RESULTS = "results.json"
 RESULTS_CSV = "results.csv"
-CVBENCH_TASKS = ("Count", "Depth", "Relation", "Distance")
-"""The paper's CV-Bench columns, in its order (Table 1)."""
-CVBENCH_2D_SOURCES = ("ADE20K", "COCO")
-CVBENCH_3D_SOURCE = "Omni3D"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +52,7 @@ class EvalSettings:
     bench: str
     """'cvbench' or 'mc'."""
     data: str
-    """Resolved data file."""
+    """The resolved data files (a folder's CV-Bench files), comma-separated."""
     mode: str = "generate"
     """'generate' (greedy reply, parsed) or 'likelihood' (best-scoring option)."""
     continuation: str = "letter"
@@ -149,8 +134,7 @@ def score(
 ) -> dict:
     """Score the questions not yet in OUT/predictions.jsonl, then aggregate all of them; returns results.
 
-    `model`: an `EvalModel`, or a function that builds one: called only if something is left to
-    score, so that printing a finished run's table never loads the weights.
+    `model`: an `EvalModel`, or a function that builds one only if something is left to score.
     """
     if settings.mode not in MODES:
         raise ConfigError(f"mode {settings.mode!r}: one of {MODES}")
@@ -221,16 +205,6 @@ def _acc(rows: list[dict]) -> dict:
     return {"n": n, "correct": correct, "accuracy": correct / n if n else float("nan")}
 
 
-def cvbench_columns(task_acc: dict[str, float], source_acc: dict[str, float]) -> dict[str, float]:
-    """The paper's CV-Bench columns plus the card's 2D / 3D / overall from per-task and per-source accuracies."""
-    nan = float("nan")
-    cols = {t: task_acc.get(t, nan) for t in CVBENCH_TASKS}
-    cols["2D"] = float(np.mean([source_acc.get(s, nan) for s in CVBENCH_2D_SOURCES]))
-    cols["3D"] = source_acc.get(CVBENCH_3D_SOURCE, nan)
-    cols["Overall"] = float(np.mean([cols["2D"], cols["3D"]]))
-    return cols
-
-
 def aggregate(rows: list[dict], *, bench: str) -> dict:
     """Accuracy overall, per task and per source (+ CV-Bench's columns); unparsed ids listed."""
     by_task: dict[str, list[dict]] = {}
@@ -250,6 +224,11 @@ def aggregate(rows: list[dict], *, bench: str) -> dict:
             {t: v["accuracy"] for t, v in results["tasks"].items()},
             {s: v["accuracy"] for s, v in results["sources"].items()},
         )
+        # The tasks and sources with no question: their columns (and 2D / 3D / Overall) are None.
+        have = set(by_task) | set(by_source)
+        results["partial"] = [
+            n for n in (*CVBENCH_TASKS, *CVBENCH_2D_SOURCES, CVBENCH_3D_SOURCE) if n not in have
+        ]
     return results
 
 
@@ -266,7 +245,7 @@ def columns(results: dict) -> dict[str, float]:
 def write_results(out: Path, results: dict) -> None:
     """results.json and results.csv (group, name, n, correct, accuracy), each replaced atomically."""
     tmp = out / (RESULTS + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
     os.replace(tmp, out / RESULTS)
     tmp = out / (RESULTS_CSV + ".tmp")
     with tmp.open("w", newline="") as f:
@@ -277,7 +256,7 @@ def write_results(out: Path, results: dict) -> None:
             for name, v in results[group].items():
                 w.writerow([group[:-1], name, v["n"], v["correct"], f"{v['accuracy']:.6f}"])
         for name, value in results.get("cvbench", {}).items():
-            w.writerow(["cvbench", name, "", "", f"{value:.6f}"])
+            w.writerow(["cvbench", name, "", "", "" if value is None else f"{value:.6f}"])
     os.replace(tmp, out / RESULTS_CSV)
 
 
@@ -287,11 +266,9 @@ def write_results(out: Path, results: dict) -> None:
 def compare(
     a: dict[str, dict], b: dict[str, dict], *, bench: str, resamples: int = 2000, seed: int = 0
 ) -> dict:
-    """Paired bootstrap of B - A over the question ids both scored.
-
-    a, b: {id: prediction} (predictions.jsonl rows). Returns {column: {a, b, diff, low, high}}
-    with the 95% percentile interval of the difference.
-    """
+    """Paired bootstrap of A - B (the first minus the compared one) over the question ids both scored
+    ({id: predictions.jsonl row} each). Returns {column: {a, b, diff, low, high}}, low/high the 95%
+    percentile interval of A - B; all None for a CV-Bench column the questions cannot fill."""
     ids = sorted(set(a) & set(b))
     if not ids:
         raise EvalDataError("the two result sets share no question ids")
@@ -324,29 +301,22 @@ def compare(
         out = {"Overall": acc(lambda k: True)}
         if bench == "cvbench":
             sources = {s: acc(lambda k, s=s: k[1] == s) for s in sorted({k[1] for k in keys})}
-            nan = np.full(per_stratum_correct.shape[1:], np.nan)
-            out = {t: tasks.get(t, nan) for t in CVBENCH_TASKS}
-            out["2D"] = np.mean([sources.get(s, nan) for s in CVBENCH_2D_SOURCES], axis=0)
-            out["3D"] = sources.get(CVBENCH_3D_SOURCE, nan)
-            out["Overall"] = (out["2D"] + out["3D"]) / 2
+            out = cvbench_columns(tasks, sources)
         elif len(tasks) > 1 or "" not in tasks:
             out.update({t or "(none)": v for t, v in tasks.items()})
         return out
 
     point_a = cols(np.array([[ca[strata[k]].sum()] for k in keys]))
     point_b = cols(np.array([[cb[strata[k]].sum()] for k in keys]))
-    boot = cols(sums_b - sums_a)  # differences of counts -> differences of accuracies (same denominators)
+    boot = cols(sums_a - sums_b)  # differences of counts -> differences of accuracies (same denominators)
     result = {}
-    for name in point_a:
-        diffs = boot[name]
-        low, high = np.percentile(diffs, [2.5, 97.5]) if np.isfinite(diffs).all() else (np.nan, np.nan)
-        result[name] = {
-            "a": float(point_a[name][0]),
-            "b": float(point_b[name][0]),
-            "diff": float(point_b[name][0] - point_a[name][0]),
-            "low": float(low),
-            "high": float(high),
-        }
+    for name, diffs in boot.items():
+        if diffs is None:
+            result[name] = dict.fromkeys(("a", "b", "diff", "low", "high"))
+            continue
+        low, high = np.percentile(diffs, [2.5, 97.5])
+        a_, b_ = float(point_a[name][0]), float(point_b[name][0])
+        result[name] = {"a": a_, "b": b_, "diff": a_ - b_, "low": float(low), "high": float(high)}
     return {"n": len(ids), "resamples": resamples, "seed": seed, "columns": result}
 
 
@@ -360,24 +330,27 @@ def format_table(named: dict[str, dict]) -> str:
     lines = [f"{'model':<{width}} " + " ".join(f"{c:>9}" for c in cols) + f" {'n':>6} {'unparsed':>8}"]
     for label, r in named.items():
         mine = columns(r)
-        cells = " ".join(f"{100 * mine.get(c, float('nan')):>9.1f}" for c in cols)
+        cells = " ".join(f"{_pct(mine.get(c)):>9}" for c in cols)
         lines.append(f"{label:<{width}} {cells} {r['n']:>6} {len(r['unparsed']):>8}")
     return "\n".join(lines)
 
 
+def _pct(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{100 * value:{sign}.1f}"
+
+
 def format_comparison(comparison: dict, label_a: str, label_b: str) -> str:
-    """Per column: A, B, B - A and the bootstrap 95% interval of B - A (percentage points)."""
+    """Per column: A, B, A - B and the bootstrap 95% interval of A - B (percentage points)."""
     cols = comparison["columns"]
     width = max(10, *(len(c) for c in cols))
     lines = [
-        f"{'column':<{width}} {label_a[:12]:>12} {label_b[:12]:>12} {'diff':>7}  95% CI (paired bootstrap, "
-        f"{comparison['resamples']} resamples, n={comparison['n']})"
+        f"diff = {label_a} - {label_b} (percentage points; 95% CI: paired bootstrap, "
+        f"{comparison['resamples']} resamples, n={comparison['n']})",
+        f"{'column':<{width}} {label_a[:12]:>12} {label_b[:12]:>12} {'diff':>7}  95% CI",
     ]
     for name, v in cols.items():
-        lines.append(
-            f"{name:<{width}} {100 * v['a']:>12.1f} {100 * v['b']:>12.1f} {100 * v['diff']:>+7.1f}  "
-            f"[{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]"
-        )
+        ci = "-" if v["low"] is None else f"[{_pct(v['low'], '+')}, {_pct(v['high'], '+')}]"
+        lines.append(f"{name:<{width}} {_pct(v['a']):>12} {_pct(v['b']):>12} {_pct(v['diff'], '+'):>7}  {ci}")
     return "\n".join(lines)
 
 
@@ -398,7 +371,7 @@ def run_eval(
     checkpoints: Sequence[str],
     *,
     bench: str,
-    data: str,
+    data: str | Path | Sequence[str | Path],
     out: str | Path,
     mode: str = "generate",
     continuation: str = "letter",
@@ -413,19 +386,20 @@ def run_eval(
 ) -> dict:
     """Evaluate one checkpoint (results in OUT) or two (OUT/<label> each, plus OUT/comparison.json).
 
-    Checkpoints: olavlm model / checkpoint / run folders or exported LLaVA folders.
-    Returns {"results": {label: results}, "comparison": {...} (two checkpoints only)}.
-    """
+    Checkpoints: olavlm model / checkpoint / run folders or exported LLaVA folders; `data`: files or
+    folders (`questions.data_files`). Returns {"results": {label: results}, "comparison": {...}
+    (two checkpoints: the first minus the second)}."""
     from olavlm.trainer.checkpoint import model_dir
     from olavlm.trainer.eval.adapter import LlavaEvalModel
-    from olavlm.trainer.eval.questions import load_questions
+    from olavlm.trainer.eval.questions import data_files, load_questions
 
     if not 1 <= len(checkpoints) <= 2:
         raise ConfigError(f"one checkpoint, or two to compare (got {len(checkpoints)})")
     for c in checkpoints:
         if not Path(c).is_dir():
             raise FileNotFoundError(f"checkpoint folder {c} does not exist")
-    questions = load_questions(bench, data, limit=limit)
+    files = data_files(bench, data)
+    questions = load_questions(bench, files, limit=limit)
     out = Path(out)
     names = labels(checkpoints)
     results, predictions = {}, {}
@@ -435,7 +409,7 @@ def run_eval(
         settings = EvalSettings(
             model=str(folder),
             bench=bench,
-            data=str(Path(data).resolve()),
+            data=", ".join(str(f.resolve()) for f in files),
             mode=mode,
             continuation=continuation,
             max_new_tokens=max_new_tokens,
@@ -457,9 +431,10 @@ def run_eval(
         report["comparison"] = {
             "a": a,
             "b": b,
+            "diff": f"{a} - {b}",
             **compare(predictions[a], predictions[b], bench=bench, resamples=resamples, seed=seed),
         }
         tmp = out / "comparison.json.tmp"
-        tmp.write_text(json.dumps(report["comparison"], indent=2))
+        tmp.write_text(json.dumps(report["comparison"], indent=2, allow_nan=False))
         os.replace(tmp, out / "comparison.json")
     return report

@@ -1,34 +1,13 @@
 """Benchmark questions for `ola eval`: the two input formats and answer extraction.
 
-Formats (both read into the same `Question` list):
-- `cvbench`: CV-Bench as published (nyu-visionx/CV-Bench `test.parquet`): `idx`, `type`
-  (2D/3D), `task` (Count, Relation, Depth, Distance), `source` (ADE20K, COCO, Omni3D),
-  `question`, `prompt` (the question followed by "Select from the following choices."
-  and the "(A) ..." lines), `choices` (list of option texts), `answer` ("(A)"), and
-  `image` as the Hugging Face Image struct {bytes, path}. The `prompt` column is used
-  as given, so the wording matches the card's.
-- `mc`: a generic multiple-choice set, Parquet or JSONL: `id`, `image` (bytes, the Image
-  struct, or a path relative to the data file), `question`, `options` (list of texts),
-  `answer` (a letter, "(A)", or the option's exact text), optional `category` (reported
-  like CV-Bench's `task`) and `source`. MMStar, RealWorldQA and similar sets map onto it
-  with a column rename (docs/EVAL.md). The prompt is the question followed by "A. text"
-  lines, LLaVA-1.5's multiple-choice layout.
-Both append LLaVA-1.5's instruction "Answer with the option's letter from the given
-choices directly." (`MC_SUFFIX`).
-
-Images stay encoded (bytes) until a batch needs them: CV-Bench's 2,638 images are
-~390 MB encoded, several GB decoded. Cost: a question holds its bytes in memory
-(the Arrow column's buffers are referenced, not copied per row).
-
-Answer extraction (`parse_answer`) takes, in this order: a parenthesised letter
-"(B)"; a reply that is only a letter ("B", "b", "B."); a leading letter with a
-delimiter ("B. left", "B) ...", "B: ..."); "answer/option/choice is B"; else the one
-option whose text the reply contains (whole words, case-insensitive; a reply equal
-to an option wins over containment). Letters outside the question's options are not
-answers. Anything else is unparsed (None) and scored wrong; a reply naming two
-options' texts is unparsed rather than guessed. Cost: a reply such as "A dog." to
-options whose letters include A is read as "A" only if followed by a delimiter, so
-"A dog" falls through to text matching.
+`cvbench` reads CV-Bench as published (a folder's test_2d/test_3d .parquet, or .jsonl with images
+under img/; its `prompt` column as given, to match the card's wording); `mc` a generic multiple-
+choice Parquet or JSONL (`id`, `image`, `question`, `options`, `answer`, optional `category`,
+`source`; docs/EVAL.md), prompted in LLaVA-1.5's "A. text" layout. Both end with `MC_SUFFIX`;
+images stay encoded until a batch needs them. `parse_answer` takes "(B)", a bare letter, a leading
+letter with a delimiter, "answer is B", else the one option whose text the reply contains; anything
+else, or two options, is unparsed and scored wrong. Design choice: a leading letter needs a
+delimiter. Cost: "A dog" is matched as text, not read as "A".
 """
 
 from __future__ import annotations
@@ -36,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +24,13 @@ from olavlm.schemas.errors import ConfigError, OlaError
 BENCHES = ("cvbench", "mc")
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = string.ascii_uppercase
+CVBENCH_LAYOUTS = ("test*.parquet", "test*.jsonl")
+"""CV-Bench's published files, in the order a folder is searched: the card's default config (Parquet,
+images embedded), then the JSONL files whose `filename` column names an image under img/."""
+CVBENCH_TASKS = ("Count", "Depth", "Relation", "Distance")
+"""The paper's CV-Bench columns, in its order (Table 1)."""
+CVBENCH_2D_SOURCES = ("ADE20K", "COCO")
+CVBENCH_3D_SOURCE = "Omni3D"
 
 
 class EvalDataError(OlaError, ValueError):
@@ -80,10 +66,32 @@ class Question:
 # ---------------------------------------------------------------------------------------- reading
 
 
+def data_files(bench: str, data: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files one or more `--data` values name, in order: a file as given, a CV-Bench folder -> its
+    published files (the first of `CVBENCH_LAYOUTS` it holds); each file once."""
+    files: list[Path] = []
+    for path in [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]:
+        if path.is_dir() and bench == "cvbench":
+            found = next((sorted(path.glob(p)) for p in CVBENCH_LAYOUTS if any(path.glob(p))), [])
+            if not found:
+                raise EvalDataError(
+                    f"{path}: no CV-Bench files in this folder (expected {' or '.join(CVBENCH_LAYOUTS)}, "
+                    "e.g. test_2d.parquet and test_3d.parquet)"
+                )
+            files.extend(found)
+        elif path.is_dir():
+            raise EvalDataError(f"{path} is a folder: give the data file (.parquet or .jsonl)")
+        elif not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        else:
+            files.append(path)
+    if not files:
+        raise ConfigError("no data file given (--data)")
+    return list({f.resolve(): f for f in files}.values())
+
+
 def _read_rows(path: Path) -> list[dict]:
     """Parquet or JSONL rows as dicts (image bytes referenced as Python bytes)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix in (".jsonl", ".json"):
         rows = []
         with path.open() as f:
@@ -132,11 +140,12 @@ def _letter(answer, options: tuple[str, ...], where: str) -> str:
     )
 
 
-def _unique(questions: list[Question], path: Path) -> list[Question]:
+def _unique(questions: list[Question], files: list[Path]) -> list[Question]:
     seen: set[str] = set()
     for q in questions:
         if q.id in seen:
-            raise EvalDataError(f"{path}: question id {q.id!r} occurs twice (ids key the predictions)")
+            where = ", ".join(map(str, files))
+            raise EvalDataError(f"{where}: question id {q.id!r} occurs twice (ids key the predictions)")
         seen.add(q.id)
     return questions
 
@@ -149,13 +158,28 @@ def _need(row: dict, columns: Iterable[str], where: str) -> None:
         )
 
 
-def load_cvbench(path: str | Path) -> list[Question]:
-    """CV-Bench Parquet (or its JSONL with image paths) -> questions, in file order."""
-    path = Path(path)
+def _cvbench_image(row: dict, base: Path, where: str) -> bytes:
+    """The Parquet layout embeds the image; the JSONL layout names it in `filename`, under img/."""
+    if row.get("image") is not None:
+        return _image_bytes(row["image"], base, where)
+    _need(row, ("filename",), where)
+    for path in (base / row["filename"], base / "img" / row["filename"]):
+        if path.is_file():
+            return path.read_bytes()
+    raise FileNotFoundError(f"{where}: image file {base / row['filename']} does not exist")
+
+
+def load_cvbench(data: str | Path | Sequence[str | Path]) -> list[Question]:
+    """CV-Bench files or folders (`data_files`) -> questions, in file order."""
+    files = data_files("cvbench", data)
+    return _unique([q for path in files for q in _cvbench_file(path)], files)
+
+
+def _cvbench_file(path: Path) -> list[Question]:
     out = []
     for n, row in enumerate(_read_rows(path)):
         where = f"{path} row {n}"
-        _need(row, ("idx", "choices", "answer", "task", "source", "image"), where)
+        _need(row, ("idx", "choices", "answer", "task", "source"), where)
         where = f"{path} idx {row['idx']}"
         options = tuple(str(c) for c in row["choices"])
         if "prompt" in row and row["prompt"]:
@@ -173,10 +197,22 @@ def load_cvbench(path: str | Path) -> list[Question]:
                 task=str(row["task"]),
                 source=str(row["source"]),
                 type=str(row.get("type") or ""),
-                image=_image_bytes(row["image"], path.parent, where),
+                image=_cvbench_image(row, path.parent, where),
             )
         )
-    return _unique(out, path)
+    return out
+
+
+def cvbench_columns(task_acc: dict, source_acc: dict) -> dict:
+    """The paper's CV-Bench columns and the card's 2D = (ADE20K + COCO) / 2, 3D = Omni3D, Overall = (2D + 3D) / 2
+    from per-task and per-source accuracies (floats, or arrays of bootstrap resamples); None where a task or
+    source has no question (a partial benchmark)."""
+    cols = {t: task_acc.get(t) for t in CVBENCH_TASKS}
+    ade, coco = (source_acc.get(s) for s in CVBENCH_2D_SOURCES)
+    cols["2D"] = None if ade is None or coco is None else (ade + coco) / 2
+    cols["3D"] = source_acc.get(CVBENCH_3D_SOURCE)
+    cols["Overall"] = None if cols["2D"] is None or cols["3D"] is None else (cols["2D"] + cols["3D"]) / 2
+    return cols
 
 
 def mc_prompt(question: str, options: tuple[str, ...]) -> str:
@@ -185,9 +221,13 @@ def mc_prompt(question: str, options: tuple[str, ...]) -> str:
     return f"{question}\n{lines}\n{MC_SUFFIX}"
 
 
-def load_mc(path: str | Path) -> list[Question]:
-    """Generic multiple-choice Parquet / JSONL -> questions, in file order."""
-    path = Path(path)
+def load_mc(data: str | Path | Sequence[str | Path]) -> list[Question]:
+    """Generic multiple-choice Parquet / JSONL files -> questions, in file order."""
+    files = data_files("mc", data)
+    return _unique([q for path in files for q in _mc_file(path)], files)
+
+
+def _mc_file(path: Path) -> list[Question]:
     out = []
     for n, row in enumerate(_read_rows(path)):
         where = f"{path} row {n}"
@@ -207,17 +247,18 @@ def load_mc(path: str | Path) -> list[Question]:
                 image=_image_bytes(row["image"], path.parent, where),
             )
         )
-    return _unique(out, path)
+    return out
 
 
-def load_questions(bench: str, path: str | Path, *, limit: int = 0) -> list[Question]:
-    """Questions of `bench` from `path`; `limit` > 0 keeps that many, round-robin over tasks in file order
-    (so a small limit still covers every task; the same limit always picks the same questions)."""
+def load_questions(bench: str, data: str | Path | Sequence[str | Path], *, limit: int = 0) -> list[Question]:
+    """Questions of `bench` from `data` (files or folders, `data_files`); `limit` > 0 keeps that many,
+    round-robin over tasks in file order (so a small limit still covers every task; the same limit
+    always picks the same questions)."""
     if bench not in BENCHES:
         raise ConfigError(f"unknown bench {bench!r}; known: {BENCHES}")
-    questions = load_cvbench(path) if bench == "cvbench" else load_mc(path)
+    questions = load_cvbench(data) if bench == "cvbench" else load_mc(data)
     if not questions:
-        raise EvalDataError(f"{path}: no questions")
+        raise EvalDataError(f"{', '.join(map(str, data_files(bench, data)))}: no questions")
     if limit <= 0 or limit >= len(questions):
         return questions
     by_task: dict[str, list[Question]] = {}
