@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -45,7 +46,11 @@ TRAIN_HELP = """Train the student against cached targets (one call of olavlm.tra
 Every config field is an option: --SECTION.FIELD VALUE, or --FIELD VALUE when the name is unique
 (--seed sets data.seed and train.seed); booleans as --FLAG / --no-FLAG. A --config file (TOML, YAML or
 JSON, docs/CONFIG.md) is read first; options override it. On --resume, the given --steps, --out,
---save-every and --log-every apply; the saved run defines the rest.
+--save-every, --log-every and --keep-last apply, and the checkpoints go to the resumed run's own folder
+unless --out is given; the saved run defines the rest (an option equal to its value is accepted, so the
+command that started the run can be rerun with --resume). A larger --steps on resume stretches the
+learning-rate schedule over the new total: from the resumed step on, the rate is the longer cosine's
+(after a finished run, it rises again).
 
 Demo: ola train --data CORPUS --cache CACHE --stage pt --preset tiny --steps 20 --out runs/demo
 
@@ -72,6 +77,8 @@ def train_command(
         from olavlm.trainer.train import train
 
         summary = train(run_config, given=given)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for every rank
+        return
     if summary["last"]:
         terms = {
             k: round(v, 4)

@@ -141,7 +141,7 @@ class TrainConfig:
     distill: bool = True
     """Add the embedding losses (PT only in the paper); False = the NTP-only baseline."""
     steps: int = 1000
-    """Optimizer steps."""
+    """Optimizer steps; the warm-up + cosine schedule spans them. Raised on resume, it stretches the schedule over the new total: from the resumed step on the rate is the longer schedule's (after a finished run it rises again)."""
     lr: float = 0.0
     """Peak learning rate; 0 = the stage default (PT 1e-3, VPT/IFT 2e-5)."""
     warmup_ratio: float = 0.03
@@ -157,7 +157,7 @@ class TrainConfig:
     init_from: str = ""
     """Checkpoint to start from (IFT starts from a PT checkpoint)."""
     resume: str = ""
-    """Checkpoint (or run folder: its latest) to continue exactly: weights, optimizer, loader, RNG."""
+    """Checkpoint (or run folder: its latest) to continue exactly: weights, optimizer, loader, RNG. Checkpoints go to its run folder unless `out` is given; options equal to the saved run's are accepted, other changes only to steps, out, save_every, log_every, keep_last and the logging sinks."""
     out: str = "runs/ola"
     """Output folder: checkpoints and metrics.jsonl."""
     save_every: int = 500

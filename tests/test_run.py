@@ -53,3 +53,21 @@ def test_ntp_baseline_and_bad_options(data):
         resolve_run(config(data, stage="bogus"))
     with pytest.raises(ConfigError, match="needs --cache"):
         resolve_run(RunConfig(model=ModelConfig(preset="tiny")))
+
+
+def test_layers_beyond_the_llm_depth_are_refused_before_the_model_is_built(data, tmp_path):
+    """The LLM's depth is read from its config.json (a local folder here; the hub cache for an id)."""
+    import dataclasses
+    import json
+
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
+    run = dataclasses.replace(
+        config(data, tasks=("depth",)),
+        model=ModelConfig(vision_model="clip", llm=str(llm), tasks=("depth",), layers={"depth": (2, 9)}),
+    )
+    with pytest.raises(ConfigError, match=r"model.layers: \{'depth': \[9\]\} outside the LLM's layers 1..4"):
+        resolve_run(run)
+    fits = dataclasses.replace(run, model=dataclasses.replace(run.model, layers={"depth": (2, 4)}))
+    assert resolve_run(fits).config.model.layers == {"depth": (2, 4)}

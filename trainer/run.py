@@ -1,23 +1,13 @@
 """`resolve_run(config) -> Run`: everything the loop needs decided before a weight is loaded.
 
-A `RunConfig` says what the user asked for; a `Run` says what will happen: the
-config merged with the checkpoint being resumed, the tiny preset turned into
-folders, the model config taken from the checkpoint it starts from, the teachers
-whose targets are distilled (`targets`) and every head's target shape, the
-fingerprints the data path requires, and the model folder to start from. The
-effective config (saved as config.json) is `Run.config`.
-
-Design choices and their cost:
-- Pure: it reads small JSON files (the resumed checkpoint's config, the start
-  checkpoint's olavlm.json, the cache's cache.json) and builds nothing, so every
-  refusal (unknown stage, distillation without targets) happens before minutes
-  of model loading and is tested without torch work. Cost: the tiny preset's
-  folder is named here but built by the loop (`ensure_tiny_student`).
-- On resume the saved run defines the config; only the options in `RESUMABLE`
-  change it. `given` names the options the user typed (the CLI knows); without
-  it (a RunConfig built in code) a field counts as given when it differs from
-  its default, as it always has. A given option outside `RESUMABLE` whose value
-  differs from the saved one is refused rather than silently ignored.
+A `RunConfig` says what the user asked for; a `Run` what will happen: the config merged with a
+resumed checkpoint's (`Run.config`, saved as config.json), the tiny preset's folders, the start
+checkpoint's model config, the distilled teachers and their target shapes, the fingerprints the
+data path requires. On resume only `RESUMABLE` options may change; another given option that
+differs from the saved (effective) value is refused, naming both, and OUT is the resumed run's own
+folder unless given. Design choice: pure, reading small JSON files only, so every refusal comes
+before minutes of model loading. Cost: the tiny preset's folder is named here but built by the
+loop (`ensure_tiny_student`).
 """
 
 from __future__ import annotations
@@ -39,7 +29,7 @@ from olavlm.trainer.student.presets import TINY_HEADS, TINY_STUDENT_DIR
 RESUMABLE = ("steps", "out", "save_every", "log_every", "keep_last", "tensorboard", "wandb", "wandb_project")
 """TrainConfig fields a resumed run may change; the saved config defines every other field."""
 MODEL_META = "olavlm.json"
-"""A saved student's metadata file (trainer/student/model.py CONFIG_FILE): its config and target shapes."""
+"""A saved student's metadata file (trainer/student/build.py CONFIG_FILE): its config and target shapes."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +88,8 @@ def resolve_run(config: RunConfig, *, given: Collection[str] | None = None) -> R
         else (str(checkpoint.find(tcfg.init_from) / checkpoint.MODEL) if tcfg.init_from else "")
     )
     model_cfg, shapes = _model_config(config.model, start_from, cache_specs, distill, dcfg.cache)
+    if not start_from:  # a start checkpoint's layers were checked when it was built
+        _check_layers(model_cfg)
     specs = {t: cache_specs[t] for t in model_cfg.tasks if t in cache_specs}
     targets = dict(specs) if distill else {}
     if distill and set(model_cfg.tasks) - set(targets):
@@ -124,7 +116,8 @@ def resolve_run(config: RunConfig, *, given: Collection[str] | None = None) -> R
 
 
 def _resumed_config(config: RunConfig, resume: str, given: Collection[str] | None) -> RunConfig:
-    """The saved run's config with the given RESUMABLE options on top."""
+    """The saved run's config with the given RESUMABLE options on top; OUT is the resumed run's folder
+    unless --out is given (never the folder recorded in the saved config: the run may have been copied)."""
     saved = from_dict(RunConfig, json.loads((Path(resume) / checkpoint.CONFIG).read_text()))
     default = TrainConfig()
     if given is None:
@@ -132,18 +125,96 @@ def _resumed_config(config: RunConfig, resume: str, given: Collection[str] | Non
             f"train.{name}" for name in RESUMABLE if getattr(config.train, name) != getattr(default, name)
         }
     else:
-        refused = []
-        for name in sorted(set(given) - {f"train.{n}" for n in RESUMABLE + ("resume",)}):
-            section, _, field = name.partition(".")
-            if getattr(getattr(config, section), field) != getattr(getattr(saved, section), field):
-                refused.append(name)
-        if refused:
-            raise ConfigError(
-                f"--resume {resume}: the saved run defines {', '.join(refused)}; a resume may only "
-                f"change {', '.join('train.' + n for n in RESUMABLE)}"
-            )
+        _refuse_changes(config, saved, given, resume)
     changed = {name: getattr(config.train, name) for name in RESUMABLE if f"train.{name}" in given}
+    changed.setdefault("out", _run_folder(resume))
+    _refuse_foreign_out(changed["out"], resume)
     return dataclasses.replace(saved, train=dataclasses.replace(saved.train, resume=resume, **changed))
+
+
+def _refuse_changes(config: RunConfig, saved: RunConfig, given: Collection[str], resume: str) -> None:
+    """A given option outside RESUMABLE must equal the saved run's effective value: re-running the command
+    that started the run (its config file, its --preset) with --resume is accepted."""
+    mine, _ = _apply_preset(  # the folders it names are compared by preset name below, not by path
+        dataclasses.replace(config, train=dataclasses.replace(config.train, out=saved.train.out))
+    )
+    refused = []
+    for name in sorted(set(given) - {f"train.{n}" for n in RESUMABLE + ("resume",)}):
+        section, _, field = name.partition(".")
+        old, new = getattr(getattr(saved, section), field), getattr(getattr(mine, section), field)
+        if name == "model.preset":
+            old, new = _preset_of(saved.model), config.model.preset
+        if old != new:
+            refused.append(f"{name} (saved {old!r}, given {new!r})")
+    if refused:
+        raise ConfigError(
+            f"--resume {resume}: the saved run defines {'; '.join(refused)}; a resume may only "
+            f"change {', '.join('train.' + n for n in RESUMABLE)}"
+        )
+
+
+def _preset_of(model: ModelConfig) -> str:
+    """The preset a saved (resolved) model config was made from: 'tiny' for the tiny student's folders and
+    heads, else ''."""
+    tiny = all(Path(p).parent.name == TINY_STUDENT_DIR for p in (model.vision_model, model.llm))
+    return "tiny" if tiny and all(getattr(model, k) == v for k, v in TINY_HEADS.items()) else ""
+
+
+def _run_folder(resume: str) -> str:
+    """OUT of the checkpoint OUT/checkpoints/step-N being resumed."""
+    step = Path(resume)
+    if step.parent.name != checkpoint.CHECKPOINTS:
+        raise ConfigError(
+            f"--resume {resume}: not in a run folder (RUN/{checkpoint.CHECKPOINTS}/step-N); "
+            "give --out for the resumed run"
+        )
+    return str(step.parent.parent)
+
+
+def _refuse_foreign_out(out: str, resume: str) -> None:
+    """Writing (and pruning, keep_last) in another run's checkpoints folder is refused."""
+    if Path(out).resolve() == Path(resume).parent.parent.resolve():
+        return
+    try:
+        other = checkpoint.find(out)
+    except FileNotFoundError:
+        return
+    raise ConfigError(
+        f"--resume {resume} would write into train.out {out}, which holds another run's checkpoints "
+        f"({other.name}): resume into the run's own folder ({Path(resume).parent.parent}) or a new --out"
+    )
+
+
+def _llm_depth(model: ModelConfig) -> tuple[int, str] | None:
+    """(number of LLM layers, the config.json it was read from) when a local folder or the hub cache
+    holds the LLM's config.json (nothing is downloaded); None otherwise."""
+    path = Path(model.llm) / "config.json"
+    try:
+        if model.llm and not Path(model.llm).exists():  # a hub id: its cached config.json, if any
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model.llm, "config.json")
+            path = Path(cached) if isinstance(cached, str) else path
+        meta = json.loads(path.read_text())
+    except Exception:  # noqa: BLE001 - unknown here (not a repo id, not cached, not JSON): the build checks
+        return None
+    depth = meta.get("num_hidden_layers") or meta.get("text_config", {}).get("num_hidden_layers")
+    return (int(depth), str(path)) if depth else None
+
+
+def _check_layers(model: ModelConfig) -> None:
+    """model.layers within the LLM's 1..depth, before minutes of model loading (when the depth is known)."""
+    known = _llm_depth(model) if model.layers else None
+    if known is None:
+        return
+    depth, source = known
+    bad = {t: [n for n in v if not 1 <= n <= depth] for t, v in model.layers.items()}
+    bad = {t: v for t, v in bad.items() if v}
+    if bad:
+        raise ConfigError(
+            f"model.layers: {bad} outside the LLM's layers 1..{depth} ({source}; paper numbering: layer i = "
+            "hidden_states[i])"
+        )
 
 
 def _apply_preset(config: RunConfig) -> tuple[RunConfig, str]:
