@@ -217,6 +217,27 @@ def test_gradient_checkpointing_gives_the_same_losses_and_grads():
     torch.testing.assert_close(plain.heads[head].out_proj.weight.grad, ckpt.heads[head].out_proj.weight.grad)
 
 
+@pytest.mark.parametrize("stage", ["pt", "vpt", "ift"])
+def test_every_trainable_parameter_gets_a_gradient_even_without_images(stage):
+    """What DDP without find_unused_parameters needs of every backward (parallel.py): a batch of text only
+    reaches the projector too (times 0, as LLaVA's training does)."""
+    from olavlm.trainer.freeze import apply_stage, uses_embedding_losses
+    from tests._student import tiny_model as build
+
+    model = build(seed=2)
+    apply_stage(model, stage)
+    text_only = [("Say hello.", "Hello.", False), ("Count.", "One two.", False)]
+    for samples in (text_only, SAMPLES):
+        model.zero_grad(set_to_none=True)
+        model(make_batch(model, samples), distill=uses_embedding_losses(stage))["loss"].backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"{stage}, images={samples[0][2]}: no gradient for {missing[:5]}"
+    projector = model.llava.model.multi_modal_projector.linear_1.weight
+    model.zero_grad(set_to_none=True)
+    model(make_batch(model, text_only))["loss"].backward()
+    assert not projector.grad.any()  # a zero gradient: the text moves nothing
+
+
 def test_bf16_targets_are_accepted(model):
     batch = make_batch(model, SAMPLES)
     as_bf16 = dict(batch, targets={t: v.bfloat16() for t, v in batch["targets"].items()})

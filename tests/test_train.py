@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from olavlm.schemas.errors import ConfigError
 from olavlm.trainer import checkpoint
 from olavlm.trainer.train import NonFiniteLossError, read_metrics, train
 from tests._trainer_data import make_cache, make_corpus
@@ -204,6 +207,12 @@ def test_ddp_two_processes_on_cpu(data):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((checkpoint.find(out) / "trainer.json").read_text())
     assert len(saved["loader"]) == 2 and len(saved["rng"]) == 2
+    # Rank 0 alone reports; DDP has no unused parameters to search for (nor warns about it per rank).
+    assert [line for line in result.stdout.splitlines() if line.startswith("checkpoint:")] == [
+        f"checkpoint: {checkpoint.find(out)}"
+    ]
+    assert "find_unused_parameters" not in result.stderr
+    assert result.stderr.count("The new embeddings will be initialized") <= 1
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
 
@@ -311,6 +320,64 @@ def test_resume_keeps_explicit_options_equal_to_their_default(pt_run, data, tmp_
         given={"train.resume", "train.keep_last", "train.wandb"},
     )
     assert (changed.config.train.keep_last, changed.config.train.wandb) == (2, True)
+
+
+def test_rerunning_the_command_with_resume_is_accepted_and_a_real_change_named(pt_run, data, tmp_path):
+    """`ola train --config pt.toml --resume runs/pt --steps 10`: the file's values equal the saved run's."""
+    from olavlm.cli.train_cmds import load_config
+    from olavlm.schemas.config import merge
+
+    d, _ = data
+    (tmp_path / "pt.toml").write_text(
+        f'[model]\npreset = "tiny"\n[data]\ndata = "{d / "corpus"}"\ncache = "{d / "cache"}"\nbatch_size = 2\n'
+        f'num_workers = 0\nmax_length = 256\n[train]\nstage = "pt"\nsteps = 6\nout = "{d / "pt"}"\n'
+        "save_every = 3\nlog_every = 1\n"
+    )
+    resume = {"train": {"resume": str(d / "pt"), "steps": 10}}
+    run = _resolve(load_config(tmp_path / "pt.toml", resume))
+    assert run.config.train.steps == 10 and run.config.train.out == str(d / "pt")
+    assert run.resume == str(d / "pt" / "checkpoints" / "step-00000006")
+    for change, message in (
+        ({"train": {"lr": 0.5}}, "train.lr (saved 0.0, given 0.5)"),
+        ({"model": {"preset": ""}}, "model.preset (saved 'tiny', given '')"),
+        ({"data": {"batch_size": 4}}, "data.batch_size (saved 2, given 4)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            _resolve(load_config(tmp_path / "pt.toml", merge(resume, change)))
+
+
+def _resolve(loaded):
+    """resolve_run as `ola train` calls it: the config and the options the user gave."""
+    from olavlm.trainer.run import resolve_run
+
+    config, given = loaded
+    return resolve_run(config, given=given)
+
+
+def test_resuming_a_copied_run_writes_into_the_copy_and_prunes_only_there(pt_run, data, tmp_path):
+    """`cp -r runs/pt runs/pt-copy; ola train --resume runs/pt-copy`: the copy continues, the original is untouched."""
+    from olavlm.trainer.run import resolve_run
+
+    d, _ = data
+    copy = tmp_path / "pt-copy"
+    shutil.copytree(d / "pt", copy)
+    original = {p.name: p.stat().st_mtime_ns for p in (d / "pt" / "checkpoints").iterdir()}
+    metrics = (d / "pt" / "metrics.jsonl").read_text()
+    given = {"train.resume", "train.steps", "train.keep_last"}
+    summary = train(RunConfig(train=TrainConfig(resume=str(copy), steps=7, keep_last=1)), given=given)
+    assert summary["out"] == str(copy)
+    assert summary["checkpoint"] == str(copy / "checkpoints" / "step-00000007")
+    assert (copy / "checkpoints" / "LATEST").read_text().strip() == "step-00000007"
+    assert not (copy / "checkpoints" / "step-00000003").exists()  # keep_last pruned the copy ...
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (d / "pt" / "checkpoints").iterdir()
+    } == original  # ... only
+    assert (d / "pt" / "metrics.jsonl").read_text() == metrics
+    with pytest.raises(ConfigError, match=r"holds another run's checkpoints \(step-00000006\)"):
+        resolve_run(
+            RunConfig(train=TrainConfig(resume=str(copy), out=str(d / "pt"))),
+            given={"train.resume", "train.out"},
+        )
 
 
 def test_fsdp2_single_process_trains_saves_and_resumes(data):

@@ -5,9 +5,10 @@ once; checkpoint.save_state calls the gathers here. FSDP2 (`fully_shard` on ever
 decoder block and on the root, which holds the vision tower: a separately sharded
 CLIP loses transformers' hidden-state capture) is for full fine-tuning of large
 LLMs; its full checkpoints are written shard by shard, never gathered (only the
-trainable tensors of a trainable-only checkpoint are, `full_tensors`). DDP runs with
-find_unused_parameters=True: a micro-batch without images leaves the projector
-without gradient. Cost: one graph traversal per backward.
+trainable tensors of a trainable-only checkpoint are, `full_tensors`). DDP searches
+for unused parameters only when the vision tower trains (LLaVA reads its second-to-
+last layer: the last never gets a gradient); otherwise every trainable parameter gets
+one each step (a batch without images touches the projector, OlaVlm.embed).
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def wrap(model, cfg: RunConfig, d: Dist):
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        tower_trains = any(p.requires_grad for p in model.llava.model.vision_tower.parameters())
         return DistributedDataParallel(
             model,
             device_ids=[d.device.index] if d.device.type == "cuda" else None,
-            find_unused_parameters=True,
+            find_unused_parameters=tower_trains,  # else a search per backward, and a warning per rank
         )
     return model
 

@@ -215,10 +215,12 @@ def train(config: RunConfig, *, given=None) -> dict:
 
     Returns {"step", "checkpoint", "fingerprints", "out", "last": the last step's metrics record}."""
     d = init_distributed()
-    if not sys.stderr.isatty():  # transformers' load/save bars too: in a file they repeat every update
+    if not sys.stderr.isatty() or not d.main:  # in a file a bar repeats every update; ranks repeat rank 0
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if not d.main:
+            hf_logging.set_verbosity_error()  # transformers' warnings once, from rank 0
     run = resolve_run(config, given=given)
     if run.tiny_student:
         ensure_tiny_student(run.tiny_student)

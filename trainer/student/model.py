@@ -246,6 +246,11 @@ class OlaVlm(nn.Module):
         if bool(rows.any()):
             features = self.image_features(pixel_values[rows])  # [b, N, D], rows with an image only
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        elif torch.is_grad_enabled():
+            # No image: the projector enters the graph times 0 (as in LLaVA's training), so it gets a zero
+            # gradient like every other trainable part, and DDP needs no search for unused parameters.
+            touched = [p.view(-1)[:1] for p in self.llava.model.multi_modal_projector.parameters()]
+            embeds = embeds + 0.0 * torch.cat(touched).sum().to(embeds.dtype)
 
         if self.task_embeddings.numel():
             match = input_ids.unsqueeze(-1) == self.task_token_ids  # [B, L, K]
