@@ -24,7 +24,7 @@ from . import (
     probe_cmd,
     train_cmds,
 )
-from .groups import Groups
+from .groups import Groups, reflow_commands
 
 app = typer.Typer(
     name="ola",
@@ -59,6 +59,7 @@ for module in (
     bench_join_cmd,
 ):
     module.register(groups)
+reflow_commands(app, groups.corpus, groups.cache, groups.bench)
 
 
 def main() -> None:

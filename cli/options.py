@@ -26,6 +26,8 @@ import typer
 from olavlm.schemas.config import coerce, field_types
 from olavlm.schemas.config_doc import field_docs
 
+from .groups import reflow_commands
+
 
 def _parser(annotation: Any) -> Callable[[str], Any]:
     """A config field's type on the command line: `coerce`, whose ConfigError (a ValueError) click reports
@@ -186,4 +188,5 @@ def lazy_command(group: typer.Typer, name: str, summary: str, build: Callable[[]
     def command(ctx: typer.Context) -> None:
         inner = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
         inner.command(name, context_settings=CONTEXT_SETTINGS)(build())
+        reflow_commands(inner)
         typer.main.get_command(inner).main(args=ctx.args, prog_name=ctx.command_path, standalone_mode=True)

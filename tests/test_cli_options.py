@@ -84,3 +84,21 @@ def test_fixed_choices_are_listed_and_checked():
     assert "[pt|vpt|ift]" in text and "[error|skip]" in text and "[''|crop|pad]" in text
     result = invoke("train", "--stage", "sft", "--print-config")
     assert result.exit_code == 2 and "--stage" in result.output and "'sft'" in result.output
+
+
+def test_help_paragraphs_reflow_to_the_terminal_width():
+    """A docstring's line breaks are not kept: they would break lines mid-sentence at any other width."""
+    from olavlm.cli.app import groups
+    from olavlm.cli.groups import reflow_help
+
+    assert (
+        reflow_help("One\ntwo.\n\n- a\n  b\n- c\n\n    code\n    more")
+        == "One two.\n\n- a b\n- c\n\n    code\n    more"
+    )
+    for group in (app, groups.corpus, groups.cache, groups.bench):
+        for info in group.registered_commands:
+            for paragraph in (info.help or "").split("\n\n"):
+                assert "\n" not in paragraph, (info.name, paragraph)
+    # A lazily built command (its options come from a config class) too, rendered wide:
+    text = invoke("probe", "--help").output
+    assert "train a resampler probe to predict the teacher's cached target from that layer's hidden" in text
