@@ -20,8 +20,9 @@ def export(
 ) -> None:
     """Export a plain transformers LLaVA checkpoint.
 
-    Task tokens as added vocabulary with their trained
-    embeddings, heads dropped, tokenizer + LlavaProcessor) that loads without olavlm."""
+    The folder loads in plain transformers without olavlm: task tokens become added vocabulary
+    with their trained embeddings, the heads are dropped, the tokenizer and LlavaProcessor are
+    written beside the weights."""
     from olavlm.trainer.checkpoint import model_dir
     from olavlm.trainer.student.export import export_llava
 
