@@ -17,6 +17,10 @@ from olavlm.schemas.spec import STORAGE_DTYPES
 from .presets import PRESETS, TEACHER_NAMES, TeacherSource, preset_sources, with_overrides
 
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+SWIN_ATTENTION = ("auto", "fused", "transformers")
+"""Seg attention: fused = one SDPA call per Swin block (swin_attention.py); auto = fused where supported."""
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""`torch.compile` modes of the teachers' forward ("off": eager)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +44,7 @@ class PrecomputeConfig:
     batch_size: int = 16
     """Images per teacher forward (batches never cross shard boundaries)."""
     address: str | None = None
-    """Ray cluster to join (host:port of `ray start --head`, or auto); default: a fresh local Ray, whatever RAY_ADDRESS or `ray start` registered (a Ray this process already runs is reused)."""
+    """Ray cluster to join: HOST:PORT of `ray start --head`, or auto (RAY_ADDRESS, else the cluster `ray start` registered on this machine). Default: a fresh local Ray that ignores RAY_ADDRESS and any `ray start` cluster (a Ray this process already runs is reused)."""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     """Ray runtime_env of the job as JSON (working_dir, pip, env_vars, ...), passed to ray.init: what the cluster's nodes lack."""
     max_restarts: int = 3
@@ -54,15 +58,26 @@ class PrecomputeConfig:
     cpu_threads: int | None = None
     """torch threads per CPU actor; default: the cluster's CPUs divided among the actors."""
     shards_in_flight: int | None = None
-    """Shards preprocessed at once; default 2 x actors + 1."""
+    """Shards preprocessed at once; default: with GPUs one per CPU the actors leave (capped by Ray's object
+    store), without GPUs 2 x actors + 1 (the tasks share the cores with torch)."""
+    swin_attention: str = "auto"
+    """Seg teacher's window attention: fused (one SDPA call per block, bias and shift mask in the kernel),
+    transformers (its own), auto (fused where the transformers version has the layout it needs)."""
+    compile: str = "off"
+    """torch.compile the teachers' forward at their one input shape: off, default, reduce-overhead (CUDA
+    graphs), max-autotune, max-autotune-no-cudagraphs. Costs compile time at each actor start."""
+    actor_concurrency: int = 1
+    """Batches an actor works on at once (threads, each on its own CUDA stream): 2 overlaps a batch's copy
+    back and hand-off to the object store with the next one's forward (overlapping calls both count in
+    the summary's teacher busy share, which can then pass 1)."""
     dry_run: bool = False
     """Print the plan and exit."""
     overwrite: bool = False
     """Replace a teacher whose stored spec differs (deletes its committed shards)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options of the cache root (e.g. {'client_kwargs': {'endpoint_url': ...}})."""
+    """fsspec options of the cache root and, unless --corpus-storage-options is given, of the corpus (e.g. {'client_kwargs': {'endpoint_url': ...}})."""
     corpus_storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options of the corpus."""
+    """fsspec options of the corpus when they differ from the cache's; default: --storage-options."""
     progress: bool = True
     """Show a progress bar (images/s, ETA) on stderr."""
     jpeg_draft: bool = False
@@ -88,6 +103,19 @@ class PrecomputeConfig:
             raise ConfigError("--batch-size and --actors must be >= 1")
         if self.max_restarts < 0 or self.max_retries < 0:
             raise ConfigError("--max-restarts and --max-retries must be >= 0")
+        if self.swin_attention not in SWIN_ATTENTION:
+            raise ConfigError(
+                f"--swin-attention {self.swin_attention!r} is not one of {', '.join(SWIN_ATTENTION)}"
+            )
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile {self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+        if self.actor_concurrency < 1 or (self.shards_in_flight is not None and self.shards_in_flight < 1):
+            raise ConfigError("--actor-concurrency and --shards-in-flight must be >= 1")
+
+    @property
+    def corpus_options(self) -> dict[str, Any]:
+        """The corpus's fsspec options: its own if given, else the cache's (one endpoint for both)."""
+        return self.corpus_storage_options or self.storage_options
 
     def sources(self) -> dict[str, TeacherSource]:
         sources = with_overrides(

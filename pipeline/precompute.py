@@ -1,53 +1,15 @@
 """`ola precompute CORPUS CACHE`: teacher targets for every image of a corpus, as one Ray job.
 
-This module is the driver: `precompute(PrecomputeConfig) -> Summary`. The job is split along its
-own stages, one file each (pipeline/README.md):
+This module is the driver, `precompute(PrecomputeConfig) -> Summary`; the job's options, plan,
+stages and progress live beside it (pipeline/README.md), and its public names are in `__all__`.
 
-    config.py    PrecomputeConfig: the job's options, validated
-    plan.py      Plan, make_plan, plan_precompute (--dry-run)
-    stages.py    1. preprocess_shard (CPU task) -> 2. TeacherWorker (actor) -> 3. write_shard_task
-    progress.py  the progress bar and the Summary
-    precompute.py  Ray session, actors, one driver thread per shard in flight
-
-The job's public names are imported from here (`from olavlm.pipeline.precompute import
-PrecomputeConfig, precompute`); `__all__` lists them.
-
-Design choices and their cost:
-- Ray core, not Ray Data: the corpus shard must stay the unit of work and of
-  commit (design.md), and Ray Data re-blocks rows across files. One driver
-  thread per shard in flight submits the shard's batches to the least-busy
-  actor as the generator yields them; at most `shards_in_flight` shards run at
-  once, and each shard has at most MAX_PENDING_BATCHES batches queued at the
-  actors, which bounds memory. Cost: a driver thread per shard in flight
-  (cheap; they only wait), and a shard's whole output sits in the object store
-  until its writer runs (spilled to disk by Ray if it must).
-- Batches never cross shard boundaries, so a batch's content depends only on
-  the shard and the batch size: a rerun (after a crash) computes exactly the
-  same batches and therefore bit-identical targets. Cost: the last batch of a
-  shard is usually short.
-- Decoding overlaps compute: generators keep running while the actors work;
-  actors receive uint8 arrays and never touch a tar or a JPEG. Compression and
-  writing happen in the writer task, off the actor.
-- Ray retries tasks (at-least-once): preprocess and writer tasks get
-  `max_retries`, teacher actors `max_restarts` (a restarted actor reloads its
-  teachers) and `max_task_retries` for the batches lost with them. This is safe
-  because every step is idempotent: preprocessing and teacher calls are pure
-  functions of (shard, batch), and `write_shard` commits by rename (or
-  commit.json last on object stores) and skips a shard already committed, so a
-  retry never duplicates or half-writes a shard. Failures raised by our own code
-  (bad specs, corrupt input) are not retried. A SIGKILLed job leaves only
-  staging folders, removed by `clean_staging` at the next start.
-- Without `--address` the job always starts a fresh local Ray
-  (`ray.init(address="local")`): neither RAY_ADDRESS nor the cluster that
-  `ray start` registered in /tmp/ray/ray_current_cluster is joined (a dead
-  one made the job fail). `--address HOST:PORT` joins a cluster; there a local
-  cache path is refused once the cluster has more than one node (each node's
-  writers would write to their own disk): use an object store (s3://...).
-- Resume is per (teacher, shard): committed pairs are skipped, so adding a
-  teacher to an existing cache runs only that teacher.
-- Specs (with the weights hash) are computed where the weights are loaded: in
-  the actors for a run, in-process for `--dry-run` (which therefore loads the
-  teachers once on the CPU).
+Design choice: Ray core, not Ray Data, so the corpus shard stays the unit of work and of commit
+(Ray Data re-blocks rows across files). One driver thread per shard in flight submits the shard's
+batches to the least-busy actor; batches never cross shards, so a rerun computes bit-identical
+targets, and every step is idempotent, so Ray's retries never duplicate or half-write a shard.
+Resume is per (teacher, shard). Cost: a shard's whole output sits in the object store until its
+writer runs, and the last batch of a shard is usually short. Without `--address` the job starts
+a fresh local Ray and never joins RAY_ADDRESS or a cluster registered by `ray start`.
 """
 
 from __future__ import annotations
@@ -57,6 +19,7 @@ import dataclasses
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,11 +28,13 @@ from olavlm.schemas.corpus import CorpusShard, list_shards
 from olavlm.schemas.errors import ConfigError
 from olavlm.schemas.keyindex import open_index
 from olavlm.schemas.spec import TeacherSpec
+from olavlm.schemas.storage import Root
 
 from .config import COMPUTE_DTYPES, PrecomputeConfig
 from .plan import Plan, make_plan, plan_precompute
 from .presets import TeacherSource
 from .progress import Summary, progress_bar
+from .sources import TeacherLoadError
 from .stages import TeacherWorker, drop_non_finite, preprocess_batches, preprocess_shard, write_shard_task
 
 __all__ = [
@@ -78,6 +43,7 @@ __all__ = [
     "PrecomputeConfig",
     "Summary",
     "check_cache_reachable",
+    "default_shards_in_flight",
     "drop_non_finite",
     "plan_precompute",
     "precompute",
@@ -141,6 +107,51 @@ def check_cache_reachable(cache_url: str, nodes: list[dict]) -> None:
         )
 
 
+def probe_cache_write(cache_url: str, storage_options: dict, name: str, token: str) -> str | None:
+    """On a cluster node: read the probe file the driver wrote at the cache root, write one of its own,
+    delete both. None if all worked, else where and why not."""
+    import socket
+
+    where = f"node {socket.gethostname()}"
+    try:
+        root = Root(cache_url, storage_options)
+        try:
+            seen = root.read_json(name)
+        except FileNotFoundError:
+            return f"{where} does not see {root.url_of(name)}, which the driver wrote: another disk"
+        if seen.get("token") != token:
+            return f"{where} reads another {root.url_of(name)} than the driver wrote"
+        own = f"{name}.{socket.gethostname()}"
+        root.write_json({"token": token}, own)
+        root.rm(own)
+        root.rm(name)
+    except Exception as exc:  # any failure is the answer: permissions, endpoint, credentials, ...
+        return f"{where}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def check_cache_writable(ray, cache_url: str, storage_options: dict) -> None:
+    """The driver (which writes cache.json) and a Ray task (as the shard writers) must reach the same
+    cache: checked before any teacher loads, so a wrong path fails in seconds, not after the teachers ran."""
+    root = Root(cache_url, storage_options)
+    name, token = f".olavlm-probe-{uuid.uuid4().hex[:12]}.json", uuid.uuid4().hex
+    try:
+        root.write_json({"token": token}, name)
+    except OSError as exc:
+        raise ConfigError(f"cache {cache_url!r} is not writable from this machine: {exc}") from None
+    try:
+        probe = ray.remote(probe_cache_write).options(num_cpus=CPU_TASK_CPUS, max_retries=0)
+        problem = ray.get(probe.remote(cache_url, storage_options, name, token))
+    finally:
+        root.rm(name)
+    if problem:
+        raise ConfigError(
+            f"cache {cache_url!r} is not writable from the Ray cluster as this machine sees it ({problem}): "
+            "give a cache that this machine and every node reach (an object-store URL with "
+            "--storage-options, or an absolute path on a shared disk)"
+        )
+
+
 class ActorPool:
     """Least-busy choice among the teacher actors; deterministic ties (lowest index)."""
 
@@ -178,21 +189,47 @@ def _start_actors(ray, config: PrecomputeConfig, sources: dict[str, TeacherSourc
     options.update(max_restarts=config.max_restarts, max_task_retries=config.max_retries)
     worker_cls = ray.remote(TeacherWorker)
     workers = [
-        worker_cls.options(**options).remote(
-            list(sources.values()), config.dtype, config.compute_dtype, threads
+        worker_cls.options(**options, max_concurrency=config.actor_concurrency).remote(
+            list(sources.values()),
+            config.dtype,
+            config.compute_dtype,
+            threads,
+            {"swin_attention": config.swin_attention, "compile": config.compile},
+            config.actor_concurrency,
         )
         for _ in range(actors)
     ]
     return workers, task_cpus
 
 
+def default_shards_in_flight(actors: int, resources: dict, *, gpus: bool, shard_bytes: int = 0) -> int:
+    """Shards preprocessed at once when --shards-in-flight is not given (`resources`: Ray's cluster resources).
+
+    Without GPUs 2 x actors + 1: the tasks share the cores with torch. With GPUs one shard per CPU the
+    actors leave, so host decoding grows with the node; capped where the shards' targets, each waiting in
+    the object store for its writer (`shard_bytes` uncompressed), would fill more than half of it.
+    Never fewer than 2 x actors + 1.
+    """
+    floor = 2 * actors + 1
+    if not gpus:
+        return floor
+    wanted = int(resources.get("CPU", 0)) - actors
+    store = resources.get("object_store_memory", 0)
+    if shard_bytes and store:
+        wanted = min(wanted, int(store / 2 // shard_bytes))
+    return max(floor, wanted)
+
+
 def precompute(config: PrecomputeConfig) -> Summary:
     """Run the job (see the module docstring). Raises CorpusError / SpecMismatchError / ValueError on bad input."""
-    shards = list_shards(config.corpus, config.corpus_storage_options)  # empty or missing corpus fails here
+    if "://" not in config.cache:  # the cluster's tasks resolve a relative path against their own folder
+        config = dataclasses.replace(config, cache=os.path.abspath(config.cache))
+    shards = list_shards(config.corpus, config.corpus_options)  # empty or missing corpus fails here
     cache = TargetCache(config.cache, config.storage_options)
     sources = config.sources()
     with ray_session(config.address, config.runtime_env) as ray:
         check_cache_reachable(config.cache, ray.nodes())
+        check_cache_writable(ray, config.cache, config.storage_options)  # before the teachers load
         workers, task_cpus = _start_actors(ray, config, sources)
         try:
             summary = _register_and_run(ray, config, cache, shards, workers, task_cpus)
@@ -204,25 +241,18 @@ def precompute(config: PrecomputeConfig) -> Summary:
 
 
 def build_key_indexes(cache: TargetCache, teachers: list[str]) -> None:
-    """Build the key index (schemas/keyindex.py) of each teacher of the run, once, after the last commit.
-
-    A keyed training run then only opens it instead of every worker building it. Local caches only:
-    an object-store cache's index lives on the reading machine's disk (memmap), so its trainers (or
-    `ola cache index` there) build it. Cost: 1.4-2.6 s per million keys (docs/BENCHMARKS.md "Keyed-join key index")
-    at the end of a job whose teachers spend hours on those images.
-    """
+    """Build the key index (schemas/keyindex.py) of each teacher of the run, once, after the last commit,
+    so a keyed training run only opens it. Local caches only: an object-store cache's index lives on the
+    reading machine's disk, where its trainers (or `ola cache index`) build it."""
     if cache.root.is_local:
         for teacher in teachers:
             open_index(cache, teacher)
 
 
 def keep_stored_codec(spec: TeacherSpec, stored: TeacherSpec | None) -> TeacherSpec:
-    """A cache goes on with the codec it was started with.
-
-    The default codec follows the storage dtype and changed once (zstd -> lz4, issue 14); a spec
-    that differs from the stored one *only* in its codec takes the stored codec, so resuming such a
-    cache neither refuses the run nor mixes codecs. Any other difference is left for `register` to refuse.
-    """
+    """A cache goes on with the codec it was started with: a spec that differs from the stored one *only*
+    in its codec takes the stored codec, so resuming neither refuses the run nor mixes codecs. Any other
+    difference is left for `register` to refuse."""
     if stored is None or stored.fingerprint == spec.fingerprint:
         return spec
     adopted = dataclasses.replace(spec, codec=stored.storage_codec)
@@ -230,7 +260,10 @@ def keep_stored_codec(spec: TeacherSpec, stored: TeacherSpec | None) -> TeacherS
 
 
 def _register_and_run(ray, config, cache, shards, workers, task_cpus) -> Summary:
-    all_specs = ray.get([w.specs.remote() for w in workers])  # also waits for every actor to load
+    try:
+        all_specs = ray.get([w.specs.remote() for w in workers])  # also waits for every actor to load
+    except TeacherLoadError as exc:  # Ray's copy carries the actor's traceback: keep the one line
+        raise TeacherLoadError(str(getattr(exc, "cause", None) or exc)) from None
     specs = {name: TeacherSpec.from_dict(d) for name, d in all_specs[0].items()}
     for other in all_specs[1:]:
         if {n: TeacherSpec.from_dict(d).fingerprint for n, d in other.items()} != {
@@ -260,27 +293,28 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
     writer = ray.remote(write_shard_task).options(num_cpus=task_cpus, max_retries=config.max_retries)
     skipped = sum(len(plan.specs) - len(plan.todo.get(s.name, ())) for s in plan.shards)
     lock = threading.Lock()
-    totals = {"images": 0, "teacher_seconds": 0.0, "commits": []}
+    totals = {"images": 0, "unusable": 0, "teacher_seconds": 0.0, "commits": []}
 
     progress, task = progress_bar(config.progress, sum(plan.samples.get(s, 0) for s in plan.todo))
 
     def run_shard(shard: CorpusShard) -> list[dict]:
         names = list(plan.todo[shard.name])
         generator = preprocess.remote(
-            shard.url, {n: recipes[n] for n in names}, config.batch_size, config.corpus_storage_options, nice
+            shard.url, {n: recipes[n] for n in names}, config.batch_size, config.corpus_options, nice
         )
         results: dict[str, list] = {n: [] for n in names}
         pending: list[tuple[int, Any]] = []
 
         def settle(entry) -> None:
             index, count_ref = entry
-            count, busy = ray.get(count_ref)
+            count, unusable, busy = ray.get(count_ref)
             pool.release(index)
             with lock:
                 totals["images"] += count
+                totals["unusable"] += unusable
                 totals["teacher_seconds"] += busy
-            if progress is not None:
-                progress.advance(task, count)
+            if progress is not None:  # the plan counts every sample: those without an image finish too
+                progress.advance(task, count + unusable)
 
         for batch_ref in generator:
             index = pool.acquire()
@@ -302,7 +336,12 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
 
     start = time.perf_counter()
     todo_shards = [s for s in plan.shards if s.name in plan.todo]
-    in_flight = config.shards_in_flight or 2 * len(workers) + 1
+    in_flight = config.shards_in_flight or default_shards_in_flight(
+        len(workers),
+        ray.cluster_resources(),
+        gpus=task_cpus >= 1,  # a whole CPU per task = the actors run on GPUs
+        shard_bytes=max((plan.shard_bytes(s.name) for s in todo_shards), default=0),
+    )
     threads = ThreadPoolExecutor(max(1, in_flight))
     with progress or contextlib.nullcontext():
         futures = [threads.submit(run_shard, shard) for shard in todo_shards]
@@ -334,5 +373,7 @@ def _run(ray, config: PrecomputeConfig, plan: Plan, workers: list, task_cpus: fl
         seconds=seconds,
         fidelity=fidelity,
         teacher_seconds=totals["teacher_seconds"],
+        unusable_samples=totals["unusable"],
         actors=len(workers),
+        shards_in_flight=in_flight,
     )

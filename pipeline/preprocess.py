@@ -1,49 +1,16 @@
 """Stage 1 of the precompute path: image bytes -> uint8 arrays, one per teacher, on CPU.
 
-Each teacher's preprocessing is described by a plain dict (stored in its
-`TeacherSpec.preprocess`, so the cache records exactly what was done):
+Each teacher's recipe is a plain dict stored in its `TeacherSpec.preprocess`, so the cache records
+exactly what was done: {"resize": [H, W]} (squash: depth, seg) or {"resize_shortest": S,
+"center_crop": [H, W]} (CLIP: gen), plus "resample", "mean"/"std", "channel_order", "jpeg_draft"
+(0 = full decode, the authors' path) and, for seg, the OneFormer processor's second resize
+("processor_resize", "processor_resample"), done in PIL on uint8 as the processor does.
 
-    {"resize": [H, W]}             squash to H x W (depth, seg), or
-    {"resize_shortest": S, "center_crop": [H, W]}   CLIP style (gen)
-    plus "resample" (a PIL filter name), "mean"/"std" (RGB, on the [0, 1] scale),
-    "channel_order": "RGB", "jpeg_draft": int (the draft size handed to the decoder);
-    seg adds "processor_resize": [H2, W2] and "processor_resample": the second resize
-    that the checkpoint's OneFormer image processor applies to the squashed image.
-
-Design choices and their cost:
-- Only geometry happens here (decode, resize, crop) and the result stays uint8:
-  a quarter of the bytes of float32 through Ray's object store, and the
-  normalisation runs on the teacher's device (`teachers.normalise`).
-- JPEGs are decoded at full size, as the authors do, unless the job opted into
-  PIL's draft mode (`--jpeg-draft`: the smallest DCT scale that still covers
-  the teacher's input, several times faster for large photos, but pixels up to
-  tens of grey levels off on detailed photos). Cost of the default: full
-  decodes of large photos on the host. The draft size (0 = full) is part of
-  the spec, so the targets stay a function of the spec alone. Teachers with different draft sizes decode the
-  image separately (memoised by draft size).
-- The seg recipe resizes twice, both in PIL on uint8 (768 x 768 squash with
-  PIL's default bicubic, as the authors' `img.resize((768, 768))`, then the
-  OneFormer processor's bilinear resize to its `size`, 800 x 800 for the COCO
-  Swin-L checkpoint). transformers' PIL image processor (the backend of the
-  transformers versions the authors used) does that second resize in PIL on
-  uint8 as well, so the pixels are bit-identical to the processor's, and the
-  worker still ships uint8 (800 x 800 x 3 = 1.9 MB per image, a quarter of float32).
-  `processor_output_size` reproduces the processor's output-size rule
-  (shortest/longest edge) for any input, not only the square one used here.
-- `--device-resize` (a recipe with "resize_on": "device") moves the geometry to
-  the teacher's device: `prepare_all` then only decodes (one array per draft
-  size, shared by the teachers that use it) and `device_prepare` runs the same
-  squash / processor resize / shortest side + centre crop there, with torch's
-  antialiased filters: on CUDA in float32, rounding to uint8 after each resize
-  as PIL's uint8 path does (a fraction of a grey level from PIL's pixels on
-  average); on a CPU actor with torch's uint8 kernels, which follow PIL's
-  arithmetic (within 1-2 levels, mean < 0.01) and run 20-50x faster than float.
-  Host cost per image falls to the decode (measured in docs/BENCHMARKS.md);
-  costs: the pixel difference (docs/FIDELITY.md item 9; the kernel follows the
-  device type, which the spec does not record, as it does not record the compute
-  dtype), full-size images through Ray's object store and the host-to-device
-  copy, and the resizes' time on the device. torch is imported inside
-  `device_prepare` only, so the CPU tasks never pay its import.
+Design choice: only geometry happens here (decode, resize, crop) and the result stays uint8, a
+quarter of float32's bytes through Ray's object store; normalisation runs on the teacher's device.
+Cost: full decodes and resizes of large photos on the host. `--device-resize` moves the geometry to
+the teacher's device (`device_prepare`, torch's antialiased filters): the host only decodes, at the
+price of pixels a fraction of a grey level from PIL's (docs/FIDELITY.md, item 9).
 """
 
 from __future__ import annotations
@@ -196,12 +163,8 @@ def check_device_resample(teacher: str, recipe: Mapping[str, Any]) -> None:
 
 
 def _device_resize(x, size: tuple[int, int], resample: str):
-    """(N, 3, H, W) -> (N, 3, *size), antialiased as PIL's filters, in x's dtype.
-
-    uint8 input (CPU): torch's uint8 kernels, which resample like PIL's (two passes with a uint8
-    round between them). float input (CUDA has no uint8 kernels): float32, then rounded and clamped
-    to the uint8 range, as PIL's uint8 output is.
-    """
+    """(N, 3, H, W) -> (N, 3, *size), antialiased as PIL's filters, in x's dtype: uint8 through torch's
+    uint8 kernels (PIL's two passes), float rounded and clamped to the uint8 range as PIL's output is."""
     import torch
     import torch.nn.functional as F
 
@@ -236,13 +199,9 @@ def device_prepare(
 ):
     """uint8 (H, W, 3) images of any sizes -> uint8 torch (B, h, w, 3) on `device`: `prepare`'s geometry run there.
 
-    Images of equal size are resized together (one batched call per distinct size), the rest one
-    by one, then stacked in the given order. `uint8_kernels` (default: on a CPU device) runs torch's
-    uint8 antialiased kernels (PIL's arithmetic: within 1-2 grey levels, 20-50x faster than float
-    on CPU); otherwise (CUDA, which has no uint8 kernels) float32 `F.interpolate`, rounded to uint8
-    after each resize as PIL's uint8 path is, a fraction of a grey level off on average. Either way
-    the teacher's normalisation runs unchanged. Read-only arrays (Ray's object store) are wrapped
-    without a copy: nothing here writes to them.
+    Images of equal size are resized in one batched call. `uint8_kernels` (default: on a CPU device)
+    uses torch's uint8 kernels, which follow PIL's arithmetic and are much faster on CPU than float;
+    otherwise (CUDA has no uint8 kernels) float32, rounded to uint8 after each resize as PIL's path is.
     """
     import warnings
 

@@ -1,29 +1,17 @@
-"""Teacher presets: `paper` (the checkpoints of method.md), `tiny` and `small` (random, offline).
-
-`tiny` and `small` are seeded random configs of the *same* classes as the paper's
-teachers, saved with `save_pretrained` (safetensors) into a folder laid out like
-the real checkpoints (unCLIP's `image_encoder/` + `feature_extractor/`) and
-loaded back through `from_pretrained`, so tests and benchmarks exercise the
-real loading path. They are built once per machine under
-`$OLAVLM_TEACHERS_DIR` (default `~/.cache/olavlm/teachers`), in a staging
-folder renamed into place, so concurrent builders never see half a folder.
-Cost: a different torch version may initialise differently, which gives a new
-weights hash and therefore a new spec (the cache refuses to mix them).
+"""Teacher presets: `paper` (the checkpoints of docs/METHOD.md), `tiny` and `small` (random, offline).
 
 | preset | depth target | seg target | gen target | use |
 |--------|--------------|------------|------------|-----|
-| tiny   | (64, 32)     | (16, 128)  | (1, 32)    | tests, demo: < 1 s per batch on CPU |
-| small  | (256, 384)   | (144, 384) | (1, 256)   | `ola bench precompute`: teacher compute dominates on CPU |
+| tiny   | (64, 32)     | (16, 128)  | (1, 32)    | tests, the demo |
+| small  | (256, 384)   | (144, 384) | (1, 256)   | `ola bench precompute` on CPU |
 | paper  | (576, 1024)  | (576, 1536)| (1, 1024)  | the real thing (downloads from the hub once) |
 
-The paper preset pins each hub repository to a commit (`TeacherSource.revision`,
-recorded in the spec) that holds safetensors weights; see `PAPER_REVISIONS` for
-where each sha was found. A repository without a pin loads its default branch,
-and its spec says so (revision ""), so the weights hash is then the only identity.
-
-The random presets ship processor configs laid out as the hub checkpoints ship
-them; the seg one carries a `size` scaled like the paper's 800 / 768
-(tiny: 160 -> 167, small: 384 -> 400), so the second resize is exercised too.
+Design choice: `tiny` and `small` are seeded random configs of the *same* classes as the paper's
+teachers, saved with `save_pretrained` in the hub checkpoints' layout (processor configs included)
+under `$OLAVLM_TEACHERS_DIR` and loaded back through `from_pretrained`, so tests exercise the real
+loading path. Cost: another torch version may initialise differently, which gives a new weights
+hash and so a new spec. The paper preset pins each hub repository to a commit with safetensors
+weights (`PAPER_REVISIONS`); an unpinned one records revision "" and is identified by its hash.
 """
 
 from __future__ import annotations
@@ -36,18 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from olavlm.schemas.errors import ConfigError
+
 from .sources import KINDS, TeacherSource
 
 TEACHER_NAMES = ("depth", "seg", "gen")
 PRESETS = ("paper", "tiny", "small")
 PRESET_VERSION = 2
-"""Bump when a random preset's config changes, so old folders are not reused (2: seg processor `size`)."""
+"""Bump when a random preset's config changes, so old folders are not reused."""
 
 PAPER_REVISIONS = {
     # No full commit sha of this repository was found in the material available offline
     # (only the abbreviated a09be6a of its refs/pr/1 branch): unpinned, never invented.
     "depth": "",
-    # "Adding `safetensors` variant of this model" (SFconvertbot, 2023-09-06): the first commit
+    # "Adding `safetensors` variant of this model" (SFconvertbot): the first commit
     # with model.safetensors; all earlier commits hold only pytorch_model.bin (a pickle).
     # Source: huggingface.co/shi-labs/oneformer_coco_swin_large/tree/3a79bee4670e109b164c020beb56678a8ba26e2f
     "seg": "3a79bee4670e109b164c020beb56678a8ba26e2f",
@@ -179,12 +169,8 @@ def preset_sources(preset: str, names: tuple[str, ...] = TEACHER_NAMES) -> dict[
 
 
 def with_overrides(sources: dict[str, TeacherSource], overrides: dict[str, str]) -> dict[str, TeacherSource]:
-    """`--teacher depth=PATH_OR_ID`: other weights, the same recipe (kind, sizes) as the preset's teacher.
-
-    `--teacher NAME=KIND:PATH_OR_ID` adds a teacher of one of the known kinds under a new name
-    (e.g. `depth_small=depth_anything:depth-anything/Depth-Anything-V2-Small-hf`), with the
-    paper's input sizes; it is computed and cached like the preset's teachers.
-    """
+    """`--teacher depth=PATH_OR_ID`: other weights (revision cleared), the preset teacher's recipe.
+    `--teacher NAME=KIND:PATH_OR_ID` adds a teacher of a known kind under a new name, at the paper's sizes."""
     import dataclasses
 
     out = dict(sources)
@@ -192,7 +178,7 @@ def with_overrides(sources: dict[str, TeacherSource], overrides: dict[str, str])
         kind, _, rest = model.partition(":")
         if kind in KINDS and rest:
             if name in out:
-                raise ValueError(
+                raise ConfigError(
                     f"--teacher {name}={model}: {name!r} is a preset teacher; give only PATH_OR_ID"
                 )
             subfolder = (
@@ -203,7 +189,7 @@ def with_overrides(sources: dict[str, TeacherSource], overrides: dict[str, str])
             out[name] = TeacherSource(name=name, kind=kind, model=rest, subfolder=subfolder)
             continue
         if name not in out:
-            raise ValueError(
+            raise ConfigError(
                 f"--teacher {name}=...: {name!r} is not among the selected teachers {sorted(out)}; "
                 f"a new teacher needs its kind: --teacher {name}=KIND:PATH_OR_ID (KIND: {', '.join(KINDS)})"
             )

@@ -1,7 +1,7 @@
 """What the user sees of a precompute job: the live progress bar, and the `Summary` it returns.
 
-The bar counts images through the teachers (images/s and an ETA from the plan's sample counts, on
-stderr); the summary reports what the run committed and how busy the teachers were. Cost: a remote
+The bar counts corpus samples done, through the teachers or refused for want of a usable image
+(images/s and an ETA from the plan's sample counts, on stderr); the summary reports what the run committed and how busy the teachers were. Cost: a remote
 corpus is not counted beforehand (a range request per tar member), so its bar has no ETA.
 """
 
@@ -21,7 +21,7 @@ class Summary:
     samples: int
     """Target rows written by this run (all teachers)."""
     errors: int
-    """Error rows recorded by this run (all teachers)."""
+    """Error rows recorded by this run: one per teacher for each sample a teacher did not take."""
     bytes: int
     """Bytes written by this run."""
     images: int
@@ -34,6 +34,10 @@ class Summary:
     """Seconds the actors spent in teacher forward + encode, summed over actors."""
     actors: int = 1
     """Teacher actors of the run."""
+    unusable_samples: int = 0
+    """Corpus samples no teacher could take (no image, undecodable, unreadable), each counted once."""
+    shards_in_flight: int = 0
+    """Shards preprocessed at once (given, or `default_shards_in_flight`'s choice)."""
 
     @property
     def teacher_busy(self) -> float:
@@ -47,7 +51,8 @@ class Summary:
     def describe(self) -> str:
         text = (
             f"{self.shards} shards: {self.committed} (teacher, shard) committed, {self.skipped} already done; "
-            f"{self.samples} targets, {self.errors} errors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+            f"{self.samples} targets, {self.errors} error rows (one per teacher and sample; samples without a "
+            f"usable image: {self.unusable_samples}), {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
             f"({self.images_per_second:.1f} images/s, teachers busy {self.teacher_busy:.0%})"
         )
         if self.fidelity:

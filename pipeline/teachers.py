@@ -1,48 +1,18 @@
-"""The three frozen teachers of method.md, and the one target each computes per image.
+"""The three frozen teachers (docs/METHOD.md), and the one target each computes per image.
 
-| kind              | class (transformers)                   | target                                          |
-|-------------------|----------------------------------------|-------------------------------------------------|
-| depth_anything    | DepthAnythingForDepthEstimation        | mean of the layer-normed backbone outputs at the |
-|                   |                                        | config's out_indices, CLS dropped: (h*w, C)      |
-| oneformer_swin    | OneFormerForUniversalSegmentation      | Swin stage-4 map, bilinear to grid x grid:       |
-|                   |                                        | (grid*grid, C4)                                  |
-| clip_image_embeds | CLIPVisionModelWithProjection          | image_embeds: (1, projection_dim)                |
+| kind              | class (transformers)              | target                                              |
+|-------------------|-----------------------------------|-----------------------------------------------------|
+| depth_anything    | DepthAnythingForDepthEstimation   | mean of the layer-normed backbone outputs at the    |
+|                   |                                   | config's out_indices, CLS dropped: (h*w, C)         |
+| oneformer_swin    | OneFormerForUniversalSegmentation | Swin stage-4 map, bilinear to grid x grid: (g*g, C4)|
+| clip_image_embeds | CLIPVisionModelWithProjection     | image_embeds: (1, projection_dim)                   |
 
-Inputs, as the authors' released code feeds each teacher (see docs/FIDELITY.md):
-- depth: the image squashed to 336 x 336 with PIL's default filter (bicubic),
-  ImageNet normalisation (RGB; the authors' BGR swap is a defect, method.md).
-- seg: squashed to 768 x 768 (PIL bicubic), then the checkpoint's own
-  OneFormer image processor, read from its `preprocessor_config.json`: resize
-  to its `size` (COCO Swin-L: shortest edge 800, longest 1333, so 800 x 800),
-  `resample`, `rescale_factor`, `image_mean`/`image_std` exactly as the
-  processor applies them. Stage 4 of an 800 x 800 input is 25 x 25 (stride 32);
-  bilinear (align_corners=False) to 24 x 24. The processor pads a batch to its
-  largest image; every seg input here is the same square, so nothing is padded
-  (and the Swin backbone never reads the pixel mask).
-- gen: the CLIP processor of the unCLIP checkpoint (`feature_extractor/`):
-  shortest side 224 bicubic, centre crop 224.
-
-Design choices and their cost:
-- Each teacher keeps only the sub-module its target needs (the DINOv2 backbone,
-  the Swin encoder, the CLIP vision tower); the depth head, the pixel decoder,
-  the transformer decoder and OneFormer's text encoder are dropped after
-  loading. Memory and compute go to the target only. Cost: the full model is
-  still read once from disk, since `from_pretrained` is the one loading path.
-- OneFormer's task token ("the task is panoptic") enters only the transformer
-  decoder; the Swin backbone never sees it. Stage-4 features are therefore the
-  same for every task, and no tokenizer or class-info file (which would need a
-  download) is involved. The spec still records task "panoptic", the authors' call.
-- Every processor constant that changes the pixels (sizes, filters, rescale
-  factor, mean/std as stored and as applied) goes into `TeacherSpec.preprocess`,
-  so a different processor config gives a different fingerprint.
-- Normalisation runs on the teacher's device from uint8 input (see
-  preprocess.py); compute is float32 on CPU and half precision on GPU. The
-  mean of the four depth maps and the seg resize are done in float32.
-- Weights load from safetensors only (`use_safetensors=True`); a repository or
-  revision that holds only a pickle (`pytorch_model.bin`) is refused with a
-  message naming it, never unpickled.
-- `weights_sha256` hashes the kept sub-module's float32 state dict in key order
-  (~1-3 s per GB), so two runs agree on a spec only if the weights agree.
+Inputs follow the authors' released code (docs/FIDELITY.md); every constant that changes the pixels
+goes into `TeacherSpec.preprocess`, so another processor config gives another fingerprint.
+Design choice: each teacher keeps only the sub-module its target needs (backbone, Swin encoder,
+vision tower); heads, decoders and OneFormer's text encoder are dropped after loading. Cost: the full
+model is still read once from disk, `from_pretrained` being the one loading path. Weights load from
+safetensors only; a pickle-only repository is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -59,6 +29,7 @@ from torch import nn
 
 from olavlm.schemas.spec import TeacherSpec
 
+from .config import COMPILE_MODES
 from .preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -69,7 +40,8 @@ from .preprocess import (
     draft_size,
     processor_output_size,
 )
-from .sources import TeacherSource
+from .sources import TeacherLoadError, TeacherSource, unloadable
+from .swin_attention import use_fused_window_attention
 
 PAPER_DEPTH_SIZE = 336
 """Depth input side: 336 px squashed gives 24 x 24 patches of 14, the student's grid."""
@@ -162,6 +134,10 @@ class Teacher(nn.Module):
         std = torch.tensor(spec.preprocess["std"], dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
+        self.compiled = None
+        """`use_compiled`'s function of uint8 images on the device; None = eager."""
+        self.static_batch = 0
+        """Compiled: the largest batch seen; shorter batches are padded to it (one graph per job)."""
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -172,11 +148,36 @@ class Teacher(nn.Module):
         x = images.to(self.mean.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
         return ((x - self.mean) / self.std).to(self.compute_dtype)
 
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extract(self.normalise(images)).float()
+
+    def use_compiled(self, mode: str = "default", backend: str = "inductor") -> None:
+        """`torch.compile` normalisation + extraction at this teacher's one input shape (dynamic=False).
+
+        A short batch (a shard's last) is padded with black images to the largest batch seen and its
+        rows sliced off, so a job runs one graph (and one CUDA graph with mode reduce-overhead).
+        Cost: the compile time at the first batch, and the padded rows' compute once per shard.
+        """
+        options = {} if mode == "default" else {"mode": mode}
+        self.compiled = torch.compile(self.targets, backend=backend, dynamic=False, **options)
+
+    def _compute(self, images: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.targets(images)
+        count = images.shape[0]
+        self.static_batch = max(self.static_batch, count)
+        # always a fresh (inference-mode) tensor of one shape: the graph's guards then hold for every batch
+        padded = torch.zeros(
+            (self.static_batch, *images.shape[1:]), dtype=images.dtype, device=self.mean.device
+        )
+        padded[:count].copy_(images, non_blocking=True)
+        return self.compiled(padded)[:count].clone()  # CUDA graphs reuse their output memory
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not len(images):  # a shard's last batch may carry only errors; attention cannot reshape 0 rows
             return torch.zeros((0, *self.spec.shape), device=self.mean.device)
-        targets = self.extract(self.normalise(images)).float()
+        targets = self._compute(images)
         expected = (images.shape[0], *self.spec.shape)
         if tuple(targets.shape) != expected:
             raise RuntimeError(
@@ -232,11 +233,7 @@ def _spec(source: TeacherSource, module: nn.Module, preprocess: dict, layers, sh
         check_device_resample(source.name, preprocess)
         preprocess["resize_on"] = "device"
     return TeacherSpec(
-        name=source.name,
-        kind=source.kind,
-        model=source.model,
-        subfolder=source.subfolder,
-        revision=source.revision,
+        **source.origin(),
         weights_sha256=weights_sha256(module),
         preprocess=preprocess,
         layers=tuple(int(v) for v in layers),
@@ -373,15 +370,25 @@ def _from_pretrained(cls, source: TeacherSource):
         return cls.from_pretrained(
             source.model, subfolder=source.subfolder, revision=source.revision or None, use_safetensors=True
         )
-    except OSError as error:
+    except OSError as error:  # no hub access, unknown id or revision, gated: one line, not a traceback
         message = _pickle_only_message(source, error)
         if message is None:
-            raise
-        raise OSError(message) from error
+            raise unloadable(source, error) from None
+        raise TeacherLoadError(message) from None
 
 
-def load_teacher(source: TeacherSource, *, device: str = "cpu", dtype: torch.dtype | None = None) -> Teacher:
-    """`from_pretrained` (safetensors only) -> the teacher on `device`; half precision on GPU by default."""
+def load_teacher(
+    source: TeacherSource,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    swin_attention: str = "auto",
+    compile: str = "off",
+    compile_backend: str = "inductor",
+) -> Teacher:
+    """`from_pretrained` (safetensors only) -> the teacher on `device`; half precision on GPU by default.
+
+    `swin_attention` and `compile` are the speed levers of `speed_up` (PrecomputeConfig's fields)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one bar per teacher and actor is noise
@@ -404,7 +411,19 @@ def load_teacher(source: TeacherSource, *, device: str = "cpu", dtype: torch.dty
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     teacher.module.to(dtype=dtype)  # mean/std stay float32: normalisation happens before the cast
-    return teacher.to(device=device)
+    return speed_up(teacher.to(device=device), swin_attention, compile, compile_backend)
+
+
+def speed_up(teacher: Teacher, swin_attention: str = "auto", compile: str = "off", backend: str = "inductor"):
+    """Levers that keep the targets (to float rounding), hence not in the spec: the seg encoder's fused
+    window attention, `torch.compile` of the forward (COMPILE_MODES). -> the teacher."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"--compile {compile!r} is not one of {', '.join(COMPILE_MODES)}")
+    if teacher.spec.kind == "oneformer_swin":
+        use_fused_window_attention(teacher.module, swin_attention, teacher.spec.model)
+    if compile != "off":
+        teacher.use_compiled(compile, backend)
+    return teacher
 
 
 def with_storage_dtype(spec: TeacherSpec, dtype: str) -> TeacherSpec:

@@ -1,20 +1,14 @@
 """WebDataset corpus shards as both sides read them: listing, samples, image bytes.
 
-A corpus is a set of tar files; a sample is the group of consecutive members
-sharing a key (`dir/key.ext` -> key `dir/key`, extension `ext`), the WebDataset
-convention. This module reads tars with the standard library (no torch), so the
-pipeline, the trainer and outside tools agree on keys, shard names and image
-sha256s.
+A corpus is a set of tar files; a sample is the group of consecutive members sharing a key
+(`dir/key.ext` -> key `dir/key`), the WebDataset convention. Shard URLs: a local path, any fsspec
+URL (with `storage_options`), or `pipe:COMMAND` whose standard output is the tar; brace patterns
+(`{000000..000099}`) expand in all of them, and a pipe shard is named after its last `.tar` word.
 
-Shard URLs: a local path, any fsspec URL (`s3://...`, with `storage_options`), or a
-WebDataset-style `pipe:COMMAND` whose standard output is the tar (`pipe:aws s3 cp
-s3://b/shard-000001.tar -`); brace patterns (`{000000..000099}`) expand in all of them.
-A pipe shard is named after the last `.tar` word of its command. Design choice: the
-`webdataset` package is not used (nor a dependency): `import webdataset` (1.0.2) imports
-torch (~1.0 s, measured 2026-11-26), which schemas/ must not, and its pipeline order is not
-the trainer's resumable (seed, epoch) order; `pipe:` is ~60 lines here (`open_shard`).
-Cost: a pipe is read forward only (tarfile's small backward seeks are served from a
-buffer), so counting a pipe shard's samples reads all its bytes.
+Design choice: tars are read with the standard library, not the `webdataset` package, which
+imports torch (schemas/ must not) and has no resumable (seed, epoch) order; so the pipeline, the
+trainer and outside tools agree on keys, shard names and image sha256s. Cost: a pipe is read
+forward only, so counting a pipe shard's samples reads all its bytes.
 """
 
 from __future__ import annotations
@@ -229,14 +223,9 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[RawSample | ReadFailure]:
-    """Samples of one tar in order; a truncated or corrupt tar ends with a ReadFailure.
-
-    The sample being read when the tar breaks is reported as a ReadFailure (it may be
-    missing members); every sample before it is yielded whole. Python's tarfile ends
-    quietly at a cut inside a header or at a missing end-of-archive marker, so the
-    bytes after the last member are checked too: anything but zero padding, or no
-    padding at all, is a truncation.
-    """
+    """Samples of one tar in order; a truncated or corrupt tar ends with a ReadFailure for the sample
+    being read. tarfile ends quietly at a cut inside a header, so the bytes after the last member are
+    checked too: anything but zero padding, or no padding at all, is a truncation."""
     current: RawSample | None = None
     try:
         with open_shard(url, storage_options) as raw:

@@ -35,3 +35,5 @@ ERROR_SCHEMA = pa.schema(
 )
 
 ERROR_STAGES = ("read", "decode", "preprocess", "teacher", "write")
+NO_IMAGE = "no image file in sample"
+"""The reason (its start) of a text-only sample's error row: no image, so no teacher target."""

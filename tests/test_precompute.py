@@ -6,6 +6,7 @@ Corpora are built on the fly from scikit-image photos with `TarShardWriter`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -273,6 +274,46 @@ def test_inputs_equal_written_plus_errors_per_shard(bad_run):
             info = cache.commit_info(teacher, shard)
             assert info["rows"] + info["errors"] == count, (teacher, shard, info)
     assert summary.errors == 2 * (4 + 1)
+    assert summary.unusable_samples == 4 + 1  # once each, not once per teacher
+
+
+class RecordingBar:
+    """Stands in for the rich progress bar: keeps its total and what was advanced."""
+
+    def __init__(self, total):
+        self.total, self.completed = total, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, task, count):
+        self.completed += count
+
+
+def test_progress_ends_at_the_total_and_refused_samples_count_once(ray_local, tmp_path, monkeypatch):
+    from olavlm.pipeline import precompute as driver
+
+    bars = []
+
+    def recording_bar(enabled, total):
+        bars.append(RecordingBar(total))
+        return bars[-1], 0
+
+    monkeypatch.setattr(driver, "progress_bar", recording_bar)
+    build_corpus(tmp_path / "corpus", shards=1, per_shard=3, extra={0: [("text-only", {"txt": b"no image"})]})
+    cache = tmp_path / "cache"
+    summary = precompute(
+        dataclasses.replace(config(tmp_path / "corpus", cache, teachers=("depth", "gen")), progress=True)
+    )
+    assert (bars[0].total, bars[0].completed) == (4, 4)
+    assert (summary.samples, summary.errors, summary.unusable_samples) == (6, 2, 1)
+    assert (
+        "6 targets, 2 error rows (one per teacher and sample; samples without a usable image: 1)"
+        in summary.describe()
+    )
 
 
 # -- CLI: plan, clear errors ------------------------------------------------------------------
@@ -324,6 +365,36 @@ def test_bad_options_are_clear_errors(tmp_path, corpus):
             app, ["precompute", str(corpus[0]), str(tmp_path / "c"), "--preset", "tiny", *args]
         )
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_an_unloadable_teacher_is_one_line_naming_it(ray_local, corpus, tmp_path):
+    """A hub id that is not cached, offline (HF_HUB_OFFLINE=1, conftest): in the dry run (in this process)
+    and in a run (in a Ray actor) one line names the teacher, the id, the revision and the fixes."""
+    from olavlm.cli.app import app
+    from olavlm.pipeline.sources import TeacherLoadError, TeacherSource, unloadable
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    args = ["precompute", str(corpus[0]), str(tmp_path / "c"), "--preset", "tiny", "--teachers", "gen"]
+    result = CliRunner().invoke(app, [*args, "--teacher", "gen=nobody/not-a-model", "--dry-run"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert len(result.output) < 1200 and "Traceback" not in result.output, result.output
+    for part in (
+        "teacher 'gen' cannot be loaded from hub id 'nobody/not-a-model' (revision default branch)",
+        "couldn't connect",
+        "--teacher gen=FOLDER",
+        "HF_HOME",
+        "huggingface-cli login",
+    ):
+        assert part in text, (part, text)
+    with pytest.raises(TeacherLoadError) as raised:
+        precompute(
+            config(corpus[0], tmp_path / "c2", teachers=("gen",), overrides={"gen": "nobody/not-a-model"})
+        )
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("teacher 'gen' cannot be loaded from hub id")
+    pinned = TeacherSource(name="seg", kind="oneformer_swin", model="org/seg", revision="abc123")
+    assert "(revision abc123): gated repo. To fix" in str(unloadable(pinned, OSError("gated\nrepo")))
 
 
 # -- S3 ---------------------------------------------------------------------------------------

@@ -70,6 +70,52 @@ def test_a_local_cache_is_refused_on_a_multi_node_cluster():
     check_cache_reachable("gs://bucket/cache", [one, two])
 
 
+class ProbeRay:
+    """Runs a remote function at once, in `cwd` (where a cluster's worker would resolve relative paths)."""
+
+    def __init__(self, cwd):
+        self.cwd = cwd
+
+    def remote(self, fn):
+        ray = self
+
+        class Remote:
+            def options(self, **_):
+                return self
+
+            def remote(self, *args):
+                before = os.getcwd()
+                os.chdir(ray.cwd)
+                try:
+                    return fn(*args)
+                finally:
+                    os.chdir(before)
+
+        return Remote()
+
+    def get(self, value):
+        return value
+
+
+def test_cache_writability_is_checked_from_the_cluster(tmp_path, monkeypatch):
+    """The driver and a task must reach the same cache: a relative path seen from a worker's folder is
+    another disk to it; a cache under a file is not writable. Both fail with the cache named."""
+    (tmp_path / "driver").mkdir()
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "driver")
+    ray = ProbeRay(tmp_path / "worker")
+    with pytest.raises(
+        ConfigError, match=r"cache 'cache' is not writable from the Ray cluster.*does not see"
+    ):
+        driver.check_cache_writable(ray, "cache", {})
+    driver.check_cache_writable(ray, str(tmp_path / "driver" / "cache"), {})
+    assert os.listdir(tmp_path / "driver" / "cache") == []  # the probe files are gone
+    assert os.listdir(tmp_path / "worker") == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not writable from this machine"):
+        driver.check_cache_writable(ray, str(tmp_path / "file" / "cache"), {})
+
+
 class FakeRay:
     def __init__(self):
         self.calls = []
@@ -236,15 +282,18 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
 
 @pytest.mark.slow
 def test_precompute_against_a_cluster_started_with_ray_start(corpus, tmp_path, short_tmp):
-    """`ray start --head` apart from the job, `ola precompute --address` joins it, the cache verifies."""
+    """`ray start --head` apart from the job, `ola precompute --address` joins it, the cache verifies.
+
+    Corpus and cache are given relative to the driver's folder: the cluster's tasks run elsewhere, so
+    the driver makes them absolute before the job starts."""
     cache = tmp_path / "cache"
     with ray_head(short_tmp) as (address, env):
         runtime_env = json.dumps({"env_vars": {"OLA_TEST_RUNTIME_ENV": "1"}})
         proc = subprocess.run(
             cli_command(
                 "precompute",
-                str(corpus[0]),
-                str(cache),
+                os.path.relpath(corpus[0], tmp_path),
+                "cache",
                 "--preset",
                 "tiny",
                 "--batch-size",
@@ -259,6 +308,7 @@ def test_precompute_against_a_cluster_started_with_ray_start(corpus, tmp_path, s
                 "--json",
             ),
             env=env,
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=150,

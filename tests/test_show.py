@@ -63,3 +63,30 @@ def test_render_sample_reads_cache_and_corpus_with_storage_options(tmp_path, dem
     image = Image.open(out)
     assert image.format == "PNG" and image.width > image.height  # image + target side by side
     assert "s3" not in fsspec.config.conf
+
+
+def test_show_says_why_a_key_has_no_target(tmp_path):
+    """A text-only sample (an error row 'no image file'), a refused image and an unknown key: each named."""
+    from olavlm.schemas import quant
+    from olavlm.schemas.cache import SampleError
+    from olavlm.schemas.spec import TeacherSpec
+
+    cache = TargetCache(tmp_path / "cache")
+    cache.register(TeacherSpec(name="gen", kind="synthetic", model="m", shape=(1, 4)))
+    values, _ = quant.encode(np.ones((1, 1, 4), np.float32), "float16")
+    errors = [
+        SampleError("chat-1", "decode", "no image file in sample (has: json)"),
+        SampleError("broken", "decode", "cannot identify image file"),
+    ]
+    cache.write_shard("gen", "s0", ["k0"], ["0" * 64], values, errors=errors)
+
+    def show(key):
+        result = CliRunner().invoke(
+            app, ["cache", "show", str(tmp_path / "cache"), key, "--out", str(tmp_path / "x.png")]
+        )
+        assert result.exit_code == 2 and key in result.output
+        return " ".join(result.output.split())
+
+    assert "it is a text-only sample (no image, so no teacher target; shard s0)" in show("chat-1")
+    assert "the precompute refused it (shard s0, decode: cannot identify image file)" in show("broken")
+    assert "not in any committed shard" in show("nope")

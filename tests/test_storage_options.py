@@ -1,6 +1,6 @@
 """`--storage-options` (fsspec options as JSON) on every command that reads a corpus or a cache, against the
 local S3 server (moto, 127.0.0.1): `ola train` (DataConfig.storage_options), `ola cache stats|verify|show`,
-`ola probe` (issue 12). `ola eval` reads neither (a benchmark parquet and a checkpoint)."""
+`ola probe`. `ola eval` reads neither (a benchmark parquet and a checkpoint)."""
 
 from __future__ import annotations
 
@@ -120,3 +120,56 @@ def test_train_and_probe(on_s3, tmp_path):
     assert probe.exit_code == 0, probe.output
     rows = json.loads((tmp_path / "probe" / "probe.json").read_text())["rows"]
     assert [(r["teacher"], r["layer"]) for r in rows] == [("gen", 1)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_loader_workers_read_s3_after_fork(on_s3):
+    """Forked DataLoader workers read an S3 corpus and cache: each makes its own file system (an async
+    one made in the parent refuses to run in a child). The options keep fsspec's instance cache on,
+    as a user's would."""
+    import itertools
+
+    from olavlm.schemas.cache import TargetCache
+    from olavlm.schemas.config import DataConfig
+    from olavlm.trainer.data.loader import build_loader
+    from tests._trainer_data import tiny_text_setup
+
+    corpus, cache, options, samples, local = on_s3
+    options = {k: v for k, v in json.loads(options).items() if k != "skip_instance_cache"}
+    tokenizer, layout, transform = tiny_text_setup()
+    config = DataConfig(
+        data=corpus, cache=cache, storage_options=options, batch_size=2, num_workers=2, shuffle_block=2
+    )
+    loader = build_loader(
+        config, tokenizer=tokenizer, layout=layout, transform=transform, tasks=("gen", "depth", "seg")
+    )
+    truth = TargetCache(local / "cache")
+    seen = set()
+    for batch, _ in itertools.islice(iter(loader), 4):  # 8 samples, batch 2: one epoch
+        for i, key in enumerate(batch["keys"]):
+            seen.add(key)
+            for task in SHAPES:
+                got = batch["targets"][task][i].float().numpy()
+                assert (got == truth.get(task, key)).all(), (task, key)
+    assert seen == set(samples)
+
+
+@pytest.mark.timeout(300)
+def test_precompute_applies_storage_options_to_the_corpus(on_s3):
+    """One --storage-options reaches both the S3 corpus and the S3 cache of `ola precompute`."""
+    corpus, _, options, _, _ = on_s3
+    plan = ola(
+        "precompute",
+        corpus,
+        "s3://olavlm/so/precompute-cache",
+        "--preset",
+        "tiny",
+        "--teachers",
+        "gen",
+        "--storage-options",
+        options,
+        "--dry-run",
+    )
+    assert plan.exit_code == 0, plan.output
+    assert "corpus: 2 shards, 8 samples" in plan.output, plan.output
