@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench bench-gpu lint clean
+.PHONY: install demo test test-fast test-gpu bench bench-gpu gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,15 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# CUDA-only tests (tests/test_cuda.py; without CUDA each is skipped with its reason). The JUnit report
+# feeds `ola bench gpu --cuda-tests` (the summary's cuda_tests_passed). With PY/OLA given (the GPU
+# machine, which has no venv: `make gpu-check PY=python3 OLA=ola GPU_OUT=$$OUT`) nothing is installed.
+GPU_OUT ?= out
+SETUP := $(if $(filter $(VENV)/%,$(PY)),install)
+test-gpu: $(SETUP)
+	mkdir -p $(GPU_OUT)
+	$(PY) -m pytest -q -p no:cacheprovider -m cuda --junitxml=$(GPU_OUT)/test-gpu.xml
+
 bench: install
 	mkdir -p out
 	$(OLA) bench cache --json | tee out/bench-cache.json
@@ -51,6 +60,13 @@ bench: install
 bench-gpu: install
 	mkdir -p out
 	$(OLA) bench gpu --json --out out/bench-gpu.json $(BENCH_GPU_ARGS)
+
+# The device run (docs/BENCHMARKS.md, "GPU"): the CUDA tests, then every figure, with the tests' count
+# in the JSON's summary. The bench runs even when a test fails (the summary says how many passed).
+gpu-check: $(SETUP)
+	-$(MAKE) --no-print-directory test-gpu PY=$(PY) GPU_OUT=$(GPU_OUT)
+	$(OLA) bench gpu --json --out $(GPU_OUT)/bench-gpu.json --cuda-tests $(GPU_OUT)/test-gpu.xml \
+		$(BENCH_GPU_ARGS) > /dev/null  # the same JSON as --out; the table and progress go to stderr
 
 # `ruff format` is the formatter; lint fails on unformatted code (run `.venv/bin/ruff format .`).
 lint: install
