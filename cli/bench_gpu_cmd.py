@@ -58,6 +58,30 @@ def bench_gpu_command(
     gpu_preprocess: bool = typer.Option(
         True, "--gpu-preprocess/--no-gpu-preprocess", help="Lever row: resize and crop on the device."
     ),
+    seg_images: int | None = typer.Option(
+        None, "--seg-images", help="Seg section: images per lever row (0 skips the section) [default: 512]."
+    ),
+    seg_batch_sizes: str | None = typer.Option(
+        None, "--seg-batch-sizes", help="Seg section: extra batch sizes, comma-separated [default: 32,128]."
+    ),
+    seg_compile_modes: str | None = typer.Option(
+        None,
+        "--seg-compile-modes",
+        help="Seg section: torch.compile modes, one row each [default: default,reduce-overhead].",
+    ),
+    pipeline_overlap: bool = typer.Option(
+        True,
+        "--pipeline-overlap/--no-pipeline-overlap",
+        help="Pipeline: a three-teacher job with --actor-concurrency 2 at the first dtype.",
+    ),
+    pipeline_compile: str = typer.Option(
+        "off",
+        "--pipeline-compile",
+        help="Pipeline jobs: the actors' torch.compile mode (precompute --compile).",
+    ),
+    cuda_tests: Path | None = typer.Option(
+        None, "--cuda-tests", help="JUnit XML of `make test-gpu`: its counts go into the JSON's summary."
+    ),
     train: bool = typer.Option(True, "--train/--no-train", help="The training-step section."),
     train_steps: int | None = typer.Option(
         None, "--train-steps", help="Timed training steps [default: 20; smoke 2]."
@@ -69,7 +93,7 @@ def bench_gpu_command(
         None, "--online-steps", help="Steps with online teachers (0 skips them)."
     ),
     sections: str | None = typer.Option(
-        None, "--sections", help="Comma-separated subset of teachers,inputs,bare,levers,pipeline,train."
+        None, "--sections", help="Comma-separated subset of teachers,inputs,bare,levers,seg,pipeline,train."
     ),
     teachers_dir: Path | None = typer.Option(
         None,
@@ -81,9 +105,16 @@ def bench_gpu_command(
     """GPU figures: paper-size teachers through precompute (fp16, bf16), levers, training step; smoke test on CPU."""
     with user_errors():
         from olavlm.bench.gpu import format_table, gpu_bench_config, run_gpu_bench
+        from olavlm.schemas.errors import ConfigError
 
         def split(text: str | None) -> tuple[str, ...] | None:
             return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
+
+        def ints(text: str | None) -> tuple[int, ...] | None:
+            try:
+                return tuple(int(v) for v in split(text) or ()) if text is not None else None
+            except ValueError:
+                raise ConfigError(f"--seg-batch-sizes {text!r}: give integers, comma-separated") from None
 
         config = gpu_bench_config(
             smoke=smoke,
@@ -98,6 +129,12 @@ def bench_gpu_command(
             sdpa=sdpa,
             compile=compile,
             gpu_preprocess=gpu_preprocess,
+            seg_images=seg_images,
+            seg_batch_sizes=ints(seg_batch_sizes),
+            seg_compile_modes=split(seg_compile_modes),
+            pipeline_overlap=pipeline_overlap,
+            pipeline_compile=pipeline_compile,
+            cuda_tests=str(cuda_tests) if cuda_tests else None,
             train=train,
             train_steps=train_steps,
             train_batch_size=train_batch_size,

@@ -87,6 +87,20 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     ]  # the --device-resize arm, against the same bare loop
     assert moved["images"] == 16 and moved["errors"] == 0 and positive(moved["images_per_s"])
     assert 0 < moved["busy_fraction"] < 1.5 and moved["bare_images_per_s"] == bare["all_images_per_s"]
+    overlap = data["pipeline"]["float32"]["all_overlap"]  # actor_concurrency 2, against the same bare loop
+    assert (
+        overlap["images"] == 16 and overlap["errors"] == 0 and overlap["options"] == {"actor_concurrency": 2}
+    )
+    assert job["shards_in_flight"] == 3  # CPU-only: 2 x actors + 1
+
+    seg = data["seg"]  # smoke: the three attention rows at float32, batch 4
+    assert [(r["attention"], r["compile"], r["batch_size"]) for r in seg["rows"]] == [
+        ("fused", "off", 4),
+        ("sdpa", "off", 4),
+        ("eager", "off", 4),
+    ]
+    for row in seg["rows"]:
+        assert positive(row["images_per_s"]) and row["finite"] and row["cosine_min_vs_float32"] >= 0.999999
 
     train = data["train"]
     assert train["backend"] == "gloo" and train["world_size"] == 1 and train["batch_size"] == 2
@@ -103,9 +117,21 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
         assert positive(train[key]), key
     assert train["student_params"] > train["trainable_params_pt"] > 0
 
+    summary = data["summary"]
+    assert (
+        summary["pipeline_images_per_s"] == job["images_per_s"]
+        and summary["busy_fraction"] == job["busy_fraction"]
+    )
+    assert summary["seg_images_per_s"] == bare["per_teacher"]["seg"]["images_per_s"]
+    assert summary["cached_over_in_memory"] == train["cached_over_in_memory"]
+    assert (
+        summary["cuda_tests_passed"] is None and summary["met"]["cuda_tests_passed"] is None
+    )  # no --cuda-tests
+
     table = gpu.format_table(data)
     assert "all three" in table and "gpu_preprocess" in table and "cached / in-memory" in table
-    assert "all three, device resize" in table
+    assert "all three, device resize" in table and "actor concurrency 2" in table
+    assert "seg levers" in table and "goals met" in table
 
 
 def test_defaults_of_the_full_and_the_smoke_run():
@@ -231,3 +257,96 @@ def test_a_failing_lever_is_a_row_with_its_error(monkeypatch, tmp_path):
     assert rows[-1] == {"lever": "compile", "error": "RuntimeError: inductor failed"}
     assert {t.module.config._attn_implementation for t in teachers.values()} == {"sdpa"}  # restored
     assert "inductor failed" in gpu.format_table({"levers": {"dtype": "float32", "rows": rows}})
+
+
+def test_summary_reads_the_goal_figures_and_the_junit_counts(tmp_path):
+    junit = tmp_path / "test-gpu.xml"
+    junit.write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="7" failures="1" errors="0" '
+        'skipped="2"></testsuite></testsuites>'
+    )
+    assert gpu.junit_counts(str(junit)) == {"passed": 4, "failed": 1, "skipped": 2}
+    assert gpu.junit_counts(str(tmp_path / "absent.xml")) == {}
+    bare = {"all_images_per_s": 230.0, "per_teacher": {"seg": {"images_per_s": 410.0}}}
+    data = {
+        "device": "NVIDIA H200",
+        "config": {"compute_dtypes": ["float16", "bfloat16"]},
+        "bare": {"float16": bare, "bfloat16": {"all_images_per_s": 1.0}},
+        "pipeline": {"float16": {"all": {"images_per_s": 210.0, "busy_fraction": 0.91}}},
+        "seg": {
+            "rows": [
+                {
+                    "attention": "fused",
+                    "compile": "off",
+                    "dtype": "float16",
+                    "batch_size": 64,
+                    "images_per_s": 300.0,
+                },
+                {
+                    "attention": "fused",
+                    "compile": "default",
+                    "dtype": "float16",
+                    "batch_size": 64,
+                    "images_per_s": 420.0,
+                },
+                {"attention": "fused", "compile": "reduce-overhead", "error": "RuntimeError: x"},
+            ]
+        },
+        "train": {"cached_over_in_memory": 1.05},
+    }
+    summary = gpu.summary(data, str(junit))
+    assert summary["pipeline_images_per_s"] == 210.0 and summary["bare_images_per_s"] == 230.0
+    assert summary["seg_images_per_s"] == 410.0 and summary["seg_best_images_per_s"] == 420.0
+    assert summary["seg_best_lever"]["compile"] == "default"
+    assert summary["cuda_tests_passed"] == 4 and summary["cuda_tests_failed"] == 1
+    assert summary["met"] == {
+        "pipeline_images_per_s": True,
+        "busy_fraction": True,
+        "seg_images_per_s": True,
+        "cached_over_in_memory": False,  # at most 1.02
+        "cuda_tests_passed": False,  # one failed
+    }
+    partial = gpu.summary({"device": "cpu"})  # a run stopped before anything was measured
+    assert partial["pipeline_images_per_s"] is None and partial["met"]["busy_fraction"] is None
+
+
+@pytest.mark.slow  # five loads of the tiny seg teacher and a dynamo trace: 8 s idle, 32 s under load
+def test_seg_rows_cover_each_lever_and_compiled_rows_match_the_reference(tmp_path):
+    """The full run's rows, then the section itself at tiny size with a compiled row (dynamo's eager backend)."""
+    full = gpu.gpu_bench_config(cuda=True)
+    wanted = [(r["attention"], r["compile"], r["dtype"], r["batch_size"]) for r in gpu.seg_rows_wanted(full)]
+    assert wanted == [
+        ("fused", "off", "float16", 64),
+        ("sdpa", "off", "float16", 64),
+        ("eager", "off", "float16", 64),
+        ("fused", "default", "float16", 64),
+        ("fused", "reduce-overhead", "float16", 64),
+        ("fused", "off", "bfloat16", 64),
+        ("fused", "off", "float16", 32),
+        ("fused", "off", "float16", 128),
+    ]
+    config = gpu.gpu_bench_config(
+        cuda=False,
+        images=4,
+        shard_size=4,
+        batch_size=2,
+        seg_images=4,
+        compile=True,
+        seg_compile_modes=("default",),
+    )
+    setup = gpu.Setup(config=config, device="cpu", tmp=str(tmp_path), teacher_folder=None, log=lambda m: None)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"seg": torch.from_numpy(rng.integers(0, 256, (2, 167, 167, 3), dtype=np.uint8))} for _ in range(2)
+    ]
+    seg = gpu.run_seg_levers(setup, batches)
+    assert [(r["attention"], r["compile"]) for r in seg["rows"]] == [
+        ("fused", "off"),
+        ("sdpa", "off"),
+        ("eager", "off"),
+        ("fused", "default"),
+    ]
+    for row in seg["rows"]:
+        assert "error" not in row, row
+        assert positive(row["images_per_s"]) and row["cosine_min_vs_float32"] >= 0.999999
+    assert seg["images"] == 4 and positive(seg["tflop_per_image"])

@@ -16,7 +16,7 @@ def predecode(setup: Setup, recipes: dict) -> tuple[list[dict], dict]:
 
     import torch
 
-    from olavlm.pipeline.precompute import preprocess_batches
+    from olavlm.pipeline.precompute import default_shards_in_flight, preprocess_batches
     from olavlm.schemas.corpus import list_shards
 
     batch_size = setup.config.batch_size
@@ -44,7 +44,10 @@ def predecode(setup: Setup, recipes: dict) -> tuple[list[dict], dict]:
             f"no full batch of {batch_size} images in {setup.config.images} images "
             f"(shards of {setup.config.shard_size}): raise --images or lower --batch-size"
         )
-    in_flight = setup.config.shards_in_flight or 3  # precompute's default with one actor: 2 x 1 + 1
+    # precompute's default for one actor on this node (before its object-store cap)
+    in_flight = setup.config.shards_in_flight or default_shards_in_flight(
+        1, {"CPU": os.cpu_count() or 1}, gpus=setup.device.startswith("cuda")
+    )
     figures = {
         "images": sum(len(next(iter(b.values()))) for b in batches),
         "batches": len(batches),

@@ -19,9 +19,11 @@ from olavlm.bench.gpu.config import TEACHERS, GpuBenchConfig
 class Report:
     """The JSON object of every figure; rewritten to `out` after each section (partial runs keep theirs)."""
 
-    def __init__(self, out: str | None, log: Callable[[str], None]):
+    def __init__(self, out: str | None, log: Callable[[str], None], cuda_tests: str = ""):
         self.data: dict = {"complete": False}
         self.out = out
+        self.cuda_tests = cuda_tests
+        """`make test-gpu`'s JUnit file, counted into the summary."""
         self.start = time.perf_counter()
         self._log = log
 
@@ -29,6 +31,9 @@ class Report:
         self._log(f"[{time.perf_counter() - self.start:7.1f}s] {message}")
 
     def save(self) -> None:
+        from olavlm.bench.gpu.summary import summary
+
+        self.data["summary"] = summary(self.data, self.cuda_tests)
         if not self.out:
             return
         folder = os.path.dirname(os.path.abspath(self.out))
@@ -135,7 +140,8 @@ class Setup:
     def corpus(self) -> str:
         return os.path.join(self.tmp, "corpus")
 
-    def job(self, names: tuple[str, ...], dtype: str, corpus: str, cache: str, device_resize: bool = False):
+    def job(self, names: tuple[str, ...], dtype: str, corpus: str, cache: str, **options):
+        """The PrecomputeConfig of one job; `options`: other PrecomputeConfig fields (device_resize, ...)."""
         from olavlm.pipeline.precompute import PrecomputeConfig
 
         if self.teacher_folder is None:
@@ -153,7 +159,7 @@ class Setup:
             batch_size=self.config.batch_size,
             shards_in_flight=self.config.shards_in_flight,
             progress=False,
-            device_resize=device_resize,
+            **{"compile": self.config.pipeline_compile, **options},
         )
 
     def sources(self, dtype: str = "float32"):

@@ -11,23 +11,24 @@ from olavlm.bench.gpu.config import TEACHERS
 
 DEVICE_RESIZE_ARM = "all_device_resize"
 """Label of the three-teacher job run with `--device-resize` (resize and crop on the teachers' device)."""
+OVERLAP_ARM = "all_overlap"
+"""Label of the three-teacher job with `--actor-concurrency 2` (copies back overlap the next forward)."""
 
 
 # -- 5. the pipeline ------------------------------------------------------------------------------
-def run_job(
-    setup: Setup, names: tuple[str, ...], dtype: str, cache: str, device_resize: bool = False
-) -> dict:
-    """One `precompute` job over the benchmark corpus -> its figures."""
+def run_job(setup: Setup, names: tuple[str, ...], dtype: str, cache: str, **options) -> dict:
+    """One `precompute` job over the benchmark corpus (`options`: PrecomputeConfig fields) -> its figures."""
     from olavlm.pipeline.precompute import precompute
 
     with DevicePeak(setup.device) as peak:
-        summary = precompute(setup.job(names, dtype, setup.corpus, cache, device_resize=device_resize))
+        summary = precompute(setup.job(names, dtype, setup.corpus, cache, **options))
     return {
         "images": summary.images,
         "errors": summary.errors,
         "seconds": round(summary.seconds, 2),
         "images_per_s": round(summary.images_per_second, 2),
         "actor_compute_share": round(summary.teacher_busy, 3),
+        "shards_in_flight": summary.shards_in_flight,
         "mb_written": round(summary.bytes / 1e6, 1),
         **peak.figures(),
     }
@@ -64,16 +65,18 @@ def run_pipeline(setup: Setup, report: Report) -> str:
             report.log(f"pipeline: Ray warm-up job {time.perf_counter() - start:.1f} s")
         for index, dtype in enumerate(config.compute_dtypes):
             # one job per teacher at the first dtype only: each costs an actor start and a model load
-            # (teachers, label, device_resize): the --device-resize arm at the first dtype, beside the host one
-            arms = [(TEACHERS, "all", False)]
+            # (teachers, label, job options): the --device-resize and overlap arms at the first dtype
+            arms = [(TEACHERS, "all", {})]
             if config.pipeline_device_resize and index == 0:
-                arms.append((TEACHERS, DEVICE_RESIZE_ARM, True))
+                arms.append((TEACHERS, DEVICE_RESIZE_ARM, {"device_resize": True}))
+            if config.pipeline_overlap and index == 0:
+                arms.append((TEACHERS, OVERLAP_ARM, {"actor_concurrency": 2}))
             if config.per_teacher and index == 0:
-                arms += [((n,), n, False) for n in TEACHERS]
-            for names, label, device_resize in arms:
+                arms += [((n,), n, {}) for n in TEACHERS]
+            for names, label, options in arms:
                 cache = os.path.join(setup.tmp, f"cache-{dtype}-{label}")
                 report.log(f"pipeline {dtype} {label}: running")
-                figures = run_job(setup, names, dtype, cache, device_resize)
+                figures = {**run_job(setup, names, dtype, cache, **options), "options": options}
                 figures.update(
                     busy_fraction(
                         report.data.get("bare", {}).get(dtype),

@@ -15,6 +15,7 @@ from olavlm.bench.gpu.common import Report, Setup, free, load_teachers
 from olavlm.bench.gpu.config import TARGETS, TEACHERS, GpuBenchConfig
 from olavlm.bench.gpu.levers import run_levers
 from olavlm.bench.gpu.pipeline import run_job, run_pipeline
+from olavlm.bench.gpu.seg import run_seg_levers
 from olavlm.bench.gpu.teachers import build_paper_teachers
 from olavlm.bench.gpu.train import train_bench
 
@@ -53,7 +54,7 @@ def run_gpu_bench(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars: noise in the progress lines
-    report = Report(out, log)
+    report = Report(out, log, config.cuda_tests)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not config.smoke:
         report.log(
@@ -118,7 +119,7 @@ def run_gpu_bench(
 
 
 def run_sections(setup: Setup, report: Report) -> str | None:
-    """inputs, bare, levers, pipeline; -> the cache kept for the train section (None if no job ran)."""
+    """inputs, bare, levers, seg, pipeline; -> the cache kept for the train section (None if no job ran)."""
     config, device = setup.config, setup.device
     wanted = set(config.sections)
     batches: list[dict] = []
@@ -168,7 +169,12 @@ def run_sections(setup: Setup, report: Report) -> str | None:
                     "images": report.data["inputs"]["images"],
                     "rows": run_levers(setup, teachers, batches, rates, report.data["inputs"]),
                 }
-    del teachers, batches
+    del teachers
+    free(device)
+    if "seg" in wanted and config.seg_images:
+        with report.section("seg"):
+            report.data["seg"] = run_seg_levers(setup, batches)
+    del batches
     free(device)
     if "pipeline" not in wanted:
         return None

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from olavlm.bench.gpu.config import TEACHERS
-from olavlm.bench.gpu.pipeline import DEVICE_RESIZE_ARM
+from olavlm.bench.gpu.pipeline import DEVICE_RESIZE_ARM, OVERLAP_ARM
+
+ARM_NAMES = {
+    "all": "all three",
+    DEVICE_RESIZE_ARM: "all three, device resize",
+    OVERLAP_ARM: "all three, actor concurrency 2",
+}
 
 
 def format_table(data: dict) -> str:
@@ -27,14 +33,14 @@ def format_table(data: dict) -> str:
     rows = []
     for dtype, bare in data.get("bare", {}).items():
         pipe = data.get("pipeline", {}).get(dtype, {})
-        for label in ("all", DEVICE_RESIZE_ARM, *TEACHERS):
+        for label in (*ARM_NAMES, *TEACHERS):
             p = pipe.get(label, {})
-            if label == DEVICE_RESIZE_ARM and not p:
-                continue  # the arm runs at the first dtype only, when asked
-            three = label in ("all", DEVICE_RESIZE_ARM)
+            if label in (DEVICE_RESIZE_ARM, OVERLAP_ARM) and not p:
+                continue  # the arms run at the first dtype only, when asked
+            three = label in ARM_NAMES
             b = bare["all_images_per_s"] if three else bare["per_teacher"][label]["images_per_s"]
             peak = bare["peak_memory_gb"] if three else bare["per_teacher"][label]["peak_memory_gb"]
-            name = {"all": "all three", DEVICE_RESIZE_ARM: "all three, device resize"}.get(label, label)
+            name = ARM_NAMES.get(label, label)
             rows.append(
                 (
                     dtype,
@@ -83,6 +89,7 @@ def format_table(data: dict) -> str:
             f"levers ({levers['dtype']}, bare loop, images/s):",
             _table(("lever", *TEACHERS, "all three", "vs baseline", "note"), rows),
         ]
+    lines += _seg_lines(data.get("seg"))
     train = data.get("train")
     if train:
         lines += [
@@ -110,7 +117,48 @@ def format_table(data: dict) -> str:
                 ],
             ),
         ]
+    summary = data.get("summary")
+    if summary:
+        shown = {k: v for k, v in summary.items() if k not in ("device", "met", "seg_best_lever")}
+        lines += ["", "summary: " + ", ".join(f"{k} {v}" for k, v in shown.items())]
+        lines.append("goals met: " + ", ".join(f"{k} {v}" for k, v in summary["met"].items()))
     return "\n".join(lines)
+
+
+def _seg_lines(seg: dict | None) -> list[str]:
+    """The seg section's rows: images/s (and TFLOP/s) per lever, cosine against float32 eager."""
+    if not seg:
+        return []
+    rows = [
+        (
+            r["attention"],
+            r["compile"],
+            r["dtype"],
+            r["batch_size"],
+            f"{r['images_per_s']:.1f}" if "error" not in r else "-",
+            r.get("tflop_per_s") or "-",
+            r.get("cosine_min_vs_float32", "-"),
+            r.get("first_batch_s", "-"),
+            r.get("error", "")[:80],
+        )
+        for r in seg["rows"]
+    ]
+    header = (
+        "attention",
+        "compile",
+        "dtype",
+        "batch",
+        "img/s",
+        "TFLOP/s",
+        "cos vs fp32",
+        "first batch s",
+        "error",
+    )
+    return [
+        "",
+        f"seg levers ({seg['images']} images; {seg['tflop_per_image']} TFLOP per image; reference {seg['reference']}):",
+        _table(header, rows),
+    ]
 
 
 def _lever_note(row: dict) -> str:
