@@ -13,7 +13,7 @@ import typer
 from .groups import Groups
 from .options import config_options, lazy_command
 
-HELP = "OLA vs NTP-only baseline probe scores over training seeds (docs/FIDELITY.md); resumable."
+HELP = "OLA vs NTP-only baseline probe scores over training seeds and probe widths (docs/FIDELITY.md)."
 
 
 def build_fidelity():
@@ -28,12 +28,13 @@ def build_fidelity():
         *,
         overrides: dict,
     ) -> None:
-        """OLA vs NTP-only baseline probe scores over training seeds (docs/FIDELITY.md); resumable.
+        """OLA vs NTP-only baseline probe scores over training seeds and probe widths; resumable.
 
         Builds the demo corpus and the tiny teachers' cache, trains PT with distillation and the baseline
-        for each training seed from the same initial weights, probes every layer of both with several probe
-        seeds, and reports OLA - baseline per teacher paired by training seed (mean, std, t) beside the probe
-        noise floor. A rerun reuses every finished run and probe."""
+        once per training seed from the same initial weights, probes every layer of both at each probe
+        width (`ola probe`'s configuration otherwise) with several probe seeds, and reports OLA - baseline
+        per width and teacher, paired by training seed (mean, std, t), beside the probe noise floor.
+        A rerun reuses every finished run and probe."""
         import transformers
 
         from olavlm.bench.fidelity import describe, run_fidelity

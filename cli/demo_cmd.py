@@ -5,10 +5,10 @@ distillation and the NTP-only baseline (the same student, task tokens included, 
 embedding losses off; same init, data and steps) ->
 probe both on the same held-out split -> plot + summary table.
 
-It lives in cli/ because it is the one place allowed to import both pipeline/
-and trainer/. Every stage resumes: a rerun finds the corpus, the committed
-cache shards, the finished training runs and the scored probe layers, and does
-only what is missing.
+Design choice: the demo is the first training seed of `ola bench fidelity`'s experiment at
+demo size, built from bench/fidelity.py's steps (corpus, cache, train, probe), so the two
+cannot drift apart; the demo adds the cache checks and the printed tables. Every stage
+resumes: a rerun does only what is missing.
 """
 
 from __future__ import annotations
@@ -32,35 +32,6 @@ def _done(start: float, what: str) -> None:
     typer.echo(f"   {what} ({time.perf_counter() - start:.1f} s)")
 
 
-def _train_once(corpus: str, cache: str, out: Path, *, distill: bool, steps: int, batch_size: int) -> dict:
-    """Train (or resume, or skip if finished) one PT run; returns {checkpoint, losses}."""
-    from olavlm.schemas.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-    from olavlm.trainer import checkpoint
-    from olavlm.trainer.train import train
-
-    resume, done = checkpoint.latest_and_done(out, steps)
-    if done:
-        return {"checkpoint": resume, "losses": _last_losses(out), "resumed": "done"}
-    config = RunConfig(
-        model=ModelConfig(preset="tiny"),
-        # Both runs read the cache: the baseline is the same student (task tokens included) with the
-        # embedding losses off, so they are the only difference the probe can see (docs/FIDELITY.md).
-        data=DataConfig(data=corpus, cache=cache, batch_size=batch_size, num_workers=1),
-        train=TrainConfig(
-            stage="pt",
-            distill=distill,
-            steps=steps,
-            out=str(out),
-            save_every=max(1, steps // 2),
-            log_every=5,
-            resume=resume,
-            seed=0,
-        ),
-    )
-    summary = train(config)
-    return {"checkpoint": summary["checkpoint"], "losses": _last_losses(out), "resumed": resume or "no"}
-
-
 def _last_losses(out: Path) -> dict:
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
     if not lines:
@@ -81,40 +52,54 @@ def run_demo(
     samples: int = 256,
     steps: int = 60,
     batch_size: int = 8,
-    probe_steps: int = 60,
+    probe_steps: int | None = None,
     probe_seeds: int = 3,
     dtype: str = "float16",
 ) -> dict:
-    """The whole chain; returns the summary (also written to OUT/summary.json)."""
+    """The whole chain; returns the summary (also written to OUT/summary.json).
+
+    `probe_steps` None: `ola probe`'s; every other probe setting is `ola probe`'s default."""
     import transformers
 
-    from olavlm.pipeline.precompute import PrecomputeConfig, precompute
+    from olavlm.bench.fidelity import (
+        ARMS,
+        FidelityConfig,
+        build_cache,
+        build_corpus,
+        probe_arms,
+        probe_dir,
+        run_dir,
+        train_arm,
+    )
     from olavlm.schemas.cache import TargetCache
     from olavlm.schemas.corpus import list_shards
-    from olavlm.schemas.corpus_build import build_demo_corpus
     from olavlm.schemas.inspect import verify_cache
-    from olavlm.trainer.eval.probe import ProbeConfig, plot_size, print_scores, run_probe
+    from olavlm.trainer.eval.probe import plot_size, print_scores
 
     from .cache_cmds import stats
 
     transformers.utils.logging.set_verbosity_error()  # weight-loading bars of the tiny models are noise here
     transformers.utils.logging.disable_progress_bar()
     out.mkdir(parents=True, exist_ok=True)
-    corpus, cache = out / "corpus", out / "cache"
+    config = FidelityConfig(  # one training seed of the fidelity experiment, at demo size
+        images=samples,
+        train_seeds=1,
+        steps=steps,
+        batch_size=batch_size,
+        dtype=dtype,
+        probe_widths=(0,),
+        probe_seeds=probe_seeds,
+        **({} if probe_steps is None else {"probe_steps": probe_steps}),
+    )
     started = time.perf_counter()
 
-    t = _stage(f"1/6 demo corpus -> {corpus}")
-    if (corpus / ".complete").exists():
-        _done(t, f"{len(list_shards(str(corpus)))} shards already built")
-    else:
-        built = build_demo_corpus(corpus, samples=samples, shard_size=64)
-        (corpus / ".complete").write_text(json.dumps({"samples": built.samples}))
-        _done(t, f"{built.samples} samples in {built.shards} shards")
+    t = _stage(f"1/6 demo corpus -> {out / 'corpus'}")
+    corpus, built = build_corpus(out, samples)
+    shards = len(list_shards(str(corpus)))
+    _done(t, f"{shards} shards already built" if built is None else f"{built} samples in {shards} shards")
 
-    t = _stage(f"2/6 precompute depth, seg, gen (tiny teachers, Ray) -> {cache}")
-    summary = precompute(
-        PrecomputeConfig(corpus=str(corpus), cache=str(cache), preset="tiny", dtype=dtype, batch_size=16)
-    )
+    t = _stage(f"2/6 precompute depth, seg, gen (tiny teachers, Ray) -> {out / 'cache'}")
+    cache, summary = build_cache(out, corpus, dtype)
     typer.echo(summary.describe())
     _done(t, "cache complete")
 
@@ -131,27 +116,16 @@ def run_demo(
     )
 
     runs = {}
-    for name, distill in (("ola", True), ("baseline", False)):
-        t = _stage(
-            f"4/6 PT {'with distillation' if distill else 'NTP-only baseline'} ({steps} steps) -> {out / name}"
-        )
-        runs[name] = _train_once(
-            str(corpus), str(cache), out / name, distill=distill, steps=steps, batch_size=batch_size
-        )
-        _done(t, f"checkpoint {runs[name]['checkpoint']}")
+    for arm in ARMS:
+        what = "with distillation" if arm == "ola" else "NTP-only baseline"
+        t = _stage(f"4/6 PT {what} ({steps} steps) -> {run_dir(out, 0, arm)}")
+        runs[arm] = train_arm(out, corpus, cache, arm=arm, seed=0, config=config)
+        runs[arm]["losses"] = _last_losses(run_dir(out, 0, arm))
+        _done(t, f"checkpoint {runs[arm]['checkpoint']}")
 
     t = _stage("5/6 probe every layer of both checkpoints (same split, same budget)")
-    rows = run_probe(
-        [runs["ola"]["checkpoint"], runs["baseline"]["checkpoint"]],
-        names=["ola", "baseline"],
-        data=str(corpus),
-        cache=str(cache),
-        out=str(out / "probe"),
-        config=ProbeConfig(
-            steps=probe_steps, batch_size=batch_size, width=64, heldout_percent=25, seeds=probe_seeds
-        ),
-        device="cpu",
-    )
+    rows = probe_arms(out, corpus, cache, runs, seed=0, width=0, config=config, device="cpu")
+    probed = probe_dir(out, 0, 0)
     _done(t, f"{len(rows)} probe scores")
 
     _stage("6/6 summary")
@@ -177,8 +151,8 @@ def run_demo(
         },
         "runs": runs,
         "probe": {
-            "table": str(out / "probe" / "probe.csv"),
-            "plot": str(out / "probe" / "probe.png"),
+            "table": str(probed / "probe.csv"),
+            "plot": str(probed / "probe.png"),
             "plot_size": list(plot_size(len(teachers))),
             "rows": rows,
         },
@@ -186,8 +160,8 @@ def run_demo(
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     typer.echo(
-        f"\nfiles: corpus {corpus}, cache {cache}, runs {out / 'ola'} and {out / 'baseline'}, "
-        f"probe plot {out / 'probe' / 'probe.png'} ({result['probe']['plot_size'][0]}x{result['probe']['plot_size'][1]} px), summary {out / 'summary.json'}"
+        f"\nfiles: corpus {corpus}, cache {cache}, runs {run_dir(out, 0, 'ola')} and {run_dir(out, 0, 'baseline')}, "
+        f"probe plot {probed / 'probe.png'} ({result['probe']['plot_size'][0]}x{result['probe']['plot_size'][1]} px), summary {out / 'summary.json'}"
     )
     typer.echo(f"total {result['seconds']:.0f} s")
     return result
@@ -198,7 +172,9 @@ def demo(
     samples: int = typer.Option(256, help="Demo corpus size."),
     steps: int = typer.Option(60, help="Training steps of each PT run."),
     batch_size: int = typer.Option(8, help="Samples per training / probe step."),
-    probe_steps: int = typer.Option(60, help="Probe training steps per checkpoint."),
+    probe_steps: int | None = typer.Option(
+        None, help="Probe training steps per checkpoint (default: `ola probe`'s)."
+    ),
     dtype: str = typer.Option("float16", help="Cache storage dtype: float16, bfloat16 or int8."),
 ) -> None:
     """The whole chain, offline, on the bundled demo corpus (tiny preset).

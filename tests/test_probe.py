@@ -148,8 +148,40 @@ def test_probe_seeds_report_spread_and_resume_per_seed(probe_setup, demo_corpus,
     print_scores(rows, compare=("ckpt0", "ckpt1"))
     printed = capsys.readouterr().out
     assert "std over 3 probe seeds" in printed and f"{sum(diffs) / 3:+.4f}" in printed
+    assert "ckpt0 - ckpt1, paired by probe seed" in printed  # the first minus the compared, as `ola eval`
     csv = (out / "probe.csv").read_text().splitlines()
     assert csv[0] == "checkpoint,teacher,layer,score,score_std,seeds,distilled" and len(csv) == 3
+
+
+def test_a_no_distill_run_has_no_distilled_layers(probe_setup, demo_corpus):
+    """probe.png circles, and "at distilled" averages, only layers whose heads were trained on targets."""
+    import shutil
+
+    from olavlm.trainer.eval.probe import distilled_layers
+
+    root, cache, checkpoints = probe_setup
+
+    def run(name: str, fingerprints: dict, init_from: str = "") -> Path:
+        step = root / name / "checkpoints" / "step-00000001"
+        shutil.copytree(checkpoints[0], step / "model")
+        (step / "trainer.json").write_text(json.dumps({"step": 1, "fingerprints": fingerprints}))
+        (step / "config.json").write_text(json.dumps({"train": {"init_from": init_from}}))
+        (step.parent / "LATEST").write_text(step.name)
+        return step / "model"
+
+    layers = {"depth": (1,), "gen": (2,)}
+    none, every = {"depth": set(), "gen": set()}, {"depth": {1}, "gen": {2}}
+    assert distilled_layers(run("pt-base", {}), layers) == none  # --no-distill
+    assert distilled_layers(run("ift-base", {}, init_from=str(root / "pt-base")), layers) == none
+    assert distilled_layers(run("pt", {"depth": "f00d"}), layers) == every
+    assert distilled_layers(run("ift", {}, init_from=str(root / "pt")), layers) == every
+    assert distilled_layers(checkpoints[0], layers) == every  # a bare model folder: history unknown
+    config = ProbeConfig(
+        layers=(1, 2), teachers=("gen",), steps=1, batch_size=4, width=16, heldout_percent=30
+    )
+    out = root / "probe-base"
+    rows = run_probe([str(root / "pt-base")], data=demo_corpus, cache=cache, out=str(out), config=config)
+    assert len(rows) == 2 and not any(r["distilled"] for r in rows)
 
 
 def test_probe_reads_the_prompt_not_the_answer(probe_setup):
@@ -219,3 +251,48 @@ def test_probe_with_loader_workers_scores_every_heldout_image_once(probe_setup, 
         device="cpu",
     )
     assert [r["heldout_images"] for r in rows] == [sum(is_heldout(f"demo-{i:06d}", 30) for i in range(24))]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_probes_train_on_no_heldout_key_and_score_every_heldout_key_once(
+    probe_setup, demo_corpus, monkeypatch, num_workers
+):
+    """The keys each pass hands the probes, recorded on their way in: training never sees a held-out key
+    (else a score is measured on its own training images), and scoring sees each held-out key once."""
+    import olavlm.trainer.eval.probe as probe
+
+    _, cache, checkpoints = probe_setup
+    seen: dict[str, list[str]] = {"train": [], "score": []}
+
+    def recording(real, name):
+        def wrapper(probes, todo, batches, *args, **kwargs):
+            def consumed():
+                for batch in batches:
+                    seen[name].extend(batch["keys"])
+                    yield batch
+
+            return real(probes, todo, consumed(), *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(probe, "train_probes", recording(probe.train_probes, "train"))
+    monkeypatch.setattr(probe, "score_probes", recording(probe.score_probes, "score"))
+    # 6 steps of 4 images: were no key left out, training would read all 24, the held-out ones too
+    config = ProbeConfig(
+        layers=(1,),
+        teachers=("gen",),
+        steps=6,
+        batch_size=4,
+        width=16,
+        heldout_percent=30,
+        num_workers=num_workers,
+    )
+    probe.probe_checkpoint(
+        load_student(checkpoints[0]), name="c", data=demo_corpus, cache=cache, config=config, device="cpu"
+    )
+    keys = [k for shard in corpus_keys(demo_corpus)[0].values() for k in shard]
+    heldout = sorted(k for k in keys if is_heldout(k, 30))
+    assert 0 < len(heldout) < len(keys)
+    assert seen["train"] and set(seen["train"]) <= set(keys) - set(heldout)
+    assert sorted(seen["score"]) == heldout

@@ -1,35 +1,13 @@
-"""Layer-wise probing (method.md, "Probing"): how much of each teacher's target a layer holds.
+"""Layer-wise probing (docs/METHOD.md, "Probing"): how much of each teacher's target a layer holds.
 
-The student is frozen. For every probed LLM layer and every teacher, a fresh
-single-block resampler probe (`ResamplerHead`, the same architecture as the
-predictor heads) learns to predict the teacher's cached target from that
-layer's hidden states; the score is the mean per-image cosine similarity of the
-flattened prediction and target on a held-out split.
-
-What the probe reads, as in the authors' probe: the system prompt (the chat
-template's), the image (padded to a square by default, `--image_aspect_ratio
-pad`), the task tokens when the checkpoint has them, and one fixed user prompt,
-then the generation prompt: no answer text, which would leak caption meaning
-into the gen probe. The probe trains on smooth-L1 only (losses.py); the cosine
-it reports is never trained on.
-
-Design choices and their cost:
-- All probes of a checkpoint train together: one frozen LLM forward per batch
-  captures every probed layer, and each probe steps on its own layer. A layer
-  costs one head's forward/backward, not one LLM pass. `seeds` K repeats every
-  probe with K initialisations (seed, seed + 1, ...) in the same pass; the data
-  order and the split are the same for all of them, so the spread measures the
-  probe's own noise (initialisation), not the choice of images.
-- Each probe is initialised from its own seed, and its loss term touches only
-  its own parameters, so its score does not depend on which other probes train
-  beside it: a resumed run reproduces the same scores.
-- Probes use learnable queries for every teacher (also T = 1), keys = all
-  tokens, so the same probe fits a baseline without task tokens and an OLA
-  checkpoint: the comparison is on equal terms.
-- The split is a pure function of the key (sha256(key) mod 100 < heldout_percent),
-  so every checkpoint and rerun sees the same held-out images.
-- Resumable per (teacher, layer, seed): finished scores are kept in
-  `probe.json`; a rerun trains only the missing ones.
+The student is frozen. Per probed LLM layer and teacher, a fresh resampler probe (`ResamplerHead`,
+by default the authors' shape) learns the teacher's cached target from that layer's hidden states
+on smooth-L1; the score is the mean per-image cosine on a held-out split (by sha256 of the key).
+The input is what the authors' probe reads: system prompt, image, task tokens when the checkpoint
+has them, one fixed user prompt, no answer text. Design choice: all probes of a checkpoint train
+together from one frozen LLM forward per batch, each from its own seed (`seeds` K repeats each
+with K initialisations), so a score does not depend on which probes train beside it. Cost: every
+probe is in memory at once. Resumable per (teacher, layer, seed) through probe.json.
 """
 
 from __future__ import annotations
@@ -48,7 +26,7 @@ from torch import nn
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.config import IMAGE_ASPECT_RATIOS, DataConfig
 from olavlm.schemas.errors import ConfigError
-from olavlm.trainer.checkpoint import model_dir
+from olavlm.trainer.checkpoint import CONFIG, TRAINER, find, model_dir
 from olavlm.trainer.data.collate import to_device
 from olavlm.trainer.data.images import ImageTransform, with_aspect_ratio
 from olavlm.trainer.data.loader import build_loader
@@ -80,17 +58,19 @@ class ProbeConfig:
     """LLM layers to probe, paper numbering (layer i = hidden_states[i], 1..num_layers); () = all."""
     teachers: tuple[str, ...] = ()
     """Teachers to probe; () = every teacher in the cache."""
-    steps: int = 200
+    steps: int = 150
     """Optimizer steps per checkpoint (all probes step together)."""
     batch_size: int = 8
     """Samples per step (training split only)."""
     lr: float = 1e-3
-    """AdamW learning rate of the probes."""
-    width: int = 256
-    """Internal width of each probe head."""
+    """AdamW learning rate of the probes (no weight decay), as the authors'."""
+    width: int = 0
+    """Internal width of each probe head; 0 = the teacher's target width, as the authors' probe."""
     num_heads: int = 4
-    """Attention heads per probe."""
-    heldout_percent: int = 20
+    """Attention heads per probe, as the authors'."""
+    ffn_mult: int = 1
+    """Feed-forward width of each probe as a multiple of its width, as the authors'."""
+    heldout_percent: int = 25
     """Share of keys held out for scoring (by sha256 of the key)."""
     seed: int = 0
     """Data order, and the first probe initialisation."""
@@ -108,6 +88,8 @@ class ProbeConfig:
             raise ConfigError(f"image_aspect_ratio {self.image_aspect_ratio!r}: one of {IMAGE_ASPECT_RATIOS}")
         if self.seeds < 1:
             raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
+        if self.width < 0 or self.ffn_mult < 1:
+            raise ConfigError(f"width must be >= 0 and ffn_mult >= 1, got {self.width} and {self.ffn_mult}")
 
     @property
     def budget(self) -> dict:
@@ -140,15 +122,20 @@ def _build_probes(todo, specs, llm_width: int, config: ProbeConfig, device) -> n
     probes = {}
     for teacher, layer, seed in todo:
         torch.manual_seed(seed)  # per probe: its init does not depend on which others train beside it
-        tokens, width = specs[teacher].shape
+        tokens, out_width = specs[teacher].shape
+        width = config.width or out_width
+        if width % config.num_heads:
+            raise ConfigError(
+                f"probe width {width} ({teacher}) is not divisible by num_heads {config.num_heads}"
+            )
         probes[_probe_key(teacher, layer, seed)] = ResamplerHead(
             llm_width=llm_width,
-            width=config.width,
-            out_width=width,
+            width=width,
+            out_width=out_width,
             num_queries=tokens,
             learned_queries=True,
             num_heads=config.num_heads,
-            ffn_mult=2,
+            ffn_mult=config.ffn_mult,
         )
     return nn.ModuleDict(probes).to(device)
 
@@ -351,6 +338,10 @@ def run_probe(
             row["seconds"] = time.perf_counter() - start
             row["identity"] = identity
         rows.extend(new)
+        trained = distilled_layers(folder, model.layers)
+        for r in rows:
+            if r["checkpoint"] == name:
+                r["distilled"] = r["layer"] in trained.get(r["teacher"], ())
         _write_json(
             results_path,
             {
@@ -372,6 +363,29 @@ def run_probe(
     write_csv(rows, Path(out) / "probe.csv")
     plot_probe(rows, str(Path(out) / "probe.png"))
     return rows
+
+
+def distilled_layers(folder: str | Path, layers: dict) -> dict[str, set[int]]:
+    """The head layers `layers` ({task: layers}) of the model in `folder` that were trained against targets:
+    none when its checkpoint, and every checkpoint its run started from (`init_from`), distilled nothing
+    (no fingerprints: a --no-distill run, or IFT from one); all of them when that history is unknown (a
+    bare model folder or an export)."""
+    step = Path(folder).parent
+    for _ in range(16):  # a chain of init_from runs (PT -> IFT -> ...)
+        try:
+            fingerprints = json.loads((step / TRAINER).read_text()).get("fingerprints")
+            init_from = json.loads((step / CONFIG).read_text()).get("train", {}).get("init_from", "")
+        except (OSError, json.JSONDecodeError):
+            break
+        if fingerprints:
+            break
+        if not init_from:
+            return {t: set() for t in layers}
+        try:
+            step = find(init_from)
+        except FileNotFoundError:
+            break
+    return {t: set(v) for t, v in layers.items()}
 
 
 def _names(checkpoints: list[str]) -> list[str]:
