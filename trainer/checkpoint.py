@@ -188,6 +188,18 @@ def save(
     return final
 
 
+def remove_leftovers(out: str | Path) -> list[Path]:
+    """Remove what killed saves left under OUT/checkpoints (a staging folder, a folder being pruned, LATEST's
+    temporary file: a checkpoint's size each); a run calls it on rank 0 before its first save."""
+    stale = [*(Path(out) / CHECKPOINTS).glob(".*.tmp-*"), *(Path(out) / CHECKPOINTS).glob(".*.removing-*")]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def prune(out: str | Path, keep_last: int) -> list[Path]:
     """Remove the complete `step-*` folders of OUT/checkpoints older than its newest `keep_last`; returns them.
 

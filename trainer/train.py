@@ -227,6 +227,8 @@ def train(config: RunConfig, *, given=None) -> dict:
     tcfg = run.config.train
     model, wrapped, optimizer = _model_and_optimizer(run, d)
     step, loader_state = _restore(run, wrapped, optimizer, d)
+    if d.main:  # a killed run's partial saves would stay on disk for good
+        checkpoint.remove_leftovers(tcfg.out)
     # The stage's crop | pad travels with the model as its image processor (saved, exported, generated with).
     model.image_processor = with_aspect_ratio(
         model.image_processor, resolve_aspect_ratio(run.config.data.image_aspect_ratio, tcfg.stage)
