@@ -1,4 +1,5 @@
-"""`ola bench cache|precompute|loader|codecs|decode|train|heads`: one call each into bench/, then a table or JSON.
+"""`ola bench cache|precompute|loader|codecs|decode|train|heads|torture`: one call each into bench/, then
+a table or JSON.
 
 The benchmarks themselves live in bench/ (they may import pipeline/ and trainer/ both); this module
 only turns options into a call and prints the figures. `ola bench gpu` and `ola bench fidelity` have
@@ -287,8 +288,53 @@ def bench_decode_command(
         )
 
 
+def bench_torture_command(
+    trials: int = typer.Option(10, min=1, help="Kills per part, each followed by a resume."),
+    parts: str = typer.Option(
+        "plain,sharded,precompute",
+        help="Comma-separated: plain (ola train, one process), sharded (two under torchrun, FSDP2 on gloo), "
+        "precompute (ola precompute into S3: a local moto server).",
+    ),
+    seed: int = typer.Option(0, help="Seed of the kill moments."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+) -> None:
+    """Kill training and precompute with SIGKILL at random moments, resume each time, compare.
+
+    A run saving every step (keep_last 2) is killed, whole process tree, half the time inside a save,
+    and resumed until done: LATEST and the checkpoint a resume takes must equal the uninterrupted run's,
+    and so must every logged step. Precompute into S3 likewise: the cache must equal an uninterrupted
+    run's. Exit code 1 if any resume was not exact."""
+    with user_errors():
+        from olavlm.bench.torture import bench_torture
+
+        result = bench_torture(
+            trials=trials, parts=tuple(p.strip() for p in parts.split(",") if p.strip()), seed=seed
+        )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(
+            f"load average before {result['load_average_before']}, after {result['load_average_after']}"
+        )
+        typer.echo(
+            f"{'part':<11} {'trials':>6} {'kills':>5} {'in save':>7} {'launches':>8} {'resumed steps':>13} "
+            f"{'exact':>5} {'s':>6}"
+        )
+        for part in ("plain", "sharded", "precompute"):
+            if part in result:
+                r = result[part]
+                typer.echo(
+                    f"{part:<11} {r['trials']:>6} {r['kills']:>5} {r['kills_in_save']:>7} {r['launches']:>8} "
+                    f"{r.get('resumed_records', '-'):>13} {str(r['exact']):>5} {r['seconds']:>6.0f}"
+                )
+                for problem in r["problems"]:
+                    typer.echo(f"  {problem}")
+    if not result["all_exact"]:
+        raise typer.Exit(1)
+
+
 def register(groups: Groups) -> None:
-    """Add `ola bench cache|precompute|loader|codecs|decode|train|heads`."""
+    """Add `ola bench cache|precompute|loader|codecs|decode|train|heads|torture`."""
     groups.bench.command("cache")(bench_cache_command)
     groups.bench.command("precompute")(bench_precompute_command)
     groups.bench.command("loader")(bench_loader_command)
@@ -296,3 +342,4 @@ def register(groups: Groups) -> None:
     groups.bench.command("decode")(bench_decode_command)
     groups.bench.command("train")(bench_train_command)
     groups.bench.command("heads")(bench_heads_command)
+    groups.bench.command("torture")(bench_torture_command)
