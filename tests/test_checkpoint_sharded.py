@@ -100,10 +100,8 @@ def _save_worker(rank: int, world: int, port: int, config: ModelConfig, out: str
 def _rank_0_failures(model, wrapped, optimizer, d: Dist, out: str) -> list[str]:
     """Rank 0 fails alone, before its shards (the model folder) and after them (pruning): every rank must
     raise, none may wait forever in a collective. The exception type each rank saw, then a save that works."""
-    import olavlm.trainer.student.build as build
-
     seen = []
-    for step, target, name in ((2, build, "save_student"), (3, checkpoint, "prune")):
+    for step, target, name in ((2, checkpoint, "save_student"), (3, checkpoint, "prune")):
         real = getattr(target, name)
 
         def broken(*args, **kwargs):
