@@ -30,7 +30,7 @@ demo: install
 	$(OLA) demo --out demo-out
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
