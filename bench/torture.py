@@ -6,8 +6,8 @@ launch (every other kill inside that step's save, once its staging folder appear
 OUT until it finishes. After each kill, LATEST and the checkpoint a resume would take equal the
 uninterrupted run's checkpoint of that step (tensors, trainer.json) and are no older than before; at
 the end every metrics.jsonl record, steps logged twice included, equals the uninterrupted run's.
-Precompute: a job writing to an object store joins a running Ray and is killed and rerun alike;
-committed shards are always whole and the final cache equals an uninterrupted run's bit for bit.
+Precompute: a job writing to an object store joins a running Ray and is killed and rerun alike (every
+other kill as soon as one of its shard writes shows in the store); committed shards are always whole and the final cache equals an uninterrupted run's bit for bit.
 tests/test_kill_resume.py runs these functions with few kills.
 Design choice: every launch is a fresh interpreter, so that a kill takes real processes down.
 Cost: each launch pays the torch + transformers imports, which dominate a trial on a CPU.
@@ -258,18 +258,27 @@ def read_stored(cache, teacher: str) -> dict[str, bytes]:
     return out
 
 
-def _shards(cache, teachers) -> tuple[int, int]:
-    """(committed shards, shards being written: prefixes without commit.json, or staging folders)."""
-    from olavlm.schemas.cache import STAGING
+def _shards(cache, teachers) -> tuple[int, set[tuple[str, ...]]]:
+    """(committed shards, the shards being written: folders without commit.json, staging ones included),
+    from one recursive listing: cheap enough to poll an object store every few milliseconds."""
+    from olavlm.schemas.cache import COMMIT_JSON, STAGING
 
-    cache.root.fs.invalidate_cache()  # listings are cached, and another process writes
-    committed = writing = 0
-    for teacher in teachers:  # listdir: [] for a folder not there yet
-        done = set(cache.committed_shards(teacher))
-        names = {n for n in cache.root.listdir(teacher) if n != STAGING and not n.startswith(".")}
-        committed += len(done)
-        writing += len(names - done) + len(cache.root.listdir(teacher, STAGING))
-    return committed, writing
+    root = cache.root
+    root.fs.invalidate_cache()  # listings are cached, and another process writes
+    try:
+        files = root.fs.find(root.path)
+    except FileNotFoundError:
+        files = []
+    folders: dict[tuple[str, ...], bool] = {}  # (teacher, shard) or (teacher, STAGING, name): committed
+    for path in files:
+        parts = path[len(root.path) :].strip("/").split("/")
+        if parts[0] not in teachers or len(parts) < 3:
+            continue
+        folder = tuple(parts[:3]) if parts[1] == STAGING else tuple(parts[:2])
+        if folder[-1].startswith(".") and parts[1] != STAGING:
+            continue
+        folders[folder] = folders.get(folder, False) or parts[len(folder)] == COMMIT_JSON
+    return sum(folders.values()), {folder for folder, done in folders.items() if not done}
 
 
 def _same_rows(cache, reference: dict, *, whole: bool) -> list[str]:
@@ -310,14 +319,16 @@ def torture_precompute(
     reference = {t: read_stored(uninterrupted, t) for t in teachers}
     rng, problems, killed, in_write, launches = random.Random(seed), [], 0, 0, 1
     for trial in range(kills):
-        before = _shards(cache, teachers)[0]
+        before, left = _shards(cache, teachers)  # left: what earlier kills left half-written
         process, launches = job(cache_url), launches + 1
-        # from this launch's first commit: within a shard's time, or within the next few shards'
-        if _wait_until(process, lambda before=before: _shards(cache, teachers)[0] > before, log, S3_POLL_S):
-            time.sleep(rng.random() * gap * (1 if trial % 2 == 0 else 3))
+        if trial % 2 == 0:  # as soon as a shard of this launch is being written
+            _wait_until(process, lambda left=left: _shards(cache, teachers)[1] - left, log, POLL_S)
+        # else from this launch's first commit, within the next few shards' time
+        elif _wait_until(process, lambda before=before: _shards(cache, teachers)[0] > before, log, S3_POLL_S):
+            time.sleep(rng.random() * gap * 3)
         if not _kill(process, log, problems):
             break
-        killed, in_write = killed + 1, in_write + (_shards(cache, teachers)[1] > 0)
+        killed, in_write = killed + 1, in_write + bool(_shards(cache, teachers)[1] - left)
         problems += [f"kill {killed}: {p}" for p in _same_rows(cache, reference, whole=False)]
     else:
         _wait_until(job(cache_url), lambda: False, log)
@@ -326,7 +337,7 @@ def torture_precompute(
     report = verify_cache(TargetCache(cache_url, options or None))
     problems += [] if report.ok else [f"verify: {report.problems[:3]}"]
     left = _shards(cache, teachers)[1]
-    problems += [f"{left} uncommitted shards left after the rerun"] if left else []
+    problems += [f"uncommitted shards left after the rerun: {sorted(left)}"] if left else []
     result = {"store": cache_url.split("://")[0] if "://" in cache_url else "local", "trials": kills}
     result.update(rows=sum(map(len, reference.values())), kills=killed, kills_in_save=in_write)
     result.update(launches=launches, exact=not problems, problems=problems)
