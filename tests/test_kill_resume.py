@@ -1,6 +1,6 @@
-"""SIGKILL `ola train` (plain, and sharded under torchrun) and `ola precompute` into S3 at random moments,
+"""SIGKILL `ola train` (plain, and sharded under torchrun) and `ola precompute` (local disk, S3) at random moments,
 inside saves too, and resume each time: nothing a resume needs is lost, and the result equals an
-uninterrupted run's exactly. The kill/resume logic is bench/torture.py's (`ola bench torture` runs it
+uninterrupted run's exactly. The kill/resume logic is bench/kill.py's (`ola bench torture` runs it
 with more kills, docs/BENCHMARKS.md); here a few kills per part keep `make test` short.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from olavlm.bench.torture import torture_precompute, torture_train
+from olavlm.bench.kill import torture_precompute, torture_train
 from olavlm.trainer.student.presets import build_tiny_student
 from tests._precompute_data import build_corpus, local_ray
 from tests._trainer_data import make_cache, make_corpus
@@ -85,18 +85,19 @@ def test_sharded_training_of_two_processes_killed_inside_a_save_resumes_exactly(
 
 @pytest.mark.slow  # three Ray jobs: the uninterrupted one, a killed one, the rerun
 @pytest.mark.timeout(600)
-def test_precompute_into_s3_killed_at_random_moments_reruns_to_the_same_cache(
-    ray_local, s3_options, tmp_path
-):
-    build_corpus(tmp_path / "corpus", shards=3, per_shard=4)
-    address = ray_local.get_runtime_context().gcs_address
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_precompute_killed_at_random_moments_reruns_to_the_same_cache(ray_local, store, request, tmp_path):
+    """Local disk commits by renaming a staging folder, S3 by writing commit.json last: both are killed
+    while a shard is being written (4 shards: a write to catch even on a fast disk)."""
+    build_corpus(tmp_path / "corpus", shards=4, per_shard=4)
+    s3 = store == "s3"
     result = torture_precompute(
         str(tmp_path / "corpus"),
-        "s3://olavlm/killed",
-        address=address,
+        "s3://olavlm/killed" if s3 else str(tmp_path / "cache"),
+        address=ray_local.get_runtime_context().gcs_address,
         workdir=tmp_path,
-        options=s3_options,
+        options=request.getfixturevalue("s3_options") if s3 else None,
         kills=1,
     )
     assert_exact(result)
-    assert result["rows"] == 2 * 12  # two teachers' rows, all compared
+    assert result["rows"] == 2 * 16  # two teachers' rows, all compared
