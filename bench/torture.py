@@ -69,8 +69,9 @@ def train_setup(root: Path, steps: int):
     )
 
 
-def _object_store() -> tuple[dict, object]:
-    """A local S3-compatible server (moto, 127.0.0.1) with a bucket "olavlm": (fsspec options, its stop)."""
+def object_store() -> tuple[dict, object]:
+    """A local S3-compatible server (moto, 127.0.0.1) with a bucket "olavlm": (fsspec options, its stop).
+    The options keep s3fs's instance cache: fresh instances per call leave unclosed aiohttp sessions."""
     import logging
 
     from olavlm.schemas.errors import ConfigError
@@ -87,7 +88,7 @@ def _object_store() -> tuple[dict, object]:
     client = {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}
     s3 = boto3.client("s3", aws_access_key_id="test", aws_secret_access_key="test", **client)
     s3.create_bucket(Bucket="olavlm")
-    options = {"key": "test", "secret": "test", "skip_instance_cache": True, "client_kwargs": client}
+    options = {"key": "test", "secret": "test", "client_kwargs": client}
     return options, server.stop
 
 
@@ -115,7 +116,7 @@ def bench_torture(trials: int = 10, parts: tuple = PARTS, seed: int = 0, root: s
         if "precompute" in parts:
             import ray
 
-            options, stop = _object_store()
+            options, stop = object_store()
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster: no token warning
             ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
             try:

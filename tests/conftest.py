@@ -67,31 +67,11 @@ def corpus_keys(corpus: str) -> tuple[dict[str, list[str]], dict[str, str]]:
 @pytest.fixture(scope="session")
 def s3_options():
     """fsspec options for a local S3-compatible server (moto, 127.0.0.1 only) with a bucket "olavlm"."""
-    import socket
+    from olavlm.bench.torture import object_store
 
-    import boto3
-    import moto.server as moto_server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="olavlm")
-    yield {
-        "key": "test",
-        "secret": "test",
-        "skip_instance_cache": True,
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    server.stop()
+    options, stop = object_store()
+    yield options
+    stop()
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def test_loader_workers_read_s3_after_fork(on_s3):
     from tests._trainer_data import tiny_text_setup
 
     corpus, cache, options, samples, local = on_s3
-    options = {k: v for k, v in json.loads(options).items() if k != "skip_instance_cache"}
+    options = json.loads(options)
     tokenizer, layout, transform = tiny_text_setup()
     config = DataConfig(
         data=corpus, cache=cache, storage_options=options, batch_size=2, num_workers=2, shuffle_block=2
