@@ -22,13 +22,13 @@ def bench_gpu_command(
         None, "--smoke/--no-smoke", help="Tiny teachers, few images, tiny student [default: on without CUDA]."
     ),
     images: int | None = typer.Option(
-        None, "--images", help="Images in the benchmark corpus [default: 1024; smoke 16]."
+        None, "--images", help="Images in the benchmark corpus [default: 1024; smoke 8]."
     ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="Images per teacher forward [default: 64; smoke 4]."
     ),
     shard_size: int | None = typer.Option(
-        None, "--shard-size", help="Images per corpus shard [default: 128; smoke 8]."
+        None, "--shard-size", help="Images per corpus shard [default: 128; smoke 4]."
     ),
     dtypes: str | None = typer.Option(
         None,

@@ -46,10 +46,10 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     assert data["device"].startswith("cpu") and data["torch"] == torch.__version__ and data["transformers"]
     assert set(gpu.SECTIONS) - {"bare"} <= set(data["section_seconds"])
     config = data["config"]
-    assert config["batch_size"] == 4 and config["images"] == 16 and config["compute_dtypes"] == ["float32"]
+    assert config["batch_size"] == 4 and config["images"] == 8 and config["compute_dtypes"] == ["float32"]
 
     inputs = data["inputs"]
-    assert inputs["images"] == 16 and inputs["batches"] == 4 and inputs["batch_size"] == 4
+    assert inputs["images"] == 8 and inputs["batches"] == 2 and inputs["batch_size"] == 4
     assert positive(inputs["host_preprocess_images_per_s_per_core"])
     assert set(inputs["input_sizes"]) == set(gpu.TEACHERS)
 
@@ -79,17 +79,17 @@ def test_smoke_run_through_the_cli_reports_every_figure(tmp_path):
     assert positive(rows["gpu_preprocess"]["host_decode_only_ms_per_image"])
 
     job = data["pipeline"]["float32"]["all"]
-    assert job["images"] == 16 and job["errors"] == 0 and positive(job["images_per_s"])
+    assert job["images"] == 8 and job["errors"] == 0 and positive(job["images_per_s"])
     assert 0 < job["busy_fraction"] < 1.5 and 0 < job["actor_compute_share"] <= 1.0
     assert job["bare_images_per_s"] == bare["all_images_per_s"] and job["peak_device_memory_gb"] is None
     moved = data["pipeline"]["float32"][
         "all_device_resize"
     ]  # the --device-resize arm, against the same bare loop
-    assert moved["images"] == 16 and moved["errors"] == 0 and positive(moved["images_per_s"])
+    assert moved["images"] == 8 and moved["errors"] == 0 and positive(moved["images_per_s"])
     assert 0 < moved["busy_fraction"] < 1.5 and moved["bare_images_per_s"] == bare["all_images_per_s"]
     overlap = data["pipeline"]["float32"]["all_overlap"]  # actor_concurrency 2, against the same bare loop
     assert (
-        overlap["images"] == 16 and overlap["errors"] == 0 and overlap["options"] == {"actor_concurrency": 2}
+        overlap["images"] == 8 and overlap["errors"] == 0 and overlap["options"] == {"actor_concurrency": 2}
     )
     assert job["shards_in_flight"] == 3  # CPU-only: 2 x actors + 1
 

@@ -1,6 +1,8 @@
 """The Ray precompute job on the tiny preset: end to end, resume, bad inputs, CLI errors, S3.
 
-All Ray tests share one local Ray instance (module fixture; the job reuses it).
+All Ray tests share one local Ray instance (module fixture; the job reuses it), and every Ray job
+costs an actor start and a teacher load: tests that start from a finished cache copy full_run's, and
+tests that read one job's outcome share it (module fixtures).
 Corpora are built on the fly from scikit-image photos with `TarShardWriter`.
 """
 
@@ -10,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -102,45 +105,44 @@ def test_rerun_skips_everything_and_changes_nothing(ray_local, full_run, corpus)
     assert commits == {s: os.path.getmtime(cache_root / "seg" / s / "commit.json") for s in commits}
 
 
-def test_adding_a_teacher_computes_only_that_teacher(ray_local, corpus, tmp_path):
-    cache_root = tmp_path / "cache"
-    first = precompute(config(corpus[0], cache_root, teachers=("depth",)))
-    assert first.committed == 2
-    stamp = os.path.getmtime(cache_root / "depth" / "shard-000000" / "commit.json")
-    second = precompute(config(corpus[0], cache_root, teachers=("depth", "gen")))
-    assert (second.committed, second.skipped) == (2, 2)
-    assert os.path.getmtime(cache_root / "depth" / "shard-000000" / "commit.json") == stamp
-    assert TargetCache(cache_root).teachers() == ["depth", "gen"]
+@pytest.fixture(scope="module")
+def added_teacher_run(ray_local, full_run, corpus, tmp_path_factory):
+    """A copy of full_run's cache, then a job of gen and gen_copy (gen's weights under a second name, added by
+    configuration): gen is done, gen_copy is new. -> (cache, summary, gen's commit time before the job)."""
+    cache_root = tmp_path_factory.mktemp("added") / "cache"
+    shutil.copytree(full_run[0], cache_root)
+    stamp = os.path.getmtime(cache_root / "gen" / "shard-000000" / "commit.json")
+    overrides = {"gen_copy": f"clip_image_embeds:{preset_sources('tiny', ('gen',))['gen'].model}"}
+    summary = precompute(config(corpus[0], cache_root, teachers=("gen", "gen_copy"), overrides=overrides))
+    return cache_root, summary, stamp
 
 
-def test_a_teacher_added_by_configuration_is_cached_like_the_preset_ones(ray_local, corpus, tmp_path):
-    from olavlm.pipeline.presets import preset_sources
+def test_adding_a_teacher_computes_only_that_teacher(added_teacher_run):
+    cache_root, summary, stamp = added_teacher_run
+    assert (summary.committed, summary.skipped) == (2, 2)
+    assert os.path.getmtime(cache_root / "gen" / "shard-000000" / "commit.json") == stamp
+    assert TargetCache(cache_root).teachers() == ["depth", "gen", "gen_copy", "seg"]
 
-    gen_folder = preset_sources("tiny", ("gen",))["gen"].model  # the same weights under a second name
-    cache_root = tmp_path / "cache"
-    summary = precompute(
-        config(
-            corpus[0],
-            cache_root,
-            teachers=("gen", "gen_copy"),
-            overrides={"gen_copy": f"clip_image_embeds:{gen_folder}"},
-        )
-    )
-    assert summary.committed == 4
-    assert TargetCache(cache_root).teachers() == ["gen", "gen_copy"]
+
+def test_a_teacher_added_by_configuration_is_cached_like_the_preset_ones(added_teacher_run, corpus):
+    cache_root, summary, _ = added_teacher_run
+    assert summary.committed == 2 and summary.samples == len(corpus[1])
     original, copy = read_cache(cache_root, "gen"), read_cache(cache_root, "gen_copy")
     assert original.keys() == copy.keys() and all(np.array_equal(original[k], copy[k]) for k in original)
+    gen_folder = preset_sources("tiny", ("gen",))["gen"].model
     with pytest.raises(ValueError, match="KIND:PATH_OR_ID"):
         config(corpus[0], cache_root, teachers=("gen", "other"), overrides={"other": gen_folder}).sources()
     with pytest.raises(ValueError, match="neither preset teachers"):
         config(corpus[0], cache_root, teachers=("gen", "nope")).sources()
 
 
-def test_spec_change_is_refused_then_overwritten_and_int8_records_fidelity(ray_local, corpus, tmp_path):
+def test_spec_change_is_refused_then_overwritten_and_int8_records_fidelity(
+    ray_local, full_run, corpus, tmp_path
+):
     from olavlm.cli.app import app
 
     cache_root = tmp_path / "cache"
-    precompute(config(corpus[0], cache_root, teachers=("gen",)))
+    shutil.copytree(full_run[0], cache_root)  # gen stored as float16
     args = [
         "precompute",
         str(corpus[0]),
@@ -169,12 +171,6 @@ def test_spec_change_is_refused_then_overwritten_and_int8_records_fidelity(ray_l
     values, _ = cache.open_shard("gen", "shard-000000").read_stored(slice(None))
     keys = cache.open_shard("gen", "shard-000000").keys
     assert np.abs(values.astype(int) - np.stack([expected[k] for k in keys]).astype(int)).max() <= 1
-
-
-def test_fewer_shards_than_actors(ray_local, tmp_path):
-    build_corpus(tmp_path / "one", shards=1, per_shard=4)  # = batch size: the last batch is empty
-    summary = precompute(config(tmp_path / "one", tmp_path / "cache", teachers=("depth",), actors=2))
-    assert (summary.committed, summary.samples, summary.images) == (1, 4, 4)
 
 
 # -- bad inputs: one corpus, one run, one test per case ---------------------------------------
@@ -293,25 +289,38 @@ class RecordingBar:
         self.completed += count
 
 
-def test_progress_ends_at_the_total_and_refused_samples_count_once(ray_local, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def one_shard_run(ray_local, tmp_path_factory):
+    """One shard (fewer than the 2 actors) of 4 photos, as many as a batch, so the last batch holds no image,
+    then a text-only sample; depth and gen, the progress bar recorded. -> (summary, the bars)."""
     from olavlm.pipeline import precompute as driver
 
+    folder = tmp_path_factory.mktemp("one-shard")
+    build_corpus(folder / "corpus", shards=1, per_shard=4, extra={0: [("text-only", {"txt": b"no image"})]})
     bars = []
 
     def recording_bar(enabled, total):
         bars.append(RecordingBar(total))
         return bars[-1], 0
 
-    monkeypatch.setattr(driver, "progress_bar", recording_bar)
-    build_corpus(tmp_path / "corpus", shards=1, per_shard=3, extra={0: [("text-only", {"txt": b"no image"})]})
-    cache = tmp_path / "cache"
-    summary = precompute(
-        dataclasses.replace(config(tmp_path / "corpus", cache, teachers=("depth", "gen")), progress=True)
-    )
-    assert (bars[0].total, bars[0].completed) == (4, 4)
-    assert (summary.samples, summary.errors, summary.unusable_samples) == (6, 2, 1)
+    job = config(folder / "corpus", folder / "cache", teachers=("depth", "gen"), actors=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver, "progress_bar", recording_bar)
+        summary = precompute(dataclasses.replace(job, progress=True))
+    return summary, bars
+
+
+def test_fewer_shards_than_actors(one_shard_run):
+    summary, _ = one_shard_run
+    assert (summary.actors, summary.shards, summary.committed, summary.images) == (2, 1, 2, 4)
+
+
+def test_progress_ends_at_the_total_and_refused_samples_count_once(one_shard_run):
+    summary, bars = one_shard_run
+    assert (bars[0].total, bars[0].completed) == (5, 5)
+    assert (summary.samples, summary.errors, summary.unusable_samples) == (8, 2, 1)
     assert (
-        "6 targets, 2 error rows (one per teacher and sample; samples without a usable image: 1)"
+        "8 targets, 2 error rows (one per teacher and sample; samples without a usable image: 1)"
         in summary.describe()
     )
 
@@ -399,50 +408,21 @@ def test_an_unloadable_teacher_is_one_line_naming_it(ray_local, corpus, tmp_path
 
 # -- S3 ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cache_on_s3(ray_local, corpus, s3_options):
+def test_cache_on_s3(ray_local, full_run, corpus, s3_options):
     options = s3_options
-    summary = precompute(
-        config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options)
-    )
+    job = config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options)
+    summary = precompute(job)
     assert (summary.committed, summary.samples) == (2, 10)
     cache = TargetCache("s3://olavlm/precompute-cache", options)
     assert cache.committed_shards("gen") == ["shard-000000", "shard-000001"]
     assert verify_cache(cache).ok
-    expected = reference_targets(corpus[0], "gen")
     stored = read_cache("s3://olavlm/precompute-cache", "gen", **options)
-    assert sorted(stored) == sorted(expected)
-    again = precompute(
-        config(corpus[0], "s3://olavlm/precompute-cache", teachers=("gen",), storage_options=options)
-    )
-    assert (again.committed, again.skipped) == (0, 2)
+    on_disk = read_cache(full_run[0], "gen")  # the same targets, written to a local disk
+    assert sorted(stored) == sorted(on_disk) == sorted(corpus[1])
+    assert all(np.array_equal(stored[k], on_disk[k]) for k in on_disk)
+    again = plan_precompute(job)  # what a rerun would do (the driver plans the same): nothing
+    assert again.todo == {} and again.done == {"gen": 2} and again.spec_status == {"gen": "same"}
     assert json.loads(json.dumps(cache.commit_info("gen", "shard-000000")))["rows"] == 5
-
-
-@pytest.mark.slow
-def test_bench_precompute_reports_the_busy_fraction():
-    from olavlm.cli.app import app
-
-    result = CliRunner().invoke(
-        app,
-        [
-            "bench",
-            "precompute",
-            "--json",
-            "--preset",
-            "tiny",
-            "--images",
-            "8",
-            "--shards",
-            "2",
-            "--batch-size",
-            "4",
-            "--teachers",
-            "gen",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    figures = json.loads(result.output[result.output.index("{") :])
-    assert figures["images"] == 8 and figures["busy_fraction"] > 0 and figures["bare_images_per_s"] > 0
 
 
 def test_non_finite_teacher_outputs_become_recorded_errors():

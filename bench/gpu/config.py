@@ -139,10 +139,11 @@ def gpu_bench_config(*, smoke: bool | None = None, cuda: bool | None = None, **g
     dtypes = ("float16", "bfloat16") if cuda else ("float32",)
     if smoke:
         # one pipeline job and no compilation: each actor start and each dynamo trace costs
-        # seconds on 2 cores (--per-teacher / --compile turn them back on)
+        # seconds on 2 cores (--per-teacher / --compile turn them back on); two shards of one
+        # batch each: the fewest images that still run every path (several shards in flight)
         defaults = dict(
-            images=16,
-            shard_size=8,
+            images=8,
+            shard_size=4,
             batch_size=4,
             train_steps=2,
             train_batch_size=2,
