@@ -17,12 +17,10 @@ The models are the FULL-SIZE paper architectures (configs written out from the h
 checkpoints' config.json values) with seeded random weights, saved with
 `save_pretrained` in the hub repositories' layouts, processor configs included.
 
-Cost: building the three folders (1.2 B parameters, 4.6 GB of safetensors), the Ray job
-and the independent pass over two photos: 364 s wall clock measured on the 2-core
-machine while other jobs kept its load average at 6-8 (setup 256 s, seg 63 s, depth
-24 s, gen 21 s); Swin-L at 800 x 800 is the largest share. Seeded weights
-are drawn directly (transformers' initialisers alone would add ~40 s); everything is
-built once per module. Marked slow; CI runs them.
+Cost: building the three folders (1.2 B parameters), the Ray job and the independent pass over
+two photos; Swin-L at 800 x 800 is the largest share. Seeded weights are drawn directly, in
+place (transformers' initialisers are skipped); everything is built once per module. Marked
+slow; CI runs them.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from PIL import Image
 
 from olavlm.bench.gpu import paper_configs
 from olavlm.pipeline.precompute import PrecomputeConfig, precompute
+from olavlm.pipeline.preprocess import input_shape
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.corpus import TarShardWriter
 from tests._precompute_data import jpeg, local_ray, photo
@@ -100,17 +99,18 @@ DEPTH_INPUT, SEG_SQUASH, GRID = 336, 768, 24
 
 
 def seeded_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded random weights without transformers' (slow) initialisers: 2-D+ N(0, 0.02); norms and scales ~1."""
+    """Seeded random weights without transformers' (slow) initialisers: 2-D+ N(0, 0.02); norms and scales ~1.
+
+    Drawn in place: no noise tensor per parameter (allocating them cost more than the drawing)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
             if param.dim() >= 2 or name.endswith("class_embedding"):
-                param.copy_(0.02 * noise)
+                param.normal_(0.0, 0.02, generator=generator)
             elif name.endswith("weight") or "lambda" in name:  # LayerNorm / LayerScale: around 1
-                param.copy_(1.0 + 0.1 * noise)
+                param.normal_(1.0, 0.1, generator=generator)
             else:
-                param.copy_(0.02 * noise)
+                param.normal_(0.0, 0.02, generator=generator)
     return model.eval()
 
 
@@ -281,7 +281,17 @@ def test_gen_target_matches_the_authors_recipe(paper_folders, photos, stored):
 
 
 def test_specs_record_the_recipe_and_the_weights(stored):
-    specs, _ = stored
+    specs, targets = stored
+    # depth: the 336 squash; seg: the 768 squash, then OneFormerImageProcessor's size (shortest edge 800)
+    # -> 800 x 800; gen: shortest side 224, centre crop 224
+    assert {name: input_shape(spec.preprocess) for name, spec in specs.items()} == {
+        "depth": (336, 336),
+        "seg": (800, 800),
+        "gen": (224, 224),
+    }
+    for name, spec in specs.items():
+        for target in targets[name].values():
+            assert target.shape == spec.shape and np.isfinite(target).all()
     seg = specs["seg"].preprocess
     assert seg["resize"] == [768, 768] and seg["resample"] == "bicubic"
     assert (
