@@ -6,8 +6,9 @@ launch (every other kill inside that step's save, once its staging folder appear
 OUT until it finishes. After each kill, LATEST and the checkpoint a resume would take equal the
 uninterrupted run's checkpoint of that step (tensors, trainer.json) and are no older than before; at
 the end every metrics.jsonl record, steps logged twice included, equals the uninterrupted run's.
-Precompute: a job writing to an object store joins a running Ray and is killed and rerun alike (every
-other kill as soon as one of its shard writes shows in the store); committed shards are always whole and the final cache equals an uninterrupted run's bit for bit.
+Precompute: a job writing to local disk or an object store joins a running Ray and is killed and rerun
+alike (every other kill, after the launch's first commit, as soon as another of its shard writes shows
+in the store); committed shards are always whole and the final cache equals an uninterrupted run's bit for bit.
 `ola bench torture` (bench/torture.py) runs these with many kills, tests/test_kill_resume.py with few.
 Design choice: every launch is a fresh interpreter, so that a kill takes real processes down.
 Cost: each launch pays the torch + transformers imports, which dominate a trial on a CPU.
@@ -275,7 +276,9 @@ def _shards(cache, teachers) -> tuple[int, set[tuple[str, ...]]]:
         folder = tuple(parts[:3]) if parts[1] == STAGING else tuple(parts[:2])
         if folder[-1].startswith(".") and parts[1] != STAGING:
             continue
-        folders[folder] = folders.get(folder, False) or parts[len(folder)] == COMMIT_JSON
+        # a staging folder is never committed, even holding commit.json: its rename is the commit
+        done = parts[1] != STAGING and parts[len(folder)] == COMMIT_JSON
+        folders[folder] = folders.get(folder, False) or done
     return sum(folders.values()), {folder for folder, done in folders.items() if not done}
 
 
@@ -315,18 +318,24 @@ def torture_precompute(
         time.sleep(S3_POLL_S)
     gap = (commits[-1] - commits[0]) / (len(commits) - 1) if len(commits) > 1 else 0.5  # s per commit
     reference = {t: read_stored(uninterrupted, t) for t in teachers}
-    rng, problems, killed, in_write, launches = random.Random(seed), [], 0, 0, 1
+    rng, problems, killed, in_write, launches, at_kills = random.Random(seed), [], 0, 0, 1, []
     for trial in range(kills):
         before, left = _shards(cache, teachers)  # left: what earlier kills left half-written
         process, launches = job(cache_url), launches + 1
-        if trial % 2 == 0:  # as soon as a shard of this launch is being written
-            _wait_until(process, lambda left=left: _shards(cache, teachers)[1] - left, log, POLL_S)
+        if trial % 2 == 0:  # once this launch has committed a shard, as soon as it writes another
+
+            def writing(before=before, left=left) -> bool:
+                committed, being_written = _shards(cache, teachers)
+                return committed > before and bool(being_written - left)
+
+            _wait_until(process, writing, log, POLL_S)
         # else from this launch's first commit, within the next few shards' time
         elif _wait_until(process, lambda before=before: _shards(cache, teachers)[0] > before, log, S3_POLL_S):
             time.sleep(rng.random() * gap * 3)
         if not _kill(process, log, problems):
             break
-        killed, in_write = killed + 1, in_write + bool(_shards(cache, teachers)[1] - left)
+        committed, being_written = _shards(cache, teachers)
+        killed, in_write, at_kills = killed + 1, in_write + bool(being_written - left), [*at_kills, committed]
         problems += [f"kill {killed}: {p}" for p in _same_rows(cache, reference, whole=False)]
     else:
         _wait_until(job(cache_url), lambda: False, log)
@@ -338,5 +347,5 @@ def torture_precompute(
     problems += [f"uncommitted shards left after the rerun: {sorted(left)}"] if left else []
     result = {"store": cache_url.split("://")[0] if "://" in cache_url else "local", "trials": kills}
     result.update(rows=sum(map(len, reference.values())), kills=killed, kills_in_save=in_write)
-    result.update(launches=launches, exact=not problems, problems=problems)
+    result.update(launches=launches, committed_at_kills=at_kills, exact=not problems, problems=problems)
     return {**result, "seconds": round(time.perf_counter() - started, 1)}

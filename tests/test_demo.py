@@ -12,16 +12,11 @@ from typer.testing import CliRunner
 from olavlm.cli.app import app
 from olavlm.schemas.cache import TargetCache
 from olavlm.schemas.inspect import verify_cache
-from tests._precompute_data import local_ray
-
-# One local Ray for the three demo runs: each run's precompute job reuses it (as `ola demo` does in a
-# process that already runs Ray) instead of starting and stopping its own and its worker processes.
-ray_local = pytest.fixture(scope="module")(local_ray)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_demo_runs_end_to_end_and_resumes(ray_local, tmp_path):
+def test_demo_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "demo"
     args = [
         "demo",

@@ -1,7 +1,7 @@
-"""SIGKILL `ola train` (plain, and sharded under torchrun) and `ola precompute` (local disk, S3) at random moments,
-inside saves too, and resume each time: nothing a resume needs is lost, and the result equals an
-uninterrupted run's exactly. The kill/resume logic is bench/kill.py's (`ola bench torture` runs it
-with more kills, docs/BENCHMARKS.md); here a few kills per part keep `make test` short.
+"""SIGKILL `ola train` (plain, and sharded under torchrun) at random moments, inside saves too, and
+`ola precompute` (local disk, S3) inside a shard write, and resume each time: nothing a resume needs
+is lost, and the result equals an uninterrupted run's exactly. The kill/resume logic is bench/kill.py's
+(`ola bench torture` runs it with more kills, docs/BENCHMARKS.md); here a few kills keep `make test` short.
 """
 
 from __future__ import annotations
@@ -86,9 +86,10 @@ def test_sharded_training_of_two_processes_killed_inside_a_save_resumes_exactly(
 @pytest.mark.slow  # three Ray jobs: the uninterrupted one, a killed one, the rerun
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("store", ["local", "s3"])
-def test_precompute_killed_at_random_moments_reruns_to_the_same_cache(ray_local, store, request, tmp_path):
-    """Local disk commits by renaming a staging folder, S3 by writing commit.json last: both are killed
-    while a shard is being written (4 shards: a write to catch even on a fast disk)."""
+def test_precompute_killed_inside_a_write_reruns_to_the_same_cache(ray_local, store, request, tmp_path):
+    """Local disk commits by renaming a staging folder, S3 by writing commit.json last: each job is killed
+    after its first commit, while another shard is being written; the rerun keeps what was committed,
+    replaces the half-written shard and finishes the rest (4 shards x 2 teachers)."""
     build_corpus(tmp_path / "corpus", shards=4, per_shard=4)
     s3 = store == "s3"
     result = torture_precompute(
@@ -100,4 +101,5 @@ def test_precompute_killed_at_random_moments_reruns_to_the_same_cache(ray_local,
         kills=1,
     )
     assert_exact(result)
+    assert 0 < result["committed_at_kills"][0] < 4 * 2  # the rerun had committed shards to keep
     assert result["rows"] == 2 * 16  # two teachers' rows, all compared

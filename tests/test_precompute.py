@@ -420,6 +420,8 @@ def test_cache_on_s3(ray_local, full_run, corpus, s3_options):
     on_disk = read_cache(full_run[0], "gen")  # the same targets, written to a local disk
     assert sorted(stored) == sorted(on_disk) == sorted(corpus[1])
     assert all(np.array_equal(stored[k], on_disk[k]) for k in on_disk)
+    cache.clean_staging("gen")  # what a rerun does first: it removes prefixes without commit.json only
+    assert cache.committed_shards("gen") == ["shard-000000", "shard-000001"]
     again = plan_precompute(job)  # what a rerun would do (the driver plans the same): nothing
     assert again.todo == {} and again.done == {"gen": 2} and again.spec_status == {"gen": "same"}
     assert json.loads(json.dumps(cache.commit_info("gen", "shard-000000")))["rows"] == 5
