@@ -33,7 +33,7 @@ SHAPES = {"gen": (1, 24), "depth": (64, 32), "seg": (64, 48)}
 """Target shapes the tiny student's heads fit (64 image tokens)."""
 TEACHERS = ("depth", "gen")
 """The precompute job's (tiny) teachers."""
-POLL_S, S3_POLL_S = 0.005, 0.1  # seconds between looks at OUT, and at the object store (a few requests each)
+POLL_S, S3_POLL_S = 0.005, 0.1  # seconds between looks: at OUT or for a shard write; while timing commits
 
 
 # -- processes ----------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def torture_train(config, workdir: str | Path, *, processes: int = 1, kills: int
     return {**result, "problems": problems, "seconds": round(time.perf_counter() - started, 1)}
 
 
-# -- precompute into an object store --------------------------------------------------------------------
+# -- precompute (local disk or an object store) --------------------------------------------------------
 def read_stored(cache, teacher: str) -> dict[str, bytes]:
     """key -> its stored row's bytes (and its int8 scale's), over a TargetCache's committed shards."""
     cache.root.fs.invalidate_cache()  # listings are cached, and another process writes
@@ -273,12 +273,11 @@ def _shards(cache, teachers) -> tuple[int, set[tuple[str, ...]]]:
         parts = path[len(root.path) :].strip("/").split("/")
         if parts[0] not in teachers or len(parts) < 3:
             continue
-        folder = tuple(parts[:3]) if parts[1] == STAGING else tuple(parts[:2])
-        if folder[-1].startswith(".") and parts[1] != STAGING:
+        staging = parts[1] == STAGING  # never committed, even holding commit.json: its rename commits
+        if not staging and parts[1].startswith("."):  # the key index and other non-shard folders
             continue
-        # a staging folder is never committed, even holding commit.json: its rename is the commit
-        done = parts[1] != STAGING and parts[len(folder)] == COMMIT_JSON
-        folders[folder] = folders.get(folder, False) or done
+        folder = tuple(parts[:3] if staging else parts[:2])
+        folders[folder] = folders.get(folder, False) or (not staging and parts[2] == COMMIT_JSON)
     return sum(folders.values()), {folder for folder, done in folders.items() if not done}
 
 
